@@ -1,0 +1,1 @@
+"""etcd: discovery, leases, locks, leader election and fenced transactions."""

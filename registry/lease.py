@@ -1,0 +1,61 @@
+"""A lease kept alive in the background, with a signal when it is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from registry.etcd import Etcd
+from services._common.clock import Clock, SystemClock
+from services._common.errors import StoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+class KeptLease:
+    """Grants a lease and refreshes it every ttl/3 (etcd's own client does the same).
+
+    `lost` is set when etcd says the lease is gone, or when no refresh succeeded
+    for a whole TTL: from then on nothing attached to it can be trusted.
+    """
+
+    def __init__(self, etcd: Etcd, ttl_s: int, clock: Clock | None = None) -> None:
+        if ttl_s < 2:
+            raise ValueError("lease TTL must be at least 2 s (etcd's minimum with default timings)")
+        self.etcd = etcd
+        self.ttl_s = ttl_s
+        self.clock = clock or SystemClock()
+        self.id = 0
+        self.lost = asyncio.Event()
+
+    async def grant(self) -> int:
+        self.id = await self.etcd.grant(self.ttl_s)
+        self.lost.clear()
+        return self.id
+
+    async def keep_alive(self) -> None:
+        """Run until the lease is lost (then return) or the task is cancelled."""
+        last_ok = self.clock.monotonic()
+        while True:
+            await self.clock.sleep(self.ttl_s / 3)
+            try:
+                ttl = await self.etcd.keepalive_once(self.id)
+            except StoreUnavailableError as err:
+                if self.clock.monotonic() - last_ok >= self.ttl_s:
+                    log.warning("lease expired while etcd was unreachable", extra={"lease": self.id})
+                    self.lost.set()
+                    return
+                log.info("lease refresh failed, retrying", extra={"lease": self.id, "error": str(err)})
+                continue
+            if ttl <= 0:
+                log.warning("lease is gone", extra={"lease": self.id})
+                self.lost.set()
+                return
+            last_ok = self.clock.monotonic()
+
+    async def revoke(self) -> None:
+        if self.id:
+            try:
+                await self.etcd.revoke(self.id)
+            except StoreUnavailableError:
+                pass  # it expires by itself

@@ -1,0 +1,46 @@
+"""Fill a frozen config dataclass from AGENTMESH_<FIELD> variables and overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _parse(raw: str, hint: Any, name: str) -> Any:
+    try:
+        if hint is bool:
+            low = raw.strip().lower()
+            if low not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                raise ValueError(raw)
+            return low in {"1", "true", "yes", "on"}
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if typing.get_origin(hint) is tuple:
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        return raw
+    except ValueError:
+        raise ValueError(
+            f"AGENTMESH_{name.upper()}={raw!r} is not a valid {getattr(hint, '__name__', hint)}"
+        ) from None
+
+
+def load(cls: type[T], overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> T:
+    """Build `cls` from defaults, then AGENTMESH_<FIELD> variables, then non-None overrides."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        raw = env.get(f"AGENTMESH_{field.name.upper()}")
+        if raw is not None:
+            values[field.name] = _parse(raw, hints[field.name], field.name)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    return cls(**values)

@@ -1,0 +1,43 @@
+"""OpenTelemetry traces (when AGENTMESH_OTEL is set) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+TASKS = Counter("agentmesh_tasks_total", "Task state changes made by this coordinator", ["state"])
+QUEUE_DEPTH = Gauge("agentmesh_queue_depth", "Tasks waiting for an agent")
+AGENTS = Gauge("agentmesh_agents_connected", "Agents connected to this coordinator")
+IS_LEADER = Gauge("agentmesh_is_leader", "1 while this coordinator is the elected root")
+COMMIT_SECONDS = Histogram(
+    "agentmesh_etcd_commit_seconds",
+    "Latency of one fenced etcd commit",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
+)
+
+
+def start_metrics(port: int) -> None:
+    if port:
+        start_http_server(port, addr="127.0.0.1")
+
+
+def _tracing_enabled() -> bool:
+    return bool(os.environ.get("AGENTMESH_OTEL"))
+
+
+def server_interceptor() -> Any | None:
+    """Server spans for every RPC when AGENTMESH_OTEL=console (spans to stderr)."""
+    if not _tracing_enabled():
+        return None
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        trace.set_tracer_provider(provider)
+    return aio_server_interceptor()

@@ -1,0 +1,239 @@
+"""One agent: a coroutine with its own Connect stream to the root coordinator.
+
+Work outlives streams: a task keeps running when the stream drops (a failover,
+say); its result waits in `unacked` and is sent again on the next stream, with
+the same claim token, until the coordinator acknowledges it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from protos.agentmesh.v1 import agent_pool_pb2 as ppb
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
+from protos.agentmesh.v1 import task_pb2 as tpb
+from services.agent_pool.executors import Executor, ExecutorError
+
+log = logging.getLogger(__name__)
+
+A = ppb.AgentState
+
+
+class Reconnect(Exception):
+    """The stream ended; connect again (to the leader etcd names now)."""
+
+
+@dataclass
+class PoolContext:
+    """What a pool's agents share."""
+
+    pool_id: str
+    lease_id: Callable[[], int]
+    leader: Callable[[], str]
+    """The coordinator endpoint to use now ('' while no leader is known)."""
+    leader_changed: asyncio.Event
+    stub: Callable[[str], cpb_grpc.CoordinatorStub]
+    executors: dict[str, Executor]
+    task_timeout_s: float
+    on_redirect: Callable[[str], None]
+
+
+@dataclass(eq=False)
+class Agent:
+    agent_id: str
+    ctx: PoolContext
+    template: ppb.AgentTemplate
+    requested_at: float = field(default_factory=time.monotonic)
+    state: int = A.AGENT_STATE_STARTING
+    spawn_ms: float = 0.0
+    completed: int = 0
+    failed: int = 0
+    welcomed: asyncio.Event = field(default_factory=asyncio.Event)
+    running: dict[str, tuple[int, asyncio.Task[None]]] = field(default_factory=dict)
+    unacked: dict[str, cpb.AgentMessage] = field(default_factory=dict)
+    draining: bool = False
+    _outbox: asyncio.Queue[cpb.AgentMessage | None] | None = None
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def info(self) -> ppb.PoolAgent:
+        return ppb.PoolAgent(
+            agent_id=self.agent_id,
+            pool_id=self.ctx.pool_id,
+            state=self.state,  # type: ignore[arg-type]
+            spawn_ms=self.spawn_ms,
+            inflight=len(self.running),
+            completed=self.completed,
+            failed=self.failed,
+            template=self.template,
+        )
+
+    # ---- the connection ----
+
+    async def run(self) -> None:
+        """Connect, work, reconnect with jittered backoff; until cancelled."""
+        while True:
+            try:
+                async for attempt in AsyncRetrying(
+                    wait=wait_random_exponential(multiplier=0.05, max=2.0),
+                    retry=retry_if_exception_type((Reconnect, grpc.aio.AioRpcError, OSError)),
+                    reraise=True,
+                ):
+                    with attempt:
+                        await self._session()
+            except Reconnect:
+                continue
+
+    def _hello(self) -> cpb.AgentHello:
+        t = self.template
+        hello = cpb.AgentHello(
+            agent_id=self.agent_id,
+            pool_id=self.ctx.pool_id,
+            lease_id=self.ctx.lease_id(),
+            roles=t.roles,
+            labels=t.labels,
+            kinds=t.kinds,
+            capacity=t.capacity or 1,
+        )
+        for task_id, (token, _) in self.running.items():
+            hello.held_claims.append(cpb.ClaimRef(task_id=task_id, claim_token=token))
+        for task_id, msg in self.unacked.items():
+            body = getattr(msg, msg.WhichOneof("body") or "result")
+            hello.held_claims.append(cpb.ClaimRef(task_id=task_id, claim_token=body.claim_token))
+        return hello
+
+    async def _session(self) -> None:
+        endpoint = self.ctx.leader()
+        if not endpoint:
+            self.ctx.leader_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ctx.leader_changed.wait(), 1.0)
+            raise Reconnect("no leader known yet")
+        if self.state != A.AGENT_STATE_STARTING:
+            self.state = A.AGENT_STATE_RECONNECTING
+        call = self.ctx.stub(endpoint).Connect()
+        outbox: asyncio.Queue[cpb.AgentMessage | None] = asyncio.Queue()
+        self._outbox = outbox
+        outbox.put_nowait(cpb.AgentMessage(hello=self._hello()))
+        for msg in self.unacked.values():
+            outbox.put_nowait(msg)
+        if self.draining:
+            outbox.put_nowait(cpb.AgentMessage(draining=cpb.AgentDraining(reason="stopping")))
+
+        async def writer() -> None:
+            while (msg := await outbox.get()) is not None:
+                await call.write(msg)
+            await call.done_writing()
+
+        write_task = asyncio.ensure_future(writer())
+        try:
+            async for msg in call:
+                self._on_message(msg)
+            raise Reconnect("coordinator closed the stream")
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                log.error("coordinator refused the agent", extra={"agent": self.agent_id, "error": err.details()})
+            raise Reconnect(f"stream failed: {err.code().name}") from err
+        finally:
+            self._outbox = None
+            write_task.cancel()
+            with contextlib.suppress(BaseException):
+                await write_task
+            call.cancel()
+
+    def _send(self, msg: cpb.AgentMessage) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(msg)
+
+    def _on_message(self, msg: cpb.CoordinatorMessage) -> None:
+        body = msg.WhichOneof("body")
+        if body == "assign":
+            task = msg.assign.task
+            if self.draining or task.task_id in self.running:
+                return
+            received = time.time_ns() // 1000
+            runner = asyncio.ensure_future(self._execute(task, received))
+            self.running[task.task_id] = (task.claim_token, runner)
+            self._idle.clear()
+        elif body == "welcome":
+            if not self.welcomed.is_set():
+                self.spawn_ms = (time.monotonic() - self.requested_at) * 1000
+                self.welcomed.set()
+            self.state = A.AGENT_STATE_DRAINING if self.draining else A.AGENT_STATE_READY
+        elif body == "ack":
+            self.unacked.pop(msg.ack.task_id, None)
+            if not msg.ack.accepted:
+                log.info("report refused", extra={"agent": self.agent_id, "task": msg.ack.task_id, "reason": msg.ack.reason})
+        elif body == "cancel":
+            held = self.running.pop(msg.cancel.task_id, None)
+            if held:
+                held[1].cancel()
+            self.unacked.pop(msg.cancel.task_id, None)
+        elif body == "redirect":
+            self.ctx.on_redirect(msg.redirect.leader_endpoint)
+        elif body == "drain":
+            log.info("coordinator asked the agent to drain", extra={"agent": self.agent_id, "reason": msg.drain.reason})
+
+    async def _execute(self, task: tpb.Task, received_at_us: int) -> None:
+        token = task.claim_token
+        self._send(cpb.AgentMessage(accepted=cpb.TaskAccepted(task_id=task.task_id, claim_token=token, received_at_us=received_at_us)))
+        executor = self.ctx.executors.get(task.spec.kind)
+        report: cpb.AgentMessage
+        try:
+            if executor is None:
+                raise ExecutorError(f"this agent has no executor for kind {task.spec.kind!r}", retryable=True)
+            timeout = task.spec.timeout_s or self.ctx.task_timeout_s
+            outcome = await asyncio.wait_for(executor.run(task), timeout)
+            report = cpb.AgentMessage(
+                result=cpb.TaskResult(
+                    task_id=task.task_id, claim_token=token, output=outcome.output, usage=outcome.usage, received_at_us=received_at_us
+                )
+            )
+            self.completed += 1
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            self.failed += 1
+            report = _failure(task, f"timed out after {task.spec.timeout_s or self.ctx.task_timeout_s} s", True)
+        except ExecutorError as err:
+            self.failed += 1
+            report = _failure(task, str(err), err.retryable)
+        except Exception as err:  # noqa: BLE001 - an executor bug fails the attempt, not the agent
+            self.failed += 1
+            log.exception("executor crashed", extra={"agent": self.agent_id, "task": task.task_id})
+            report = _failure(task, f"executor crashed: {type(err).__name__}: {err}", True)
+        finally:
+            if self.running.get(task.task_id, (None,))[0] == token:
+                del self.running[task.task_id]
+            if not self.running:
+                self._idle.set()
+        self.unacked[task.task_id] = report
+        self._send(report)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take nothing new; wait (bounded) for what is held to finish and be reported."""
+        self.draining = True
+        self.state = A.AGENT_STATE_DRAINING
+        self._send(cpb.AgentMessage(draining=cpb.AgentDraining(reason="stopping")))
+        deadline = time.monotonic() + timeout_s
+        while (self.running or self.unacked) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+
+def _failure(task: tpb.Task, error: str, retryable: bool) -> cpb.AgentMessage:
+    return cpb.AgentMessage(
+        failure=cpb.TaskFailure(task_id=task.task_id, claim_token=task.claim_token, error=error, retryable=retryable)
+    )
+
+
+def leader_endpoint_of(raw: Any) -> str:
+    return bytes(raw).decode().partition(" ")[2]

@@ -1,0 +1,53 @@
+"""Agent pool configuration (AGENTMESH_<FIELD> variables and CLI flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    etcd: str = "127.0.0.1:2379"
+    """etcd endpoints, comma-separated host:port."""
+    cluster: str = "default"
+    """Cluster name; every key lives under /agentmesh/<cluster>/."""
+    listen: str = "127.0.0.1:0"
+    """Address the AgentPool gRPC server binds (port 0 picks a free one)."""
+    advertise: str = ""
+    """Address published in etcd (default: the bound listen address)."""
+    pool_id: str = ""
+    """Unique id of this pool (default: pool-<pid>-<random>); agents are <pool_id>-a<n>."""
+    agents: int = 0
+    """Agents to start at boot."""
+    batch_size: int = 50
+    """Agents started in parallel per batch."""
+    warm: int = 0
+    """Agents kept pre-started (channel open, not taking work) for fast spawns and replacements."""
+    capacity: int = 1
+    """Tasks each agent runs at once."""
+    kinds: tuple[str, ...] = ("echo", "sleep", "noop", "fail")
+    """Task kinds the agents advertise (each needs an executor)."""
+    roles: tuple[str, ...] = ()
+    """Roles the agents advertise (tasks may require one)."""
+    labels: tuple[str, ...] = ()
+    """key=value labels the agents advertise."""
+    sleep_ms: str = "lognormal:50:0.5"
+    """Simulated work of the `sleep` executor: fixed:MS, uniform:LO:HI or lognormal:MEDIAN:SIGMA."""
+    task_timeout_s: float = 300.0
+    """Default per-attempt limit when a task sets none."""
+    lease_ttl_s: int = 2
+    """The pool's etcd lease TTL; claims die with it, so a dead pool's tasks are requeued
+    within this long even if no coordinator saw its streams drop."""
+    grace_s: float = 10.0
+    """Shutdown grace: agents finish held tasks for up to this long."""
+    etcd_timeout_s: float = 3.0
+    """Deadline of each etcd call."""
+
+    def label_map(self) -> dict[str, str]:
+        out = {}
+        for item in self.labels:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"label {item!r} must look like key=value")
+            out[key] = value
+        return out

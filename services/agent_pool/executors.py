@@ -1,0 +1,116 @@
+"""Executors run a task's payload. The local ones here stand in for an LLM and say so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from protos.agentmesh.v1 import task_pb2 as tpb
+
+
+class ExecutorError(Exception):
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass
+class Outcome:
+    output: bytes
+    usage: tpb.TokenUsage = field(default_factory=tpb.TokenUsage)
+
+
+class Executor(Protocol):
+    async def run(self, task: tpb.Task) -> Outcome: ...
+
+
+class EchoExecutor:
+    """Returns the payload unchanged."""
+
+    async def run(self, task: tpb.Task) -> Outcome:
+        return Outcome(task.spec.payload)
+
+
+class NoopExecutor:
+    """Returns at once with no output (measures the mesh, not the work)."""
+
+    async def run(self, task: tpb.Task) -> Outcome:
+        return Outcome(b"")
+
+
+def parse_latency(spec: str) -> tuple[str, float, float]:
+    """'fixed:50', 'uniform:10:100' or 'lognormal:50:0.5' (median ms, sigma)."""
+    parts = spec.split(":")
+    try:
+        if parts[0] == "fixed" and len(parts) == 2:
+            return "fixed", float(parts[1]), 0.0
+        if parts[0] in ("uniform", "lognormal") and len(parts) == 3:
+            return parts[0], float(parts[1]), float(parts[2])
+        if len(parts) == 1:
+            return "fixed", float(parts[0]), 0.0
+    except ValueError:
+        pass
+    raise ValueError(f"latency {spec!r} must be fixed:MS, uniform:LO:HI or lognormal:MEDIAN:SIGMA")
+
+
+class SleepExecutor:
+    """SIMULATED work: sleeps for a latency drawn from a distribution.
+
+    A payload {"ms": N} sleeps exactly N ms. The output says "simulated": true.
+    """
+
+    def __init__(self, latency: str, rng: random.Random | None = None) -> None:
+        self.dist, self.a, self.b = parse_latency(latency)
+        self.rng = rng or random.Random()
+
+    def draw_ms(self) -> float:
+        if self.dist == "fixed":
+            return self.a
+        if self.dist == "uniform":
+            return self.rng.uniform(self.a, self.b)
+        return self.a * math.exp(self.rng.gauss(0.0, self.b))
+
+    async def run(self, task: tpb.Task) -> Outcome:
+        ms = self.draw_ms()
+        if task.spec.payload:
+            try:
+                doc = json.loads(task.spec.payload)
+                if isinstance(doc, dict) and "ms" in doc:
+                    ms = float(doc["ms"])
+            except (ValueError, TypeError):
+                raise ExecutorError("sleep payload must be JSON like {\"ms\": 50}", retryable=False) from None
+        await asyncio.sleep(max(0.0, ms) / 1000.0)
+        return Outcome(json.dumps({"simulated": True, "slept_ms": round(ms, 3)}).encode())
+
+
+class FailExecutor:
+    """Always fails (to exercise retries and the dead letter state).
+
+    Payload {"retryable": false} fails permanently.
+    """
+
+    async def run(self, task: tpb.Task) -> Outcome:
+        retryable = True
+        if task.spec.payload:
+            try:
+                retryable = bool(json.loads(task.spec.payload).get("retryable", True))
+            except (ValueError, AttributeError):
+                pass
+        raise ExecutorError(f"fail executor: attempt {task.attempts} failed on purpose", retryable=retryable)
+
+
+def build_executors(kinds: tuple[str, ...], sleep_ms: str) -> dict[str, Executor]:
+    known: dict[str, Executor] = {
+        "echo": EchoExecutor(),
+        "noop": NoopExecutor(),
+        "sleep": SleepExecutor(sleep_ms),
+        "fail": FailExecutor(),
+    }
+    missing = [k for k in kinds if k not in known]
+    if missing:
+        raise ValueError(f"no executor for kinds {missing}; available: {', '.join(known)}")
+    return {k: known[k] for k in kinds}

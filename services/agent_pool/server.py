@@ -1,0 +1,319 @@
+"""Agent pool process: hosts many agents, serves the AgentPool API, follows the leader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protos.agentmesh.v1 import agent_pool_pb2 as ppb
+from protos.agentmesh.v1 import agent_pool_pb2_grpc as ppb_grpc
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
+from registry import discovery
+from registry.election import observe
+from registry.etcd import Etcd, op_put
+from registry.lease import KeptLease
+from services._common.clock import SystemClock
+from services._common.errors import InvalidArgumentError, StoreUnavailableError
+from services._common.grpcserver import OPTIONS, SERVING, advertised, bind, build_server, rpc_errors, shutdown, stop_event
+from services.agent_pool.agent import A, Agent, PoolContext, leader_endpoint_of
+from services.agent_pool.config import PoolConfig
+from services.agent_pool.executors import build_executors
+
+log = logging.getLogger(__name__)
+
+SERVICE = ppb.DESCRIPTOR.services_by_name["AgentPool"].full_name
+MAX_SPAWN = 10_000
+
+
+class PoolNode:
+    def __init__(self, cfg: PoolConfig) -> None:
+        self.cfg = cfg
+        self.pool_id = cfg.pool_id or f"pool-{os.getpid()}-{secrets.token_hex(2)}"
+        self.etcd = Etcd(cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s)
+        self.lease = KeptLease(self.etcd, cfg.lease_ttl_s, SystemClock())
+        self.executors = build_executors(cfg.kinds, cfg.sleep_ms)
+        self.defaults = ppb.AgentTemplate(
+            roles=cfg.roles, labels=cfg.label_map(), kinds=cfg.kinds, capacity=cfg.capacity
+        )
+        self.agents: dict[str, tuple[Agent, asyncio.Task[None]]] = {}
+        self.warm: list[Agent] = []
+        self._seq = itertools.count(1)
+        self._leader = ""
+        self._leader_changed = asyncio.Event()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.ctx = PoolContext(
+            pool_id=self.pool_id,
+            lease_id=lambda: self.lease.id,
+            leader=lambda: self._leader,
+            leader_changed=self._leader_changed,
+            stub=self._stub,
+            executors=self.executors,  # type: ignore[arg-type]
+            task_timeout_s=cfg.task_timeout_s,
+            on_redirect=self._redirect,
+        )
+        self.server, self.health = build_server([SERVICE])
+        ppb_grpc.add_AgentPoolServicer_to_server(PoolServicer(self), self.server)
+        self.port = bind(self.server, cfg.listen)
+        self.endpoint = advertised(cfg.listen, self.port, cfg.advertise)
+        self.stop = asyncio.Event()
+
+    # ---- leader and channels ----
+
+    def _stub(self, endpoint: str) -> cpb_grpc.CoordinatorStub:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            # one HTTP/2 connection per leader carries every agent's stream
+            channel = grpc.aio.insecure_channel(endpoint, options=OPTIONS)
+            self._channels[endpoint] = channel
+        return cpb_grpc.CoordinatorStub(channel)
+
+    def _redirect(self, endpoint: str) -> None:
+        if endpoint and endpoint != self._leader:
+            self._leader = endpoint
+            self._leader_changed.set()
+
+    async def _follow_leader(self) -> None:
+        while True:
+            try:
+                async for leader in observe(self.etcd, "coordinator"):
+                    self._leader = leader_endpoint_of(leader.value) if leader else ""
+                    self._leader_changed.set()
+                    log.info("coordinator leader", extra={"leader": self._leader or "none"})
+            except StoreUnavailableError:
+                await asyncio.sleep(0.5)
+
+    # ---- agents ----
+
+    def _template(self, t: ppb.AgentTemplate | None) -> ppb.AgentTemplate:
+        out = ppb.AgentTemplate()
+        out.CopyFrom(self.defaults)
+        if t is not None:
+            if t.roles:
+                del out.roles[:]
+                out.roles.extend(t.roles)
+            if t.labels:
+                out.labels.clear()
+                out.labels.update(t.labels)
+            if t.kinds:
+                missing = [k for k in t.kinds if k not in self.executors]
+                if missing:
+                    raise InvalidArgumentError(f"template.kinds {missing} have no executor in this pool; use {sorted(self.executors)}")
+                del out.kinds[:]
+                out.kinds.extend(t.kinds)
+            if t.capacity:
+                if t.capacity > 1000:
+                    raise InvalidArgumentError("template.capacity must be 1-1000")
+                out.capacity = t.capacity
+        return out
+
+    def _new_agent(self, template: ppb.AgentTemplate) -> Agent:
+        return Agent(f"{self.pool_id}-a{next(self._seq):04d}", self.ctx, template)
+
+    async def _register_agents(self, agents: list[Agent]) -> None:
+        for i in range(0, len(agents), 128):
+            ops = [
+                op_put(
+                    self.etcd.key("agents", a.agent_id),
+                    json.dumps({"pool": self.pool_id, "kinds": list(a.template.kinds), "roles": list(a.template.roles)}).encode(),
+                    self.lease.id,
+                )
+                for a in agents[i : i + 128]
+            ]
+            with contextlib.suppress(StoreUnavailableError):
+                await self.etcd.txn([], ops)
+
+    async def spawn(
+        self, count: int, batch_size: int, template: ppb.AgentTemplate | None, timeout_s: float = 30.0
+    ) -> tuple[list[Agent], int]:
+        """Start `count` agents, `batch_size` at a time; wait until each is welcomed."""
+        if not 1 <= count <= MAX_SPAWN:
+            raise InvalidArgumentError(f"count {count} is out of range: use 1-{MAX_SPAWN}")
+        tmpl = self._template(template)
+        batch = batch_size or count
+        started: list[Agent] = []
+        from_warm = 0
+        for first in range(0, count, batch):
+            wave = []
+            for _ in range(min(batch, count - first)):
+                if self.warm and template is None:
+                    agent = self.warm.pop()
+                    agent.requested_at = time.monotonic()
+                    from_warm += 1
+                else:
+                    agent = self._new_agent(tmpl)
+                wave.append(agent)
+                self.agents[agent.agent_id] = (agent, asyncio.ensure_future(agent.run()))
+            await self._register_agents(wave)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(a.welcomed.wait() for a in wave)), timeout_s)
+            started.extend(wave)
+        self._refill_warm()
+        return started, from_warm
+
+    def _refill_warm(self) -> None:
+        while len(self.warm) < self.cfg.warm:
+            self.warm.append(self._new_agent(self.defaults))
+            self.warm[-1].state = A.AGENT_STATE_WARM
+
+    async def stop_agents(self, agent_ids: list[str], count: int, graceful: bool) -> list[str]:
+        if agent_ids:
+            chosen = list(agent_ids)
+        else:
+            chosen = list(self.agents)[-count:] if count else []
+        unknown = [a for a in chosen if a not in self.agents]
+        if unknown:
+            raise InvalidArgumentError(f"unknown agent ids in this pool: {unknown[:5]}")
+        if graceful:
+            await asyncio.gather(*(self.agents[a][0].drain(self.cfg.grace_s) for a in chosen))
+        for agent_id in chosen:
+            agent, task = self.agents.pop(agent_id)
+            task.cancel()
+            for _, runner in agent.running.values():
+                runner.cancel()
+            agent.state = A.AGENT_STATE_STOPPED
+        with contextlib.suppress(StoreUnavailableError):
+            for agent_id in chosen:
+                await self.etcd.delete(self.etcd.key("agents", agent_id))
+        return chosen
+
+    # ---- lifecycle ----
+
+    async def _keep_lease(self) -> None:
+        """If the lease is lost, every claim on it is gone: take a new one and reconnect
+        every agent so its hello carries the new lease."""
+        while True:
+            await self.lease.keep_alive()
+            log.warning("pool lease lost; renewing and reconnecting agents", extra={"pool": self.pool_id})
+            while True:
+                try:
+                    await self.lease.grant()
+                    break
+                except StoreUnavailableError:
+                    await asyncio.sleep(0.5)
+            await self._register()
+            for agent_id, (agent, task) in list(self.agents.items()):
+                task.cancel()
+                self.agents[agent_id] = (agent, asyncio.ensure_future(agent.run()))
+
+    async def _register(self) -> None:
+        instance = discovery.Instance("agent-pool", self.pool_id, self.endpoint, {"agents": str(len(self.agents))})
+        await discovery.register(self.etcd, self.lease.id, instance)
+        await self._register_agents([a for a, _ in self.agents.values()])
+
+    async def run(self) -> None:
+        await self.server.start()
+        while True:
+            try:
+                await self.lease.grant()
+                await self._register()
+                break
+            except StoreUnavailableError as err:
+                log.warning("etcd unreachable at start; retrying", extra={"error": str(err)})
+                await asyncio.sleep(0.5)
+        await self.health.set("", SERVING)
+        await self.health.set(SERVICE, SERVING)
+        log.info("agent pool listening", extra={"endpoint": self.endpoint, "pool": self.pool_id})
+        background = [asyncio.ensure_future(self._follow_leader()), asyncio.ensure_future(self._keep_lease())]
+        try:
+            if self.cfg.agents:
+                t0 = time.monotonic()
+                agents, _ = await self.spawn(self.cfg.agents, self.cfg.batch_size, None)
+                ready = sum(a.welcomed.is_set() for a in agents)
+                log.info(
+                    "agents started",
+                    extra={"ready": ready, "requested": self.cfg.agents, "elapsed_ms": round((time.monotonic() - t0) * 1000, 1)},
+                )
+            else:
+                self._refill_warm()
+            await self.stop.wait()
+        finally:
+            await shutdown(self.server, self.health, self.cfg.grace_s, [self._drain_all])
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.lease.revoke()
+            for channel in self._channels.values():
+                await channel.close()
+            await self.etcd.close()
+
+    async def _drain_all(self) -> None:
+        await self.stop_agents(list(self.agents), 0, graceful=True)
+
+
+class PoolServicer(ppb_grpc.AgentPoolServicer):
+    def __init__(self, node: PoolNode) -> None:
+        self.node = node
+
+    @rpc_errors
+    async def SpawnAgents(self, request: ppb.SpawnAgentsRequest, context: grpc.aio.ServicerContext) -> ppb.SpawnAgentsResponse:
+        t0 = time.monotonic()
+        template = request.template if request.HasField("template") else None
+        agents, from_warm = await self.node.spawn(request.count, request.batch_size, template)
+        return ppb.SpawnAgentsResponse(
+            agents=[a.info() for a in agents], elapsed_s=time.monotonic() - t0, from_warm=from_warm
+        )
+
+    async def SpawnWaves(self, request: ppb.SpawnWavesRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[ppb.SpawnProgress]:
+        node = self.node
+        if not 1 <= request.count <= MAX_SPAWN:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count {request.count} is out of range: use 1-{MAX_SPAWN}")
+        if request.wave_interval_s < 0 or request.wave_interval_s > 3600:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "wave_interval_s must be 0-3600")
+        wave_size = request.wave_size or 10
+        template = request.template if request.HasField("template") else None
+        t0 = time.monotonic()
+        started = ready = failed = 0
+        for wave, first in enumerate(range(0, request.count, wave_size), start=1):
+            try:
+                agents, _ = await node.spawn(min(wave_size, request.count - first), 0, template)
+            except InvalidArgumentError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            started += len(agents)
+            ok = sum(a.welcomed.is_set() for a in agents)
+            ready += ok
+            failed += len(agents) - ok
+            yield ppb.SpawnProgress(wave=wave, started=started, ready=ready, failed=failed, elapsed_s=time.monotonic() - t0)
+            if first + wave_size < request.count:
+                await asyncio.sleep(request.wave_interval_s)
+
+    @rpc_errors
+    async def StopAgents(self, request: ppb.StopAgentsRequest, context: grpc.aio.ServicerContext) -> ppb.StopAgentsResponse:
+        if not request.agent_ids and not request.count:
+            raise InvalidArgumentError("give agent_ids or a count of agents to stop")
+        stopped = await self.node.stop_agents(list(request.agent_ids), request.count, request.graceful)
+        return ppb.StopAgentsResponse(stopped=stopped)
+
+    @rpc_errors
+    async def ListAgents(self, request: ppb.ListPoolAgentsRequest, context: grpc.aio.ServicerContext) -> ppb.ListPoolAgentsResponse:
+        node = self.node
+        return ppb.ListPoolAgentsResponse(
+            pool_id=node.pool_id, agents=[a.info() for a, _ in node.agents.values()], warm=len(node.warm)
+        )
+
+    @rpc_errors
+    async def Drain(self, request: ppb.DrainPoolRequest, context: grpc.aio.ServicerContext) -> ppb.DrainPoolResponse:
+        agents = [a for a, _ in self.node.agents.values()]
+        for agent in agents:
+            agent.draining = True
+            agent.state = A.AGENT_STATE_DRAINING
+            agent._send(cpb.AgentMessage(draining=cpb.AgentDraining(reason=request.reason or "pool drain")))
+        return ppb.DrainPoolResponse(draining=len(agents))
+
+
+async def serve(cfg: PoolConfig) -> None:
+    node = PoolNode(cfg)
+    stop = stop_event()
+    runner = asyncio.ensure_future(node.run())
+    done, _ = await asyncio.wait({runner, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    node.stop.set()
+    await runner

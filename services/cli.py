@@ -1,0 +1,548 @@
+"""The `agentmesh` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services._common import config as configlib
+
+T = TypeVar("T")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="agentmesh: a gRPC mesh that coordinates hundreds of AI agents.")
+serve_app = typer.Typer(no_args_is_help=True, help="Run one service process.")
+task_app = typer.Typer(no_args_is_help=True, help="One task: get or cancel.")
+app.add_typer(serve_app, name="serve")
+app.add_typer(task_app, name="task")
+console = Console()
+err_console = Console(stderr=True)
+
+ETCD_HELP = "etcd endpoints host:port[,host:port] [env AGENTMESH_ETCD]"
+DEFAULT_ETCD = "127.0.0.1:2379"
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    from services._common.grpcserver import install_uvloop
+
+    install_uvloop()
+    return asyncio.run(coro)
+
+
+def _etcd(value: str | None) -> str:
+    return value or os.environ.get("AGENTMESH_ETCD") or DEFAULT_ETCD
+
+
+def _cluster(value: str | None) -> str:
+    return value or os.environ.get("AGENTMESH_CLUSTER") or "default"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------- serve
+
+
+@serve_app.command("coordinator")
+def serve_coordinator(
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    cluster: str = typer.Option(None, help="cluster name (key prefix) [env AGENTMESH_CLUSTER]"),
+    listen: str = typer.Option(None, help="bind address host:port [env AGENTMESH_LISTEN; default 127.0.0.1:50051]"),
+    advertise: str = typer.Option(None, help="address published in etcd [env AGENTMESH_ADVERTISE]"),
+    node_id: str = typer.Option(None, help="replica id [env AGENTMESH_NODE_ID]"),
+    strategy: str = typer.Option(None, help="least-loaded | round-robin | weighted | random [env AGENTMESH_STRATEGY]"),
+    lease_ttl_s: int = typer.Option(None, help="session lease TTL in seconds [env AGENTMESH_LEASE_TTL_S; default 2]"),
+    metrics_port: int = typer.Option(None, help="Prometheus /metrics port, 0 off [env AGENTMESH_METRICS_PORT]"),
+) -> None:
+    """The coordinator: campaigns for root; the leader serves the API and dispatches."""
+    from services._common import logs
+    from services.coordinator.config import CoordinatorConfig
+    from services.coordinator.core import STRATEGIES
+    from services.coordinator.server import serve
+
+    try:
+        cfg = configlib.load(CoordinatorConfig, dict(etcd=etcd, cluster=cluster, listen=listen, advertise=advertise,
+                                                      node_id=node_id, strategy=strategy, lease_ttl_s=lease_ttl_s,
+                                                      metrics_port=metrics_port))
+    except ValueError as err:
+        _fail(str(err), 2)
+    if cfg.strategy not in STRATEGIES:
+        _fail(f"--strategy {cfg.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}", 2)
+    logs.setup("coordinator", cfg.node_id or str(os.getpid()))
+    try:
+        _run(serve(cfg))
+    except OSError as err:
+        _fail(str(err))
+
+
+@serve_app.command("agent-pool")
+def serve_agent_pool(
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    cluster: str = typer.Option(None, help="cluster name (key prefix) [env AGENTMESH_CLUSTER]"),
+    listen: str = typer.Option(None, help="bind address host:port [env AGENTMESH_LISTEN; default 127.0.0.1:0]"),
+    advertise: str = typer.Option(None, help="address published in etcd [env AGENTMESH_ADVERTISE]"),
+    pool_id: str = typer.Option(None, help="pool id; agents are <pool-id>-a<n> [env AGENTMESH_POOL_ID]"),
+    agents: int = typer.Option(None, help="agents to start at boot [env AGENTMESH_AGENTS; default 0]"),
+    batch_size: int = typer.Option(None, help="agents started in parallel [env AGENTMESH_BATCH_SIZE; default 50]"),
+    warm: int = typer.Option(None, help="pre-started idle agents kept ready [env AGENTMESH_WARM]"),
+    capacity: int = typer.Option(None, help="tasks per agent at once [env AGENTMESH_CAPACITY; default 1]"),
+    kinds: str = typer.Option(None, help="comma-separated task kinds the agents run [env AGENTMESH_KINDS]"),
+    roles: str = typer.Option(None, help="comma-separated roles [env AGENTMESH_ROLES]"),
+    labels: str = typer.Option(None, help="comma-separated key=value labels [env AGENTMESH_LABELS]"),
+    sleep_ms: str = typer.Option(None, help="simulated latency of `sleep`: fixed:MS | uniform:LO:HI | lognormal:MEDIAN:SIGMA"),
+) -> None:
+    """An agent pool: hosts many agents, each with its own stream to the root coordinator."""
+    from services._common import logs
+    from services.agent_pool.config import PoolConfig
+    from services.agent_pool.executors import parse_latency
+    from services.agent_pool.server import serve
+
+    def split(v: str | None) -> tuple[str, ...] | None:
+        return None if v is None else tuple(p.strip() for p in v.split(",") if p.strip())
+
+    try:
+        cfg = configlib.load(PoolConfig, dict(etcd=etcd, cluster=cluster, listen=listen, advertise=advertise,
+                                               pool_id=pool_id, agents=agents, batch_size=batch_size, warm=warm,
+                                               capacity=capacity, kinds=split(kinds), roles=split(roles),
+                                               labels=split(labels), sleep_ms=sleep_ms))
+        cfg.label_map()
+        parse_latency(cfg.sleep_ms)
+    except ValueError as err:
+        _fail(str(err), 2)
+    if not 1 <= cfg.capacity <= 1000:
+        _fail("--capacity must be 1-1000", 2)
+    logs.setup("agent-pool", cfg.pool_id or str(os.getpid()))
+    try:
+        _run(serve(cfg))
+    except (OSError, ValueError) as err:
+        _fail(str(err))
+
+
+# ---------------------------------------------------------------- up
+
+
+@app.command()
+def up(
+    agents: int = typer.Option(200, help="agents in all, split across the pools"),
+    pools: int = typer.Option(2, help="agent pool processes"),
+    coordinators: int = typer.Option(1, help="coordinator replicas (one leads)"),
+    data_dir: Path = typer.Option(Path(".agentmesh"), help="etcd data and logs; reused across restarts"),
+    etcd_port: int = typer.Option(2379, help="etcd client port"),
+    port: int = typer.Option(50051, help="first coordinator port (replicas take the next ones)"),
+    capacity: int = typer.Option(1, help="tasks per agent at once"),
+    sleep_ms: str = typer.Option("lognormal:50:0.5", help="simulated latency of the `sleep` executor"),
+    strategy: str = typer.Option("least-loaded", help="assignment strategy"),
+    backlog: int = typer.Option(0, help="submit this many simulated `sleep` tasks once ready, show progress and a summary"),
+    exit_when_done: bool = typer.Option(False, "--exit", help="stop the cluster after the backlog finishes"),
+) -> None:
+    """Start a local cluster (etcd, coordinators, agent pools) as real processes. Ctrl-C stops it."""
+    import signal
+
+    from registry.etcd_server import EtcdNotFoundError, find_etcd_binary
+    from services.cluster import ClusterSpec, LocalCluster
+
+    if agents < 1 or pools < 1 or coordinators < 1:
+        _fail("--agents, --pools and --coordinators must be at least 1", 2)
+    if pools > agents:
+        _fail(f"--pools {pools} is more than --agents {agents}", 2)
+    try:
+        find_etcd_binary()
+    except EtcdNotFoundError as err:
+        _fail(str(err))
+    import socket
+
+    for p in [etcd_port, *range(port, port + coordinators)]:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", p)) == 0:
+                _fail(f"port {p} is in use (another cluster running?); stop it or pass --etcd-port/--port")
+    cluster = LocalCluster(ClusterSpec(data_dir=data_dir, agents=agents, pools=pools, coordinators=coordinators,
+                                       etcd_port=etcd_port, coordinator_port=port, capacity=capacity,
+                                       sleep_ms=sleep_ms, strategy=strategy))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    t0 = time.monotonic()
+    try:
+        with console.status("starting etcd, coordinators and agent pools ..."):
+            cluster.start()
+            ready_s = _run(cluster.wait_ready(timeout_s=90))
+        console.print(f"[green]cluster up[/green]: {agents} agents in {pools} pools ready in {time.monotonic() - t0:.2f} s "
+                      f"(agents connected {ready_s:.2f} s after the processes started)")
+        console.print(f"  etcd         {cluster.etcd_endpoint}   (export AGENTMESH_ETCD={cluster.etcd_endpoint})")
+        for ep in cluster.coordinator_endpoints:
+            console.print(f"  coordinator  {ep}")
+        console.print(f"  logs         {cluster.log_dir}")
+        if backlog:
+            _call(_backlog(cluster.etcd_endpoint, backlog))
+            if exit_when_done:
+                return
+        console.print("press Ctrl-C to stop")
+        while True:
+            time.sleep(1)
+            dead = [n for n in cluster.dead() if n.startswith("coordinator")]
+            if dead and len(dead) == len(cluster.coordinator_endpoints):
+                _fail(f"every coordinator exited; see {cluster.log_dir}")
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+    except (RuntimeError, TimeoutError) as err:
+        _fail(str(err))
+    finally:
+        cluster.stop()
+        console.print("stopped")
+
+
+async def _backlog(etcd: str, count: int) -> None:
+    from protos.agentmesh.v1 import task_pb2 as tpb
+    from services.client import MeshClient
+
+    run = f"{int(time.time())}"
+    specs = [tpb.TaskSpec(task_id=f"sample-{run}-{i:05d}", kind="sleep", priority=i % 10) for i in range(count)]
+    console.print(f"submitting a sample backlog of {count} [bold]simulated[/bold] `sleep` tasks (run {run})")
+    async with MeshClient(etcd=etcd) as client:
+        await _submit_and_wait(client, specs, wait=True)
+
+
+TERMINAL_NAMES = {"SUCCEEDED", "CANCELLED", "DEAD_LETTER"}
+
+
+async def _submit_and_wait(client: Any, specs: list[Any], wait: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from protos.agentmesh.v1 import task_pb2 as tpb
+
+    ids = [s.task_id for s in specs]
+    pending = set()
+    terminal: dict[str, Any] = {}
+    events = client.watch_events() if wait else None
+    first_event = asyncio.ensure_future(events.__anext__()) if events is not None else None
+    t0 = time.monotonic()
+    created = 0
+    for i in range(0, len(specs), 500):
+        resp = await client.submit_batch(specs[i : i + 500])
+        for r in resp.results:
+            created += r.created
+            if r.task.state in (tpb.TASK_STATE_SUCCEEDED, tpb.TASK_STATE_CANCELLED, tpb.TASK_STATE_DEAD_LETTER):
+                terminal[r.task.task_id] = r.task
+            else:
+                pending.add(r.task.task_id)
+    submitted_s = time.monotonic() - t0
+    console.print(f"submitted {len(specs)} tasks ({created} new) in {submitted_s:.2f} s")
+    if not wait or events is None or first_event is None:
+        if first_event is not None:
+            first_event.cancel()
+        return
+    with Progress(TextColumn("[bold]tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        job = bar.add_task("tasks", total=len(ids), completed=len(terminal))
+        last_poll = time.monotonic()
+        nxt: asyncio.Future[Any] = first_event
+        while pending:
+            done, _ = await asyncio.wait({nxt}, timeout=1.0)
+            if done:
+                event = nxt.result()
+                nxt = asyncio.ensure_future(events.__anext__())
+                t = event.task
+                if t.task_id in pending and tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") in TERMINAL_NAMES:
+                    pending.discard(t.task_id)
+                    terminal[t.task_id] = t
+                    bar.update(job, completed=len(terminal))
+            if time.monotonic() - last_poll > 5:  # a missed event (failover) must not hang the wait
+                last_poll = time.monotonic()
+                for task_id in list(pending)[:200]:
+                    t = await client.get(task_id)
+                    if tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") in TERMINAL_NAMES:
+                        pending.discard(task_id)
+                        terminal[task_id] = t
+                bar.update(job, completed=len(terminal))
+        nxt.cancel()
+    wall = time.monotonic() - t0
+    _summary(list(terminal.values()), wall)
+
+
+def _summary(tasks: list[Any], wall_s: float) -> None:
+    from collections import Counter
+
+    from protos.agentmesh.v1 import task_pb2 as tpb
+
+    states = Counter(tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") for t in tasks)
+    e2e = sorted((t.finished_at_us - t.created_at_us) / 1000 for t in tasks if t.finished_at_us)
+    retried = sum(1 for t in tasks if t.attempts > 1)
+    agents = len({t.agent_id for t in tasks})
+    table = Table(title="summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("tasks", str(len(tasks)))
+    for name, n in sorted(states.items()):
+        table.add_row(f"  {name}", str(n))
+    table.add_row("wall time", f"{wall_s:.2f} s")
+    table.add_row("throughput", f"{len(tasks) / wall_s:.1f} tasks/s" if wall_s else "-")
+    if e2e:
+        pick = lambda q: e2e[min(len(e2e) - 1, int(q * len(e2e)))]  # noqa: E731
+        table.add_row("submit→done P50 / P95 / P99", f"{pick(0.5):.1f} / {pick(0.95):.1f} / {pick(0.99):.1f} ms")
+    table.add_row("tasks retried (agent lost or failure)", str(retried))
+    table.add_row("agents that ran tasks", str(agents))
+    console.print(table)
+
+
+# ---------------------------------------------------------------- client commands
+
+
+def _client(etcd: str | None, coordinator: str | None, cluster: str | None) -> Any:
+    from services.client import MeshClient
+
+    return MeshClient(etcd=None if coordinator else _etcd(etcd), coordinator=coordinator, cluster=_cluster(cluster))
+
+
+def _call(coro: Coroutine[Any, Any, T]) -> T:
+    import grpc
+
+    try:
+        return _run(coro)
+    except grpc.aio.AioRpcError as err:
+        _fail(f"{err.code().name}: {err.details()}")
+    raise AssertionError("unreachable")
+
+
+COORD_HELP = "a coordinator host:port (instead of finding the leader in etcd)"
+
+
+@app.command()
+def submit(
+    kind: str = typer.Option(None, help="task kind (echo, sleep, noop, llm, fail)"),
+    payload: str = typer.Option("", help="payload text (JSON for sleep/fail)"),
+    priority: int = typer.Option(0, help="0 (lowest) to 9"),
+    count: int = typer.Option(1, help="submit this many copies"),
+    task_id: str = typer.Option(None, help="client-chosen id (idempotent)"),
+    role: str = typer.Option("", help="required agent role"),
+    label: list[str] = typer.Option([], help="required agent label key=value (repeatable)"),
+    max_attempts: int = typer.Option(0, help="attempts before DEAD_LETTER (0: default 3)"),
+    file: Path = typer.Option(None, help="JSONL file, one TaskSpec per line (fields as in the proto)"),
+    wait: bool = typer.Option(False, help="wait until every task is terminal, with a progress bar"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    coordinator: str = typer.Option(None, help=COORD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Submit tasks (from flags or a JSONL file)."""
+    from google.protobuf import json_format
+
+    from protos.agentmesh.v1 import task_pb2 as tpb
+
+    specs: list[tpb.TaskSpec] = []
+    if file is not None:
+        if not file.exists():
+            _fail(f"{file} does not exist", 2)
+        for n, line in enumerate(file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                specs.append(json_format.Parse(line, tpb.TaskSpec()))
+            except json_format.ParseError as err:
+                _fail(f"{file}:{n}: not a TaskSpec: {err}", 2)
+    else:
+        if not kind:
+            _fail("give --kind (or --file)", 2)
+        labels = {}
+        for item in label:
+            k, sep, v = item.partition("=")
+            if not sep:
+                _fail(f"--label {item!r} must be key=value", 2)
+            labels[k] = v
+        for i in range(count):
+            specs.append(tpb.TaskSpec(kind=kind, payload=payload.encode(), priority=max(0, priority) if priority >= 0 else 99,
+                                      task_id=(task_id if count == 1 else f"{task_id}-{i}") if task_id else "",
+                                      role=role, required_labels=labels, max_attempts=max_attempts))
+    if priority < 0 or priority > 9:
+        _fail(f"--priority {priority} is out of range: use 0 (lowest) to 9", 2)
+
+    async def go() -> None:
+        async with _client(etcd, coordinator, cluster) as client:
+            if wait:
+                for s in specs:
+                    if not s.task_id:
+                        s.task_id = f"cli-{time.time_ns():x}-{len(s.kind)}{id(s) & 0xFFFF:04x}"
+                await _submit_and_wait(client, specs, wait=True)
+            elif len(specs) == 1:
+                resp = await client.submit(specs[0])
+                console.print(f"{resp.task.task_id} {'created' if resp.created else 'exists'} "
+                              f"{tpb.TaskState.Name(resp.task.state).removeprefix('TASK_STATE_')}")
+            else:
+                for i in range(0, len(specs), 500):
+                    resp = await client.submit_batch(specs[i : i + 500])
+                    for r in resp.results:
+                        console.print(f"{r.task.task_id} {'created' if r.created else 'exists'}")
+
+    _call(go())
+
+
+def _task_row(t: Any) -> list[str]:
+    from protos.agentmesh.v1 import task_pb2 as tpb
+
+    return [t.task_id, t.spec.kind, tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_"), str(t.spec.priority),
+            str(t.attempts), t.agent_id, (t.last_error or "")[:50]]
+
+
+@app.command()
+def tasks(
+    state: list[str] = typer.Option([], help="only these states (QUEUED, ASSIGNED, SUCCEEDED, DEAD_LETTER, ...)"),
+    kind: str = typer.Option("", help="only this kind"),
+    agent: str = typer.Option("", help="only tasks held by this agent"),
+    limit: int = typer.Option(50, help="rows to show (1-1000)"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    coordinator: str = typer.Option(None, help=COORD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """List tasks."""
+    from google.protobuf import json_format
+
+    from protos.agentmesh.v1 import task_pb2 as tpb
+
+    try:
+        states = [tpb.TaskState.Value("TASK_STATE_" + s.upper()) for s in state]
+    except ValueError:
+        _fail(f"unknown state in {state}; use {', '.join(n.removeprefix('TASK_STATE_') for n in tpb.TaskState.keys()[1:])}", 2)
+
+    async def go() -> Any:
+        async with _client(etcd, coordinator, cluster) as client:
+            return await client.list(states=states, kind=kind, agent_id=agent, page_size=limit)
+
+    resp = _call(go())
+    if as_json:
+        for t in resp.tasks:
+            print(json_format.MessageToJson(t, indent=None))
+        return
+    table = Table()
+    for col in ("id", "kind", "state", "prio", "attempts", "agent", "last error"):
+        table.add_column(col)
+    for t in resp.tasks:
+        table.add_row(*_task_row(t))
+    console.print(table)
+    if resp.next_page_token:
+        console.print(f"(more: showing the first {len(resp.tasks)})")
+
+
+@task_app.command("get")
+def task_get(
+    task_id: str,
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    coordinator: str = typer.Option(None, help=COORD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Show one task as JSON."""
+    from google.protobuf import json_format
+
+    async def go() -> Any:
+        async with _client(etcd, coordinator, cluster) as client:
+            return await client.get(task_id)
+
+    print(json_format.MessageToJson(_call(go())))
+
+
+@task_app.command("cancel")
+def task_cancel(
+    task_id: str,
+    reason: str = typer.Option("", help="why (stored as last_error)"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    coordinator: str = typer.Option(None, help=COORD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Cancel a task that is not terminal yet."""
+    from google.protobuf import json_format
+
+    async def go() -> Any:
+        async with _client(etcd, coordinator, cluster) as client:
+            return await client.cancel(task_id, reason)
+
+    print(json_format.MessageToJson(_call(go())))
+
+
+@app.command()
+def agents(
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    coordinator: str = typer.Option(None, help=COORD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Agents connected to the root coordinator."""
+
+    async def go() -> Any:
+        async with _client(etcd, coordinator, cluster) as client:
+            return await client.agents()
+
+    resp = _call(go())
+    table = Table(title=f"{len(resp.agents)} agents")
+    for col in ("agent", "pool", "kinds", "roles", "inflight/cap", "done", "failed", "latency ema ms"):
+        table.add_column(col)
+    for a in sorted(resp.agents, key=lambda a: a.agent_id):
+        table.add_row(a.agent_id, a.pool_id, ",".join(a.kinds), ",".join(a.roles), f"{a.inflight}/{a.capacity}",
+                      str(a.completed), str(a.failed), f"{a.latency_ema_ms:.1f}")
+    console.print(table)
+
+
+@app.command()
+def status(
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    coordinator: str = typer.Option(None, help=COORD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Leader, term, standbys, agents, queue depth and task counts."""
+
+    async def go() -> Any:
+        async with _client(etcd, coordinator, cluster) as client:
+            return await client.status()
+
+    s = _call(go())
+    console.print(f"leader     {s.leader_id or '-'} at {s.leader_endpoint or '-'}  term {s.term}")
+    for sb in s.standbys:
+        console.print(f"standby    {sb.instance_id} at {sb.endpoint}")
+    console.print(f"agents     {s.agents_connected} connected   queue depth {s.queue_depth}   strategy {s.assignment_strategy}")
+    console.print("tasks      " + ("  ".join(f"{k} {v}" for k, v in sorted(s.task_counts.items())) or "-"))
+    for svc in sorted(s.services, key=lambda x: (x.kind, x.instance_id)):
+        console.print(f"service    {svc.kind:<12} {svc.instance_id:<24} {svc.endpoint}")
+
+
+@app.command()
+def health(
+    target: str = typer.Argument(..., help="host:port of any agentmesh service"),
+    service: str = typer.Option("", help="service name ('' = the whole process)"),
+    timeout_s: float = typer.Option(3.0, help="deadline"),
+) -> None:
+    """Exit 0 when grpc.health.v1 reports SERVING (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(target) as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    except grpc.RpcError as err:
+        _fail(f"{target}: {err.code().name}")  # type: ignore[attr-defined]
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(name)
+    if resp.status != health_pb2.HealthCheckResponse.SERVING:
+        raise typer.Exit(1)
+
+
+def _mount_loadtest() -> None:
+    try:
+        from loadtest.cli import app as loadtest_app
+    except ImportError:  # pragma: no cover - the harness is part of the package
+        return
+    app.add_typer(loadtest_app, name="loadtest")
+
+
+_mount_loadtest()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

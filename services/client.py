@@ -1,0 +1,209 @@
+"""The Python client: finds the root coordinator through etcd (or a given address),
+follows a standby's pointer to the leader, and retries what is safe to retry."""
+
+from __future__ import annotations
+
+import asyncio
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
+from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common.errors import LEADER_METADATA_KEY
+
+T = TypeVar("T")
+
+# Submits are idempotent only with a task id or idempotency key; the client
+# always sets one, so UNAVAILABLE (no leader, a failover) is safe to retry.
+_RETRY_CODES = {grpc.StatusCode.UNAVAILABLE}
+
+
+def _retryable(err: BaseException) -> bool:
+    return isinstance(err, grpc.aio.AioRpcError) and err.code() in _RETRY_CODES
+
+
+class MeshClient:
+    """Args:
+    etcd: etcd endpoints; the leader is looked up there (preferred).
+    coordinator: a coordinator address, used when etcd is not given.
+    cluster: the cluster name (key prefix).
+    timeout_s: deadline of each call.
+    retry_s: how long to keep retrying while no leader answers.
+    """
+
+    def __init__(
+        self,
+        etcd: str | None = None,
+        coordinator: str | None = None,
+        cluster: str = "default",
+        timeout_s: float = 10.0,
+        retry_s: float = 15.0,
+    ) -> None:
+        if not etcd and not coordinator:
+            raise ValueError("give etcd endpoints or a coordinator address")
+        self._etcd_endpoints = etcd
+        self._cluster = cluster
+        self._fixed = coordinator or ""
+        self._endpoint = coordinator or ""
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: cpb_grpc.CoordinatorStub | None = None
+        self._lookup = asyncio.Lock()
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def leader(self) -> str:
+        """The root coordinator's endpoint ('' when none is elected)."""
+        if not self._etcd_endpoints:
+            return self._fixed
+        from registry.election import current_leader
+        from registry.etcd import Etcd
+
+        etcd = Etcd(self._etcd_endpoints, prefix=f"/agentmesh/{self._cluster}/", timeout_s=3.0)
+        try:
+            found = await current_leader(etcd, "coordinator")
+        finally:
+            await etcd.close()
+        return found.value.decode().partition(" ")[2] if found else ""
+
+    async def stub(self) -> cpb_grpc.CoordinatorStub:
+        async with self._lookup:  # concurrent first calls share one lookup and one channel
+            if self._stub is None:
+                endpoint = await self.leader() if self._etcd_endpoints else self._endpoint
+                if not endpoint:
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.aio.Metadata(),
+                        grpc.aio.Metadata(),
+                        "no coordinator leader is elected yet",
+                    )
+                self._use(endpoint)
+        assert self._stub is not None
+        return self._stub
+
+    def _use(self, endpoint: str) -> None:
+        if endpoint == self._endpoint and self._channel is not None:
+            self._stub = cpb_grpc.CoordinatorStub(self._channel)
+            return
+        if self._channel is not None:
+            # calls still on the old leader fail with UNAVAILABLE and are retried here
+            asyncio.ensure_future(self._channel.close(grace=1.0))
+        self._endpoint = endpoint
+        self._channel = grpc.aio.insecure_channel(endpoint)
+        self._stub = cpb_grpc.CoordinatorStub(self._channel)
+
+    def _follow(self, err: grpc.aio.AioRpcError) -> None:
+        """After UNAVAILABLE: go where the standby points, or look the leader up again."""
+        pointed = ""
+        for key, value in err.trailing_metadata() or ():
+            if key == LEADER_METADATA_KEY:
+                pointed = str(value)
+        if pointed and pointed != self._endpoint:
+            self._use(pointed)
+        elif self._etcd_endpoints:
+            self._stub = None  # look the leader up again (same channel if it did not move)
+
+    async def _call(self, name: str, request: Any) -> Any:
+        async for attempt in AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_delay(self.retry_s),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        ):
+            with attempt:
+                stub = await self.stub()
+                try:
+                    return await getattr(stub, name)(request, timeout=self.timeout_s)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        self._follow(err)
+                    raise
+        raise AssertionError("unreachable")
+
+    async def submit(self, spec: tpb.TaskSpec) -> cpb.SubmitResponse:
+        if not spec.task_id and not spec.idempotency_key:
+            spec.idempotency_key = _new_key()
+        return await self._call("Submit", cpb.SubmitRequest(spec=spec))  # type: ignore[no-any-return]
+
+    async def submit_batch(self, specs: Sequence[tpb.TaskSpec]) -> cpb.SubmitBatchResponse:
+        for spec in specs:
+            if not spec.task_id and not spec.idempotency_key:
+                spec.idempotency_key = _new_key()
+        return await self._call("SubmitBatch", cpb.SubmitBatchRequest(specs=specs))  # type: ignore[no-any-return]
+
+    async def get(self, task_id: str) -> tpb.Task:
+        return await self._call("GetTask", cpb.GetTaskRequest(task_id=task_id))  # type: ignore[no-any-return]
+
+    async def cancel(self, task_id: str, reason: str = "") -> tpb.Task:
+        return await self._call("CancelTask", cpb.CancelTaskRequest(task_id=task_id, reason=reason))  # type: ignore[no-any-return]
+
+    async def list(self, **filters: Any) -> cpb.ListTasksResponse:
+        return await self._call("ListTasks", cpb.ListTasksRequest(**filters))  # type: ignore[no-any-return]
+
+    async def agents(self) -> cpb.ListAgentsResponse:
+        return await self._call("ListAgents", cpb.ListAgentsRequest())  # type: ignore[no-any-return]
+
+    async def status(self) -> cpb.ClusterStatus:
+        return await self._call("GetStatus", cpb.GetStatusRequest())  # type: ignore[no-any-return]
+
+    async def watch_events(self, states: Sequence[int] = ()) -> AsyncIterator[tpb.TaskEvent]:
+        """Every task change from now on; reconnects to a new leader by itself.
+
+        Events during a reconnect are missed: callers that must not miss a terminal
+        state re-read the tasks they care about (GetTask) after a gap.
+        """
+        while True:
+            stub = await self._retry_stub()
+            call = stub.WatchEvents(cpb.WatchEventsRequest(states=states))
+            try:
+                async for event in call:
+                    yield event
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._follow(err)
+            finally:
+                call.cancel()
+
+    async def watch_task(self, task_id: str) -> AsyncIterator[tpb.TaskEvent]:
+        stub = await self._retry_stub()
+        call = stub.WatchTask(cpb.WatchTaskRequest(task_id=task_id))
+        try:
+            async for event in call:
+                yield event
+        finally:
+            call.cancel()
+
+    async def _retry_stub(self) -> cpb_grpc.CoordinatorStub:
+        async for attempt in AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_delay(self.retry_s),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        ):
+            with attempt:
+                return await self.stub()
+        raise AssertionError("unreachable")
+
+
+def _new_key() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+

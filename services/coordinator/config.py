@@ -1,0 +1,42 @@
+"""Coordinator configuration (AGENTMESH_<FIELD> variables and CLI flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorConfig:
+    etcd: str = "127.0.0.1:2379"
+    """etcd endpoints, comma-separated host:port."""
+    cluster: str = "default"
+    """Cluster name; every key lives under /agentmesh/<cluster>/."""
+    listen: str = "127.0.0.1:50051"
+    """Address the gRPC server binds (port 0 picks a free one)."""
+    advertise: str = ""
+    """Address published in etcd for clients and agents (default: the bound listen address)."""
+    node_id: str = ""
+    """Unique id of this replica (default: coordinator-<pid>-<random>)."""
+    lease_ttl_s: int = 2
+    """Session lease TTL. The leader's key dies with it, so failover takes at most this long
+    plus one campaign round trip; 2 s is etcd's minimum with default timings."""
+    strategy: str = "least-loaded"
+    """Assignment strategy: least-loaded, round-robin, weighted or random."""
+    task_kinds: tuple[str, ...] = ("echo", "sleep", "noop", "llm", "fail")
+    """Kinds a task may have; anything else is refused with INVALID_ARGUMENT."""
+    max_payload_bytes: int = 1024 * 1024
+    """Largest accepted task payload."""
+    default_max_attempts: int = 3
+    """Attempts before DEAD_LETTER when a task does not say."""
+    retry_base_s: float = 0.5
+    """First retry backoff; doubles each attempt, with jitter."""
+    retry_cap_s: float = 30.0
+    """Longest retry backoff."""
+    retention_s: int = 86400
+    """Terminal tasks expire from etcd after this long (0: keep forever)."""
+    grace_s: float = 10.0
+    """Shutdown grace period for in-flight RPCs."""
+    etcd_timeout_s: float = 3.0
+    """Deadline of each etcd call."""
+    metrics_port: int = 0
+    """Prometheus /metrics port (0: off)."""

@@ -1,0 +1,202 @@
+"""Coordinator process: serve, campaign, lead one term at a time, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
+from registry import discovery
+from registry.election import Election, candidates, current_leader, observe
+from registry.etcd import Etcd
+from registry.lease import KeptLease
+from services._common import telemetry
+from services._common.clock import SystemClock
+from services._common.errors import NotLeaderError, StoreUnavailableError
+from services._common.grpcserver import (
+    NOT_SERVING,
+    SERVING,
+    advertised,
+    bind,
+    build_server,
+    shutdown,
+    stop_event,
+)
+from services.coordinator.config import CoordinatorConfig
+from services.coordinator.core import CoordinatorCore
+from services.coordinator.servicer import CoordinatorServicer, leader_value, parse_leader_value, split_services
+from services.coordinator.store import EtcdTaskStore
+
+log = logging.getLogger(__name__)
+
+SERVICE = cpb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+class CoordinatorNode:
+    """One coordinator replica. `run()` until `stop` is set."""
+
+    def __init__(self, cfg: CoordinatorConfig) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node_id or f"coordinator-{os.getpid()}-{secrets.token_hex(3)}"
+        self.clock = SystemClock()
+        self.etcd = Etcd(cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s)
+        self.servicer = CoordinatorServicer(self.status)
+        self.server, self.health = build_server([SERVICE])
+        cpb_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
+        self.port = bind(self.server, cfg.listen)
+        self.endpoint = advertised(cfg.listen, self.port, cfg.advertise)
+        self.term = 0
+        self.stop = asyncio.Event()
+
+    async def status(self) -> cpb.ClusterStatus:
+        leader = await current_leader(self.etcd, "coordinator")
+        all_candidates = await candidates(self.etcd, "coordinator")
+        services = await discovery.resolve(self.etcd)
+        status = cpb.ClusterStatus(services=split_services(services), assignment_strategy=self.cfg.strategy)
+        if leader:
+            status.leader_id, status.leader_endpoint = parse_leader_value(leader.value)
+            status.term = leader.term
+        for cand in all_candidates[1:]:
+            node, endpoint = parse_leader_value(cand.value)
+            status.standbys.append(cpb.ServiceInstance(kind="coordinator", instance_id=node, endpoint=endpoint))
+        core = self.servicer.core
+        if core is not None:
+            status.agents_connected = len(core.agents)
+            status.queue_depth = core.queue_depth()
+            for name, count in core.counts().items():
+                status.task_counts[name] = count
+        return status
+
+    async def run(self) -> None:
+        await self.server.start()
+        await self.health.set("", SERVING)
+        await self.health.set(SERVICE, NOT_SERVING)
+        telemetry.start_metrics(self.cfg.metrics_port)
+        log.info("coordinator listening", extra={"endpoint": self.endpoint, "node": self.node_id})
+        terms = asyncio.ensure_future(self._terms())
+        follow = asyncio.ensure_future(self._follow_leader())
+        try:
+            await self.stop.wait()
+        finally:
+            terms.cancel()
+            follow.cancel()
+            for t in (terms, follow):
+                with contextlib.suppress(BaseException):
+                    await t
+            await shutdown(self.server, self.health, self.cfg.grace_s, [self._leave])
+            await self.etcd.close()
+
+    async def _leave(self) -> None:
+        self.servicer.end_term("")
+        with contextlib.suppress(Exception):
+            await self._lease.revoke()  # our election key and registration go at once
+
+    async def _follow_leader(self) -> None:
+        """Keep `leader_endpoint` current so a standby can point clients at the leader."""
+        while True:
+            try:
+                async for leader in observe(self.etcd, "coordinator"):
+                    self.servicer.leader_endpoint = parse_leader_value(leader.value)[1] if leader else ""
+            except StoreUnavailableError:
+                await asyncio.sleep(0.5)
+
+    async def _terms(self) -> None:
+        """Campaign, lead until the term ends, campaign again: forever."""
+        self._lease = KeptLease(self.etcd, self.cfg.lease_ttl_s, self.clock)
+        while True:
+            try:
+                await self._one_session()
+            except (StoreUnavailableError, NotLeaderError) as err:
+                log.warning("session ended; starting a new one", extra={"error": str(err)})
+            await asyncio.sleep(0.2)
+
+    async def _one_session(self) -> None:
+        lease = self._lease
+        await lease.grant()
+        instance = discovery.Instance("coordinator", self.node_id, self.endpoint)
+        await discovery.register(self.etcd, lease.id, instance)
+        keeper = asyncio.ensure_future(lease.keep_alive())
+        try:
+            while not lease.lost.is_set():
+                election = Election(self.etcd, "coordinator", lease.id, leader_value(self.node_id, self.endpoint))
+                campaign = asyncio.ensure_future(election.campaign())
+                lost = asyncio.ensure_future(lease.lost.wait())
+                await asyncio.wait({campaign, lost}, return_when=asyncio.FIRST_COMPLETED)
+                lost.cancel()
+                if not campaign.done():
+                    campaign.cancel()
+                    return
+                term = campaign.result()
+                await self._lead(election, term)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(BaseException):
+                await keeper
+            with contextlib.suppress(Exception):
+                await lease.revoke()
+
+    async def _lead(self, election: Election, term: int) -> None:
+        cfg = self.cfg
+        store = EtcdTaskStore(self.etcd, election, self.clock, cfg.retention_s)
+        core = CoordinatorCore(store, self.clock, cfg, term=term, node_id=self.node_id)
+        core.subscribers = self.servicer.hub.subscribers
+        started = self.clock.monotonic()
+        records, claims, revision = await store.load()
+        orphans = core.load(records, claims)
+        self.term = term
+        self.servicer.core = core
+        self.servicer.leader_endpoint = self.endpoint
+        await self.health.set(SERVICE, SERVING)
+        telemetry.IS_LEADER.set(1)
+        log.info(
+            "elected root coordinator",
+            extra={
+                "term": term,
+                "active_tasks": len(core.active),
+                "orphaned_claims": len(orphans),
+                "load_ms": round((self.clock.monotonic() - started) * 1000, 1),
+            },
+        )
+        core.requeue_orphans(orphans)
+        jobs = [
+            asyncio.ensure_future(core.run()),
+            asyncio.ensure_future(self._watch_claims(core, store, revision + 1)),
+            asyncio.ensure_future(election.wait_lost()),
+            asyncio.ensure_future(self._lease.lost.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
+            names = ("dispatch", "claims watch", "election key watch", "lease")
+            for job in done:
+                why = "finished" if job.cancelled() or job.exception() is None else repr(job.exception())
+                log.warning("term ended", extra={"term": term, "by": names[jobs.index(job)], "why": why})
+        finally:
+            log.info("stepping down", extra={"term": term})
+            await self.health.set(SERVICE, NOT_SERVING)
+            telemetry.IS_LEADER.set(0)
+            core.deposed = core.deposed or NotLeaderError("term ended")
+            self.servicer.end_term("")
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            await core.close()
+            self.term = 0
+            with contextlib.suppress(Exception):
+                await election.resign()
+
+    async def _watch_claims(self, core: CoordinatorCore, store: EtcdTaskStore, start_revision: int) -> None:
+        async for task_id, token in store.claim_deletions(start_revision):
+            core.claim_lost(task_id, token)
+
+
+async def serve(cfg: CoordinatorConfig) -> None:
+    node = CoordinatorNode(cfg)
+    stop = stop_event()
+    runner = asyncio.ensure_future(node.run())
+    await stop.wait()
+    node.stop.set()
+    await runner

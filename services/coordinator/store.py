@@ -1,0 +1,226 @@
+"""The task store on etcd: fenced group commit of task writes.
+
+Layout under the cluster prefix:
+  tasks/<id>   the Task record (serialized proto); terminal ones on a retention lease
+  claims/<id>  the claiming agent's id, on that agent's lease; its mod revision is
+               the claim token
+
+Each `Write` becomes one nested transaction (its own compares and outcome);
+concurrent writes are packed into one outer transaction that compares the
+leader's term. So a burst of N task changes costs about N/128 etcd round
+trips, and a deposed leader changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from protos.agentmesh.v1 import task_pb2 as tpb
+from registry.election import Election
+from registry.etcd import (
+    Etcd,
+    LeaseNotFoundError,
+    RequestOp,
+    cmp_mod,
+    op_delete,
+    op_get,
+    op_put,
+    op_txn,
+)
+from services._common.clock import Clock
+from services.coordinator.core import TERMINAL, Committed, Write
+
+log = logging.getLogger(__name__)
+
+# etcd's default --max-txn-ops is 128, and a nested transaction may hold at most
+# (128 - ops in its parent) ops; our nested ones hold at most 2 per branch.
+MAX_OPS = 120
+
+
+class GroupCommitter:
+    """Packs concurrent writes into few transactions.
+
+    A write goes out at once when fewer than `max_inflight` transactions are in
+    flight (no added latency at light load); otherwise it waits for one to return
+    and leaves with everything that queued up meanwhile (throughput under load).
+    """
+
+    def __init__(self, flush: Any, max_ops: int = MAX_OPS, max_inflight: int = 4) -> None:
+        self._flush = flush
+        self._max_ops = max_ops
+        self._max_inflight = max_inflight
+        self._pending: list[tuple[RequestOp, asyncio.Future[Any]]] = []
+        self._inflight = 0
+
+    async def submit(self, ops: Sequence[RequestOp]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for op in ops:
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._pending.append((op, fut))
+            futures.append(fut)
+        self._pump()
+        return list(await asyncio.gather(*futures))
+
+    def _pump(self) -> None:
+        while self._pending and self._inflight < self._max_inflight:
+            batch, self._pending = self._pending[: self._max_ops], self._pending[self._max_ops :]
+            self._inflight += 1
+            asyncio.ensure_future(self._run(batch))
+
+    async def _run(self, batch: list[tuple[RequestOp, asyncio.Future[Any]]]) -> None:
+        try:
+            responses = await self._flush([op for op, _ in batch])
+            for (_, fut), resp in zip(batch, responses, strict=True):
+                if not fut.done():
+                    fut.set_result(resp)
+        except BaseException as err:  # noqa: BLE001 - handed to every waiter
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+        finally:
+            self._inflight -= 1
+            self._pump()
+
+
+class EtcdTaskStore:
+    def __init__(self, etcd: Etcd, election: Election, clock: Clock, retention_s: int) -> None:
+        self.etcd = etcd
+        self.election = election
+        self.clock = clock
+        self.retention_s = retention_s
+        self._tasks = etcd.key("tasks") + b"/"
+        self._claims = etcd.key("claims") + b"/"
+        self._committer = GroupCommitter(self._flush)
+        self._retention_lease = 0
+        self._retention_granted = 0.0
+
+    def task_key(self, task_id: str) -> bytes:
+        return self._tasks + task_id.encode()
+
+    def claim_key(self, task_id: str) -> bytes:
+        return self._claims + task_id.encode()
+
+    async def _flush(self, ops: list[RequestOp]) -> list[Any]:
+        """One fenced transaction; each result is (commit revision, nested response)."""
+        try:
+            resp = await self.election.fenced_txn(ops)
+            rev = int(resp.header.revision)
+            return [(rev, r) for r in resp.responses]
+        except LeaseNotFoundError as err:
+            if len(ops) == 1:
+                return [err]
+            # one claim names a dead lease and etcd refuses the whole transaction:
+            # retry each on its own so only that one fails
+            results: list[Any] = []
+            for op in ops:
+                results.extend(await self._flush([op]))
+            return results
+
+    async def _retention(self) -> int:
+        """A lease shared by the terminal records of one period, renewed each tenth of
+        the retention time, so records expire between retention and 1.1 x retention."""
+        if not self.retention_s:
+            return 0
+        now = self.clock.monotonic()
+        if not self._retention_lease or now - self._retention_granted > self.retention_s / 10:
+            self._retention_lease = await self.etcd.grant(int(self.retention_s * 1.1) + 1)
+            self._retention_granted = now
+        return self._retention_lease
+
+    async def commit(self, writes: Sequence[Write]) -> list[Committed]:
+        retention = 0
+        if any(w.task.state in TERMINAL for w in writes):
+            retention = await self._retention()
+        ops = []
+        for w in writes:
+            tid = w.task.task_id
+            tkey = self.task_key(tid)
+            compare = [cmp_mod(tkey, w.expect_mod)]
+            if w.expect_claim:
+                compare.append(cmp_mod(self.claim_key(tid), w.expect_claim))
+            record = w.task
+            if record.state in (tpb.TASK_STATE_ASSIGNED, tpb.TASK_STATE_RUNNING):
+                # the token is this commit's revision, known only after it: readers
+                # take it from the record's mod revision
+                record = tpb.Task()
+                record.CopyFrom(w.task)
+                record.claim_token = 0
+                record.state = tpb.TASK_STATE_ASSIGNED
+            success = [op_put(tkey, record.SerializeToString(), retention if w.task.state in TERMINAL else 0)]
+            if w.claim_lease:
+                success.append(op_put(self.claim_key(tid), w.task.agent_id.encode(), w.claim_lease))
+            elif w.delete_claim:
+                success.append(op_delete(self.claim_key(tid)))
+            failure = [op_get(tkey)] if w.expect_mod == 0 else []
+            ops.append(op_txn(compare, success, failure))
+        responses = await self._committer.submit(ops)
+        out = []
+        for w, resp in zip(writes, responses, strict=True):
+            if isinstance(resp, LeaseNotFoundError):
+                out.append(Committed(False, lease_missing=True))
+                continue
+            revision, op_resp = resp
+            nested = op_resp.response_txn
+            if nested.succeeded:
+                # every op of one transaction shares its revision
+                out.append(Committed(True, revision=revision))
+            elif w.expect_mod == 0 and nested.responses and nested.responses[0].response_range.kvs:
+                kv = nested.responses[0].response_range.kvs[0]
+                out.append(Committed(False, existing=_decode(kv), existing_mod=int(kv.mod_revision)))
+            else:
+                out.append(Committed(False))
+        return out
+
+    async def read(self, task_id: str) -> tuple[tpb.Task, int] | None:
+        kv = await self.etcd.get(self.task_key(task_id))
+        return None if kv is None else (_decode(kv), int(kv.mod_revision))
+
+    async def claim_revision(self, task_id: str) -> int:
+        kv = await self.etcd.get(self.claim_key(task_id))
+        return 0 if kv is None else int(kv.mod_revision)
+
+    async def load(self) -> tuple[list[tuple[tpb.Task, int]], dict[str, int], int]:
+        """Every task record, the live claims (task id → mod revision), and the revision read."""
+        records: list[tuple[tpb.Task, int]] = []
+        start = None
+        revision = 0
+        while True:
+            resp = await self.etcd.range(self._tasks, start=start, limit=1000)
+            revision = revision or int(resp.header.revision)
+            for kv in resp.kvs:
+                records.append((_decode(kv), int(kv.mod_revision)))
+            if not resp.more:
+                break
+            start = resp.kvs[-1].key + b"\0"
+        claims_resp = await self.etcd.range(self._claims)
+        claims = {kv.key[len(self._claims) :].decode(): int(kv.mod_revision) for kv in claims_resp.kvs}
+        return records, claims, revision
+
+    async def page(self, start_after: str, limit: int) -> tuple[list[tpb.Task], str]:
+        """Up to `limit` records after `start_after` in key order, and the last key seen."""
+        start = self.task_key(start_after) + b"\0" if start_after else None
+        resp = await self.etcd.range(self._tasks, start=start, limit=limit)
+        tasks = [_decode(kv) for kv in resp.kvs]
+        last = resp.kvs[-1].key[len(self._tasks) :].decode() if resp.kvs and resp.more else ""
+        return tasks, last
+
+    async def claim_deletions(self, start_revision: int) -> AsyncIterator[tuple[str, int]]:
+        """(task id, deleted claim's token) for every claim etcd deletes from now on."""
+        async for _, events in self.etcd.watch_forever(
+            self._claims, prefix=True, start_revision=start_revision, prev_kv=True
+        ):
+            for ev in events:
+                if ev.kind == "delete" and ev.prev_kv is not None:
+                    yield ev.kv.key[len(self._claims) :].decode(), int(ev.prev_kv.mod_revision)
+
+
+def _decode(kv: Any) -> tpb.Task:
+    task = tpb.Task.FromString(kv.value)
+    if task.state == tpb.TASK_STATE_ASSIGNED:
+        task.claim_token = int(kv.mod_revision)
+    return task
+
