@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from registry.etcd import Etcd
+from registry.etcd import Etcd, WatchCompactedError
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,19 @@ async def resolve(etcd: Etcd, kind: str = "") -> list[Instance]:
 async def watch(etcd: Etcd, kind: str) -> AsyncIterator[list[Instance]]:
     """The instances of `kind` now, then again after every change."""
     prefix = etcd.key("services", kind) + b"/"
-    resp = await etcd.range(prefix)
-    current = {kv.key: Instance.decode(kv.value) for kv in resp.kvs}
-    yield list(current.values())
-    async for _, events in etcd.watch_forever(prefix, prefix=True, start_revision=resp.header.revision + 1):
-        for ev in events:
-            if ev.kind == "put":
-                current[ev.kv.key] = Instance.decode(ev.kv.value)
-            else:
-                current.pop(ev.kv.key, None)
+    while True:
+        resp = await etcd.range(prefix)
+        current = {kv.key: Instance.decode(kv.value) for kv in resp.kvs}
         yield list(current.values())
+        try:
+            async for _, events in etcd.watch_forever(prefix, prefix=True, start_revision=resp.header.revision + 1):
+                for ev in events:
+                    if ev.kind == "put":
+                        current[ev.kv.key] = Instance.decode(ev.kv.value)
+                    else:
+                        current.pop(ev.kv.key, None)
+                yield list(current.values())
+        except WatchCompactedError:
+            # A watch that broke after a quiet spell resumes from a revision etcd's
+            # auto-compaction may have dropped: list afresh instead of failing.
+            continue

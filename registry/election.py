@@ -12,7 +12,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from registry.etcd import Compare, Etcd, RequestOp, TxnResponse, cmp_create, op_delete, op_get, op_put, op_txn
+from registry.etcd import (
+    Compare,
+    Etcd,
+    RequestOp,
+    TxnResponse,
+    WatchCompactedError,
+    cmp_create,
+    op_delete,
+    op_get,
+    op_put,
+    op_txn,
+)
 from services._common.errors import NotLeaderError
 
 
@@ -55,9 +66,14 @@ class Election:
             pred = await etcd.range(self.prefix, max_create_revision=rev - 1, by_create="desc", limit=1)
             if not pred.kvs:
                 break
-            async for _, events in etcd.watch_forever(pred.kvs[0].key, start_revision=pred.header.revision + 1):
-                if any(ev.kind == "delete" for ev in events):
-                    break
+            try:
+                async for _, events in etcd.watch_forever(pred.kvs[0].key, start_revision=pred.header.revision + 1):
+                    if any(ev.kind == "delete" for ev in events):
+                        break
+            except WatchCompactedError:
+                # a standby waits for hours; after a break its watch may resume from a
+                # compacted revision: look up the predecessor again
+                continue
         mine = await etcd.get(self.key)
         if mine is None or mine.create_revision != rev:
             raise NotLeaderError("the candidacy's lease expired while campaigning; campaign again")
@@ -66,9 +82,20 @@ class Election:
 
     async def wait_lost(self) -> None:
         """Return when this leader's key is gone (lease expired, resigned, deleted)."""
-        async for _, events in self.etcd.watch_forever(self.key, start_revision=self.term):
-            if any(ev.kind == "delete" for ev in events):
-                return
+        start = self.term
+        while True:
+            try:
+                async for _, events in self.etcd.watch_forever(self.key, start_revision=start):
+                    if any(ev.kind == "delete" for ev in events):
+                        return
+            except WatchCompactedError as err:
+                # A term outlives etcd's history (auto-compaction), so a watch resumed
+                # after a break can start too early: check the key now, then watch from
+                # the oldest revision etcd still has (any later delete is after it).
+                mine = await self.etcd.get(self.key)
+                if mine is None or mine.create_revision != self.term:
+                    return
+                start = err.compact_revision
 
     async def resign(self) -> None:
         if self.term:
@@ -125,14 +152,22 @@ async def candidates(etcd: Etcd, role: str) -> list[Leader]:
 async def observe(etcd: Etcd, role: str) -> AsyncIterator[Leader | None]:
     """The leader now, then each time it changes."""
     prefix = etcd.key("election", role) + b"/"
-    resp = await etcd.range(prefix, by_create="asc", limit=1)
-    last = Leader(resp.kvs[0].value, int(resp.kvs[0].create_revision), resp.kvs[0].key) if resp.kvs else None
-    yield last
-    async for _, _events in etcd.watch_forever(prefix, prefix=True, start_revision=resp.header.revision + 1):
-        now = await current_leader(etcd, role)
-        if now != last:
-            last = now
+    first = True
+    last: Leader | None = None
+    while True:
+        resp = await etcd.range(prefix, by_create="asc", limit=1)
+        now = Leader(resp.kvs[0].value, int(resp.kvs[0].create_revision), resp.kvs[0].key) if resp.kvs else None
+        if first or now != last:
+            first, last = False, now
             yield now
+        try:
+            async for _, _events in etcd.watch_forever(prefix, prefix=True, start_revision=resp.header.revision + 1):
+                now = await current_leader(etcd, role)
+                if now != last:
+                    last = now
+                    yield now
+        except WatchCompactedError:
+            continue  # history compacted during a long break: read the leader afresh
 
 
 class Lock:

@@ -95,7 +95,10 @@ def advertised(listen: str, port: int, advertise: str) -> str:
         return advertise
     host = listen.rsplit(":", 1)[0]
     if host in ("0.0.0.0", "[::]", ""):
-        host = "127.0.0.1"
+        # bound to every interface (a container): peers reach us by host name
+        import socket
+
+        host = socket.gethostname()
     return f"{host}:{port}"
 
 

@@ -27,6 +27,7 @@ from services.agent_pool.executors import Executor, ExecutorError
 log = logging.getLogger(__name__)
 
 A = ppb.AgentState
+ACCEPTED_AFTER_S = 0.02
 
 
 class Reconnect(Exception):
@@ -41,7 +42,8 @@ class PoolContext:
     lease_id: Callable[[], int]
     leader: Callable[[], str]
     """The coordinator endpoint to use now ('' while no leader is known)."""
-    leader_changed: asyncio.Event
+    leader_changed: Callable[[], asyncio.Event]
+    """An event set at the next change of leader."""
     stub: Callable[[str], cpb_grpc.CoordinatorStub]
     executors: dict[str, Executor]
     task_timeout_s: float
@@ -80,18 +82,23 @@ class Agent:
     # ---- the connection ----
 
     async def run(self) -> None:
-        """Connect, work, reconnect with jittered backoff; until cancelled."""
+        """Connect, work, reconnect with jittered backoff; until cancelled.
+
+        Backoff restarts after every session that was welcomed, and a sleep ends
+        early when the pool learns of a new leader, so a failover costs no extra wait.
+        """
         while True:
-            try:
-                async for attempt in AsyncRetrying(
-                    wait=wait_random_exponential(multiplier=0.05, max=2.0),
-                    retry=retry_if_exception_type((Reconnect, grpc.aio.AioRpcError, OSError)),
-                    reraise=True,
-                ):
-                    with attempt:
-                        await self._session()
-            except Reconnect:
-                continue
+            async for attempt in AsyncRetrying(
+                wait=wait_random_exponential(multiplier=0.05, max=1.0),
+                retry=retry_if_exception_type((Reconnect, grpc.aio.AioRpcError, OSError)),
+                sleep=self._backoff_sleep,
+            ):
+                with attempt:
+                    await self._session()
+
+    async def _backoff_sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ctx.leader_changed().wait(), seconds)
 
     def _hello(self) -> cpb.AgentHello:
         t = self.template
@@ -114,9 +121,6 @@ class Agent:
     async def _session(self) -> None:
         endpoint = self.ctx.leader()
         if not endpoint:
-            self.ctx.leader_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.ctx.leader_changed.wait(), 1.0)
             raise Reconnect("no leader known yet")
         if self.state != A.AGENT_STATE_STARTING:
             self.state = A.AGENT_STATE_RECONNECTING
@@ -135,16 +139,24 @@ class Agent:
             await call.done_writing()
 
         write_task = asyncio.ensure_future(writer())
+        welcomed = False
         try:
-            async for msg in call:
-                self._on_message(msg)
-            raise Reconnect("coordinator closed the stream")
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                log.error("coordinator refused the agent", extra={"agent": self.agent_id, "error": err.details()})
-            raise Reconnect(f"stream failed: {err.code().name}") from err
+            try:
+                async for msg in call:
+                    welcomed = welcomed or msg.HasField("welcome")
+                    self._on_message(msg)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    log.error("coordinator refused the agent", extra={"agent": self.agent_id, "error": err.details()})
+                if not welcomed:
+                    raise Reconnect(f"stream failed: {err.code().name}") from err
+            if not welcomed:
+                raise Reconnect("coordinator closed the stream before welcoming")
+            # a session that worked ends normally: the caller reconnects with fresh backoff
         finally:
             self._outbox = None
+            if self.state == A.AGENT_STATE_READY:
+                self.state = A.AGENT_STATE_RECONNECTING
             write_task.cancel()
             with contextlib.suppress(BaseException):
                 await write_task
@@ -185,7 +197,10 @@ class Agent:
 
     async def _execute(self, task: tpb.Task, received_at_us: int) -> None:
         token = task.claim_token
-        self._send(cpb.AgentMessage(accepted=cpb.TaskAccepted(task_id=task.task_id, claim_token=token, received_at_us=received_at_us)))
+        # "accepted" (→ RUNNING) only for work that takes a while: a fast task's result
+        # carries received_at_us itself, which saves a message per task under load
+        accepted = cpb.AgentMessage(accepted=cpb.TaskAccepted(task_id=task.task_id, claim_token=token, received_at_us=received_at_us))
+        announce = asyncio.get_running_loop().call_later(ACCEPTED_AFTER_S, self._send, accepted)
         executor = self.ctx.executors.get(task.spec.kind)
         report: cpb.AgentMessage
         try:
@@ -212,6 +227,7 @@ class Agent:
             log.exception("executor crashed", extra={"agent": self.agent_id, "task": task.task_id})
             report = _failure(task, f"executor crashed: {type(err).__name__}: {err}", True)
         finally:
+            announce.cancel()
             if self.running.get(task.task_id, (None,))[0] == token:
                 del self.running[task.task_id]
             if not self.running:

@@ -55,7 +55,7 @@ class PoolNode:
             pool_id=self.pool_id,
             lease_id=lambda: self.lease.id,
             leader=lambda: self._leader,
-            leader_changed=self._leader_changed,
+            leader_changed=lambda: self._leader_changed,
             stub=self._stub,
             executors=self.executors,  # type: ignore[arg-type]
             task_timeout_s=cfg.task_timeout_s,
@@ -77,17 +77,22 @@ class PoolNode:
             self._channels[endpoint] = channel
         return cpb_grpc.CoordinatorStub(channel)
 
-    def _redirect(self, endpoint: str) -> None:
-        if endpoint and endpoint != self._leader:
+    def _set_leader(self, endpoint: str) -> None:
+        if endpoint != self._leader:
             self._leader = endpoint
+            # wake every agent sleeping in backoff; later sleepers wait for the next change
             self._leader_changed.set()
+            self._leader_changed = asyncio.Event()
+
+    def _redirect(self, endpoint: str) -> None:
+        if endpoint:
+            self._set_leader(endpoint)
 
     async def _follow_leader(self) -> None:
         while True:
             try:
                 async for leader in observe(self.etcd, "coordinator"):
-                    self._leader = leader_endpoint_of(leader.value) if leader else ""
-                    self._leader_changed.set()
+                    self._set_leader(leader_endpoint_of(leader.value) if leader else "")
                     log.info("coordinator leader", extra={"leader": self._leader or "none"})
             except StoreUnavailableError:
                 await asyncio.sleep(0.5)

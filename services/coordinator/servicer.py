@@ -187,8 +187,8 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         not hold up the agent's next message; the stream's end requeues its claims."""
         try:
             core = self._core()
-            first = await context.read()
-            if first is grpc.aio.EOF or not first.HasField("hello"):
+            first = await anext(request_iterator, None)
+            if first is None or not first.HasField("hello"):
                 raise InvalidArgumentError("the first message on Connect must be hello")
         except AgentMeshError as err:
             if isinstance(err, NotLeaderError) and self.leader_endpoint:
@@ -209,25 +209,17 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             await abort(context, err)
             return
         agent_id = agent.agent_id
-        write_task = asyncio.ensure_future(writer())
-        reader_task: asyncio.Task[Any] | None = None
 
         async def handle(report: cpb.TaskResult | cpb.TaskFailure) -> None:
             with contextlib.suppress(NotLeaderError, StoreUnavailableError):
                 ack = await core.report(agent_id, report)
                 outbox.put_nowait(cpb.CoordinatorMessage(ack=ack))
 
-        try:
-            while True:
-                reader_task = asyncio.ensure_future(context.read())
-                done, _ = await asyncio.wait({reader_task, write_task}, return_when=asyncio.FIRST_COMPLETED)
-                if write_task in done:
-                    break  # the agent stopped reading (or a term ended)
-                msg = reader_task.result()
-                if msg is grpc.aio.EOF:
-                    break
+        async def reader() -> None:
+            async for msg in request_iterator:
                 body = msg.WhichOneof("body")
                 if body == "result" or body == "failure":
+                    # concurrently: a slow commit must not hold up the agent's next message
                     t = asyncio.ensure_future(handle(getattr(msg, body)))
                     pending.add(t)
                     t.add_done_callback(pending.discard)
@@ -237,9 +229,14 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                     core.progress(agent_id, msg.progress)
                 elif body == "draining":
                     core.drain(agent_id)
+
+        read_task = asyncio.ensure_future(reader())
+        write_task = asyncio.ensure_future(writer())
+        try:
+            # either side ending ends the stream: the agent hung up, or the term ended
+            await asyncio.wait({read_task, write_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if reader_task is not None and not reader_task.done():
-                reader_task.cancel()
+            read_task.cancel()
             # keep reports that already arrived: they complete the tasks
             if pending:
                 await asyncio.wait(pending, timeout=5)
@@ -247,8 +244,9 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                 core.disconnect(agent_id)
             outbox.put_nowait(None)
             write_task.cancel()
-            with contextlib.suppress(BaseException):
-                await write_task
+            for t in (read_task, write_task):
+                with contextlib.suppress(BaseException):
+                    await t
 
     def end_term(self, redirect_to: str) -> None:
         """Tell every agent of the ended term where to go, and close the watchers."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import grpc
 import pytest
+from aetcd import rpc
 
 from registry import discovery
 from registry.election import Election, Leader, Lock, candidates, current_leader, fenced_op, observe
@@ -49,6 +52,11 @@ async def cancel(*tasks: asyncio.Task[Any]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def value(etcd: Etcd, key: bytes) -> bytes | None:
+    kv = await etcd.get(key)
+    return None if kv is None else bytes(kv.value)
+
+
 async def retry_until_up(call: Callable[[], Awaitable[T]]) -> T:
     """Repeat `call` while etcd is still coming back (the channel reconnects with backoff)."""
     deadline = time.monotonic() + HANG_S
@@ -61,22 +69,34 @@ async def retry_until_up(call: Callable[[], Awaitable[T]]) -> T:
             await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def leases(etcd: Etcd) -> AsyncIterator[Callable[[], Awaitable[KeptLease]]]:
-    """Grant 2 s leases on demand (etcd's minimum TTL); all revoked afterwards."""
+Grant = Callable[[], Awaitable[KeptLease]]
+
+
+@contextlib.asynccontextmanager
+async def kept_leases(etcd: Etcd, ttl_s: int = 2) -> AsyncIterator[Grant]:
+    """Grant leases kept alive in the background, as a service's session lease is."""
     granted: list[KeptLease] = []
+    keepers: list[asyncio.Task[None]] = []
 
     async def grant() -> KeptLease:
-        lease = KeptLease(etcd, ttl_s=2)
+        lease = KeptLease(etcd, ttl_s=ttl_s)
         await lease.grant()
         granted.append(lease)
+        keepers.append(asyncio.create_task(lease.keep_alive()))
         return lease
 
     try:
         yield grant
     finally:
+        await cancel(*keepers)
         for lease in granted:
             await lease.revoke()
+
+
+@pytest.fixture
+async def leases(etcd: Etcd) -> AsyncIterator[Grant]:
+    async with kept_leases(etcd) as grant:
+        yield grant
 
 
 # ---- key-value and transactions ----
@@ -92,7 +112,12 @@ async def test_put_get_range_delete(etcd: Etcd) -> None:
 
     got = await etcd.get(a)
     assert got is not None
-    assert (got.value, got.create_revision, got.mod_revision, got.version) == (b"1", rev_a, rev_a, 1)
+    assert (got.value, got.create_revision, got.mod_revision, got.version) == (
+        b"1",
+        rev_a,
+        rev_a,
+        1,
+    )
     assert await etcd.get(etcd.key("kv", "missing")) is None
 
     prefix = etcd.key("kv") + b"/"
@@ -138,7 +163,7 @@ async def test_txn_cmp_create_zero_creates_only_once(etcd: Etcd) -> None:
     (existing,) = second.responses[0].response_range.kvs
     assert existing.value == b"first"
     assert existing.create_revision == first.header.revision
-    assert (await etcd.get(key)).value == b"first"
+    assert await value(etcd, key) == b"first"
 
 
 async def test_txn_cmp_mod_rejects_a_stale_revision(etcd: Etcd) -> None:
@@ -169,7 +194,7 @@ async def test_keys_on_a_lease_disappear_when_it_is_revoked(etcd: Etcd) -> None:
 
     await lease.revoke()
     assert await etcd.get(key) is None
-    assert (await etcd.get(other)).value == b"no lease"
+    assert await value(etcd, other) == b"no lease"
     assert await etcd.ttl(lease_id) == -1
     await lease.revoke()  # revoking twice is harmless
     with pytest.raises(LeaseNotFoundError):
@@ -198,7 +223,9 @@ async def test_keep_alive_keeps_a_short_lease_alive(etcd: Etcd) -> None:
         await lease.revoke()
 
 
-async def test_lease_lost_is_set_when_revoked_behind_its_back(etcd: Etcd, etcd_server: EtcdServer) -> None:
+async def test_lease_lost_is_set_when_revoked_behind_its_back(
+    etcd: Etcd, etcd_server: EtcdServer
+) -> None:
     lease = KeptLease(etcd, ttl_s=2)
     lease_id = await lease.grant()
     task = asyncio.create_task(lease.keep_alive())
@@ -215,7 +242,7 @@ async def test_lease_lost_is_set_when_revoked_behind_its_back(etcd: Etcd, etcd_s
 # ---- discovery ----
 
 
-async def test_register_resolve_deregister(etcd: Etcd, leases: Callable[[], Awaitable[KeptLease]]) -> None:
+async def test_register_resolve_deregister(etcd: Etcd, leases: Grant) -> None:
     lease = await leases()
     c1 = discovery.Instance("coordinator", "c1", "127.0.0.1:7001", {"zone": "a"})
     c2 = discovery.Instance("coordinator", "c2", "127.0.0.1:7002")
@@ -234,9 +261,7 @@ async def test_register_resolve_deregister(etcd: Etcd, leases: Callable[[], Awai
     assert await discovery.resolve(etcd) == []
 
 
-async def test_resolve_does_not_mix_kinds_sharing_a_name_prefix(
-    etcd: Etcd, leases: Callable[[], Awaitable[KeptLease]]
-) -> None:
+async def test_resolve_does_not_mix_kinds_sharing_a_name_prefix(etcd: Etcd, leases: Grant) -> None:
     lease = await leases()
     agent = discovery.Instance("agent", "a1", "127.0.0.1:7201")
     pool = discovery.Instance("agent-pool", "p1", "127.0.0.1:7301")
@@ -246,7 +271,7 @@ async def test_resolve_does_not_mix_kinds_sharing_a_name_prefix(
 
 
 async def test_discovery_watch_follows_registrations_and_lease_loss(
-    etcd: Etcd, leases: Callable[[], Awaitable[KeptLease]]
+    etcd: Etcd, leases: Grant
 ) -> None:
     already = discovery.Instance("agent-pool", "p0", "127.0.0.1:7300")
     old_lease = await leases()
@@ -274,7 +299,7 @@ async def test_discovery_watch_follows_registrations_and_lease_loss(
 # ---- locks ----
 
 
-async def test_lock_is_mutually_exclusive(etcd: Etcd, leases: Callable[[], Awaitable[KeptLease]]) -> None:
+async def test_lock_is_mutually_exclusive(etcd: Etcd, leases: Grant) -> None:
     first_lease, second_lease = await leases(), await leases()
     log: list[str] = []
     first_entered, second_entered = asyncio.Event(), asyncio.Event()
@@ -313,9 +338,7 @@ async def test_lock_is_mutually_exclusive(etcd: Etcd, leases: Callable[[], Await
     assert (await etcd.range(etcd.key("locks") + b"/", count_only=True)).count == 0
 
 
-async def test_lock_holder_losing_its_lease_releases_the_lock(
-    etcd: Etcd, leases: Callable[[], Awaitable[KeptLease]]
-) -> None:
+async def test_lock_holder_losing_its_lease_releases_the_lock(etcd: Etcd, leases: Grant) -> None:
     dead_lease, live_lease = await leases(), await leases()
     holder = Lock(etcd, "migrate", dead_lease.id)
     await within(holder.__aenter__())  # and then its process hangs, never leaving the block
@@ -351,7 +374,7 @@ DEPOSE = pytest.mark.parametrize(
 
 
 async def test_first_candidate_leads_with_its_create_revision_as_term(
-    etcd: Etcd, leases: Callable[[], Awaitable[KeptLease]]
+    etcd: Etcd, leases: Grant
 ) -> None:
     assert await current_leader(etcd, "coordinator") is None
     lease = await leases()
@@ -362,7 +385,9 @@ async def test_first_candidate_leads_with_its_create_revision_as_term(
     assert kv is not None
     assert term == election.term == kv.create_revision
     assert kv.lease == lease.id
-    assert await current_leader(etcd, "coordinator") == Leader(b"127.0.0.1:7001", term, election.key)
+    assert await current_leader(etcd, "coordinator") == Leader(
+        b"127.0.0.1:7001", term, election.key
+    )
     assert await candidates(etcd, "coordinator") == [Leader(b"127.0.0.1:7001", term, election.key)]
     # campaigning again on the same lease keeps the same place and term
     assert await within(election.campaign()) == term
@@ -373,7 +398,7 @@ async def test_first_candidate_leads_with_its_create_revision_as_term(
 @DEPOSE
 async def test_second_candidate_leads_after_the_first_goes(
     etcd: Etcd,
-    leases: Callable[[], Awaitable[KeptLease]],
+    leases: Grant,
     depose: Callable[[Election, KeptLease], Awaitable[None]],
 ) -> None:
     lease1, lease2 = await leases(), await leases()
@@ -410,7 +435,7 @@ async def test_second_candidate_leads_after_the_first_goes(
 @DEPOSE
 async def test_deposed_leader_cannot_write(
     etcd: Etcd,
-    leases: Callable[[], Awaitable[KeptLease]],
+    leases: Grant,
     depose: Callable[[Election, KeptLease], Awaitable[None]],
 ) -> None:
     lease1, lease2 = await leases(), await leases()
@@ -440,11 +465,11 @@ async def test_deposed_leader_cannot_write(
         await old.fenced([op_put(key, b"by c1")])  # and it keeps refusing
 
     (put,) = await new.fenced([op_put(key, b"by c2")])
-    assert put.response_put.header.revision > 0
-    assert (await etcd.get(key)).value == b"by c2"
+    assert put.HasField("response_put")
+    assert await value(etcd, key) == b"by c2"
 
 
-async def test_fenced_without_a_term_is_refused(etcd: Etcd, leases: Callable[[], Awaitable[KeptLease]]) -> None:
+async def test_fenced_without_a_term_is_refused(etcd: Etcd, leases: Grant) -> None:
     lease = await leases()
     never_campaigned = Election(etcd, "coordinator", lease.id, b"c1")
     with pytest.raises(NotLeaderError):
@@ -452,13 +477,15 @@ async def test_fenced_without_a_term_is_refused(etcd: Etcd, leases: Callable[[],
     assert await etcd.get(etcd.key("tasks", "t1")) is None
 
 
-async def test_fenced_nested_transactions_report_each_outcome(
-    etcd: Etcd, leases: Callable[[], Awaitable[KeptLease]]
-) -> None:
+async def test_fenced_nested_transactions_report_each_outcome(etcd: Etcd, leases: Grant) -> None:
     lease = await leases()
     leader = Election(etcd, "coordinator", lease.id, b"c1")
     await within(leader.campaign())
-    fresh, taken, stale = etcd.key("tasks", "fresh"), etcd.key("tasks", "taken"), etcd.key("tasks", "stale")
+    fresh, taken, stale = (
+        etcd.key("tasks", "fresh"),
+        etcd.key("tasks", "taken"),
+        etcd.key("tasks", "stale"),
+    )
     await etcd.put(taken, b"someone else's")
     stale_rev = await etcd.put(stale, b"v1")
     await etcd.put(stale, b"v2")
@@ -474,14 +501,12 @@ async def test_fenced_nested_transactions_report_each_outcome(
     outcomes = [r.response_txn.succeeded for r in responses]
     assert outcomes == [True, False, False]
     assert responses[1].response_txn.responses[0].response_range.kvs[0].value == b"someone else's"
-    assert (await etcd.get(fresh)).value == b"mine"
-    assert (await etcd.get(taken)).value == b"someone else's"
-    assert (await etcd.get(stale)).value == b"v2"
+    assert await value(etcd, fresh) == b"mine"
+    assert await value(etcd, taken) == b"someone else's"
+    assert await value(etcd, stale) == b"v2"
 
 
-async def test_observe_reports_no_leader_then_each_leader(
-    etcd: Etcd, leases: Callable[[], Awaitable[KeptLease]]
-) -> None:
+async def test_observe_reports_no_leader_then_each_leader(etcd: Etcd, leases: Grant) -> None:
     leaders = observe(etcd, "consensus")
     try:
         assert await next_of(leaders) is None
@@ -498,7 +523,9 @@ async def test_observe_reports_no_leader_then_each_leader(
 # ---- etcd restarts and outages ----
 
 
-async def _collect(gen: AsyncIterator[tuple[int, list[WatchEvent]]], into: asyncio.Queue[WatchEvent]) -> None:
+async def _collect(
+    gen: AsyncIterator[tuple[int, list[WatchEvent]]], into: asyncio.Queue[WatchEvent]
+) -> None:
     async for _, events in gen:
         for ev in events:
             into.put_nowait(ev)
@@ -517,7 +544,9 @@ async def test_watch_forever_survives_an_etcd_restart(fresh_etcd_server: EtcdSer
     received: asyncio.Queue[WatchEvent] = asyncio.Queue()
     start = await etcd.put(etcd.key("before-watch"), b"")
     tasks_before = asyncio.all_tasks()
-    watcher = asyncio.create_task(_collect(etcd.watch_forever(prefix, prefix=True, start_revision=start + 1), received))
+    watcher = asyncio.create_task(
+        _collect(etcd.watch_forever(prefix, prefix=True, start_revision=start + 1), received)
+    )
     try:
         await writer.put(etcd.key("tasks", "1"), b"delivered before the stop")
         first = await within(received.get())
@@ -525,7 +554,9 @@ async def test_watch_forever_survives_an_etcd_restart(fresh_etcd_server: EtcdSer
         # stop() blocks the loop: the watcher gets no chance to read "2" before etcd goes
         fresh_etcd_server.stop()
         fresh_etcd_server.start()
-        await retry_until_up(lambda: writer.put(etcd.key("tasks", "3"), b"written after the restart"))
+        await retry_until_up(
+            lambda: writer.put(etcd.key("tasks", "3"), b"written after the restart")
+        )
         later = [await within(received.get()), await within(received.get())]
     finally:
         await cancel(watcher)
@@ -539,13 +570,17 @@ async def test_watch_forever_survives_an_etcd_restart(fresh_etcd_server: EtcdSer
     await within(_no_tasks_beyond(tasks_before))
 
 
-async def test_watch_forever_from_now_keeps_its_place_across_a_restart(fresh_etcd_server: EtcdServer) -> None:
+async def test_watch_forever_from_now_keeps_its_place_across_a_restart(
+    fresh_etcd_server: EtcdServer,
+) -> None:
     # A watcher that has seen no event yet must still resume where it started, or a put
     # landing between etcd's return and the watcher's reconnect is lost.
     etcd = Etcd(fresh_etcd_server.endpoint, prefix="/agentmesh/restart/", timeout_s=1.0)
     writer = Etcd(fresh_etcd_server.endpoint, prefix="/agentmesh/restart/", timeout_s=1.0)
     received: asyncio.Queue[WatchEvent] = asyncio.Queue()
-    watcher = asyncio.create_task(_collect(etcd.watch_forever(etcd.key("leader"), start_revision=0), received))
+    watcher = asyncio.create_task(
+        _collect(etcd.watch_forever(etcd.key("leader"), start_revision=0), received)
+    )
     try:
         await asyncio.sleep(SETTLE_S)  # the watch is up
         fresh_etcd_server.stop()
@@ -558,6 +593,100 @@ async def test_watch_forever_from_now_keeps_its_place_across_a_restart(fresh_etc
         await etcd.close()
         await writer.close()
     assert ev.kv.value == b"after the restart"
+
+
+async def test_watch_forever_catching_up_on_a_backlog_loses_nothing_across_a_restart(
+    fresh_etcd_server: EtcdServer,
+) -> None:
+    # etcd sends a backlog in batches of 1000 revisions, each under a header carrying the
+    # store's current revision; a watcher that resumed after that header would skip the rest.
+    etcd = Etcd(fresh_etcd_server.endpoint, prefix="/agentmesh/backlog/", timeout_s=HANG_S)
+    keys = {etcd.key("tasks", f"{i:05d}") for i in range(2500)}
+    try:
+        first = await etcd.put(etcd.key("tasks", "start"), b"")
+        for batch in range(0, 2500, 250):
+            await asyncio.gather(*(etcd.put(k, b"") for k in sorted(keys)[batch : batch + 250]))
+        stream = etcd.watch_forever(etcd.key("tasks") + b"/", prefix=True, start_revision=first + 1)
+        seen: list[bytes] = []
+        try:
+            _, events = await next_of(stream)
+            seen += [ev.kv.key for ev in events]
+            assert len(seen) < len(keys)  # the rest is still on its way when etcd goes
+            fresh_etcd_server.stop()
+            fresh_etcd_server.start()
+            while len(seen) < len(keys):
+                _, events = await next_of(stream)
+                seen += [ev.kv.key for ev in events]
+        finally:
+            await stream.aclose()
+    finally:
+        await etcd.close()
+    assert sorted(seen) == sorted(keys)
+
+
+async def _compact(endpoint: str, revision: int) -> None:
+    # what etcd's auto-compaction does every few minutes in production
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        await rpc.KVStub(channel).Compact(
+            rpc.CompactionRequest(revision=revision, physical=True), timeout=HANG_S
+        )
+
+
+async def test_long_waiters_survive_a_restart_after_compaction(
+    fresh_etcd_server: EtcdServer,
+) -> None:
+    # A standby, a leader waiting to be deposed, and discovery/leader watchers that saw no
+    # change for longer than etcd keeps history: after a break their watches would resume
+    # from a compacted revision. They must carry on, not fail.
+    etcd = Etcd(fresh_etcd_server.endpoint, prefix="/agentmesh/compact/", timeout_s=1.0)
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        async with kept_leases(etcd, ttl_s=10) as grant:
+            lease1, lease2, pool_lease = await grant(), await grant(), await grant()
+            leader = Election(etcd, "coordinator", lease1.id, b"c1")
+            standby = Election(etcd, "coordinator", lease2.id, b"c2")
+            await within(leader.campaign())
+
+            pools: asyncio.Queue[list[discovery.Instance]] = asyncio.Queue()
+            leaders: asyncio.Queue[Leader | None] = asyncio.Queue()
+
+            async def pump(gen: AsyncIterator[Any], into: asyncio.Queue[Any]) -> None:
+                async for item in gen:
+                    into.put_nowait(item)
+
+            campaign = asyncio.create_task(standby.campaign())
+            lost = asyncio.create_task(leader.wait_lost())
+            tasks += [
+                campaign,
+                lost,
+                asyncio.create_task(pump(discovery.watch(etcd, "agent-pool"), pools)),
+                asyncio.create_task(pump(observe(etcd, "coordinator"), leaders)),
+            ]
+            assert await within(pools.get()) == []
+            assert (await within(leaders.get())).value == b"c1"
+            await asyncio.sleep(SETTLE_S)  # every watch is established
+
+            for i in range(5):  # unrelated traffic moves the revision on
+                now = await etcd.put(etcd.key("tasks", str(i)), b"")
+            await _compact(fresh_etcd_server.endpoint, now)
+            fresh_etcd_server.stop()
+            fresh_etcd_server.start()
+
+            pool = discovery.Instance("agent-pool", "p1", "127.0.0.1:7301")
+            await retry_until_up(lambda: discovery.register(etcd, pool_lease.id, pool))
+            while (snapshot := await within(pools.get())) != [pool]:
+                assert snapshot == []  # at most a fresh listing from before the register
+
+            assert not campaign.done()
+            assert not lost.done()
+            await lease1.revoke()
+            await within(lost)
+            assert await within(campaign) > leader.term
+            while (seen := await within(leaders.get())) != Leader(b"c2", standby.term, standby.key):
+                assert seen in (None, Leader(b"c1", leader.term, leader.key))
+    finally:
+        await cancel(*tasks)
+        await etcd.close()
 
 
 async def test_calls_fail_fast_while_etcd_is_down(fresh_etcd_server: EtcdServer) -> None:

@@ -13,7 +13,9 @@ from services._common.config import load
 # ---- FakeClock ----
 
 
-async def _sleepers(clock: FakeClock, delays: dict[str, float], woke: list[str]) -> list[asyncio.Task[None]]:
+async def _sleepers(
+    clock: FakeClock, delays: dict[str, float], woke: list[str]
+) -> list[asyncio.Task[None]]:
     async def sleeper(name: str, seconds: float) -> None:
         await clock.sleep(seconds)
         woke.append(name)
@@ -117,7 +119,16 @@ def test_environment_fills_every_field_type() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("1", True), ("true", True), (" ON ", True), ("Yes", True), ("0", False), ("false", False), ("off", False), ("NO", False)],
+    [
+        ("1", True),
+        ("true", True),
+        (" ON ", True),
+        ("Yes", True),
+        ("0", False),
+        ("false", False),
+        ("off", False),
+        ("NO", False),
+    ],
 )
 def test_bool_spellings(raw: str, expected: bool) -> None:
     assert load(_Config, environ={"AGENTMESH_TLS": raw}).tls is expected

@@ -38,7 +38,9 @@ def test_prefix_end(prefix: bytes, end: bytes) -> None:
         (b"x\xfe\xff", b"x\xff"),
     ],
 )
-def test_prefix_range_holds_exactly_the_keys_under_the_prefix(prefix: bytes, outside: bytes) -> None:
+def test_prefix_range_holds_exactly_the_keys_under_the_prefix(
+    prefix: bytes, outside: bytes
+) -> None:
     end = prefix_end(prefix)
     for key in (prefix, prefix + b"\x00", prefix + b"zzz", prefix + b"\xff\xff\xff"):
         assert prefix <= key < end
