@@ -58,6 +58,3 @@ def sleep(seconds: float) -> dict[str, Any]:
     started = time.time()
     time.sleep(seconds)
     return {"started": started, "finished": time.time()}
-
-if os.environ.get("EXP_MODE") == "ignore":
-    app.conf.task_ignore_result = True

@@ -139,12 +139,18 @@ class Agent:
             await call.done_writing()
 
         write_task = asyncio.ensure_future(writer())
+        # a paused leader keeps our stream open but silent: leave when etcd names another
+        moved = asyncio.ensure_future(self._leader_moved(endpoint, call))
         welcomed = False
         try:
             try:
                 async for msg in call:
                     welcomed = welcomed or msg.HasField("welcome")
                     self._on_message(msg)
+            except asyncio.CancelledError:
+                if not moved.done():
+                    raise  # the agent itself is being stopped
+                log.info("leader moved; reconnecting", extra={"agent": self.agent_id})
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     log.error("coordinator refused the agent", extra={"agent": self.agent_id, "error": err.details()})
@@ -154,6 +160,7 @@ class Agent:
                 raise Reconnect("coordinator closed the stream before welcoming")
             # a session that worked ends normally: the caller reconnects with fresh backoff
         finally:
+            moved.cancel()
             self._outbox = None
             if self.state == A.AGENT_STATE_READY:
                 self.state = A.AGENT_STATE_RECONNECTING
@@ -161,6 +168,14 @@ class Agent:
             with contextlib.suppress(BaseException):
                 await write_task
             call.cancel()
+
+    async def _leader_moved(self, endpoint: str, call: Any) -> None:
+        while True:
+            await self.ctx.leader_changed().wait()
+            leader = self.ctx.leader()
+            if leader and leader != endpoint:
+                call.cancel()
+                return
 
     def _send(self, msg: cpb.AgentMessage) -> None:
         if self._outbox is not None:

@@ -1,0 +1,539 @@
+"""A whole cluster as real processes (etcd, coordinator, agent pools): what users rely on.
+
+Every task acknowledged by Submit reaches exactly one terminal state, whatever is
+killed along the way; a result is accepted only with the current claim token; the
+operator tools (grpcurl, the `agentmesh` CLI) work against a running cluster.
+
+Figures printed here (run with -s to see them) are observations, not assertions:
+timing targets are measured by the load-test harness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
+from protos.agentmesh.v1 import task_pb2 as tpb
+from registry.etcd import Etcd
+from registry.etcd_server import free_port
+from services.client import MeshClient
+from services.cluster import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+S = tpb.TaskState
+QUEUED, ASSIGNED, RUNNING = S.TASK_STATE_QUEUED, S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING
+SUCCEEDED, CANCELLED, DEAD_LETTER = S.TASK_STATE_SUCCEEDED, S.TASK_STATE_CANCELLED, S.TASK_STATE_DEAD_LETTER
+TERMINAL = {SUCCEEDED, CANCELLED, DEAD_LETTER}
+HELD = {ASSIGNED, RUNNING}
+
+# Bounds that only catch a hang; the awaited things normally take milliseconds to seconds.
+HANG_S = 30.0
+# After the last expected event: how long a duplicate completion is given to show up.
+SETTLE_S = 0.5
+
+VENV_BIN = Path(sys.executable).parent
+GRPCURL = VENV_BIN / "grpcurl"
+
+
+def state_name(state: int) -> str:
+    return S.Name(state).removeprefix("TASK_STATE_")
+
+
+def sleep_specs(prefix: str, count: int, ms: int) -> list[tpb.TaskSpec]:
+    payload = json.dumps({"ms": ms}).encode()
+    return [tpb.TaskSpec(task_id=f"{prefix}-{i:04d}", kind="sleep", payload=payload) for i in range(count)]
+
+
+async def submit_all(client: MeshClient, specs: list[tpb.TaskSpec], batch: int = 250) -> None:
+    """Submit in batches; every spec must be acknowledged as a new task."""
+    for i in range(0, len(specs), batch):
+        resp = await client.submit_batch(specs[i : i + batch])
+        assert all(r.created for r in resp.results), "a fresh task id was reported as existing"
+
+
+async def list_all(client: MeshClient, prefix: str = "") -> dict[str, tpb.Task]:
+    """Every task (whose id starts with `prefix`), through ListTasks paging."""
+    out: dict[str, tpb.Task] = {}
+    token = ""
+    for _ in range(1000):
+        resp = await client.list(page_size=1000, page_token=token)
+        for task in resp.tasks:
+            assert task.task_id not in out, f"ListTasks returned {task.task_id} twice"
+            if task.task_id.startswith(prefix):
+                out[task.task_id] = task
+        token = resp.next_page_token
+        if not token:
+            return out
+    raise AssertionError("ListTasks paging did not end")
+
+
+async def wait_all_terminal(
+    client: MeshClient, ids: Iterable[str], timeout_s: float, prefix: str = ""
+) -> dict[str, tpb.Task]:
+    """Poll ListTasks until every id is terminal; returns their records."""
+    want = set(ids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = await list_all(client, prefix)
+        pending = {i for i in want if i not in tasks or tasks[i].state not in TERMINAL}
+        if not pending:
+            return {i: tasks[i] for i in want}
+        if time.monotonic() > deadline:
+            sample = sorted(pending)[:5]
+            states = {i: state_name(tasks[i].state) if i in tasks else "MISSING" for i in sample}
+            raise AssertionError(f"{len(pending)} tasks not terminal after {timeout_s}s, e.g. {states}")
+        await asyncio.sleep(0.2)
+
+
+class EventRecorder:
+    """A WatchEvents stream read in the background, each event stamped on arrival.
+
+    A raw stream, not MeshClient.watch_events: that one reconnects by itself and
+    could miss events in between, which would hide a doubled completion.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.events: list[tuple[float, tpb.TaskEvent]] = []
+        self.succeeded: collections.Counter[str] = collections.Counter()
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def open(cls, client: MeshClient) -> EventRecorder:
+        """Open the stream and return once the server has subscribed it: a probe task's
+        completion must come through, so no later change can slip by unseen."""
+        stub = await client.stub()
+        recorder = cls(stub.WatchEvents(cpb.WatchEventsRequest()))
+        deadline = time.monotonic() + HANG_S
+        while True:
+            # a fresh probe each time: one finished before the subscription is never seen
+            probe = f"probe-{uuid.uuid4().hex[:12]}"
+            await client.submit(tpb.TaskSpec(task_id=probe, kind="noop"))
+            try:
+                await recorder.until(lambda p=probe: recorder.succeeded[p] > 0, 1.0)
+                return recorder
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    await recorder.close()
+                    raise
+
+    async def _read(self) -> None:
+        try:
+            async for event in self.call:
+                self.events.append((time.monotonic(), event))
+                if event.task.state == SUCCEEDED:
+                    self.succeeded[event.task.task_id] += 1
+                self._changed.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # noqa: BLE001 - reported by until()
+            self.error = err
+            self._changed.set()
+
+    async def until(self, done: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until `done()`; TimeoutError after `timeout_s`, AssertionError if the stream broke."""
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if self.error is not None:
+                raise AssertionError(f"the WatchEvents stream broke: {self.error!r}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"not done after {timeout_s}s ({len(self.events)} events seen)")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+
+    async def close(self) -> None:
+        self.call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+async def run_command(*argv: str | Path, env: dict[str, str] | None = None, timeout_s: float = 60) -> tuple[int, str, str]:
+    """Run a command; (exit code, stdout, stderr). Kills it if it outlives `timeout_s`."""
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    proc = await asyncio.create_subprocess_exec(
+        *map(str, argv),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=full_env,
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{' '.join(map(str, argv))} did not finish within {timeout_s}s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def agentmesh_cmd() -> list[str]:
+    script = VENV_BIN / "agentmesh"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
+
+
+# ---------------------------------------------------------------- throughput, exactly once
+
+
+@pytest.mark.timeout(180)
+async def test_1000_tasks_over_50_agents_each_succeed_exactly_once(cluster: Any) -> None:
+    c: LocalCluster = await cluster(agents=50, pools=2)
+    specs = sleep_specs("bulk", 1000, ms=5)
+    ids = {s.task_id for s in specs}
+    async with MeshClient(etcd=c.etcd_endpoint) as client:
+        events = await EventRecorder.open(client)
+        try:
+            t0 = time.monotonic()
+            await submit_all(client, specs)
+            await events.until(lambda: all(events.succeeded[i] for i in ids), 120)
+            wall = time.monotonic() - t0
+            await asyncio.sleep(SETTLE_S)  # let a (wrong) second completion arrive
+            print(f"\n1,000 sleep(5 ms) tasks over 50 agents: {wall:.2f} s from first submit to last SUCCEEDED event")
+
+            doubled = {i: n for i, n in events.succeeded.items() if i in ids and n != 1}
+            assert not doubled, f"tasks with more than one SUCCEEDED event: {dict(list(doubled.items())[:10])}"
+            tasks = await list_all(client, "bulk-")
+            assert set(tasks) == ids
+            wrong = {i: (state_name(t.state), t.attempts) for i, t in tasks.items() if t.state != SUCCEEDED or t.attempts != 1}
+            assert not wrong, f"not SUCCEEDED on the first attempt: {dict(list(wrong.items())[:10])}"
+            # the output is the executor's, which says its work was simulated
+            sample = await client.get("bulk-0007")
+            assert json.loads(sample.result) == {"simulated": True, "slept_ms": 5.0}
+            pools = {t.agent_id.rsplit("-a", 1)[0] for t in tasks.values()}
+            assert pools == {"pool-1", "pool-2"}, "both pools should have taken work"
+            assert all(t.finished_at_us >= t.assigned_at_us >= t.created_at_us > 0 for t in tasks.values())
+        finally:
+            await events.close()
+
+
+# ---------------------------------------------------------------- an agent pool killed
+
+
+@pytest.mark.timeout(180)
+async def test_agent_pool_killed_midrun_loses_no_task(cluster: Any) -> None:
+    c: LocalCluster = await cluster(agents=40, pools=2)
+    specs = sleep_specs("kill", 600, ms=100)
+    ids = {s.task_id for s in specs}
+    async with MeshClient(etcd=c.etcd_endpoint) as client:
+        events = await EventRecorder.open(client)
+        try:
+            await submit_all(client, specs)
+            await events.until(lambda: sum(events.succeeded[i] > 0 for i in ids) >= 100, 60)
+            killed_at = time.monotonic()
+            c.kill("pool-1", signal.SIGKILL)
+            await events.until(lambda: all(events.succeeded[i] for i in ids), 120)
+            await asyncio.sleep(SETTLE_S)
+
+            doubled = {i: n for i, n in events.succeeded.items() if i in ids and n != 1}
+            assert not doubled, f"tasks completed twice: {dict(list(doubled.items())[:10])}"
+            tasks = await list_all(client, "kill-")
+            assert set(tasks) == ids
+            not_ok = {i: state_name(t.state) for i, t in tasks.items() if t.state != SUCCEEDED}
+            assert not not_ok, f"tasks lost with the pool: {dict(list(not_ok.items())[:10])}"
+
+            # The killed pool's tasks: requeued after the kill while held by one of its agents.
+            requeued: dict[str, float] = {}
+            reassigned: dict[str, float] = {}
+            for at, ev in events.events:
+                t = ev.task
+                if at < killed_at or t.task_id not in ids:
+                    continue
+                if t.state == QUEUED and ev.previous_state in HELD and t.agent_id.startswith("pool-1-"):
+                    requeued.setdefault(t.task_id, at)
+                elif t.state == ASSIGNED and t.task_id in requeued:
+                    reassigned.setdefault(t.task_id, at)
+            retried = {i for i, t in tasks.items() if t.attempts == 2}
+            assert requeued, "the killed pool held no task: kill it earlier or give it more work"
+            assert set(requeued) <= retried
+            assert all(t.attempts <= 2 for t in tasks.values())
+            survivors = {i: tasks[i].agent_id for i in retried}
+            assert all(a.startswith("pool-2-") for a in survivors.values()), f"retries not run by survivors: {survivors}"
+            assert set(reassigned) == set(requeued)
+            print(
+                f"\npool-1 killed holding {len(requeued)} tasks: last one requeued "
+                f"{max(requeued.values()) - killed_at:.3f} s after the kill, last one re-assigned to a "
+                f"survivor {max(reassigned.values()) - killed_at:.3f} s after it "
+                f"({len(retried)} tasks took 2 attempts)"
+            )
+            agents = await client.agents()
+            assert agents.agents
+            assert all(a.pool_id == "pool-2" for a in agents.agents), "dead pool's agents still listed"
+        finally:
+            await events.close()
+
+
+# ---------------------------------------------------------------- claim tokens
+
+
+class HandAgent:
+    """A hand-written agent on a raw Connect stream, to say what the pool's agents never would."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.channel = grpc.aio.insecure_channel(endpoint)
+        self.call = cpb_grpc.CoordinatorStub(self.channel).Connect()
+
+    async def send(self, **body: Any) -> None:
+        await self.call.write(cpb.AgentMessage(**body))
+
+    async def expect(self, body: str, timeout_s: float = 10.0) -> Any:
+        """The next message, which must be of kind `body` (acks of other kinds fail the test)."""
+        msg = await asyncio.wait_for(self.call.read(), timeout_s)
+        assert msg is not grpc.aio.EOF, "the coordinator closed the stream"
+        assert msg.WhichOneof("body") == body, f"expected {body}, got {msg}"
+        return getattr(msg, body)
+
+    async def quiet(self, for_s: float) -> None:
+        """Nothing arrives for `for_s` seconds."""
+        with contextlib.suppress(TimeoutError):
+            msg = await asyncio.wait_for(self.call.read(), for_s)
+            raise AssertionError(f"unexpected message: {msg}")
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+@contextlib.asynccontextmanager
+async def hand_agent(c: LocalCluster, client: MeshClient, agent_id: str, capacity: int = 1) -> Any:
+    """A HandAgent welcomed by the leader, advertising only kind `llm` (no pool agent runs it)."""
+    etcd = Etcd(c.etcd_endpoint, prefix="/agentmesh/default/")
+    lease = await etcd.grant(60)  # outlives the test; revoked at the end
+    leader = (await client.status()).leader_endpoint
+    agent = HandAgent(leader)
+    try:
+        await agent.send(
+            hello=cpb.AgentHello(agent_id=agent_id, pool_id="hand", lease_id=lease, kinds=["llm"], capacity=capacity)
+        )
+        welcome = await agent.expect("welcome")
+        assert welcome.term > 0
+        yield agent
+    finally:
+        await agent.close()
+        with contextlib.suppress(Exception):
+            await etcd.revoke(lease)
+        await etcd.close()
+
+
+@pytest.mark.timeout(90)
+async def test_forged_and_stale_claim_tokens_are_refused(cluster: Any) -> None:
+    c: LocalCluster = await cluster(agents=2, pools=1)
+    async with MeshClient(etcd=c.etcd_endpoint) as client, hand_agent(c, client, "hand-1") as agent:
+        await client.submit(tpb.TaskSpec(task_id="claimed-1", kind="llm", payload=b"hello"))
+        task = (await agent.expect("assign")).task
+        assert (task.task_id, task.agent_id, task.attempts) == ("claimed-1", "hand-1", 1)
+        token = task.claim_token
+        assert token > 0
+        await agent.send(accepted=cpb.TaskAccepted(task_id="claimed-1", claim_token=token))
+
+        await agent.send(result=cpb.TaskResult(task_id="claimed-1", claim_token=token + 1, output=b"forged"))
+        ack = await agent.expect("ack")
+        assert (ack.task_id, ack.claim_token, ack.accepted) == ("claimed-1", token + 1, False)
+        assert ack.reason
+        now = await client.get("claimed-1")
+        assert now.state in HELD, f"a forged token changed the task: {state_name(now.state)}"
+        assert now.result == b""
+
+        await agent.send(result=cpb.TaskResult(task_id="claimed-1", claim_token=token, output=b"real"))
+        ack = await agent.expect("ack")
+        assert (ack.claim_token, ack.accepted) == (token, True), ack.reason
+        done = await client.get("claimed-1")
+        assert (state_name(done.state), done.result, done.attempts) == ("SUCCEEDED", b"real", 1)
+
+        # the same (once valid) token again: a late duplicate must not complete it twice
+        await agent.send(result=cpb.TaskResult(task_id="claimed-1", claim_token=token, output=b"again"))
+        ack = await agent.expect("ack")
+        assert not ack.accepted
+        await agent.send(failure=cpb.TaskFailure(task_id="claimed-1", claim_token=token, error="late", retryable=True))
+        ack = await agent.expect("ack")
+        assert not ack.accepted
+        final = await client.get("claimed-1")
+        assert (state_name(final.state), final.result, final.attempts) == ("SUCCEEDED", b"real", 1)
+
+
+# ---------------------------------------------------------------- etcd outage
+
+
+@pytest.mark.timeout(200)
+async def test_etcd_restart_under_the_coordinator_loses_no_acknowledged_task(cluster: Any) -> None:
+    c: LocalCluster = await cluster(agents=10, pools=2)
+    specs = sleep_specs("outage", 80, ms=300)
+    ids = {s.task_id for s in specs}
+    async with MeshClient(etcd=c.etcd_endpoint) as client:
+        await submit_all(client, specs)
+        deadline = time.monotonic() + HANG_S
+        while True:
+            before = await list_all(client, "outage-")
+            done = sum(t.state == SUCCEEDED for t in before.values())
+            if done >= 10 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        in_flight = {i for i, t in before.items() if t.state in HELD}
+        queued = {i for i, t in before.items() if t.state == QUEUED}
+        assert in_flight, "no task was in flight when etcd stopped"
+        assert queued, "no task was queued when etcd stopped"
+        leader = (await client.status()).leader_endpoint
+
+    c.etcd.stop()
+    stopped_at = time.monotonic()
+    async with grpc.aio.insecure_channel(leader) as channel:
+        stub = cpb_grpc.CoordinatorStub(channel)
+        # right after the stop (the coordinator still leads) and once its lease has lapsed
+        for pause_s, task_id in ((0.0, "during-outage-1"), (3.0, "during-outage-2")):
+            await asyncio.sleep(pause_s)
+            t0 = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(task_id=task_id, kind="echo")), timeout=20)
+            took = time.monotonic() - t0
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+            assert took < 10, f"Submit took {took:.1f}s to fail while etcd was down"
+            print(f"\nSubmit {pause_s:.0f} s into the etcd outage: UNAVAILABLE after {took:.3f} s ({failed.value.details()})")
+    assert not c.dead(), f"services exited while etcd was down: {c.dead()}"
+
+    c.etcd.start()
+    print(f"etcd was down {time.monotonic() - stopped_at:.1f} s")
+    restarted_at = time.monotonic()
+    async with MeshClient(etcd=c.etcd_endpoint, retry_s=60) as client:
+        # the refused submits can be made again (idempotent), and new ones work
+        again = [tpb.TaskSpec(task_id=f"during-outage-{n}", kind="echo", payload=b"x") for n in (1, 2)]
+        after = [tpb.TaskSpec(task_id=f"after-outage-{n}", kind="echo", payload=b"y") for n in range(5)]
+        await client.submit_batch(again + after)
+        first_ok = time.monotonic() - restarted_at
+        print(f"submits accepted again {first_ok:.2f} s after etcd came back")
+        want = ids | {s.task_id for s in again + after}
+        tasks = await wait_all_terminal(client, want, timeout_s=90)
+        wrong = {i: (state_name(t.state), t.last_error) for i, t in tasks.items() if t.state != SUCCEEDED}
+        assert not wrong, f"acknowledged tasks that did not succeed: {dict(list(wrong.items())[:10])}"
+        retried = sorted(i for i in in_flight if tasks[i].attempts > 1)
+        print(f"all {len(want)} tasks SUCCEEDED {time.monotonic() - restarted_at:.2f} s after etcd came back; "
+              f"{len(in_flight)} were in flight at the stop, {len(retried)} of them ran again")
+    assert not c.dead(), f"services exited: {c.dead()}"
+
+
+# ---------------------------------------------------------------- grpcurl
+
+
+async def grpcurl(*args: str, timeout_s: float = 30) -> tuple[int, str]:
+    code, out, err = await run_command(GRPCURL, "-max-time", "10", *args, timeout_s=timeout_s)
+    return code, out + err
+
+
+@pytest.mark.timeout(120)
+async def test_grpcurl_lists_describes_and_calls_the_services(cluster: Any) -> None:
+    c: LocalCluster = await cluster(agents=2, pools=1)
+    async with MeshClient(etcd=c.etcd_endpoint) as client:
+        status = await client.status()
+    coordinator = status.leader_endpoint
+    pools = [s.endpoint for s in status.services if s.kind == "agent-pool"]
+    assert len(pools) == 1
+
+    code, out = await grpcurl("-plaintext", coordinator, "list")
+    assert code == 0, out
+    services = set(out.split())
+    assert {"agentmesh.v1.Coordinator", "grpc.health.v1.Health"} <= services, out
+    assert any(s.startswith("grpc.reflection.") for s in services), out
+
+    code, out = await grpcurl("-plaintext", coordinator, "describe", "agentmesh.v1.Coordinator")
+    assert code == 0, out
+    assert "rpc Submit ( .agentmesh.v1.SubmitRequest ) returns ( .agentmesh.v1.SubmitResponse )" in out, out
+    assert "rpc Connect ( stream .agentmesh.v1.AgentMessage )" in out, out
+
+    code, out = await grpcurl("-plaintext", "-d", '{"spec": {"kind": "nope"}}', coordinator, "agentmesh.v1.Coordinator/Submit")
+    assert code != 0
+    assert "Code: InvalidArgument" in out, out
+    assert "'nope'" in out and "echo" in out, f"the message should name the kind and the known ones: {out}"
+
+    code, out = await grpcurl(
+        "-plaintext", "-d", '{"spec": {"kind": "echo", "task_id": "curl-1", "payload": "aGk="}}',
+        coordinator, "agentmesh.v1.Coordinator/Submit",
+    )
+    assert code == 0, out
+    submitted = json.loads(out)  # grpcurl prints the proto field names
+    assert submitted["task"]["task_id"] == "curl-1"
+    assert submitted["created"] is True
+
+    code, out = await grpcurl("-plaintext", "-d", '{"service": "agentmesh.v1.Coordinator"}', coordinator, "grpc.health.v1.Health/Check")
+    assert code == 0, out
+    assert json.loads(out) == {"status": "SERVING"}
+
+    code, out = await grpcurl("-plaintext", pools[0], "list")
+    assert code == 0, out
+    services = set(out.split())
+    assert {"agentmesh.v1.AgentPool", "grpc.health.v1.Health"} <= services, out
+    assert any(s.startswith("grpc.reflection.") for s in services), out
+    code, out = await grpcurl("-plaintext", "-d", "{}", pools[0], "agentmesh.v1.AgentPool/ListAgents")
+    assert code == 0, out
+    listed = json.loads(out)
+    assert listed["pool_id"] == "pool-1" and len(listed["agents"]) == 2, out
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+@pytest.mark.timeout(150)
+async def test_cli_end_to_end(cluster: Any, tmp_path: Path) -> None:
+    c: LocalCluster = await cluster(agents=4, pools=2)
+    cli = agentmesh_cmd()
+    etcd = ["--etcd", c.etcd_endpoint]
+
+    code, out, err = await run_command(*cli, "submit", *etcd, "--kind", "echo", "--payload", "hi", "--wait")
+    assert code == 0, out + err
+    assert "submitted 1 tasks (1 new)" in out, out
+    assert "summary" in out and "SUCCEEDED" in out and "wall time" in out, out
+
+    code, out, err = await run_command(*cli, "tasks", *etcd, "--json")
+    assert code == 0, out + err
+    listed = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(listed) == 1, out
+    task_id = listed[0]["taskId"]
+    assert listed[0]["state"] == "TASK_STATE_SUCCEEDED", listed
+
+    code, out, err = await run_command(*cli, "tasks", *etcd, "--state", "succeeded")
+    assert code == 0, out + err
+    assert task_id in out and "SUCCEEDED" in out, out
+
+    code, out, err = await run_command(*cli, "task", "get", task_id, *etcd)
+    assert code == 0, out + err
+    got = json.loads(out)
+    assert (got["taskId"], got["state"], got["result"]) == (task_id, "TASK_STATE_SUCCEEDED", "aGk=")  # b"hi"
+
+    code, out, err = await run_command(*cli, "agents", *etcd)
+    assert code == 0, out + err
+    assert "4 agents" in out and "pool-1-a0001" in out and "pool-2-a0001" in out, out
+
+    code, out, err = await run_command(*cli, "status", *etcd)
+    assert code == 0, out + err
+    assert "coordinator-1" in out and "4 connected" in out and "agent-pool" in out, out
+
+    code, out, err = await run_command(*cli, "task", "get", "nope", *etcd)
+    assert code != 0
+    assert "NOT_FOUND" in err and "'nope'" in err, out + err
+    assert "Traceback" not in out + err
+
+    code, out, err = await run_command(
+        *cli, "up", "--agents", "2", "--data-dir", str(tmp_path / "up"),
+        "--etcd-port", str(free_port()), "--port", str(free_port()),
+        env={"AGENTMESH_ETCD_BIN": "/nonexistent"}, timeout_s=60,
+    )
+    assert code != 0
+    assert "AGENTMESH_ETCD_BIN" in err and "apt-get install -y etcd-server" in err, out + err
+    assert "Traceback" not in out + err
