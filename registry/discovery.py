@@ -18,7 +18,12 @@ class Instance:
 
     def encode(self) -> bytes:
         return json.dumps(
-            {"kind": self.kind, "id": self.instance_id, "endpoint": self.endpoint, "metadata": self.metadata}
+            {
+                "kind": self.kind,
+                "id": self.instance_id,
+                "endpoint": self.endpoint,
+                "metadata": self.metadata,
+            }
         ).encode()
 
     @staticmethod
@@ -29,7 +34,9 @@ class Instance:
 
 async def register(etcd: Etcd, lease_id: int, instance: Instance) -> None:
     """Publish an instance; it disappears when the lease does."""
-    await etcd.put(etcd.key("services", instance.kind, instance.instance_id), instance.encode(), lease=lease_id)
+    await etcd.put(
+        etcd.key("services", instance.kind, instance.instance_id), instance.encode(), lease=lease_id
+    )
 
 
 async def deregister(etcd: Etcd, instance: Instance) -> None:
@@ -51,7 +58,9 @@ async def watch(etcd: Etcd, kind: str) -> AsyncIterator[list[Instance]]:
         current = {kv.key: Instance.decode(kv.value) for kv in resp.kvs}
         yield list(current.values())
         try:
-            async for _, events in etcd.watch_forever(prefix, prefix=True, start_revision=resp.header.revision + 1):
+            async for _, events in etcd.watch_forever(
+                prefix, prefix=True, start_revision=resp.header.revision + 1
+            ):
                 for ev in events:
                     if ev.kind == "put":
                         current[ev.kv.key] = Instance.decode(ev.kv.value)

@@ -44,7 +44,9 @@ class Election:
         value: what the leader publishes (its endpoint, say).
     """
 
-    def __init__(self, etcd: Etcd, role: str, lease_id: int, value: bytes, namespace: str = "election") -> None:
+    def __init__(
+        self, etcd: Etcd, role: str, lease_id: int, value: bytes, namespace: str = "election"
+    ) -> None:
         self.etcd = etcd
         self.prefix = etcd.key(namespace, role) + b"/"
         self.key = self.prefix + f"{lease_id:016x}".encode()
@@ -56,18 +58,24 @@ class Election:
         """Block until this candidate leads; return its term."""
         etcd = self.etcd
         resp = await etcd.txn(
-            [cmp_create(self.key, 0)], [op_put(self.key, self.value, self.lease_id)], [op_get(self.key)]
+            [cmp_create(self.key, 0)],
+            [op_put(self.key, self.value, self.lease_id)],
+            [op_get(self.key)],
         )
         if resp.succeeded:
             rev = int(resp.header.revision)
         else:  # a candidacy on this lease already exists (a retried campaign): keep its place
             rev = int(resp.responses[0].response_range.kvs[0].create_revision)
         while True:
-            pred = await etcd.range(self.prefix, max_create_revision=rev - 1, by_create="desc", limit=1)
+            pred = await etcd.range(
+                self.prefix, max_create_revision=rev - 1, by_create="desc", limit=1
+            )
             if not pred.kvs:
                 break
             try:
-                async for _, events in etcd.watch_forever(pred.kvs[0].key, start_revision=pred.header.revision + 1):
+                async for _, events in etcd.watch_forever(
+                    pred.kvs[0].key, start_revision=pred.header.revision + 1
+                ):
                     if any(ev.kind == "delete" for ev in events):
                         break
             except WatchCompactedError:
@@ -108,7 +116,9 @@ class Election:
         """The compare every write of this leader carries."""
         return cmp_create(self.key, self.term)
 
-    async def fenced(self, ops: Sequence[RequestOp], timeout_s: float | None = None) -> list[object]:
+    async def fenced(
+        self, ops: Sequence[RequestOp], timeout_s: float | None = None
+    ) -> list[object]:
         """Apply `ops` (typically nested transactions) only while this leader's term holds.
 
         Returns one response per op. Raises NotLeaderError when the term is over:
@@ -116,7 +126,9 @@ class Election:
         """
         return list((await self.fenced_txn(ops, timeout_s)).responses)
 
-    async def fenced_txn(self, ops: Sequence[RequestOp], timeout_s: float | None = None) -> TxnResponse:
+    async def fenced_txn(
+        self, ops: Sequence[RequestOp], timeout_s: float | None = None
+    ) -> TxnResponse:
         """`fenced`, returning the whole response (its header holds the commit revision)."""
         if not self.term:
             raise NotLeaderError("not the leader")
@@ -127,7 +139,9 @@ class Election:
         return resp
 
 
-def fenced_op(compare: Sequence[Compare], success: Sequence[RequestOp], failure: Sequence[RequestOp] = ()) -> RequestOp:
+def fenced_op(
+    compare: Sequence[Compare], success: Sequence[RequestOp], failure: Sequence[RequestOp] = ()
+) -> RequestOp:
     """A nested transaction for `Election.fenced` (its own compares, its own outcome)."""
     return op_txn(compare, success, failure)
 
@@ -156,12 +170,18 @@ async def observe(etcd: Etcd, role: str) -> AsyncIterator[Leader | None]:
     last: Leader | None = None
     while True:
         resp = await etcd.range(prefix, by_create="asc", limit=1)
-        now = Leader(resp.kvs[0].value, int(resp.kvs[0].create_revision), resp.kvs[0].key) if resp.kvs else None
+        now = (
+            Leader(resp.kvs[0].value, int(resp.kvs[0].create_revision), resp.kvs[0].key)
+            if resp.kvs
+            else None
+        )
         if first or now != last:
             first, last = False, now
             yield now
         try:
-            async for _, _events in etcd.watch_forever(prefix, prefix=True, start_revision=resp.header.revision + 1):
+            async for _, _events in etcd.watch_forever(
+                prefix, prefix=True, start_revision=resp.header.revision + 1
+            ):
                 now = await current_leader(etcd, role)
                 if now != last:
                     last = now

@@ -58,19 +58,29 @@ def prefix_end(prefix: bytes) -> bytes:
 
 # ---- builders for transactions ----
 
+
 def cmp_create(key: bytes, revision: int, result: str = "==") -> Compare:
-    return rpc.Compare(key=key, target=rpc.Compare.CREATE, result=_RESULT[result], create_revision=revision)
+    return rpc.Compare(
+        key=key, target=rpc.Compare.CREATE, result=_RESULT[result], create_revision=revision
+    )
 
 
 def cmp_mod(key: bytes, revision: int, result: str = "==") -> Compare:
-    return rpc.Compare(key=key, target=rpc.Compare.MOD, result=_RESULT[result], mod_revision=revision)
+    return rpc.Compare(
+        key=key, target=rpc.Compare.MOD, result=_RESULT[result], mod_revision=revision
+    )
 
 
 def cmp_value(key: bytes, value: bytes, result: str = "==") -> Compare:
     return rpc.Compare(key=key, target=rpc.Compare.VALUE, result=_RESULT[result], value=value)
 
 
-_RESULT = {"==": rpc.Compare.EQUAL, "!=": rpc.Compare.NOT_EQUAL, "<": rpc.Compare.LESS, ">": rpc.Compare.GREATER}
+_RESULT = {
+    "==": rpc.Compare.EQUAL,
+    "!=": rpc.Compare.NOT_EQUAL,
+    "<": rpc.Compare.LESS,
+    ">": rpc.Compare.GREATER,
+}
 
 
 def op_put(key: bytes, value: bytes, lease: int = 0) -> RequestOp:
@@ -85,8 +95,12 @@ def op_get(key: bytes) -> RequestOp:
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key))
 
 
-def op_txn(compare: Sequence[Compare], success: Sequence[RequestOp], failure: Sequence[RequestOp] = ()) -> RequestOp:
-    return rpc.RequestOp(request_txn=rpc.TxnRequest(compare=compare, success=success, failure=failure))
+def op_txn(
+    compare: Sequence[Compare], success: Sequence[RequestOp], failure: Sequence[RequestOp] = ()
+) -> RequestOp:
+    return rpc.RequestOp(
+        request_txn=rpc.TxnRequest(compare=compare, success=success, failure=failure)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +119,9 @@ class Etcd:
         timeout_s: deadline of each unary call.
     """
 
-    def __init__(self, endpoints: str, prefix: str = "/agentmesh/default/", timeout_s: float = 3.0) -> None:
+    def __init__(
+        self, endpoints: str, prefix: str = "/agentmesh/default/", timeout_s: float = 3.0
+    ) -> None:
         hosts = [e.strip().removeprefix("http://") for e in endpoints.split(",") if e.strip()]
         if not hosts:
             raise ValueError("no etcd endpoint given: set AGENTMESH_ETCD (host:port)")
@@ -172,7 +188,9 @@ class Etcd:
             count_only=count_only,
         )
         if by_create:
-            req.sort_order = rpc.RangeRequest.ASCEND if by_create == "asc" else rpc.RangeRequest.DESCEND
+            req.sort_order = (
+                rpc.RangeRequest.ASCEND if by_create == "asc" else rpc.RangeRequest.DESCEND
+            )
             req.sort_target = rpc.RangeRequest.CREATE
         return await self._call(self._kv.Range, req)
 
@@ -192,7 +210,9 @@ class Etcd:
         timeout_s: float | None = None,
     ) -> TxnResponse:
         return await self._call(
-            self._kv.Txn, rpc.TxnRequest(compare=compare, success=success, failure=failure), timeout_s
+            self._kv.Txn,
+            rpc.TxnRequest(compare=compare, success=success, failure=failure),
+            timeout_s,
         )
 
     async def status(self) -> Any:
@@ -209,7 +229,9 @@ class Etcd:
     async def keepalive_once(self, lease_id: int) -> int:
         """Refresh a lease; returns its new TTL, 0 when it no longer exists."""
         try:
-            call = self._lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self.timeout_s)
+            call = self._lease.LeaseKeepAlive(
+                iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self.timeout_s
+            )
             async for reply in call:
                 return int(reply.TTL)
             return 0
@@ -218,7 +240,9 @@ class Etcd:
 
     async def ttl(self, lease_id: int) -> int:
         """Seconds left on a lease; -1 when it does not exist."""
-        resp = await self._call(self._lease.LeaseTimeToLive, rpc.LeaseTimeToLiveRequest(ID=lease_id))
+        resp = await self._call(
+            self._lease.LeaseTimeToLive, rpc.LeaseTimeToLiveRequest(ID=lease_id)
+        )
         return int(resp.TTL)
 
     async def revoke(self, lease_id: int) -> None:
@@ -240,7 +264,10 @@ class Etcd:
         last revision + 1 (see `watch_forever`).
         """
         create = rpc.WatchCreateRequest(
-            key=key, range_end=prefix_end(key) if prefix else b"", start_revision=start_revision, prev_kv=prev_kv
+            key=key,
+            range_end=prefix_end(key) if prefix else b"",
+            start_revision=start_revision,
+            prev_kv=prev_kv,
         )
         # Writer style, not a request generator: grpc.aio cancels a generator's consumer
         # task only when the call is cancelled while still live, so every stream that etcd
@@ -257,14 +284,18 @@ class Etcd:
                     continue
                 events = [
                     WatchEvent(
-                        "delete" if ev.type == 1 else "put", ev.kv, ev.prev_kv if ev.HasField("prev_kv") else None
+                        "delete" if ev.type == 1 else "put",
+                        ev.kv,
+                        ev.prev_kv if ev.HasField("prev_kv") else None,
                     )
                     for ev in resp.events
                 ]
                 yield int(resp.header.revision), events
             raise StoreUnavailableError("etcd closed the watch stream")
         except asyncio.InvalidStateError as err:  # write() on a call that already failed
-            raise StoreUnavailableError(f"etcd watch stream ended before it started: {err}") from err
+            raise StoreUnavailableError(
+                f"etcd watch stream ended before it started: {err}"
+            ) from err
         except grpc.aio.AioRpcError as err:
             raise _domain_error(err) from err
         finally:
@@ -285,9 +316,13 @@ class Etcd:
                     # Pin "now" once: a watch from revision 0 that broke before its first
                     # event would otherwise resume from a later "now" and skip what was
                     # written while it reconnected.
-                    resp = await self._call(self._kv.Range, rpc.RangeRequest(key=key, count_only=True))
+                    resp = await self._call(
+                        self._kv.Range, rpc.RangeRequest(key=key, count_only=True)
+                    )
                     next_rev = int(resp.header.revision) + 1
-                async for rev, events in self.watch(key, prefix=prefix, start_revision=next_rev, prev_kv=prev_kv):
+                async for rev, events in self.watch(
+                    key, prefix=prefix, start_revision=next_rev, prev_kv=prev_kv
+                ):
                     delay = 0.05
                     # Resume after the last event, not after the header revision: while a
                     # watch catches up, etcd sends events in batches whose header carries
@@ -296,7 +331,10 @@ class Etcd:
                     next_rev = int(events[-1].kv.mod_revision) + 1
                     yield rev, events
             except StoreUnavailableError as err:
-                log.warning("etcd watch broke, resuming", extra={"key": key.decode(errors="replace"), "error": str(err)})
+                log.warning(
+                    "etcd watch broke, resuming",
+                    extra={"key": key.decode(errors="replace"), "error": str(err)},
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -306,5 +344,7 @@ def _domain_error(err: grpc.aio.AioRpcError) -> StoreUnavailableError | StoreRef
     if "lease not found" in details:
         return LeaseNotFoundError(f"etcd: {details}")
     if err.code() in _RETRYABLE:
-        return StoreUnavailableError(f"etcd is unreachable ({err.code().name}: {details}); retry shortly")
+        return StoreUnavailableError(
+            f"etcd is unreachable ({err.code().name}: {details}); retry shortly"
+        )
     return StoreRefusedError(f"etcd refused the request ({err.code().name}: {details})")

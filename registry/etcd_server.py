@@ -25,7 +25,9 @@ def find_etcd_binary() -> str:
     explicit = os.environ.get("AGENTMESH_ETCD_BIN")
     if explicit:
         if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
-            raise EtcdNotFoundError(f"AGENTMESH_ETCD_BIN={explicit} is not an executable file. {INSTALL_HINT}")
+            raise EtcdNotFoundError(
+                f"AGENTMESH_ETCD_BIN={explicit} is not an executable file. {INSTALL_HINT}"
+            )
         return explicit
     found = shutil.which("etcd") or next(
         (p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd") if os.access(p, os.X_OK)), None
@@ -50,7 +52,9 @@ class EtcdServer:
         log_path: etcd's output goes here (default: data_dir/../etcd.log).
     """
 
-    def __init__(self, data_dir: Path, client_port: int = 0, peer_port: int = 0, log_path: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, client_port: int = 0, peer_port: int = 0, log_path: Path | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
@@ -68,21 +72,34 @@ class EtcdServer:
         peer = f"http://127.0.0.1:{self.peer_port}"
         cmd = [
             binary,
-            "--name", "n1",
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"n1={peer}",
-            "--auto-compaction-mode", "periodic",
-            "--auto-compaction-retention", "10m",
+            "--name",
+            "n1",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"n1={peer}",
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "10m",
             # the load test writes several thousand small revisions a second
-            "--quota-backend-bytes", str(4 * 1024**3),
-            "--log-level", "warn",
+            "--quota-backend-bytes",
+            str(4 * 1024**3),
+            "--log-level",
+            "warn",
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

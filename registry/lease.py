@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from registry.etcd import Etcd
@@ -42,10 +43,14 @@ class KeptLease:
                 ttl = await self.etcd.keepalive_once(self.id)
             except StoreUnavailableError as err:
                 if self.clock.monotonic() - last_ok >= self.ttl_s:
-                    log.warning("lease expired while etcd was unreachable", extra={"lease": self.id})
+                    log.warning(
+                        "lease expired while etcd was unreachable", extra={"lease": self.id}
+                    )
                     self.lost.set()
                     return
-                log.info("lease refresh failed, retrying", extra={"lease": self.id, "error": str(err)})
+                log.info(
+                    "lease refresh failed, retrying", extra={"lease": self.id, "error": str(err)}
+                )
                 continue
             if ttl <= 0:
                 log.warning("lease is gone", extra={"lease": self.id})
@@ -55,7 +60,5 @@ class KeptLease:
 
     async def revoke(self) -> None:
         if self.id:
-            try:
+            with contextlib.suppress(StoreUnavailableError):  # it expires by itself
                 await self.etcd.revoke(self.id)
-            except StoreUnavailableError:
-                pass  # it expires by itself

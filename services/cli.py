@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -19,7 +17,11 @@ from services._common import config as configlib
 
 T = TypeVar("T")
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="agentmesh: a gRPC mesh that coordinates hundreds of AI agents.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="agentmesh: a gRPC mesh that coordinates hundreds of AI agents.",
+)
 serve_app = typer.Typer(no_args_is_help=True, help="Run one service process.")
 task_app = typer.Typer(no_args_is_help=True, help="One task: get or cancel.")
 app.add_typer(serve_app, name="serve")
@@ -58,12 +60,20 @@ def _fail(message: str, code: int = 1) -> None:
 def serve_coordinator(
     etcd: str = typer.Option(None, help=ETCD_HELP),
     cluster: str = typer.Option(None, help="cluster name (key prefix) [env AGENTMESH_CLUSTER]"),
-    listen: str = typer.Option(None, help="bind address host:port [env AGENTMESH_LISTEN; default 127.0.0.1:50051]"),
+    listen: str = typer.Option(
+        None, help="bind address host:port [env AGENTMESH_LISTEN; default 127.0.0.1:50051]"
+    ),
     advertise: str = typer.Option(None, help="address published in etcd [env AGENTMESH_ADVERTISE]"),
     node_id: str = typer.Option(None, help="replica id [env AGENTMESH_NODE_ID]"),
-    strategy: str = typer.Option(None, help="least-loaded | round-robin | weighted | random [env AGENTMESH_STRATEGY]"),
-    lease_ttl_s: int = typer.Option(None, help="session lease TTL in seconds [env AGENTMESH_LEASE_TTL_S; default 2]"),
-    metrics_port: int = typer.Option(None, help="Prometheus /metrics port, 0 off [env AGENTMESH_METRICS_PORT]"),
+    strategy: str = typer.Option(
+        None, help="least-loaded | round-robin | weighted | random [env AGENTMESH_STRATEGY]"
+    ),
+    lease_ttl_s: int = typer.Option(
+        None, help="session lease TTL in seconds [env AGENTMESH_LEASE_TTL_S; default 2]"
+    ),
+    metrics_port: int = typer.Option(
+        None, help="Prometheus /metrics port, 0 off [env AGENTMESH_METRICS_PORT]"
+    ),
 ) -> None:
     """The coordinator: campaigns for root; the leader serves the API and dispatches."""
     from services._common import logs
@@ -72,9 +82,19 @@ def serve_coordinator(
     from services.coordinator.server import serve
 
     try:
-        cfg = configlib.load(CoordinatorConfig, dict(etcd=etcd, cluster=cluster, listen=listen, advertise=advertise,
-                                                      node_id=node_id, strategy=strategy, lease_ttl_s=lease_ttl_s,
-                                                      metrics_port=metrics_port))
+        cfg = configlib.load(
+            CoordinatorConfig,
+            dict(
+                etcd=etcd,
+                cluster=cluster,
+                listen=listen,
+                advertise=advertise,
+                node_id=node_id,
+                strategy=strategy,
+                lease_ttl_s=lease_ttl_s,
+                metrics_port=metrics_port,
+            ),
+        )
     except ValueError as err:
         _fail(str(err), 2)
     if cfg.strategy not in STRATEGIES:
@@ -90,17 +110,33 @@ def serve_coordinator(
 def serve_agent_pool(
     etcd: str = typer.Option(None, help=ETCD_HELP),
     cluster: str = typer.Option(None, help="cluster name (key prefix) [env AGENTMESH_CLUSTER]"),
-    listen: str = typer.Option(None, help="bind address host:port [env AGENTMESH_LISTEN; default 127.0.0.1:0]"),
+    listen: str = typer.Option(
+        None, help="bind address host:port [env AGENTMESH_LISTEN; default 127.0.0.1:0]"
+    ),
     advertise: str = typer.Option(None, help="address published in etcd [env AGENTMESH_ADVERTISE]"),
-    pool_id: str = typer.Option(None, help="pool id; agents are <pool-id>-a<n> [env AGENTMESH_POOL_ID]"),
-    agents: int = typer.Option(None, help="agents to start at boot [env AGENTMESH_AGENTS; default 0]"),
-    batch_size: int = typer.Option(None, help="agents started in parallel [env AGENTMESH_BATCH_SIZE; default 50]"),
+    pool_id: str = typer.Option(
+        None, help="pool id; agents are <pool-id>-a<n> [env AGENTMESH_POOL_ID]"
+    ),
+    agents: int = typer.Option(
+        None, help="agents to start at boot [env AGENTMESH_AGENTS; default 0]"
+    ),
+    batch_size: int = typer.Option(
+        None, help="agents started in parallel [env AGENTMESH_BATCH_SIZE; default 50]"
+    ),
     warm: int = typer.Option(None, help="pre-started idle agents kept ready [env AGENTMESH_WARM]"),
-    capacity: int = typer.Option(None, help="tasks per agent at once [env AGENTMESH_CAPACITY; default 1]"),
-    kinds: str = typer.Option(None, help="comma-separated task kinds the agents run [env AGENTMESH_KINDS]"),
+    capacity: int = typer.Option(
+        None, help="tasks per agent at once [env AGENTMESH_CAPACITY; default 1]"
+    ),
+    kinds: str = typer.Option(
+        None, help="comma-separated task kinds the agents run [env AGENTMESH_KINDS]"
+    ),
     roles: str = typer.Option(None, help="comma-separated roles [env AGENTMESH_ROLES]"),
-    labels: str = typer.Option(None, help="comma-separated key=value labels [env AGENTMESH_LABELS]"),
-    sleep_ms: str = typer.Option(None, help="simulated latency of `sleep`: fixed:MS | uniform:LO:HI | lognormal:MEDIAN:SIGMA"),
+    labels: str = typer.Option(
+        None, help="comma-separated key=value labels [env AGENTMESH_LABELS]"
+    ),
+    sleep_ms: str = typer.Option(
+        None, help="simulated latency of `sleep`: fixed:MS | uniform:LO:HI | lognormal:MEDIAN:SIGMA"
+    ),
 ) -> None:
     """An agent pool: hosts many agents, each with its own stream to the root coordinator."""
     from services._common import logs
@@ -112,10 +148,24 @@ def serve_agent_pool(
         return None if v is None else tuple(p.strip() for p in v.split(",") if p.strip())
 
     try:
-        cfg = configlib.load(PoolConfig, dict(etcd=etcd, cluster=cluster, listen=listen, advertise=advertise,
-                                               pool_id=pool_id, agents=agents, batch_size=batch_size, warm=warm,
-                                               capacity=capacity, kinds=split(kinds), roles=split(roles),
-                                               labels=split(labels), sleep_ms=sleep_ms))
+        cfg = configlib.load(
+            PoolConfig,
+            dict(
+                etcd=etcd,
+                cluster=cluster,
+                listen=listen,
+                advertise=advertise,
+                pool_id=pool_id,
+                agents=agents,
+                batch_size=batch_size,
+                warm=warm,
+                capacity=capacity,
+                kinds=split(kinds),
+                roles=split(roles),
+                labels=split(labels),
+                sleep_ms=sleep_ms,
+            ),
+        )
         cfg.label_map()
         parse_latency(cfg.sleep_ms)
     except ValueError as err:
@@ -137,14 +187,22 @@ def up(
     agents: int = typer.Option(200, help="agents in all, split across the pools"),
     pools: int = typer.Option(2, help="agent pool processes"),
     coordinators: int = typer.Option(1, help="coordinator replicas (one leads)"),
-    data_dir: Path = typer.Option(Path(".agentmesh"), help="etcd data and logs; reused across restarts"),
+    data_dir: Path = typer.Option(
+        Path(".agentmesh"), help="etcd data and logs; reused across restarts"
+    ),
     etcd_port: int = typer.Option(2379, help="etcd client port"),
     port: int = typer.Option(50051, help="first coordinator port (replicas take the next ones)"),
     capacity: int = typer.Option(1, help="tasks per agent at once"),
-    sleep_ms: str = typer.Option("lognormal:50:0.5", help="simulated latency of the `sleep` executor"),
+    sleep_ms: str = typer.Option(
+        "lognormal:50:0.5", help="simulated latency of the `sleep` executor"
+    ),
     strategy: str = typer.Option("least-loaded", help="assignment strategy"),
-    backlog: int = typer.Option(0, help="submit this many simulated `sleep` tasks once ready, show progress and a summary"),
-    exit_when_done: bool = typer.Option(False, "--exit", help="stop the cluster after the backlog finishes"),
+    backlog: int = typer.Option(
+        0, help="submit this many simulated `sleep` tasks once ready, show progress and a summary"
+    ),
+    exit_when_done: bool = typer.Option(
+        False, "--exit", help="stop the cluster after the backlog finishes"
+    ),
 ) -> None:
     """Start a local cluster (etcd, coordinators, agent pools) as real processes. Ctrl-C stops it."""
     import signal
@@ -165,19 +223,35 @@ def up(
     for p in [etcd_port, *range(port, port + coordinators)]:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", p)) == 0:
-                _fail(f"port {p} is in use (another cluster running?); stop it or pass --etcd-port/--port")
-    cluster = LocalCluster(ClusterSpec(data_dir=data_dir, agents=agents, pools=pools, coordinators=coordinators,
-                                       etcd_port=etcd_port, coordinator_port=port, capacity=capacity,
-                                       sleep_ms=sleep_ms, strategy=strategy))
+                _fail(
+                    f"port {p} is in use (another cluster running?); stop it or pass --etcd-port/--port"
+                )
+    cluster = LocalCluster(
+        ClusterSpec(
+            data_dir=data_dir,
+            agents=agents,
+            pools=pools,
+            coordinators=coordinators,
+            etcd_port=etcd_port,
+            coordinator_port=port,
+            capacity=capacity,
+            sleep_ms=sleep_ms,
+            strategy=strategy,
+        )
+    )
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.monotonic()
     try:
         with console.status("starting etcd, coordinators and agent pools ..."):
             cluster.start()
             ready_s = _run(cluster.wait_ready(timeout_s=90))
-        console.print(f"[green]cluster up[/green]: {agents} agents in {pools} pools ready in {time.monotonic() - t0:.2f} s "
-                      f"(agents connected {ready_s:.2f} s after the processes started)")
-        console.print(f"  etcd         {cluster.etcd_endpoint}   (export AGENTMESH_ETCD={cluster.etcd_endpoint})")
+        console.print(
+            f"[green]cluster up[/green]: {agents} agents in {pools} pools ready in {time.monotonic() - t0:.2f} s "
+            f"(agents connected {ready_s:.2f} s after the processes started)"
+        )
+        console.print(
+            f"  etcd         {cluster.etcd_endpoint}   (export AGENTMESH_ETCD={cluster.etcd_endpoint})"
+        )
         for ep in cluster.coordinator_endpoints:
             console.print(f"  coordinator  {ep}")
         console.print(f"  logs         {cluster.log_dir}")
@@ -205,8 +279,13 @@ async def _backlog(etcd: str, count: int) -> None:
     from services.client import MeshClient
 
     run = f"{int(time.time())}"
-    specs = [tpb.TaskSpec(task_id=f"sample-{run}-{i:05d}", kind="sleep", priority=i % 10) for i in range(count)]
-    console.print(f"submitting a sample backlog of {count} [bold]simulated[/bold] `sleep` tasks (run {run})")
+    specs = [
+        tpb.TaskSpec(task_id=f"sample-{run}-{i:05d}", kind="sleep", priority=i % 10)
+        for i in range(count)
+    ]
+    console.print(
+        f"submitting a sample backlog of {count} [bold]simulated[/bold] `sleep` tasks (run {run})"
+    )
     async with MeshClient(etcd=etcd) as client:
         await _submit_and_wait(client, specs, wait=True)
 
@@ -230,7 +309,11 @@ async def _submit_and_wait(client: Any, specs: list[Any], wait: bool) -> None:
         resp = await client.submit_batch(specs[i : i + 500])
         for r in resp.results:
             created += r.created
-            if r.task.state in (tpb.TASK_STATE_SUCCEEDED, tpb.TASK_STATE_CANCELLED, tpb.TASK_STATE_DEAD_LETTER):
+            if r.task.state in (
+                tpb.TASK_STATE_SUCCEEDED,
+                tpb.TASK_STATE_CANCELLED,
+                tpb.TASK_STATE_DEAD_LETTER,
+            ):
                 terminal[r.task.task_id] = r.task
             else:
                 pending.add(r.task.task_id)
@@ -240,7 +323,13 @@ async def _submit_and_wait(client: Any, specs: list[Any], wait: bool) -> None:
         if first_event is not None:
             first_event.cancel()
         return
-    with Progress(TextColumn("[bold]tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("[bold]tasks"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         job = bar.add_task("tasks", total=len(ids), completed=len(terminal))
         last_poll = time.monotonic()
         nxt: asyncio.Future[Any] = first_event
@@ -250,7 +339,10 @@ async def _submit_and_wait(client: Any, specs: list[Any], wait: bool) -> None:
                 event = nxt.result()
                 nxt = asyncio.ensure_future(events.__anext__())
                 t = event.task
-                if t.task_id in pending and tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") in TERMINAL_NAMES:
+                if (
+                    t.task_id in pending
+                    and tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") in TERMINAL_NAMES
+                ):
                     pending.discard(t.task_id)
                     terminal[t.task_id] = t
                     bar.update(job, completed=len(terminal))
@@ -285,8 +377,14 @@ def _summary(tasks: list[Any], wall_s: float) -> None:
     table.add_row("wall time", f"{wall_s:.2f} s")
     table.add_row("throughput", f"{len(tasks) / wall_s:.1f} tasks/s" if wall_s else "-")
     if e2e:
-        pick = lambda q: e2e[min(len(e2e) - 1, int(q * len(e2e)))]  # noqa: E731
-        table.add_row("submit→done P50 / P95 / P99", f"{pick(0.5):.1f} / {pick(0.95):.1f} / {pick(0.99):.1f} ms")
+
+        def pick(q: float) -> float:
+            return float(e2e[min(len(e2e) - 1, int(q * len(e2e)))])
+
+        table.add_row(
+            "submit→done P50 / P95 / P99",
+            f"{pick(0.5):.1f} / {pick(0.95):.1f} / {pick(0.99):.1f} ms",
+        )
     table.add_row("tasks retried (agent lost or failure)", str(retried))
     table.add_row("agents that ran tasks", str(agents))
     console.print(table)
@@ -298,7 +396,11 @@ def _summary(tasks: list[Any], wall_s: float) -> None:
 def _client(etcd: str | None, coordinator: str | None, cluster: str | None) -> Any:
     from services.client import MeshClient
 
-    return MeshClient(etcd=None if coordinator else _etcd(etcd), coordinator=coordinator, cluster=_cluster(cluster))
+    return MeshClient(
+        etcd=None if coordinator else _etcd(etcd),
+        coordinator=coordinator,
+        cluster=_cluster(cluster),
+    )
 
 
 def _call(coro: Coroutine[Any, Any, T]) -> T:
@@ -324,7 +426,9 @@ def submit(
     role: str = typer.Option("", help="required agent role"),
     label: list[str] = typer.Option([], help="required agent label key=value (repeatable)"),
     max_attempts: int = typer.Option(0, help="attempts before DEAD_LETTER (0: default 3)"),
-    file: Path = typer.Option(None, help="JSONL file, one TaskSpec per line (fields as in the proto)"),
+    file: Path = typer.Option(
+        None, help="JSONL file, one TaskSpec per line (fields as in the proto)"
+    ),
     wait: bool = typer.Option(False, help="wait until every task is terminal, with a progress bar"),
     etcd: str = typer.Option(None, help=ETCD_HELP),
     coordinator: str = typer.Option(None, help=COORD_HELP),
@@ -335,6 +439,10 @@ def submit(
 
     from protos.agentmesh.v1 import task_pb2 as tpb
 
+    if not 0 <= priority <= 9:
+        _fail(f"--priority {priority} is out of range: use 0 (lowest) to 9", 2)
+    if count < 1:
+        _fail("--count must be at least 1", 2)
     specs: list[tpb.TaskSpec] = []
     if file is not None:
         if not file.exists():
@@ -356,11 +464,17 @@ def submit(
                 _fail(f"--label {item!r} must be key=value", 2)
             labels[k] = v
         for i in range(count):
-            specs.append(tpb.TaskSpec(kind=kind, payload=payload.encode(), priority=max(0, priority) if priority >= 0 else 99,
-                                      task_id=(task_id if count == 1 else f"{task_id}-{i}") if task_id else "",
-                                      role=role, required_labels=labels, max_attempts=max_attempts))
-    if priority < 0 or priority > 9:
-        _fail(f"--priority {priority} is out of range: use 0 (lowest) to 9", 2)
+            specs.append(
+                tpb.TaskSpec(
+                    kind=kind,
+                    payload=payload.encode(),
+                    priority=priority,
+                    task_id=(task_id if count == 1 else f"{task_id}-{i}") if task_id else "",
+                    role=role,
+                    required_labels=labels,
+                    max_attempts=max_attempts,
+                )
+            )
 
     async def go() -> None:
         async with _client(etcd, coordinator, cluster) as client:
@@ -371,8 +485,10 @@ def submit(
                 await _submit_and_wait(client, specs, wait=True)
             elif len(specs) == 1:
                 resp = await client.submit(specs[0])
-                console.print(f"{resp.task.task_id} {'created' if resp.created else 'exists'} "
-                              f"{tpb.TaskState.Name(resp.task.state).removeprefix('TASK_STATE_')}")
+                console.print(
+                    f"{resp.task.task_id} {'created' if resp.created else 'exists'} "
+                    f"{tpb.TaskState.Name(resp.task.state).removeprefix('TASK_STATE_')}"
+                )
             else:
                 for i in range(0, len(specs), 500):
                     resp = await client.submit_batch(specs[i : i + 500])
@@ -385,13 +501,22 @@ def submit(
 def _task_row(t: Any) -> list[str]:
     from protos.agentmesh.v1 import task_pb2 as tpb
 
-    return [t.task_id, t.spec.kind, tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_"), str(t.spec.priority),
-            str(t.attempts), t.agent_id, (t.last_error or "")[:50]]
+    return [
+        t.task_id,
+        t.spec.kind,
+        tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_"),
+        str(t.spec.priority),
+        str(t.attempts),
+        t.agent_id,
+        (t.last_error or "")[:50],
+    ]
 
 
 @app.command()
 def tasks(
-    state: list[str] = typer.Option([], help="only these states (QUEUED, ASSIGNED, SUCCEEDED, DEAD_LETTER, ...)"),
+    state: list[str] = typer.Option(
+        [], help="only these states (QUEUED, ASSIGNED, SUCCEEDED, DEAD_LETTER, ...)"
+    ),
     kind: str = typer.Option("", help="only this kind"),
     agent: str = typer.Option("", help="only tasks held by this agent"),
     limit: int = typer.Option(50, help="rows to show (1-1000)"),
@@ -408,7 +533,10 @@ def tasks(
     try:
         states = [tpb.TaskState.Value("TASK_STATE_" + s.upper()) for s in state]
     except ValueError:
-        _fail(f"unknown state in {state}; use {', '.join(n.removeprefix('TASK_STATE_') for n in tpb.TaskState.keys()[1:])}", 2)
+        _fail(
+            f"unknown state in {state}; use {', '.join(n.removeprefix('TASK_STATE_') for n in tpb.TaskState.keys()[1:])}",
+            2,
+        )
 
     async def go() -> Any:
         async with _client(etcd, coordinator, cluster) as client:
@@ -478,11 +606,28 @@ def agents(
 
     resp = _call(go())
     table = Table(title=f"{len(resp.agents)} agents")
-    for col in ("agent", "pool", "kinds", "roles", "inflight/cap", "done", "failed", "latency ema ms"):
+    for col in (
+        "agent",
+        "pool",
+        "kinds",
+        "roles",
+        "inflight/cap",
+        "done",
+        "failed",
+        "latency ema ms",
+    ):
         table.add_column(col)
     for a in sorted(resp.agents, key=lambda a: a.agent_id):
-        table.add_row(a.agent_id, a.pool_id, ",".join(a.kinds), ",".join(a.roles), f"{a.inflight}/{a.capacity}",
-                      str(a.completed), str(a.failed), f"{a.latency_ema_ms:.1f}")
+        table.add_row(
+            a.agent_id,
+            a.pool_id,
+            ",".join(a.kinds),
+            ",".join(a.roles),
+            f"{a.inflight}/{a.capacity}",
+            str(a.completed),
+            str(a.failed),
+            f"{a.latency_ema_ms:.1f}",
+        )
     console.print(table)
 
 
@@ -502,8 +647,12 @@ def status(
     console.print(f"leader     {s.leader_id or '-'} at {s.leader_endpoint or '-'}  term {s.term}")
     for sb in s.standbys:
         console.print(f"standby    {sb.instance_id} at {sb.endpoint}")
-    console.print(f"agents     {s.agents_connected} connected   queue depth {s.queue_depth}   strategy {s.assignment_strategy}")
-    console.print("tasks      " + ("  ".join(f"{k} {v}" for k, v in sorted(s.task_counts.items())) or "-"))
+    console.print(
+        f"agents     {s.agents_connected} connected   queue depth {s.queue_depth}   strategy {s.assignment_strategy}"
+    )
+    console.print(
+        "tasks      " + ("  ".join(f"{k} {v}" for k, v in sorted(s.task_counts.items())) or "-")
+    )
     for svc in sorted(s.services, key=lambda x: (x.kind, x.instance_id)):
         console.print(f"service    {svc.kind:<12} {svc.instance_id:<24} {svc.endpoint}")
 
@@ -520,7 +669,9 @@ def health(
 
     try:
         with grpc.insecure_channel(target) as channel:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
     except grpc.RpcError as err:
         _fail(f"{target}: {err.code().name}")  # type: ignore[attr-defined]
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
@@ -545,4 +696,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

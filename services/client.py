@@ -4,7 +4,6 @@ follows a standby's pointer to the leader, and retries what is safe to retry."""
 from __future__ import annotations
 
 import asyncio
-
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
@@ -160,7 +159,9 @@ class MeshClient:
     async def status(self) -> cpb.ClusterStatus:
         return await self._call("GetStatus", cpb.GetStatusRequest())  # type: ignore[no-any-return]
 
-    async def watch_events(self, states: Sequence[int] = ()) -> AsyncIterator[tpb.TaskEvent]:
+    async def watch_events(
+        self, states: Sequence[Any] = ()
+    ) -> AsyncIterator[tpb.TaskEvent]:
         """Every task change from now on; reconnects to a new leader by itself.
 
         Events during a reconnect are missed: callers that must not miss a terminal
@@ -205,5 +206,3 @@ def _new_key() -> str:
     import uuid
 
     return uuid.uuid4().hex
-
-

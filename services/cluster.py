@@ -46,7 +46,9 @@ class LocalCluster:
         self.spec = spec
         self.data_dir = Path(spec.data_dir)
         self.log_dir = self.data_dir / "logs"
-        self.etcd = EtcdServer(self.data_dir / "etcd", client_port=spec.etcd_port, log_path=self.log_dir / "etcd.log")
+        self.etcd = EtcdServer(
+            self.data_dir / "etcd", client_port=spec.etcd_port, log_path=self.log_dir / "etcd.log"
+        )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, list[str]] = {}
         first = spec.coordinator_port
@@ -85,15 +87,36 @@ class LocalCluster:
         for i, endpoint in enumerate(self.coordinator_endpoints):
             self._spawn(
                 f"coordinator-{i + 1}",
-                ["serve", "coordinator", "--listen", endpoint, "--node-id", f"coordinator-{i + 1}", "--strategy", self.spec.strategy],
+                [
+                    "serve",
+                    "coordinator",
+                    "--listen",
+                    endpoint,
+                    "--node-id",
+                    f"coordinator-{i + 1}",
+                    "--strategy",
+                    self.spec.strategy,
+                ],
             )
-        per_pool = [self.spec.agents // self.spec.pools + (1 if i < self.spec.agents % self.spec.pools else 0) for i in range(self.spec.pools)]
+        per_pool = [
+            self.spec.agents // self.spec.pools
+            + (1 if i < self.spec.agents % self.spec.pools else 0)
+            for i in range(self.spec.pools)
+        ]
         for i, n in enumerate(per_pool):
             self._spawn(
                 f"pool-{i + 1}",
                 [
-                    "serve", "agent-pool", "--pool-id", f"pool-{i + 1}", "--agents", str(n),
-                    "--capacity", str(self.spec.capacity), "--sleep-ms", self.spec.sleep_ms,
+                    "serve",
+                    "agent-pool",
+                    "--pool-id",
+                    f"pool-{i + 1}",
+                    "--agents",
+                    str(n),
+                    "--capacity",
+                    str(self.spec.capacity),
+                    "--sleep-ms",
+                    self.spec.sleep_ms,
                 ],
             )
 
@@ -145,7 +168,9 @@ class LocalCluster:
 
         want = self.spec.agents if agents is None else agents
         t0 = time.monotonic()
-        async with MeshClient(etcd=self.etcd.endpoint, cluster=self.spec.cluster, timeout_s=2.0, retry_s=1.0) as client:
+        async with MeshClient(
+            etcd=self.etcd.endpoint, cluster=self.spec.cluster, timeout_s=2.0, retry_s=1.0
+        ) as client:
             while time.monotonic() - t0 < timeout_s:
                 dead = [n for n in self.dead() if n.startswith(("coordinator", "pool"))]
                 if dead:
@@ -157,4 +182,6 @@ class LocalCluster:
                 except Exception:  # noqa: BLE001 - not up yet
                     pass
                 await asyncio.sleep(0.1)
-        raise TimeoutError(f"cluster not ready after {timeout_s}s (want {want} agents); see {self.log_dir}")
+        raise TimeoutError(
+            f"cluster not ready after {timeout_s}s (want {want} agents); see {self.log_dir}"
+        )

@@ -31,7 +31,11 @@ def _parse(raw: str, hint: Any, name: str) -> Any:
         ) from None
 
 
-def load(cls: type[T], overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> T:
+def load(
+    cls: type[T],
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
     """Build `cls` from defaults, then AGENTMESH_<FIELD> variables, then non-None overrides."""
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)

@@ -78,13 +78,15 @@ def rpc_errors(method: F) -> F:
             raise
         except Exception:
             log.exception("unhandled error", extra={"rpc": method.__name__})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
+            )
 
     return wrapper  # type: ignore[return-value]
 
 
 def bind(server: grpc.aio.Server, listen: str) -> int:
-    port = server.add_insecure_port(listen)
+    port = int(server.add_insecure_port(listen))
     if port == 0:
         raise OSError(f"cannot listen on {listen}: address in use or invalid")
     return port

@@ -40,4 +40,4 @@ def server_interceptor() -> Any | None:
         provider = TracerProvider()
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
         trace.set_tracer_provider(provider)
-    return aio_server_interceptor()
+    return aio_server_interceptor()  # type: ignore[no-untyped-call]

@@ -153,7 +153,10 @@ class Agent:
                 log.info("leader moved; reconnecting", extra={"agent": self.agent_id})
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    log.error("coordinator refused the agent", extra={"agent": self.agent_id, "error": err.details()})
+                    log.error(
+                        "coordinator refused the agent",
+                        extra={"agent": self.agent_id, "error": err.details()},
+                    )
                 if not welcomed:
                     raise Reconnect(f"stream failed: {err.code().name}") from err
             if not welcomed:
@@ -199,7 +202,14 @@ class Agent:
         elif body == "ack":
             self.unacked.pop(msg.ack.task_id, None)
             if not msg.ack.accepted:
-                log.info("report refused", extra={"agent": self.agent_id, "task": msg.ack.task_id, "reason": msg.ack.reason})
+                log.info(
+                    "report refused",
+                    extra={
+                        "agent": self.agent_id,
+                        "task": msg.ack.task_id,
+                        "reason": msg.ack.reason,
+                    },
+                )
         elif body == "cancel":
             held = self.running.pop(msg.cancel.task_id, None)
             if held:
@@ -208,24 +218,37 @@ class Agent:
         elif body == "redirect":
             self.ctx.on_redirect(msg.redirect.leader_endpoint)
         elif body == "drain":
-            log.info("coordinator asked the agent to drain", extra={"agent": self.agent_id, "reason": msg.drain.reason})
+            log.info(
+                "coordinator asked the agent to drain",
+                extra={"agent": self.agent_id, "reason": msg.drain.reason},
+            )
 
     async def _execute(self, task: tpb.Task, received_at_us: int) -> None:
         token = task.claim_token
         # "accepted" (→ RUNNING) only for work that takes a while: a fast task's result
         # carries received_at_us itself, which saves a message per task under load
-        accepted = cpb.AgentMessage(accepted=cpb.TaskAccepted(task_id=task.task_id, claim_token=token, received_at_us=received_at_us))
+        accepted = cpb.AgentMessage(
+            accepted=cpb.TaskAccepted(
+                task_id=task.task_id, claim_token=token, received_at_us=received_at_us
+            )
+        )
         announce = asyncio.get_running_loop().call_later(ACCEPTED_AFTER_S, self._send, accepted)
         executor = self.ctx.executors.get(task.spec.kind)
         report: cpb.AgentMessage
         try:
             if executor is None:
-                raise ExecutorError(f"this agent has no executor for kind {task.spec.kind!r}", retryable=True)
+                raise ExecutorError(
+                    f"this agent has no executor for kind {task.spec.kind!r}", retryable=True
+                )
             timeout = task.spec.timeout_s or self.ctx.task_timeout_s
             outcome = await asyncio.wait_for(executor.run(task), timeout)
             report = cpb.AgentMessage(
                 result=cpb.TaskResult(
-                    task_id=task.task_id, claim_token=token, output=outcome.output, usage=outcome.usage, received_at_us=received_at_us
+                    task_id=task.task_id,
+                    claim_token=token,
+                    output=outcome.output,
+                    usage=outcome.usage,
+                    received_at_us=received_at_us,
                 )
             )
             self.completed += 1
@@ -233,7 +256,9 @@ class Agent:
             raise
         except TimeoutError:
             self.failed += 1
-            report = _failure(task, f"timed out after {task.spec.timeout_s or self.ctx.task_timeout_s} s", True)
+            report = _failure(
+                task, f"timed out after {task.spec.timeout_s or self.ctx.task_timeout_s} s", True
+            )
         except ExecutorError as err:
             self.failed += 1
             report = _failure(task, str(err), err.retryable)
@@ -262,7 +287,9 @@ class Agent:
 
 def _failure(task: tpb.Task, error: str, retryable: bool) -> cpb.AgentMessage:
     return cpb.AgentMessage(
-        failure=cpb.TaskFailure(task_id=task.task_id, claim_token=task.claim_token, error=error, retryable=retryable)
+        failure=cpb.TaskFailure(
+            task_id=task.task_id, claim_token=task.claim_token, error=error, retryable=retryable
+        )
     )
 
 

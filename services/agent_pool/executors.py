@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -82,7 +83,9 @@ class SleepExecutor:
                 if isinstance(doc, dict) and "ms" in doc:
                     ms = float(doc["ms"])
             except (ValueError, TypeError):
-                raise ExecutorError("sleep payload must be JSON like {\"ms\": 50}", retryable=False) from None
+                raise ExecutorError(
+                    'sleep payload must be JSON like {"ms": 50}', retryable=False
+                ) from None
         await asyncio.sleep(max(0.0, ms) / 1000.0)
         return Outcome(json.dumps({"simulated": True, "slept_ms": round(ms, 3)}).encode())
 
@@ -96,11 +99,11 @@ class FailExecutor:
     async def run(self, task: tpb.Task) -> Outcome:
         retryable = True
         if task.spec.payload:
-            try:
+            with contextlib.suppress(ValueError, AttributeError):
                 retryable = bool(json.loads(task.spec.payload).get("retryable", True))
-            except (ValueError, AttributeError):
-                pass
-        raise ExecutorError(f"fail executor: attempt {task.attempts} failed on purpose", retryable=retryable)
+        raise ExecutorError(
+            f"fail executor: attempt {task.attempts} failed on purpose", retryable=retryable
+        )
 
 
 def build_executors(kinds: tuple[str, ...], sleep_ms: str) -> dict[str, Executor]:

@@ -24,7 +24,16 @@ from registry.etcd import Etcd, op_put
 from registry.lease import KeptLease
 from services._common.clock import SystemClock
 from services._common.errors import InvalidArgumentError, StoreUnavailableError
-from services._common.grpcserver import OPTIONS, SERVING, advertised, bind, build_server, rpc_errors, shutdown, stop_event
+from services._common.grpcserver import (
+    OPTIONS,
+    SERVING,
+    advertised,
+    bind,
+    build_server,
+    rpc_errors,
+    shutdown,
+    stop_event,
+)
 from services.agent_pool.agent import A, Agent, PoolContext, leader_endpoint_of
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.executors import build_executors
@@ -39,7 +48,9 @@ class PoolNode:
     def __init__(self, cfg: PoolConfig) -> None:
         self.cfg = cfg
         self.pool_id = cfg.pool_id or f"pool-{os.getpid()}-{secrets.token_hex(2)}"
-        self.etcd = Etcd(cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s)
+        self.etcd = Etcd(
+            cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
+        )
         self.lease = KeptLease(self.etcd, cfg.lease_ttl_s, SystemClock())
         self.executors = build_executors(cfg.kinds, cfg.sleep_ms)
         self.defaults = ppb.AgentTemplate(
@@ -112,7 +123,9 @@ class PoolNode:
             if t.kinds:
                 missing = [k for k in t.kinds if k not in self.executors]
                 if missing:
-                    raise InvalidArgumentError(f"template.kinds {missing} have no executor in this pool; use {sorted(self.executors)}")
+                    raise InvalidArgumentError(
+                        f"template.kinds {missing} have no executor in this pool; use {sorted(self.executors)}"
+                    )
                 del out.kinds[:]
                 out.kinds.extend(t.kinds)
             if t.capacity:
@@ -129,7 +142,13 @@ class PoolNode:
             ops = [
                 op_put(
                     self.etcd.key("agents", a.agent_id),
-                    json.dumps({"pool": self.pool_id, "kinds": list(a.template.kinds), "roles": list(a.template.roles)}).encode(),
+                    json.dumps(
+                        {
+                            "pool": self.pool_id,
+                            "kinds": list(a.template.kinds),
+                            "roles": list(a.template.roles),
+                        }
+                    ).encode(),
                     self.lease.id,
                 )
                 for a in agents[i : i + 128]
@@ -138,7 +157,11 @@ class PoolNode:
                 await self.etcd.txn([], ops)
 
     async def spawn(
-        self, count: int, batch_size: int, template: ppb.AgentTemplate | None, timeout_s: float = 30.0
+        self,
+        count: int,
+        batch_size: int,
+        template: ppb.AgentTemplate | None,
+        timeout_s: float = 30.0,
     ) -> tuple[list[Agent], int]:
         """Start `count` agents, `batch_size` at a time; wait until each is welcomed."""
         if not 1 <= count <= MAX_SPAWN:
@@ -160,7 +183,9 @@ class PoolNode:
                 self.agents[agent.agent_id] = (agent, asyncio.ensure_future(agent.run()))
             await self._register_agents(wave)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(a.welcomed.wait() for a in wave)), timeout_s)
+                await asyncio.wait_for(
+                    asyncio.gather(*(a.welcomed.wait() for a in wave)), timeout_s
+                )
             started.extend(wave)
         self._refill_warm()
         return started, from_warm
@@ -171,10 +196,7 @@ class PoolNode:
             self.warm[-1].state = A.AGENT_STATE_WARM
 
     async def stop_agents(self, agent_ids: list[str], count: int, graceful: bool) -> list[str]:
-        if agent_ids:
-            chosen = list(agent_ids)
-        else:
-            chosen = list(self.agents)[-count:] if count else []
+        chosen = list(agent_ids) if agent_ids else list(self.agents)[-count:] if count else []
         unknown = [a for a in chosen if a not in self.agents]
         if unknown:
             raise InvalidArgumentError(f"unknown agent ids in this pool: {unknown[:5]}")
@@ -198,7 +220,9 @@ class PoolNode:
         every agent so its hello carries the new lease."""
         while True:
             await self.lease.keep_alive()
-            log.warning("pool lease lost; renewing and reconnecting agents", extra={"pool": self.pool_id})
+            log.warning(
+                "pool lease lost; renewing and reconnecting agents", extra={"pool": self.pool_id}
+            )
             while True:
                 try:
                     await self.lease.grant()
@@ -211,7 +235,9 @@ class PoolNode:
                 self.agents[agent_id] = (agent, asyncio.ensure_future(agent.run()))
 
     async def _register(self) -> None:
-        instance = discovery.Instance("agent-pool", self.pool_id, self.endpoint, {"agents": str(len(self.agents))})
+        instance = discovery.Instance(
+            "agent-pool", self.pool_id, self.endpoint, {"agents": str(len(self.agents))}
+        )
         await discovery.register(self.etcd, self.lease.id, instance)
         await self._register_agents([a for a, _ in self.agents.values()])
 
@@ -228,7 +254,10 @@ class PoolNode:
         await self.health.set("", SERVING)
         await self.health.set(SERVICE, SERVING)
         log.info("agent pool listening", extra={"endpoint": self.endpoint, "pool": self.pool_id})
-        background = [asyncio.ensure_future(self._follow_leader()), asyncio.ensure_future(self._keep_lease())]
+        background = [
+            asyncio.ensure_future(self._follow_leader()),
+            asyncio.ensure_future(self._keep_lease()),
+        ]
         try:
             if self.cfg.agents:
                 t0 = time.monotonic()
@@ -236,7 +265,11 @@ class PoolNode:
                 ready = sum(a.welcomed.is_set() for a in agents)
                 log.info(
                     "agents started",
-                    extra={"ready": ready, "requested": self.cfg.agents, "elapsed_ms": round((time.monotonic() - t0) * 1000, 1)},
+                    extra={
+                        "ready": ready,
+                        "requested": self.cfg.agents,
+                        "elapsed_ms": round((time.monotonic() - t0) * 1000, 1),
+                    },
                 )
             else:
                 self._refill_warm()
@@ -260,7 +293,9 @@ class PoolServicer(ppb_grpc.AgentPoolServicer):
         self.node = node
 
     @rpc_errors
-    async def SpawnAgents(self, request: ppb.SpawnAgentsRequest, context: grpc.aio.ServicerContext) -> ppb.SpawnAgentsResponse:
+    async def SpawnAgents(
+        self, request: ppb.SpawnAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> ppb.SpawnAgentsResponse:
         t0 = time.monotonic()
         template = request.template if request.HasField("template") else None
         agents, from_warm = await self.node.spawn(request.count, request.batch_size, template)
@@ -268,10 +303,15 @@ class PoolServicer(ppb_grpc.AgentPoolServicer):
             agents=[a.info() for a in agents], elapsed_s=time.monotonic() - t0, from_warm=from_warm
         )
 
-    async def SpawnWaves(self, request: ppb.SpawnWavesRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[ppb.SpawnProgress]:
+    async def SpawnWaves(
+        self, request: ppb.SpawnWavesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ppb.SpawnProgress]:
         node = self.node
         if not 1 <= request.count <= MAX_SPAWN:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count {request.count} is out of range: use 1-{MAX_SPAWN}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"count {request.count} is out of range: use 1-{MAX_SPAWN}",
+            )
         if request.wave_interval_s < 0 or request.wave_interval_s > 3600:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "wave_interval_s must be 0-3600")
         wave_size = request.wave_size or 10
@@ -287,31 +327,49 @@ class PoolServicer(ppb_grpc.AgentPoolServicer):
             ok = sum(a.welcomed.is_set() for a in agents)
             ready += ok
             failed += len(agents) - ok
-            yield ppb.SpawnProgress(wave=wave, started=started, ready=ready, failed=failed, elapsed_s=time.monotonic() - t0)
+            yield ppb.SpawnProgress(
+                wave=wave,
+                started=started,
+                ready=ready,
+                failed=failed,
+                elapsed_s=time.monotonic() - t0,
+            )
             if first + wave_size < request.count:
                 await asyncio.sleep(request.wave_interval_s)
 
     @rpc_errors
-    async def StopAgents(self, request: ppb.StopAgentsRequest, context: grpc.aio.ServicerContext) -> ppb.StopAgentsResponse:
+    async def StopAgents(
+        self, request: ppb.StopAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> ppb.StopAgentsResponse:
         if not request.agent_ids and not request.count:
             raise InvalidArgumentError("give agent_ids or a count of agents to stop")
-        stopped = await self.node.stop_agents(list(request.agent_ids), request.count, request.graceful)
+        stopped = await self.node.stop_agents(
+            list(request.agent_ids), request.count, request.graceful
+        )
         return ppb.StopAgentsResponse(stopped=stopped)
 
     @rpc_errors
-    async def ListAgents(self, request: ppb.ListPoolAgentsRequest, context: grpc.aio.ServicerContext) -> ppb.ListPoolAgentsResponse:
+    async def ListAgents(
+        self, request: ppb.ListPoolAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> ppb.ListPoolAgentsResponse:
         node = self.node
         return ppb.ListPoolAgentsResponse(
-            pool_id=node.pool_id, agents=[a.info() for a, _ in node.agents.values()], warm=len(node.warm)
+            pool_id=node.pool_id,
+            agents=[a.info() for a, _ in node.agents.values()],
+            warm=len(node.warm),
         )
 
     @rpc_errors
-    async def Drain(self, request: ppb.DrainPoolRequest, context: grpc.aio.ServicerContext) -> ppb.DrainPoolResponse:
+    async def Drain(
+        self, request: ppb.DrainPoolRequest, context: grpc.aio.ServicerContext
+    ) -> ppb.DrainPoolResponse:
         agents = [a for a, _ in self.node.agents.values()]
         for agent in agents:
             agent.draining = True
             agent.state = A.AGENT_STATE_DRAINING
-            agent._send(cpb.AgentMessage(draining=cpb.AgentDraining(reason=request.reason or "pool drain")))
+            agent._send(
+                cpb.AgentMessage(draining=cpb.AgentDraining(reason=request.reason or "pool drain"))
+            )
         return ppb.DrainPoolResponse(draining=len(agents))
 
 
@@ -319,6 +377,8 @@ async def serve(cfg: PoolConfig) -> None:
     node = PoolNode(cfg)
     stop = stop_event()
     runner = asyncio.ensure_future(node.run())
-    done, _ = await asyncio.wait({runner, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait(
+        {runner, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+    )
     node.stop.set()
     await runner

@@ -22,14 +22,19 @@ import hashlib
 import logging
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import Clock
-from services._common.errors import InvalidArgumentError, NotFoundError, NotLeaderError, StoreUnavailableError
+from services._common.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    NotLeaderError,
+    StoreUnavailableError,
+)
 from services.coordinator.config import CoordinatorConfig
 
 log = logging.getLogger(__name__)
@@ -104,7 +109,9 @@ class Store(Protocol):
 def validate_spec(spec: tpb.TaskSpec, cfg: CoordinatorConfig, where: str = "spec") -> None:
     """Raise InvalidArgumentError naming the field to fix."""
     if not spec.kind:
-        raise InvalidArgumentError(f"{where}.kind is required (one of: {', '.join(cfg.task_kinds)})")
+        raise InvalidArgumentError(
+            f"{where}.kind is required (one of: {', '.join(cfg.task_kinds)})"
+        )
     if spec.kind not in cfg.task_kinds:
         raise InvalidArgumentError(
             f"{where}.kind {spec.kind!r} is unknown; use one of: {', '.join(cfg.task_kinds)}"
@@ -120,13 +127,21 @@ def validate_spec(spec: tpb.TaskSpec, cfg: CoordinatorConfig, where: str = "spec
             f"{where}.payload is {len(spec.payload)} bytes; the limit is {cfg.max_payload_bytes} bytes"
         )
     if spec.priority > 9:
-        raise InvalidArgumentError(f"{where}.priority {spec.priority} is out of range: use 0 (lowest) to 9")
+        raise InvalidArgumentError(
+            f"{where}.priority {spec.priority} is out of range: use 0 (lowest) to 9"
+        )
     if spec.max_attempts > 100:
-        raise InvalidArgumentError(f"{where}.max_attempts {spec.max_attempts} is out of range: use 1-100 (0: default)")
+        raise InvalidArgumentError(
+            f"{where}.max_attempts {spec.max_attempts} is out of range: use 1-100 (0: default)"
+        )
     if spec.timeout_s < 0 or spec.timeout_s != spec.timeout_s:
-        raise InvalidArgumentError(f"{where}.timeout_s must be a positive number of seconds (0: default)")
+        raise InvalidArgumentError(
+            f"{where}.timeout_s must be a positive number of seconds (0: default)"
+        )
     if len(spec.metadata) > 64:
-        raise InvalidArgumentError(f"{where}.metadata has {len(spec.metadata)} entries; the limit is 64")
+        raise InvalidArgumentError(
+            f"{where}.metadata has {len(spec.metadata)} entries; the limit is 64"
+        )
 
 
 def task_id_for(spec: tpb.TaskSpec, wall_us: int, rng: random.Random) -> str:
@@ -142,7 +157,7 @@ def task_id_for(spec: tpb.TaskSpec, wall_us: int, rng: random.Random) -> str:
 def backoff_s(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, so retries
     of a burst of failures spread out without ever retrying at once."""
-    ceiling = min(cap_s, base_s * (2 ** max(0, attempt - 1)))
+    ceiling = min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
@@ -158,7 +173,8 @@ class Agent:
     labels: dict[str, str]
     kinds: frozenset[str]
     capacity: int
-    send: Callable[[cpb.CoordinatorMessage], None]
+    send: Callable[[cpb.CoordinatorMessage | None], None]
+    """Queues a message to the agent; None closes the stream."""
     connected_at_us: int = 0
     inflight: set[str] = field(default_factory=set)
     completed: int = 0
@@ -197,7 +213,9 @@ class Agent:
 
 def validate_hello(hello: cpb.AgentHello) -> None:
     if not _ID_RE.match(hello.agent_id):
-        raise InvalidArgumentError("hello.agent_id is required: 1-128 characters of A-Z a-z 0-9 . _ -")
+        raise InvalidArgumentError(
+            "hello.agent_id is required: 1-128 characters of A-Z a-z 0-9 . _ -"
+        )
     if hello.lease_id <= 0:
         raise InvalidArgumentError("hello.lease_id must be the agent process's live etcd lease")
     if not 1 <= hello.capacity <= 1000:
@@ -211,7 +229,9 @@ class Strategy:
 
     def __init__(self, name: str, rng: random.Random) -> None:
         if name not in STRATEGIES:
-            raise ValueError(f"unknown assignment strategy {name!r}; use one of {', '.join(STRATEGIES)}")
+            raise ValueError(
+                f"unknown assignment strategy {name!r}; use one of {', '.join(STRATEGIES)}"
+            )
         self.name = name
         self.rng = rng
         self._rr = 0
@@ -302,7 +322,9 @@ class CoordinatorCore:
 
     # ---- loading a term ----
 
-    def load(self, records: Iterable[tuple[tpb.Task, int]], live_claims: dict[str, int]) -> list[str]:
+    def load(
+        self, records: Iterable[tuple[tpb.Task, int]], live_claims: dict[str, int]
+    ) -> list[str]:
         """Adopt the non-terminal records found in etcd at the start of a term.
 
         Returns the ids of ASSIGNED tasks whose claim is gone: the caller requeues them.
@@ -340,9 +362,9 @@ class CoordinatorCore:
             self.wake.set()
             raise
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a follow-up write without blocking the caller (the dispatcher, a stream)."""
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background_done)
 
@@ -365,7 +387,9 @@ class CoordinatorCore:
         if not specs:
             raise InvalidArgumentError("specs is empty: submit at least one task")
         if len(specs) > MAX_BATCH:
-            raise InvalidArgumentError(f"a batch holds at most {MAX_BATCH} tasks; split it ({len(specs)} given)")
+            raise InvalidArgumentError(
+                f"a batch holds at most {MAX_BATCH} tasks; split it ({len(specs)} given)"
+            )
         for i, spec in enumerate(specs):
             validate_spec(spec, self.cfg, f"specs[{i}]" if len(specs) > 1 else "spec")
         now = self.clock.wall_us()
@@ -381,7 +405,9 @@ class CoordinatorCore:
             stored.task_id = task_id
             if not stored.max_attempts:
                 stored.max_attempts = self.cfg.default_max_attempts
-            task = tpb.Task(task_id=task_id, spec=stored, state=QUEUED, created_at_us=now, term=self.term)
+            task = tpb.Task(
+                task_id=task_id, spec=stored, state=QUEUED, created_at_us=now, term=self.term
+            )
             writes.append(Write(task, expect_mod=0))
         results = await self._commit(writes)
         out: list[tuple[tpb.Task, bool]] = []
@@ -395,7 +421,9 @@ class CoordinatorCore:
             else:
                 existing = res.existing
                 if existing is None:
-                    raise StoreUnavailableError("submit was refused by etcd without a record; retry")
+                    raise StoreUnavailableError(
+                        "submit was refused by etcd without a record; retry"
+                    )
                 entry = self.active.get(existing.task_id)
                 out.append((entry.task if entry else existing, False))
         self.wake.set()
@@ -407,7 +435,9 @@ class CoordinatorCore:
             return entry.task
         found = await self.store.read(task_id)
         if found is None:
-            raise NotFoundError(f"task {task_id!r} does not exist (or expired after the retention period)")
+            raise NotFoundError(
+                f"task {task_id!r} does not exist (or expired after the retention period)"
+            )
         return found[0]
 
     async def cancel(self, task_id: str, reason: str) -> tpb.Task:
@@ -435,13 +465,19 @@ class CoordinatorCore:
             return await self.get(task_id)
         self._finish(entry, new, prev_state)
         if prev_state in HELD and (agent := self.agents.get(task.agent_id)):
-            agent.send(cpb.CoordinatorMessage(cancel=cpb.CancelAssignment(task_id=task_id, reason=new.last_error)))
+            agent.send(
+                cpb.CoordinatorMessage(
+                    cancel=cpb.CancelAssignment(task_id=task_id, reason=new.last_error)
+                )
+            )
             self._release(agent, task_id)
         return new
 
     # ---- agents ----
 
-    def connect(self, hello: cpb.AgentHello, send: Callable[[cpb.CoordinatorMessage], None]) -> Agent:
+    def connect(
+        self, hello: cpb.AgentHello, send: Callable[[cpb.CoordinatorMessage | None], None]
+    ) -> Agent:
         validate_hello(hello)
         if hello.agent_id in self.agents:
             # a reconnect racing its own old stream: the newest stream wins
@@ -460,14 +496,22 @@ class CoordinatorCore:
             order=self._order,
         )
         self.agents[agent.agent_id] = agent
-        send(cpb.CoordinatorMessage(welcome=cpb.Welcome(coordinator_id=self.node_id, term=self.term)))
+        send(
+            cpb.CoordinatorMessage(welcome=cpb.Welcome(coordinator_id=self.node_id, term=self.term))
+        )
         for ref in hello.held_claims:
             entry = self.active.get(ref.task_id)
             if entry and entry.task.state in HELD and entry.task.claim_token == ref.claim_token:
                 entry.task.agent_id = agent.agent_id
                 agent.inflight.add(ref.task_id)
             else:
-                send(cpb.CoordinatorMessage(cancel=cpb.CancelAssignment(task_id=ref.task_id, reason="claim is no longer valid")))
+                send(
+                    cpb.CoordinatorMessage(
+                        cancel=cpb.CancelAssignment(
+                            task_id=ref.task_id, reason="claim is no longer valid"
+                        )
+                    )
+                )
         if agent.free() > 0:
             self.free[agent.agent_id] = agent
         self.wake.set()
@@ -480,7 +524,9 @@ class CoordinatorCore:
             return
         self.free.pop(agent_id, None)
         for task_id in tuple(agent.inflight):
-            self._spawn(self._requeue(task_id, agent.agent_id, "agent disconnected", count_attempt=True))
+            self._spawn(
+                self._requeue(task_id, agent.agent_id, "agent disconnected", count_attempt=True)
+            )
         agent.inflight.clear()
 
     def drain(self, agent_id: str) -> None:
@@ -520,7 +566,11 @@ class CoordinatorCore:
             ack.reason = f"task {msg.task_id!r} is not in flight (finished, cancelled or unknown)"
             return ack
         task = entry.task
-        if task.state not in HELD or task.claim_token != msg.claim_token or task.agent_id != agent_id:
+        if (
+            task.state not in HELD
+            or task.claim_token != msg.claim_token
+            or task.agent_id != agent_id
+        ):
             ack.reason = f"stale or foreign claim token {msg.claim_token} for task {msg.task_id!r}"
             return ack
         while entry.busy:  # a cancel is being written; then the claim is gone anyway
@@ -548,13 +598,16 @@ class CoordinatorCore:
                 new.state = QUEUED
                 new.finished_at_us = 0
                 new.not_before_us = now + int(
-                    backoff_s(task.attempts, self.cfg.retry_base_s, self.cfg.retry_cap_s, self.rng) * 1e6
+                    backoff_s(task.attempts, self.cfg.retry_base_s, self.cfg.retry_cap_s, self.rng)
+                    * 1e6
                 )
             else:
                 new.state = DEAD_LETTER
         entry.busy = True
         try:
-            (res,) = await self._commit([Write(new, entry.mod, expect_claim=msg.claim_token, delete_claim=True)])
+            (res,) = await self._commit(
+                [Write(new, entry.mod, expect_claim=msg.claim_token, delete_claim=True)]
+            )
         finally:
             entry.busy = False
         if not res.ok:
@@ -568,7 +621,9 @@ class CoordinatorCore:
             else:
                 agent.failed += 1
             took_ms = max(0.0, (now - task.assigned_at_us) / 1000.0)
-            agent.latency_ema_ms = took_ms if not agent.latency_ema_ms else 0.8 * agent.latency_ema_ms + 0.2 * took_ms
+            agent.latency_ema_ms = (
+                took_ms if not agent.latency_ema_ms else 0.8 * agent.latency_ema_ms + 0.2 * took_ms
+            )
         if new.state == QUEUED:
             entry.task, entry.mod = new, res.revision
             self._delay(new)
@@ -591,7 +646,11 @@ class CoordinatorCore:
         while entry.busy:
             await asyncio.sleep(0.001)
         task = entry.task
-        if self.active.get(task_id) is not entry or task.state not in HELD or task.agent_id != agent_id:
+        if (
+            self.active.get(task_id) is not entry
+            or task.state not in HELD
+            or task.agent_id != agent_id
+        ):
             return
         new = _copy(task)
         new.last_error = why
@@ -619,18 +678,41 @@ class CoordinatorCore:
     def claim_lost(self, task_id: str, token: int) -> None:
         """etcd deleted a claim (its agent's lease expired)."""
         entry = self.active.get(task_id)
-        if entry and entry.task.state in HELD and entry.task.claim_token == token and not entry.busy:
+        if (
+            entry
+            and entry.task.state in HELD
+            and entry.task.claim_token == token
+            and not entry.busy
+        ):
             agent = self.agents.get(entry.task.agent_id)
             if agent:
                 agent.inflight.discard(task_id)
-                agent.send(cpb.CoordinatorMessage(cancel=cpb.CancelAssignment(task_id=task_id, reason="claim expired")))
-            self._spawn(self._requeue(task_id, entry.task.agent_id, "claim expired (agent lease lost)", count_attempt=True))
+                agent.send(
+                    cpb.CoordinatorMessage(
+                        cancel=cpb.CancelAssignment(task_id=task_id, reason="claim expired")
+                    )
+                )
+            self._spawn(
+                self._requeue(
+                    task_id,
+                    entry.task.agent_id,
+                    "claim expired (agent lease lost)",
+                    count_attempt=True,
+                )
+            )
 
     def requeue_orphans(self, task_ids: Iterable[str]) -> None:
         for task_id in task_ids:
             entry = self.active.get(task_id)
             if entry:
-                self._spawn(self._requeue(task_id, entry.task.agent_id, "claim lost during failover", count_attempt=True))
+                self._spawn(
+                    self._requeue(
+                        task_id,
+                        entry.task.agent_id,
+                        "claim lost during failover",
+                        count_attempt=True,
+                    )
+                )
 
     async def _resync(self, task_id: str) -> None:
         """A compare failed: memory and etcd disagree. Adopt etcd's record."""
@@ -735,10 +817,16 @@ class CoordinatorCore:
         if not res.ok:
             self._release(agent, task.task_id)
             if res.lease_missing:
-                log.warning("agent lease is gone; dropping the agent", extra={"agent": agent.agent_id})
+                log.warning(
+                    "agent lease is gone; dropping the agent", extra={"agent": agent.agent_id}
+                )
                 self.ready[task.spec.priority].appendleft(task.task_id)
                 self.disconnect(agent.agent_id)
-                agent.send(cpb.CoordinatorMessage(drain=cpb.Drain(reason="your etcd lease expired; reconnect")))
+                agent.send(
+                    cpb.CoordinatorMessage(
+                        drain=cpb.Drain(reason="your etcd lease expired; reconnect")
+                    )
+                )
             else:
                 await self._resync(task.task_id)
             return
@@ -746,7 +834,11 @@ class CoordinatorCore:
         entry.task, entry.mod = new, res.revision
         if agent.agent_id not in self.agents:  # disconnected while the claim was written
             agent.inflight.discard(task.task_id)
-            self._spawn(self._requeue(task.task_id, agent.agent_id, "agent disconnected", count_attempt=False))
+            self._spawn(
+                self._requeue(
+                    task.task_id, agent.agent_id, "agent disconnected", count_attempt=False
+                )
+            )
             return
         agent.send(cpb.CoordinatorMessage(assign=cpb.Assign(task=new)))
         self._publish(new, QUEUED)

@@ -28,7 +28,12 @@ from services._common.grpcserver import (
 )
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
-from services.coordinator.servicer import CoordinatorServicer, leader_value, parse_leader_value, split_services
+from services.coordinator.servicer import (
+    CoordinatorServicer,
+    leader_value,
+    parse_leader_value,
+    split_services,
+)
 from services.coordinator.store import EtcdTaskStore
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,9 @@ class CoordinatorNode:
         self.cfg = cfg
         self.node_id = cfg.node_id or f"coordinator-{os.getpid()}-{secrets.token_hex(3)}"
         self.clock = SystemClock()
-        self.etcd = Etcd(cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s)
+        self.etcd = Etcd(
+            cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
+        )
         self.servicer = CoordinatorServicer(self.status)
         self.server, self.health = build_server([SERVICE])
         cpb_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
@@ -56,13 +63,17 @@ class CoordinatorNode:
         leader = await current_leader(self.etcd, "coordinator")
         all_candidates = await candidates(self.etcd, "coordinator")
         services = await discovery.resolve(self.etcd)
-        status = cpb.ClusterStatus(services=split_services(services), assignment_strategy=self.cfg.strategy)
+        status = cpb.ClusterStatus(
+            services=split_services(services), assignment_strategy=self.cfg.strategy
+        )
         if leader:
             status.leader_id, status.leader_endpoint = parse_leader_value(leader.value)
             status.term = leader.term
         for cand in all_candidates[1:]:
             node, endpoint = parse_leader_value(cand.value)
-            status.standbys.append(cpb.ServiceInstance(kind="coordinator", instance_id=node, endpoint=endpoint))
+            status.standbys.append(
+                cpb.ServiceInstance(kind="coordinator", instance_id=node, endpoint=endpoint)
+            )
         core = self.servicer.core
         if core is not None:
             status.agents_connected = len(core.agents)
@@ -100,7 +111,9 @@ class CoordinatorNode:
         while True:
             try:
                 async for leader in observe(self.etcd, "coordinator"):
-                    self.servicer.leader_endpoint = parse_leader_value(leader.value)[1] if leader else ""
+                    self.servicer.leader_endpoint = (
+                        parse_leader_value(leader.value)[1] if leader else ""
+                    )
             except StoreUnavailableError:
                 await asyncio.sleep(0.5)
 
@@ -122,7 +135,9 @@ class CoordinatorNode:
         keeper = asyncio.ensure_future(lease.keep_alive())
         try:
             while not lease.lost.is_set():
-                election = Election(self.etcd, "coordinator", lease.id, leader_value(self.node_id, self.endpoint))
+                election = Election(
+                    self.etcd, "coordinator", lease.id, leader_value(self.node_id, self.endpoint)
+                )
                 campaign = asyncio.ensure_future(election.campaign())
                 lost = asyncio.ensure_future(lease.lost.wait())
                 await asyncio.wait({campaign, lost}, return_when=asyncio.FIRST_COMPLETED)
@@ -172,8 +187,14 @@ class CoordinatorNode:
             done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
             names = ("dispatch", "claims watch", "election key watch", "lease")
             for job in done:
-                why = "finished" if job.cancelled() or job.exception() is None else repr(job.exception())
-                log.warning("term ended", extra={"term": term, "by": names[jobs.index(job)], "why": why})
+                why = (
+                    "finished"
+                    if job.cancelled() or job.exception() is None
+                    else repr(job.exception())
+                )
+                log.warning(
+                    "term ended", extra={"term": term, "by": names[jobs.index(job)], "why": why}
+                )
         finally:
             log.info("stepping down", extra={"term": term})
             await self.health.set(SERVICE, NOT_SERVING)
@@ -188,7 +209,9 @@ class CoordinatorNode:
             with contextlib.suppress(Exception):
                 await election.resign()
 
-    async def _watch_claims(self, core: CoordinatorCore, store: EtcdTaskStore, start_revision: int) -> None:
+    async def _watch_claims(
+        self, core: CoordinatorCore, store: EtcdTaskStore, start_revision: int
+    ) -> None:
         async for task_id, token in store.claim_deletions(start_revision):
             core.claim_lost(task_id, token)
 

@@ -51,12 +51,18 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
     def _core(self) -> CoordinatorCore:
         core = self.core
         if core is None or core.deposed:
-            hint = f"; the leader is {self.leader_endpoint}" if self.leader_endpoint else "; no leader is elected yet"
+            hint = (
+                f"; the leader is {self.leader_endpoint}"
+                if self.leader_endpoint
+                else "; no leader is elected yet"
+            )
             raise NotLeaderError(f"this coordinator is a standby{hint}", self.leader_endpoint)
         return core
 
     @rpc_errors
-    async def Submit(self, request: cpb.SubmitRequest, context: grpc.aio.ServicerContext) -> cpb.SubmitResponse:
+    async def Submit(
+        self, request: cpb.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.SubmitResponse:
         if not request.HasField("spec"):
             raise InvalidArgumentError("spec is required")
         ((task, created),) = await self._core().submit([request.spec])
@@ -67,22 +73,30 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         self, request: cpb.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> cpb.SubmitBatchResponse:
         results = await self._core().submit(request.specs)
-        return cpb.SubmitBatchResponse(results=[cpb.SubmitResponse(task=t, created=c) for t, c in results])
+        return cpb.SubmitBatchResponse(
+            results=[cpb.SubmitResponse(task=t, created=c) for t, c in results]
+        )
 
     @rpc_errors
-    async def GetTask(self, request: cpb.GetTaskRequest, context: grpc.aio.ServicerContext) -> tpb.Task:
+    async def GetTask(
+        self, request: cpb.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.Task:
         if not request.task_id:
             raise InvalidArgumentError("task_id is required")
         return await self._core().get(request.task_id)
 
     @rpc_errors
-    async def CancelTask(self, request: cpb.CancelTaskRequest, context: grpc.aio.ServicerContext) -> tpb.Task:
+    async def CancelTask(
+        self, request: cpb.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.Task:
         if not request.task_id:
             raise InvalidArgumentError("task_id is required")
         return await self._core().cancel(request.task_id, request.reason)
 
     @rpc_errors
-    async def ListTasks(self, request: cpb.ListTasksRequest, context: grpc.aio.ServicerContext) -> cpb.ListTasksResponse:
+    async def ListTasks(
+        self, request: cpb.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.ListTasksResponse:
         core = self._core()
         size = request.page_size or 100
         if size > 1000:
@@ -112,7 +126,10 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         return cpb.ListTasksResponse(tasks=out, next_page_token=cursor)
 
     async def _events(
-        self, context: grpc.aio.ServicerContext, accept: Callable[[tpb.Task], bool], until_terminal: bool
+        self,
+        context: grpc.aio.ServicerContext,
+        accept: Callable[[tpb.Task], bool],
+        until_terminal: bool,
     ) -> AsyncIterator[tpb.TaskEvent]:
         queue: asyncio.Queue[tuple[tpb.Task, int]] = asyncio.Queue(WATCH_QUEUE_LIMIT)
         overflow = False
@@ -130,10 +147,14 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             while True:
                 task, previous = await queue.get()
                 if overflow:
-                    raise ResourceExhaustedError("watcher fell more than 100,000 events behind; reconnect")
+                    raise ResourceExhaustedError(
+                        "watcher fell more than 100,000 events behind; reconnect"
+                    )
                 if previous == -1:
-                    raise NotLeaderError("the leader's term ended; reconnect to the new leader", self.leader_endpoint)
-                yield tpb.TaskEvent(task=task, previous_state=previous)
+                    raise NotLeaderError(
+                        "the leader's term ended; reconnect to the new leader", self.leader_endpoint
+                    )
+                yield tpb.TaskEvent(task=task, previous_state=previous)  # type: ignore[arg-type]
                 if until_terminal and task.state in TERMINAL:
                     return
         finally:
@@ -170,12 +191,16 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             await abort(context, err)
 
     @rpc_errors
-    async def ListAgents(self, request: cpb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> cpb.ListAgentsResponse:
+    async def ListAgents(
+        self, request: cpb.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.ListAgentsResponse:
         core = self._core()
         return cpb.ListAgentsResponse(agents=[a.status() for a in core.agents.values()])
 
     @rpc_errors
-    async def GetStatus(self, request: cpb.GetStatusRequest, context: grpc.aio.ServicerContext) -> cpb.ClusterStatus:
+    async def GetStatus(
+        self, request: cpb.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.ClusterStatus:
         # answered by standbys too: status is what an operator asks when things are wrong
         status: cpb.ClusterStatus = await self._status()
         return status
@@ -192,7 +217,11 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                 raise InvalidArgumentError("the first message on Connect must be hello")
         except AgentMeshError as err:
             if isinstance(err, NotLeaderError) and self.leader_endpoint:
-                await context.write(cpb.CoordinatorMessage(redirect=cpb.Redirect(leader_endpoint=self.leader_endpoint)))
+                await context.write(
+                    cpb.CoordinatorMessage(
+                        redirect=cpb.Redirect(leader_endpoint=self.leader_endpoint)
+                    )
+                )
             await abort(context, err)
             return
         outbox: asyncio.Queue[cpb.CoordinatorMessage | None] = asyncio.Queue()
@@ -257,8 +286,10 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             return
         for agent in tuple(core.agents.values()):
             if redirect_to:
-                agent.send(cpb.CoordinatorMessage(redirect=cpb.Redirect(leader_endpoint=redirect_to)))
-            agent.send(None)  # type: ignore[arg-type] - ends the writer, so the stream closes
+                agent.send(
+                    cpb.CoordinatorMessage(redirect=cpb.Redirect(leader_endpoint=redirect_to))
+                )
+            agent.send(None)  # ends the writer, so the stream closes
 
 
 def leader_value(node_id: str, endpoint: str) -> bytes:
@@ -272,6 +303,8 @@ def parse_leader_value(raw: bytes) -> tuple[str, str]:
 
 def split_services(instances: Sequence[Any]) -> list[cpb.ServiceInstance]:
     return [
-        cpb.ServiceInstance(kind=i.kind, instance_id=i.instance_id, endpoint=i.endpoint, metadata=i.metadata)
+        cpb.ServiceInstance(
+            kind=i.kind, instance_id=i.instance_id, endpoint=i.endpoint, metadata=i.metadata
+        )
         for i in instances
     ]

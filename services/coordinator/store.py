@@ -150,7 +150,11 @@ class EtcdTaskStore:
                 record.CopyFrom(w.task)
                 record.claim_token = 0
                 record.state = tpb.TASK_STATE_ASSIGNED
-            success = [op_put(tkey, record.SerializeToString(), retention if w.task.state in TERMINAL else 0)]
+            success = [
+                op_put(
+                    tkey, record.SerializeToString(), retention if w.task.state in TERMINAL else 0
+                )
+            ]
             if w.claim_lease:
                 success.append(op_put(self.claim_key(tid), w.task.agent_id.encode(), w.claim_lease))
             elif w.delete_claim:
@@ -170,7 +174,9 @@ class EtcdTaskStore:
                 out.append(Committed(True, revision=revision))
             elif w.expect_mod == 0 and nested.responses and nested.responses[0].response_range.kvs:
                 kv = nested.responses[0].response_range.kvs[0]
-                out.append(Committed(False, existing=_decode(kv), existing_mod=int(kv.mod_revision)))
+                out.append(
+                    Committed(False, existing=_decode(kv), existing_mod=int(kv.mod_revision))
+                )
             else:
                 out.append(Committed(False))
         return out
@@ -197,7 +203,9 @@ class EtcdTaskStore:
                 break
             start = resp.kvs[-1].key + b"\0"
         claims_resp = await self.etcd.range(self._claims)
-        claims = {kv.key[len(self._claims) :].decode(): int(kv.mod_revision) for kv in claims_resp.kvs}
+        claims = {
+            kv.key[len(self._claims) :].decode(): int(kv.mod_revision) for kv in claims_resp.kvs
+        }
         return records, claims, revision
 
     async def page(self, start_after: str, limit: int) -> tuple[list[tpb.Task], str]:
@@ -223,4 +231,3 @@ def _decode(kv: Any) -> tpb.Task:
     if task.state == tpb.TASK_STATE_ASSIGNED:
         task.claim_token = int(kv.mod_revision)
     return task
-

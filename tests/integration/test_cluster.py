@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -286,88 +286,181 @@ async def test_agent_pool_killed_midrun_loses_no_task(cluster: Any) -> None:
 
 
 class HandAgent:
-    """A hand-written agent on a raw Connect stream, to say what the pool's agents never would."""
+    """A hand-written agent on a raw Connect stream, to say what the pool's agents never would.
 
-    def __init__(self, endpoint: str) -> None:
+    It advertises only kind `llm`, which no pool agent runs, so every `llm` task
+    submitted goes to a hand-written agent. Use as `async with`: the stream is open
+    and welcomed inside.
+    """
+
+    def __init__(
+        self, endpoint: str, agent_id: str, lease_id: int, held: Iterable[tuple[str, int]] = ()
+    ) -> None:
+        self.hello = cpb.AgentHello(
+            agent_id=agent_id,
+            pool_id="hand",
+            lease_id=lease_id,
+            kinds=["llm"],
+            capacity=1,
+            held_claims=[cpb.ClaimRef(task_id=t, claim_token=n) for t, n in held],
+        )
         self.channel = grpc.aio.insecure_channel(endpoint)
         self.call = cpb_grpc.CoordinatorStub(self.channel).Connect()
+        # Read in the background: a read cancelled by a timeout would cancel the whole call.
+        self.inbox: asyncio.Queue[cpb.CoordinatorMessage | None] = asyncio.Queue()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.call:
+                self.inbox.put_nowait(msg)
+        finally:
+            self.inbox.put_nowait(None)
+
+    async def __aenter__(self) -> HandAgent:
+        await self.send(hello=self.hello)
+        welcome = await self.expect("welcome")
+        assert welcome.term > 0
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.channel.close()
 
     async def send(self, **body: Any) -> None:
         await self.call.write(cpb.AgentMessage(**body))
 
+    async def report(self, task_id: str, token: int, output: bytes) -> cpb.ReportAck:
+        await self.send(result=cpb.TaskResult(task_id=task_id, claim_token=token, output=output))
+        ack: cpb.ReportAck = await self.expect("ack")
+        assert (ack.task_id, ack.claim_token) == (task_id, token)
+        return ack
+
     async def expect(self, body: str, timeout_s: float = 10.0) -> Any:
-        """The next message, which must be of kind `body` (acks of other kinds fail the test)."""
-        msg = await asyncio.wait_for(self.call.read(), timeout_s)
-        assert msg is not grpc.aio.EOF, "the coordinator closed the stream"
+        """The next message, which must be of kind `body`."""
+        msg = await asyncio.wait_for(self.inbox.get(), timeout_s)
+        assert msg is not None, f"the coordinator closed the stream: {self.call.code()}"
         assert msg.WhichOneof("body") == body, f"expected {body}, got {msg}"
         return getattr(msg, body)
 
     async def quiet(self, for_s: float) -> None:
         """Nothing arrives for `for_s` seconds."""
-        with contextlib.suppress(TimeoutError):
-            msg = await asyncio.wait_for(self.call.read(), for_s)
-            raise AssertionError(f"unexpected message: {msg}")
-
-    async def close(self) -> None:
-        self.call.cancel()
-        await self.channel.close()
+        try:
+            msg = await asyncio.wait_for(self.inbox.get(), for_s)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected message: {msg}")
 
 
 @contextlib.asynccontextmanager
-async def hand_agent(c: LocalCluster, client: MeshClient, agent_id: str, capacity: int = 1) -> Any:
-    """A HandAgent welcomed by the leader, advertising only kind `llm` (no pool agent runs it)."""
+async def agent_lease(c: LocalCluster) -> AsyncIterator[int]:
+    """A live etcd lease for hand-written agents (hello needs one), revoked afterwards."""
     etcd = Etcd(c.etcd_endpoint, prefix="/agentmesh/default/")
-    lease = await etcd.grant(60)  # outlives the test; revoked at the end
-    leader = (await client.status()).leader_endpoint
-    agent = HandAgent(leader)
+    lease = await etcd.grant(60)  # outlives the test
     try:
-        await agent.send(
-            hello=cpb.AgentHello(agent_id=agent_id, pool_id="hand", lease_id=lease, kinds=["llm"], capacity=capacity)
-        )
-        welcome = await agent.expect("welcome")
-        assert welcome.term > 0
-        yield agent
+        yield lease
     finally:
-        await agent.close()
         with contextlib.suppress(Exception):
             await etcd.revoke(lease)
         await etcd.close()
 
 
+async def held_state(client: MeshClient, task_id: str) -> tpb.Task:
+    task = await client.get(task_id)
+    assert task.state in HELD, f"{task_id} should still be held, is {state_name(task.state)}"
+    assert task.result == b""
+    return task
+
+
 @pytest.mark.timeout(90)
 async def test_forged_and_stale_claim_tokens_are_refused(cluster: Any) -> None:
     c: LocalCluster = await cluster(agents=2, pools=1)
-    async with MeshClient(etcd=c.etcd_endpoint) as client, hand_agent(c, client, "hand-1") as agent:
-        await client.submit(tpb.TaskSpec(task_id="claimed-1", kind="llm", payload=b"hello"))
-        task = (await agent.expect("assign")).task
-        assert (task.task_id, task.agent_id, task.attempts) == ("claimed-1", "hand-1", 1)
-        token = task.claim_token
-        assert token > 0
-        await agent.send(accepted=cpb.TaskAccepted(task_id="claimed-1", claim_token=token))
+    async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
+        leader = (await client.status()).leader_endpoint
+        async with HandAgent(leader, "hand-1", lease) as agent:
+            await client.submit(tpb.TaskSpec(task_id="claimed-1", kind="llm", payload=b"hello"))
+            task = (await agent.expect("assign")).task
+            assert (task.task_id, task.agent_id, task.attempts) == ("claimed-1", "hand-1", 1)
+            token = task.claim_token
+            assert token > 0
+            await agent.send(accepted=cpb.TaskAccepted(task_id="claimed-1", claim_token=token))
 
-        await agent.send(result=cpb.TaskResult(task_id="claimed-1", claim_token=token + 1, output=b"forged"))
-        ack = await agent.expect("ack")
-        assert (ack.task_id, ack.claim_token, ack.accepted) == ("claimed-1", token + 1, False)
-        assert ack.reason
-        now = await client.get("claimed-1")
-        assert now.state in HELD, f"a forged token changed the task: {state_name(now.state)}"
-        assert now.result == b""
+            ack = await agent.report("claimed-1", token + 1, b"forged")
+            assert not ack.accepted
+            assert "claim token" in ack.reason
+            await held_state(client, "claimed-1")
 
-        await agent.send(result=cpb.TaskResult(task_id="claimed-1", claim_token=token, output=b"real"))
-        ack = await agent.expect("ack")
-        assert (ack.claim_token, ack.accepted) == (token, True), ack.reason
-        done = await client.get("claimed-1")
-        assert (state_name(done.state), done.result, done.attempts) == ("SUCCEEDED", b"real", 1)
+            # the right token from an agent that does not hold the claim
+            async with HandAgent(leader, "hand-2", lease) as other:
+                ack = await other.report("claimed-1", token, b"foreign")
+                assert not ack.accepted
+            await held_state(client, "claimed-1")
 
-        # the same (once valid) token again: a late duplicate must not complete it twice
-        await agent.send(result=cpb.TaskResult(task_id="claimed-1", claim_token=token, output=b"again"))
-        ack = await agent.expect("ack")
-        assert not ack.accepted
-        await agent.send(failure=cpb.TaskFailure(task_id="claimed-1", claim_token=token, error="late", retryable=True))
-        ack = await agent.expect("ack")
-        assert not ack.accepted
-        final = await client.get("claimed-1")
-        assert (state_name(final.state), final.result, final.attempts) == ("SUCCEEDED", b"real", 1)
+            ack = await agent.report("claimed-1", token, b"real")
+            assert ack.accepted, ack.reason
+            done = await client.get("claimed-1")
+            assert (state_name(done.state), done.result, done.attempts) == ("SUCCEEDED", b"real", 1)
+
+            # the same (once valid) token again: a late duplicate must not complete it twice
+            ack = await agent.report("claimed-1", token, b"again")
+            assert not ack.accepted
+            await agent.send(
+                failure=cpb.TaskFailure(task_id="claimed-1", claim_token=token, error="late")
+            )
+            assert not (await agent.expect("ack")).accepted
+            final = await client.get("claimed-1")
+            assert (state_name(final.state), final.result, final.attempts) == ("SUCCEEDED", b"real", 1)
+
+
+@pytest.mark.timeout(90)
+async def test_result_of_a_reassigned_attempt_is_refused(cluster: Any) -> None:
+    """An agent that lost its stream comes back with the result of an attempt that was
+    meanwhile given to another agent: its token is stale and the task stays with the other."""
+    c: LocalCluster = await cluster(agents=2, pools=1)
+    async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
+        leader = (await client.status()).leader_endpoint
+        async with HandAgent(leader, "hand-1", lease) as first:
+            await client.submit(tpb.TaskSpec(task_id="moved-1", kind="llm"))
+            old = (await first.expect("assign")).task
+        # hand-1's stream dropped: its claim is released at once, without waiting for a lease
+        async with HandAgent(leader, "hand-2", lease) as second:
+            new = (await second.expect("assign")).task
+            assert (new.task_id, new.attempts) == ("moved-1", 2)
+            assert new.claim_token > old.claim_token
+            async with HandAgent(leader, "hand-1", lease, held=[("moved-1", old.claim_token)]) as back:
+                # the coordinator tells it the claim it still holds is void ...
+                assert (await back.expect("cancel")).task_id == "moved-1"
+                # ... and refuses its result
+                ack = await back.report("moved-1", old.claim_token, b"stale")
+                assert not ack.accepted
+                held = await held_state(client, "moved-1")
+                assert (held.agent_id, held.claim_token) == ("hand-2", new.claim_token)
+            ack = await second.report("moved-1", new.claim_token, b"fresh")
+            assert ack.accepted, ack.reason
+        done = await client.get("moved-1")
+        assert (state_name(done.state), done.result, done.agent_id) == ("SUCCEEDED", b"fresh", "hand-2")
+
+
+@pytest.mark.timeout(90)
+async def test_refused_report_keeps_the_agent_busy(cluster: Any) -> None:
+    """A refused (forged) report must not free the reporting agent's slot: it still runs the
+    task, so a capacity-1 agent must get nothing more until its real result is in."""
+    c: LocalCluster = await cluster(agents=2, pools=1)
+    async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
+        leader = (await client.status()).leader_endpoint
+        async with HandAgent(leader, "hand-1", lease) as agent:
+            await client.submit_batch(
+                [tpb.TaskSpec(task_id=f"busy-{n}", kind="llm") for n in (1, 2)]
+            )
+            first = (await agent.expect("assign")).task
+            await agent.quiet(0.5)  # capacity 1: the second waits
+            ack = await agent.report(first.task_id, first.claim_token + 1, b"forged")
+            assert not ack.accepted
+            (status,) = [a for a in (await client.agents()).agents if a.agent_id == "hand-1"]
+            assert status.inflight == 1, "the agent still runs its task"
+            await agent.quiet(1.0)
 
 
 # ---------------------------------------------------------------- etcd outage

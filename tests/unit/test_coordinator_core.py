@@ -229,7 +229,8 @@ async def test_a_batch_is_one_store_round_trip(h: Harness) -> None:
 async def test_same_task_id_returns_the_existing_task(h: Harness) -> None:
     ((first, created),) = await h.core.submit([spec(task_id="job-1", payload=b"a")])
     ((again, created_again),) = await h.core.submit([spec(task_id="job-1", payload=b"b")])
-    assert created and not created_again
+    assert created
+    assert not created_again
     assert again.task_id == "job-1"
     assert again.spec.payload == b"a"
     assert again.created_at_us == first.created_at_us

@@ -1,0 +1,210 @@
+"""The AgentPool service over real gRPC: an in-process PoolNode whose agents stream to an
+in-process CoordinatorNode, both on port 0 and one real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from protos.agentmesh.v1 import agent_pool_pb2 as ppb
+from protos.agentmesh.v1 import agent_pool_pb2_grpc as ppb_grpc
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
+from protos.agentmesh.v1 import task_pb2 as tpb
+from registry.etcd_server import EtcdServer
+from services.agent_pool.config import PoolConfig
+from services.agent_pool.server import PoolNode
+from services.client import MeshClient
+from services.coordinator.config import CoordinatorConfig
+from services.coordinator.server import CoordinatorNode
+
+A = ppb.AgentState
+S = tpb.TaskState
+# Bounds that only catch a hang: each awaited step normally takes milliseconds.
+HANG_S = 20.0
+
+
+async def within(awaitable: Any, timeout_s: float = HANG_S) -> Any:
+    return await asyncio.wait_for(awaitable, timeout_s)
+
+
+async def until(check: Any, timeout_s: float = HANG_S) -> None:
+    """Wait for a condition that another process-like component brings about."""
+    async with asyncio.timeout(timeout_s):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+@dataclass
+class Mesh:
+    coordinator: CoordinatorNode
+    pool_node: PoolNode
+    pool: ppb_grpc.AgentPoolStub
+    coord: cpb_grpc.CoordinatorStub
+
+
+@contextlib.asynccontextmanager
+async def running(node: Any, ready: Any) -> AsyncIterator[None]:
+    runner = asyncio.ensure_future(node.run())
+    try:
+        async with asyncio.timeout(HANG_S):
+            while not ready():
+                if runner.done():
+                    runner.result()  # surfaces why the node died
+                await asyncio.sleep(0.01)
+        yield
+    finally:
+        node.stop.set()
+        await within(runner, 30)
+
+
+@pytest.fixture
+async def mesh(etcd_server: EtcdServer) -> AsyncIterator[Mesh]:
+    cluster = f"test-{uuid.uuid4().hex}"
+    coordinator = CoordinatorNode(
+        CoordinatorConfig(etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", grace_s=1.0)
+    )
+    pool_node = PoolNode(
+        PoolConfig(
+            etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", sleep_ms="fixed:1", grace_s=2.0
+        )
+    )
+    async with (
+        running(coordinator, lambda: coordinator.servicer.core is not None),
+        running(pool_node, lambda: pool_node.lease.id != 0),
+        grpc.aio.insecure_channel(pool_node.endpoint) as pool_channel,
+        grpc.aio.insecure_channel(coordinator.endpoint) as coord_channel,
+    ):
+        yield Mesh(
+            coordinator,
+            pool_node,
+            ppb_grpc.AgentPoolStub(pool_channel),
+            cpb_grpc.CoordinatorStub(coord_channel),
+        )
+
+
+async def coordinator_agents(mesh: Mesh) -> dict[str, cpb.AgentStatus]:
+    resp = await within(mesh.coord.ListAgents(cpb.ListAgentsRequest()))
+    return {a.agent_id: a for a in resp.agents}
+
+
+async def test_spawn_in_batches_makes_every_agent_ready(mesh: Mesh) -> None:
+    resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=20, batch_size=5)))
+    assert len(resp.agents) == 20
+    assert len({a.agent_id for a in resp.agents}) == 20
+    assert all(a.state == A.AGENT_STATE_READY for a in resp.agents)
+    assert all(a.spawn_ms > 0 for a in resp.agents)
+    assert all(a.pool_id == mesh.pool_node.pool_id for a in resp.agents)
+    assert resp.elapsed_s > 0
+    seen = await coordinator_agents(mesh)
+    assert {a.agent_id for a in resp.agents} <= set(seen)
+    assert all(seen[a.agent_id].pool_id == mesh.pool_node.pool_id for a in resp.agents)
+    listed = await within(mesh.pool.ListAgents(ppb.ListPoolAgentsRequest()))
+    assert len(listed.agents) == 20
+
+
+async def test_spawn_with_a_template(mesh: Mesh) -> None:
+    template = ppb.AgentTemplate(roles=["reviewer"], labels={"team": "x"}, kinds=["echo"], capacity=3)
+    resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=2, template=template)))
+    seen = await coordinator_agents(mesh)
+    for agent in resp.agents:
+        status = seen[agent.agent_id]
+        assert (list(status.roles), dict(status.labels), list(status.kinds), status.capacity) == (
+            ["reviewer"],
+            {"team": "x"},
+            ["echo"],
+            3,
+        )
+
+
+async def test_spawn_waves_streams_progress_per_wave(mesh: Mesh) -> None:
+    call = mesh.pool.SpawnWaves(ppb.SpawnWavesRequest(count=7, wave_size=3, wave_interval_s=0.01))
+    progress = [p async for p in call]
+    assert [p.wave for p in progress] == [1, 2, 3]
+    assert [p.started for p in progress] == [3, 6, 7]
+    assert [p.ready for p in progress] == [3, 6, 7]
+    assert all(p.failed == 0 for p in progress)
+    assert [p.elapsed_s for p in progress] == sorted(p.elapsed_s for p in progress)
+    assert len(await coordinator_agents(mesh)) == 7
+
+
+async def test_stop_agents_gracefully(mesh: Mesh) -> None:
+    resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=4)))
+    ids = [a.agent_id for a in resp.agents]
+    stopped = await within(mesh.pool.StopAgents(ppb.StopAgentsRequest(agent_ids=ids[:2], graceful=True)))
+    assert list(stopped.stopped) == ids[:2]
+
+    async def gone() -> bool:
+        return set(await coordinator_agents(mesh)) == set(ids[2:])
+
+    await until(gone)
+    listed = await within(mesh.pool.ListAgents(ppb.ListPoolAgentsRequest()))
+    assert sorted(a.agent_id for a in listed.agents) == sorted(ids[2:])
+    by_count = await within(mesh.pool.StopAgents(ppb.StopAgentsRequest(count=1, graceful=False)))
+    assert list(by_count.stopped) == [ids[3]]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda pool: pool.SpawnAgents(ppb.SpawnAgentsRequest(count=0)),
+        lambda pool: pool.SpawnAgents(ppb.SpawnAgentsRequest(count=10_001)),
+        lambda pool: pool.SpawnAgents(ppb.SpawnAgentsRequest(count=1, template=ppb.AgentTemplate(kinds=["llm-x"]))),
+        lambda pool: pool.StopAgents(ppb.StopAgentsRequest()),
+        lambda pool: pool.StopAgents(ppb.StopAgentsRequest(agent_ids=["not-mine"])),
+    ],
+    ids=["count-0", "count-too-big", "unknown-kind", "stop-nothing", "stop-unknown"],
+)
+async def test_bad_pool_requests_are_invalid_argument(mesh: Mesh, call: Any) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await within(call(mesh.pool))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Traceback" not in (err.value.details() or "")
+
+
+async def test_spawn_waves_with_count_0_is_invalid_argument(mesh: Mesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in mesh.pool.SpawnWaves(ppb.SpawnWavesRequest(count=0)):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "count" in (err.value.details() or "")
+
+
+async def test_echo_tasks_through_the_client_all_succeed(mesh: Mesh) -> None:
+    await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=5, batch_size=5)))
+    payloads = [f"payload-{i}".encode() for i in range(40)]
+    async with MeshClient(coordinator=mesh.coordinator.endpoint) as client:
+        resp = await client.submit_batch([tpb.TaskSpec(kind="echo", payload=p) for p in payloads])
+        ids = [r.task.task_id for r in resp.results]
+        assert all(r.created for r in resp.results)
+
+        async def all_done() -> bool:
+            tasks = [await client.get(tid) for tid in ids]
+            return all(t.state == S.TASK_STATE_SUCCEEDED for t in tasks)
+
+        await until(all_done)
+        for tid, payload in zip(ids, payloads, strict=True):
+            task = await client.get(tid)
+            assert task.result == payload
+            assert task.attempts == 1
+        status = await client.status()
+        assert status.task_counts["SUCCEEDED"] == 40
+    listed = await within(mesh.pool.ListAgents(ppb.ListPoolAgentsRequest()))
+    assert sum(a.completed for a in listed.agents) == 40
+
+
+async def test_sleep_tasks_report_simulated_work(mesh: Mesh) -> None:
+    await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=2)))
+    async with MeshClient(coordinator=mesh.coordinator.endpoint) as client:
+        sub = await client.submit(tpb.TaskSpec(kind="sleep"))
+        events = [e async for e in client.watch_task(sub.task.task_id)]
+        last = events[-1].task
+        assert last.state == S.TASK_STATE_SUCCEEDED
+        assert b'"simulated": true' in last.result

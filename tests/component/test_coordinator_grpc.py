@@ -1,0 +1,413 @@
+"""The Coordinator service over real gRPC: an in-process CoordinatorNode on port 0,
+a real etcd, and hand-written agents on the Connect stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
+from protos.agentmesh.v1 import task_pb2 as tpb
+from registry.etcd import Etcd
+from registry.etcd_server import EtcdServer
+from services.coordinator.config import CoordinatorConfig
+from services.coordinator.server import CoordinatorNode
+
+S = tpb.TaskState
+SERVICE = "agentmesh.v1.Coordinator"
+# Bounds that only catch a hang: each awaited step normally takes milliseconds.
+HANG_S = 10.0
+
+
+async def within(awaitable: Any, timeout_s: float = HANG_S) -> Any:
+    return await asyncio.wait_for(awaitable, timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def running_coordinator(etcd_endpoint: str, **cfg: Any) -> AsyncIterator[CoordinatorNode]:
+    """A coordinator node on port 0 in a cluster of its own, yielded once it leads."""
+    node = CoordinatorNode(
+        CoordinatorConfig(
+            etcd=etcd_endpoint, cluster=f"test-{uuid.uuid4().hex}", listen="127.0.0.1:0", grace_s=1.0, **cfg
+        )
+    )
+    runner = asyncio.ensure_future(node.run())
+    try:
+        async with asyncio.timeout(HANG_S):
+            while node.servicer.core is None:
+                if runner.done():
+                    runner.result()  # surfaces why the node died
+                await asyncio.sleep(0.01)
+        yield node
+    finally:
+        node.stop.set()
+        await within(runner, 30)
+
+
+@pytest.fixture
+async def node(etcd_server: EtcdServer) -> AsyncIterator[CoordinatorNode]:
+    async with running_coordinator(etcd_server.endpoint) as n:
+        yield n
+
+
+@pytest.fixture
+async def channel(node: CoordinatorNode) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(node.endpoint) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> cpb_grpc.CoordinatorStub:
+    return cpb_grpc.CoordinatorStub(channel)
+
+
+@pytest.fixture
+async def lease(etcd: Etcd) -> AsyncIterator[int]:
+    """A live etcd lease, as an agent pool's process holds one."""
+    lease_id = await etcd.grant(30)
+    try:
+        yield lease_id
+    finally:
+        await etcd.revoke(lease_id)
+
+
+class RawAgent:
+    """An agent written by hand on Coordinator.Connect: hello, then whatever the test sends."""
+
+    def __init__(self, stub: cpb_grpc.CoordinatorStub, agent_id: str) -> None:
+        self.agent_id = agent_id
+        self.call = stub.Connect()
+
+    async def hello(self, lease_id: int, capacity: int = 1, kinds: tuple[str, ...] = ("echo",)) -> cpb.Welcome:
+        await self.send(
+            cpb.AgentMessage(
+                hello=cpb.AgentHello(
+                    agent_id=self.agent_id, pool_id="hand", lease_id=lease_id, kinds=kinds, capacity=capacity
+                )
+            )
+        )
+        welcome: cpb.Welcome = await self.expect("welcome")
+        return welcome
+
+    async def send(self, msg: cpb.AgentMessage) -> None:
+        await within(self.call.write(msg))
+
+    async def expect(self, body: str) -> Any:
+        """The next message, which must be of kind `body`."""
+        msg = await within(self.call.read())
+        assert msg is not grpc.aio.EOF, f"stream ended while waiting for {body}"
+        assert msg.WhichOneof("body") == body, msg
+        return getattr(msg, body)
+
+    async def result(self, task: tpb.Task, output: bytes, token: int = 0) -> cpb.ReportAck:
+        res = cpb.TaskResult(task_id=task.task_id, claim_token=token or task.claim_token, output=output)
+        await self.send(cpb.AgentMessage(result=res))
+        ack: cpb.ReportAck = await self.expect("ack")
+        return ack
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+@contextlib.asynccontextmanager
+async def raw_agent(stub: cpb_grpc.CoordinatorStub, agent_id: str) -> AsyncIterator[RawAgent]:
+    agent = RawAgent(stub, agent_id)
+    try:
+        yield agent
+    finally:
+        agent.close()
+
+
+async def error_of(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await within(call)
+    return err.value
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("request_", "names"),
+    [
+        (cpb.SubmitRequest(), "spec is required"),
+        (cpb.SubmitRequest(spec=tpb.TaskSpec(payload=b"x")), "spec.kind is required"),
+        (cpb.SubmitRequest(spec=tpb.TaskSpec(kind="teleport")), "spec.kind 'teleport' is unknown; use one of: echo"),
+        (cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", priority=10)), "spec.priority 10 is out of range"),
+        (cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", task_id="a b")), "spec.task_id"),
+        (
+            cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"x" * (1024 * 1024 + 1))),
+            "spec.payload is 1048577 bytes; the limit is 1048576 bytes",
+        ),
+    ],
+)
+async def test_bad_submit_is_invalid_argument_saying_what_to_fix(
+    stub: cpb_grpc.CoordinatorStub, request_: cpb.SubmitRequest, names: str
+) -> None:
+    err = await error_of(stub.Submit(request_))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert names in (err.details() or "")
+    assert "Traceback" not in (err.details() or "")
+
+
+async def test_bad_batch_names_the_index(stub: cpb_grpc.CoordinatorStub) -> None:
+    specs = [tpb.TaskSpec(kind="echo"), tpb.TaskSpec(kind="echo", priority=12)]
+    err = await error_of(stub.SubmitBatch(cpb.SubmitBatchRequest(specs=specs)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "specs[1].priority" in (err.details() or "")
+    err = await error_of(stub.SubmitBatch(cpb.SubmitBatchRequest()))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    listed = await within(stub.ListTasks(cpb.ListTasksRequest()))
+    assert list(listed.tasks) == []  # all or nothing
+
+
+async def test_missing_ids_and_unknown_ids(stub: cpb_grpc.CoordinatorStub) -> None:
+    err = await error_of(stub.GetTask(cpb.GetTaskRequest()))
+    assert (err.code(), err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "task_id is required")
+    err = await error_of(stub.GetTask(cpb.GetTaskRequest(task_id="no-such-task")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-task" in (err.details() or "")
+    err = await error_of(stub.CancelTask(cpb.CancelTaskRequest(task_id="no-such-task")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    err = await error_of(stub.ListTasks(cpb.ListTasksRequest(page_size=1001)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_size" in (err.details() or "")
+
+    async def first_event() -> Any:
+        async for event in stub.WatchTask(cpb.WatchTaskRequest(task_id="no-such-task")):
+            return event
+
+    err = await error_of(first_event())
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ---------------------------------------------------------------- the client API
+
+
+async def test_submit_get_and_idempotent_replay(stub: cpb_grpc.CoordinatorStub) -> None:
+    spec = tpb.TaskSpec(kind="echo", payload=b"hi", priority=3, metadata={"team": "a"})
+    first = await within(stub.Submit(cpb.SubmitRequest(spec=spec)))
+    assert first.created
+    assert first.task.state == S.TASK_STATE_QUEUED
+    assert first.task.spec.max_attempts == 3
+    got = await within(stub.GetTask(cpb.GetTaskRequest(task_id=first.task.task_id)))
+    assert got.spec.payload == b"hi"
+    assert got.spec.metadata["team"] == "a"
+
+    keyed = tpb.TaskSpec(kind="echo", idempotency_key="order-1")
+    a = await within(stub.Submit(cpb.SubmitRequest(spec=keyed)))
+    b = await within(stub.Submit(cpb.SubmitRequest(spec=keyed)))
+    assert a.created
+    assert not b.created
+    assert a.task.task_id == b.task.task_id
+
+
+async def test_list_filters_and_pages(stub: cpb_grpc.CoordinatorStub) -> None:
+    specs = [tpb.TaskSpec(kind="sleep" if i % 3 == 0 else "echo", task_id=f"t-{i:02d}") for i in range(25)]
+    resp = await within(stub.SubmitBatch(cpb.SubmitBatchRequest(specs=specs)))
+    assert [r.task.task_id for r in resp.results] == [s.task_id for s in specs]
+    for tid in ("t-01", "t-02"):
+        await within(stub.CancelTask(cpb.CancelTaskRequest(task_id=tid, reason="test")))
+
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await within(stub.ListTasks(cpb.ListTasksRequest(page_size=10, page_token=token)))
+        assert len(page.tasks) <= 10
+        seen.extend(t.task_id for t in page.tasks)
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [s.task_id for s in specs]  # key order, nothing twice or missed
+    assert pages == 3
+
+    sleeps = await within(stub.ListTasks(cpb.ListTasksRequest(kind="sleep")))
+    assert [t.task_id for t in sleeps.tasks] == [f"t-{i:02d}" for i in range(0, 25, 3)]
+    cancelled = await within(stub.ListTasks(cpb.ListTasksRequest(states=[S.TASK_STATE_CANCELLED])))
+    assert [t.task_id for t in cancelled.tasks] == ["t-01", "t-02"]
+    assert all(t.last_error == "test" for t in cancelled.tasks)
+    queued_echo = await within(
+        stub.ListTasks(cpb.ListTasksRequest(kind="echo", states=[S.TASK_STATE_QUEUED], page_size=5))
+    )
+    assert [t.task_id for t in queued_echo.tasks] == ["t-04", "t-05", "t-07", "t-08", "t-10"]
+    assert queued_echo.next_page_token
+    rest = await within(
+        stub.ListTasks(
+            cpb.ListTasksRequest(
+                kind="echo", states=[S.TASK_STATE_QUEUED], page_size=100, page_token=queued_echo.next_page_token
+            )
+        )
+    )
+    assert rest.tasks[0].task_id == "t-11"
+    assert len(queued_echo.tasks) + len(rest.tasks) == 14
+    none = await within(stub.ListTasks(cpb.ListTasksRequest(agent_id="nobody")))
+    assert list(none.tasks) == []
+
+
+# ---------------------------------------------------------------- agents on Connect
+
+
+async def test_agent_gets_an_assignment_and_its_result_completes_the_task(
+    stub: cpb_grpc.CoordinatorStub, node: CoordinatorNode, lease: int
+) -> None:
+    async with raw_agent(stub, "hand-1") as agent:
+        welcome = await agent.hello(lease)
+        assert welcome.term == node.term > 0
+        agents = await within(stub.ListAgents(cpb.ListAgentsRequest()))
+        assert [a.agent_id for a in agents.agents] == ["hand-1"]
+
+        sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"ping"))))
+        assign = await agent.expect("assign")
+        task = assign.task
+        assert (task.task_id, task.spec.payload, task.agent_id) == (sub.task.task_id, b"ping", "hand-1")
+        assert task.claim_token > 0
+        running = await within(stub.GetTask(cpb.GetTaskRequest(task_id=task.task_id)))
+        assert running.state == S.TASK_STATE_ASSIGNED
+
+        ack = await agent.result(task, b"pong")
+        assert ack.accepted, ack.reason
+        done = await within(stub.GetTask(cpb.GetTaskRequest(task_id=task.task_id)))
+        assert (done.state, done.result) == (S.TASK_STATE_SUCCEEDED, b"pong")
+        again = await agent.result(task, b"twice")
+        assert not again.accepted
+        done = await within(stub.GetTask(cpb.GetTaskRequest(task_id=task.task_id)))
+        assert done.result == b"pong"
+
+
+async def test_watch_task_streams_to_the_terminal_state(stub: cpb_grpc.CoordinatorStub, lease: int) -> None:
+    sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"w"))))
+    tid = sub.task.task_id
+    watch = stub.WatchTask(cpb.WatchTaskRequest(task_id=tid))
+    first = await within(watch.read())
+    assert first.task.state == S.TASK_STATE_QUEUED
+    async with raw_agent(stub, "watched") as agent:
+        await agent.hello(lease)
+        assign = await agent.expect("assign")
+        accepted = cpb.TaskAccepted(task_id=tid, claim_token=assign.task.claim_token, received_at_us=1)
+        await agent.send(cpb.AgentMessage(accepted=accepted))
+        assert (await agent.result(assign.task, b"w")).accepted
+    states = []
+    while (event := await within(watch.read())) is not grpc.aio.EOF:
+        states.append(event.task.state)
+    assert states == [S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
+    assert watch.done()
+    assert await watch.code() == grpc.StatusCode.OK
+
+
+async def test_watching_a_finished_task_returns_it_and_ends(stub: cpb_grpc.CoordinatorStub) -> None:
+    sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+    await within(stub.CancelTask(cpb.CancelTaskRequest(task_id=sub.task.task_id)))
+    events = [e async for e in stub.WatchTask(cpb.WatchTaskRequest(task_id=sub.task.task_id))]
+    assert [e.task.state for e in events] == [S.TASK_STATE_CANCELLED]
+
+
+async def test_forged_claim_token_is_refused(stub: cpb_grpc.CoordinatorStub, lease: int) -> None:
+    async with raw_agent(stub, "honest") as agent:
+        await agent.hello(lease)
+        sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+        task = (await agent.expect("assign")).task
+        ack = await agent.result(task, b"forged", token=task.claim_token + 7)
+        assert not ack.accepted
+        assert "token" in ack.reason
+        now = await within(stub.GetTask(cpb.GetTaskRequest(task_id=sub.task.task_id)))
+        assert now.state == S.TASK_STATE_ASSIGNED
+        assert now.result == b""
+        assert (await agent.result(task, b"real")).accepted
+
+
+async def test_cancel_reaches_the_agent(stub: cpb_grpc.CoordinatorStub, lease: int) -> None:
+    async with raw_agent(stub, "cancelled") as agent:
+        await agent.hello(lease)
+        sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+        task = (await agent.expect("assign")).task
+        out = await within(stub.CancelTask(cpb.CancelTaskRequest(task_id=sub.task.task_id, reason="stop")))
+        assert out.state == S.TASK_STATE_CANCELLED
+        cancel = await agent.expect("cancel")
+        assert (cancel.task_id, cancel.reason) == (task.task_id, "stop")
+        assert not (await agent.result(task, b"late")).accepted
+
+
+async def test_a_dropped_stream_requeues_to_another_agent(stub: cpb_grpc.CoordinatorStub, lease: int) -> None:
+    async with raw_agent(stub, "first") as first, raw_agent(stub, "second") as second:
+        await first.hello(lease)
+        sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"x"))))
+        held = (await first.expect("assign")).task
+        await second.hello(lease)
+        first.close()  # the agent's process vanished from the network
+        moved = (await second.expect("assign")).task
+        assert moved.task_id == sub.task.task_id
+        assert moved.attempts == 2
+        assert moved.claim_token > held.claim_token
+        assert (await second.result(moved, b"x")).accepted
+        done = await within(stub.GetTask(cpb.GetTaskRequest(task_id=moved.task_id)))
+        assert (done.state, done.agent_id) == (S.TASK_STATE_SUCCEEDED, "second")
+
+
+async def test_first_message_must_be_hello(stub: cpb_grpc.CoordinatorStub) -> None:
+    async with raw_agent(stub, "rude") as agent:
+        await agent.send(cpb.AgentMessage(accepted=cpb.TaskAccepted(task_id="x")))
+        err = await error_of(agent.call.read())
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "hello" in (err.details() or "")
+
+
+async def test_hello_without_a_lease_is_refused(stub: cpb_grpc.CoordinatorStub) -> None:
+    async with raw_agent(stub, "no-lease") as agent:
+        hello = cpb.AgentHello(agent_id="no-lease", kinds=["echo"], capacity=1)
+        await agent.send(cpb.AgentMessage(hello=hello))
+        err = await error_of(agent.call.read())
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "lease_id" in (err.details() or "")
+
+
+# ---------------------------------------------------------------- operators
+
+
+async def test_status_shows_the_leader_and_term(stub: cpb_grpc.CoordinatorStub, node: CoordinatorNode) -> None:
+    await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+    status = await within(stub.GetStatus(cpb.GetStatusRequest()))
+    assert status.leader_endpoint == node.endpoint
+    assert status.leader_id == node.node_id
+    assert status.term == node.term > 0
+    assert status.assignment_strategy == "least-loaded"
+    assert status.queue_depth == 1
+    assert status.task_counts["QUEUED"] == 1
+    assert list(status.standbys) == []
+    assert any(s.kind == "coordinator" and s.endpoint == node.endpoint for s in status.services)
+
+
+async def test_reflection_lists_the_coordinator(channel: grpc.aio.Channel) -> None:
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def ask(req: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
+        call = refl.ServerReflectionInfo()
+        try:
+            await call.write(req)
+            resp: reflection_pb2.ServerReflectionResponse = await call.read()
+            return resp
+        finally:
+            call.cancel()
+
+    listed = await within(ask(reflection_pb2.ServerReflectionRequest(list_services="")))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health"} <= names
+    described = await within(ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)))
+    assert described.file_descriptor_response.file_descriptor_proto
+
+
+async def test_health_reports_serving_once_elected(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in (SERVICE, ""):
+        resp = await within(health.Check(health_pb2.HealthCheckRequest(service=service)))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
