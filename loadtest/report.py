@@ -101,7 +101,7 @@ def print_summary(doc: dict[str, Any], console: Console | None = None) -> None:
         style = "green" if run["ok"] else "bold red"
         console.print(
             f"  [{style}]exactly-once: lost {run['lost_count']}, "
-            f"duplicated {run['duplicated_count']}[/]"
+            f"unfinished {run.get('unfinished_count', 0)}, duplicated {run['duplicated_count']}[/]"
         )
         for key, values in run.get("samples", {}).items():
             if values:
@@ -531,18 +531,20 @@ def render_html(doc: dict[str, Any]) -> str:
 
     parts.append('<h2 id="exactly-once">Exactly-once check</h2><table>')
     parts.append(
-        "<tr><th>system</th><th>acknowledged</th><th>terminal states</th><th>lost</th><th>duplicated</th></tr>"
+        "<tr><th>system</th><th>acknowledged</th><th>terminal states</th><th>lost</th>"
+        "<th>unfinished</th><th>duplicated</th></tr>"
     )
     for run in runs:
         states = ", ".join(f"{k} {v}" for k, v in run["terminal_states"].items()) or "—"
         parts.append(
             f"<tr><td>{_e(run['system'])}</td><td>{run['acknowledged']:,}</td><td>{_e(states)}</td>"
-            f"<td>{run['lost_count']}</td><td>{run['duplicated_count']}</td></tr>"
+            f"<td>{run['lost_count']}</td><td>{run.get('unfinished_count', 0)}</td>"
+            f"<td>{run['duplicated_count']}</td></tr>"
         )
     parts.append("</table>")
     for run in runs:
-        for key in ("lost", "duplicated"):
-            if run[key]:
+        for key in ("lost", "unfinished", "duplicated"):
+            if run.get(key):
                 ids = ", ".join(run[key][:20])
                 parts.append(f"<p>{_e(run['system'])} {key} (first ids): <code>{_e(ids)}</code></p>")
 

@@ -50,7 +50,9 @@ class RunResult:
     terminal_states: dict[str, int] = field(default_factory=dict)
     """Final scan: count per terminal state name."""
     lost: list[str] = field(default_factory=list)
-    """Acknowledged ids without exactly one terminal state at the end."""
+    """Acknowledged ids the final scan did not find at all."""
+    unfinished: list[str] = field(default_factory=list)
+    """Acknowledged ids found, but not in a terminal state when the drain time ran out."""
     duplicated: list[str] = field(default_factory=list)
     """Ids completed more than once (two terminal records under different claims)."""
     markers: list[Marker] = field(default_factory=list)
@@ -60,7 +62,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return not self.lost and not self.duplicated
+        return not self.lost and not self.duplicated and not self.unfinished
 
 
 def machine_info() -> dict[str, Any]:
@@ -117,6 +119,8 @@ def run_to_doc(result: RunResult, *, simulated: bool) -> dict[str, Any]:
         "terminal_states": dict(result.terminal_states),
         "lost_count": len(result.lost),
         "lost": sorted(result.lost)[:MAX_LISTED_IDS],
+        "unfinished_count": len(result.unfinished),
+        "unfinished": sorted(result.unfinished)[:MAX_LISTED_IDS],
         "duplicated_count": len(result.duplicated),
         "duplicated": sorted(result.duplicated)[:MAX_LISTED_IDS],
         "throughput": {
@@ -178,6 +182,10 @@ def build_doc(
     for r in runs:
         if r["lost_count"]:
             failures.append(f"{r['system']}: {r['lost_count']} acknowledged task(s) lost")
+        if r["unfinished_count"]:
+            failures.append(
+                f"{r['system']}: {r['unfinished_count']} acknowledged task(s) not terminal at the end"
+            )
         if r["duplicated_count"]:
             failures.append(f"{r['system']}: {r['duplicated_count']} task(s) completed twice")
     return {

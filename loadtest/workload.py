@@ -31,6 +31,8 @@ class Workload:
     """How long a `sleep` task sleeps, in milliseconds."""
     batch_size: int = 100
     """Closed loop: most specs per SubmitBatch (1 uses Submit). Open loop batches what is due."""
+    clients: int = 0
+    """Closed loop: submit RPCs in flight at once (0: 4 when batching, else up to 64)."""
     drain_timeout_s: float = 30.0
     """After submitting stops, how long to wait for the tasks still in flight."""
 
@@ -45,6 +47,8 @@ class Workload:
             raise ValueError("concurrency must be at least 1")
         if not 1 <= self.batch_size <= 1000:
             raise ValueError("batch_size must be 1 to 1000 (SubmitBatch's limit)")
+        if self.clients < 0:
+            raise ValueError("clients must be 0 (automatic) or positive")
         if self.executor not in ("noop", "sleep"):
             raise ValueError("executor must be noop or sleep")
 

@@ -362,8 +362,9 @@ class CoordinatorCore:
             self.wake.set()
             raise
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a follow-up write without blocking the caller (the dispatcher, a stream)."""
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a write without blocking the caller (the dispatcher, a stream); the core
+        holds it until done and cancels it at the end of the term."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background_done)
@@ -524,7 +525,7 @@ class CoordinatorCore:
             return
         self.free.pop(agent_id, None)
         for task_id in tuple(agent.inflight):
-            self._spawn(
+            self.spawn(
                 self._requeue(task_id, agent.agent_id, "agent disconnected", count_attempt=True)
             )
         agent.inflight.clear()
@@ -543,7 +544,12 @@ class CoordinatorCore:
 
     def accepted(self, agent_id: str, msg: cpb.TaskAccepted) -> None:
         entry = self.active.get(msg.task_id)
-        if entry and entry.task.claim_token == msg.claim_token and entry.task.agent_id == agent_id:
+        if (
+            entry
+            and entry.task.state in HELD
+            and entry.task.claim_token == msg.claim_token
+            and entry.task.agent_id == agent_id
+        ):
             prev = entry.task.state
             entry.task.state = RUNNING
             entry.task.received_at_us = msg.received_at_us
@@ -560,22 +566,21 @@ class CoordinatorCore:
         ack = cpb.ReportAck(task_id=msg.task_id, claim_token=msg.claim_token)
         agent = self.agents.get(agent_id)
         entry = self.active.get(msg.task_id)
-        if agent is not None:
+        held = entry is not None and entry.task.state in HELD and entry.task.agent_id == agent_id
+        if agent is not None and not (held and entry and entry.task.claim_token != msg.claim_token):
+            # the slot frees with the report of the claim it holds; a wrong token for a task
+            # the agent still holds under another claim frees nothing
             self._release(agent, msg.task_id)
         if entry is None:
             ack.reason = f"task {msg.task_id!r} is not in flight (finished, cancelled or unknown)"
             return ack
         task = entry.task
-        if (
-            task.state not in HELD
-            or task.claim_token != msg.claim_token
-            or task.agent_id != agent_id
-        ):
+        if not held or task.claim_token != msg.claim_token:
             ack.reason = f"stale or foreign claim token {msg.claim_token} for task {msg.task_id!r}"
             return ack
         while entry.busy:  # a cancel is being written; then the claim is gone anyway
             await asyncio.sleep(0.001)
-        if self.active.get(msg.task_id) is not entry or task.claim_token != msg.claim_token:
+        if self.active.get(msg.task_id) is not entry or entry.task is not task:
             ack.reason = "the task changed while the report was in flight"
             return ack
         now = self.clock.wall_us()
@@ -692,7 +697,7 @@ class CoordinatorCore:
                         cancel=cpb.CancelAssignment(task_id=task_id, reason="claim expired")
                     )
                 )
-            self._spawn(
+            self.spawn(
                 self._requeue(
                     task_id,
                     entry.task.agent_id,
@@ -705,7 +710,7 @@ class CoordinatorCore:
         for task_id in task_ids:
             entry = self.active.get(task_id)
             if entry:
-                self._spawn(
+                self.spawn(
                     self._requeue(
                         task_id,
                         entry.task.agent_id,
@@ -734,7 +739,7 @@ class CoordinatorCore:
             self._enqueue(task)
             self.wake.set()
         elif await self.store.claim_revision(task_id) != mod:
-            self._spawn(self._requeue(task_id, task.agent_id, "claim lost", count_attempt=True))
+            self.spawn(self._requeue(task_id, task.agent_id, "claim lost", count_attempt=True))
 
     # ---- the queue ----
 
@@ -834,7 +839,7 @@ class CoordinatorCore:
         entry.task, entry.mod = new, res.revision
         if agent.agent_id not in self.agents:  # disconnected while the claim was written
             agent.inflight.discard(task.task_id)
-            self._spawn(
+            self.spawn(
                 self._requeue(
                     task.task_id, agent.agent_id, "agent disconnected", count_attempt=False
                 )
@@ -851,7 +856,7 @@ class CoordinatorCore:
                 raise self.deposed
             next_due = self._promote_due()
             for entry, agent in self.plan():
-                self._spawn(self._assign(entry, agent))
+                self.spawn(self._assign(entry, agent))
             if next_due is None:
                 await self.wake.wait()
             else:

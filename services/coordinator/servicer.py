@@ -225,11 +225,11 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             await abort(context, err)
             return
         outbox: asyncio.Queue[cpb.CoordinatorMessage | None] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
 
         async def writer() -> None:
-            while (msg := await outbox.get()) is not None:
-                await context.write(msg)
+            with contextlib.suppress(Exception):  # a dead peer: the reader side ends too
+                while (msg := await outbox.get()) is not None:
+                    await context.write(msg)
 
         hello = first.hello
         try:
@@ -248,10 +248,9 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             async for msg in request_iterator:
                 body = msg.WhichOneof("body")
                 if body == "result" or body == "failure":
-                    # concurrently: a slow commit must not hold up the agent's next message
-                    t = asyncio.ensure_future(handle(getattr(msg, body)))
-                    pending.add(t)
-                    t.add_done_callback(pending.discard)
+                    # concurrently: a slow commit must not hold up the agent's next message;
+                    # the core owns it, so it completes the task even if the stream ends now
+                    core.spawn(handle(getattr(msg, body)))
                 elif body == "accepted":
                     core.accepted(agent_id, msg.accepted)
                 elif body == "progress":
@@ -265,17 +264,14 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             # either side ending ends the stream: the agent hung up, or the term ended
             await asyncio.wait({read_task, write_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            read_task.cancel()
-            # keep reports that already arrived: they complete the tasks
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+            # first and without awaiting: grpc cancels this handler when the peer vanishes,
+            # and may cancel it again while it cleans up. Reports already received were
+            # scheduled before the requeues this starts, so they commit first and win.
             if core.agents.get(agent_id) is agent:
                 core.disconnect(agent_id)
-            outbox.put_nowait(None)
+            read_task.cancel()
             write_task.cancel()
-            for t in (read_task, write_task):
-                with contextlib.suppress(BaseException):
-                    await t
+            outbox.put_nowait(None)
 
     def end_term(self, redirect_to: str) -> None:
         """Tell every agent of the ended term where to go, and close the watchers."""

@@ -69,11 +69,17 @@ async def running(node: Any, ready: Any) -> AsyncIterator[None]:
 async def mesh(etcd_server: EtcdServer) -> AsyncIterator[Mesh]:
     cluster = f"test-{uuid.uuid4().hex}"
     coordinator = CoordinatorNode(
-        CoordinatorConfig(etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", grace_s=1.0)
+        CoordinatorConfig(
+            etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", grace_s=1.0
+        )
     )
     pool_node = PoolNode(
         PoolConfig(
-            etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", sleep_ms="fixed:1", grace_s=2.0
+            etcd=etcd_server.endpoint,
+            cluster=cluster,
+            listen="127.0.0.1:0",
+            sleep_ms="fixed:1",
+            grace_s=2.0,
         )
     )
     async with (
@@ -111,7 +117,9 @@ async def test_spawn_in_batches_makes_every_agent_ready(mesh: Mesh) -> None:
 
 
 async def test_spawn_with_a_template(mesh: Mesh) -> None:
-    template = ppb.AgentTemplate(roles=["reviewer"], labels={"team": "x"}, kinds=["echo"], capacity=3)
+    template = ppb.AgentTemplate(
+        roles=["reviewer"], labels={"team": "x"}, kinds=["echo"], capacity=3
+    )
     resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=2, template=template)))
     seen = await coordinator_agents(mesh)
     for agent in resp.agents:
@@ -138,7 +146,9 @@ async def test_spawn_waves_streams_progress_per_wave(mesh: Mesh) -> None:
 async def test_stop_agents_gracefully(mesh: Mesh) -> None:
     resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=4)))
     ids = [a.agent_id for a in resp.agents]
-    stopped = await within(mesh.pool.StopAgents(ppb.StopAgentsRequest(agent_ids=ids[:2], graceful=True)))
+    stopped = await within(
+        mesh.pool.StopAgents(ppb.StopAgentsRequest(agent_ids=ids[:2], graceful=True))
+    )
     assert list(stopped.stopped) == ids[:2]
 
     async def gone() -> bool:
@@ -156,7 +166,9 @@ async def test_stop_agents_gracefully(mesh: Mesh) -> None:
     [
         lambda pool: pool.SpawnAgents(ppb.SpawnAgentsRequest(count=0)),
         lambda pool: pool.SpawnAgents(ppb.SpawnAgentsRequest(count=10_001)),
-        lambda pool: pool.SpawnAgents(ppb.SpawnAgentsRequest(count=1, template=ppb.AgentTemplate(kinds=["llm-x"]))),
+        lambda pool: pool.SpawnAgents(
+            ppb.SpawnAgentsRequest(count=1, template=ppb.AgentTemplate(kinds=["llm-x"]))
+        ),
         lambda pool: pool.StopAgents(ppb.StopAgentsRequest()),
         lambda pool: pool.StopAgents(ppb.StopAgentsRequest(agent_ids=["not-mine"])),
     ],

@@ -37,7 +37,11 @@ async def running_coordinator(etcd_endpoint: str, **cfg: Any) -> AsyncIterator[C
     """A coordinator node on port 0 in a cluster of its own, yielded once it leads."""
     node = CoordinatorNode(
         CoordinatorConfig(
-            etcd=etcd_endpoint, cluster=f"test-{uuid.uuid4().hex}", listen="127.0.0.1:0", grace_s=1.0, **cfg
+            etcd=etcd_endpoint,
+            cluster=f"test-{uuid.uuid4().hex}",
+            listen="127.0.0.1:0",
+            grace_s=1.0,
+            **cfg,
         )
     )
     runner = asyncio.ensure_future(node.run())
@@ -87,11 +91,17 @@ class RawAgent:
         self.agent_id = agent_id
         self.call = stub.Connect()
 
-    async def hello(self, lease_id: int, capacity: int = 1, kinds: tuple[str, ...] = ("echo",)) -> cpb.Welcome:
+    async def hello(
+        self, lease_id: int, capacity: int = 1, kinds: tuple[str, ...] = ("echo",)
+    ) -> cpb.Welcome:
         await self.send(
             cpb.AgentMessage(
                 hello=cpb.AgentHello(
-                    agent_id=self.agent_id, pool_id="hand", lease_id=lease_id, kinds=kinds, capacity=capacity
+                    agent_id=self.agent_id,
+                    pool_id="hand",
+                    lease_id=lease_id,
+                    kinds=kinds,
+                    capacity=capacity,
                 )
             )
         )
@@ -109,7 +119,9 @@ class RawAgent:
         return getattr(msg, body)
 
     async def result(self, task: tpb.Task, output: bytes, token: int = 0) -> cpb.ReportAck:
-        res = cpb.TaskResult(task_id=task.task_id, claim_token=token or task.claim_token, output=output)
+        res = cpb.TaskResult(
+            task_id=task.task_id, claim_token=token or task.claim_token, output=output
+        )
         await self.send(cpb.AgentMessage(result=res))
         ack: cpb.ReportAck = await self.expect("ack")
         return ack
@@ -141,8 +153,14 @@ async def error_of(call: Any) -> grpc.aio.AioRpcError:
     [
         (cpb.SubmitRequest(), "spec is required"),
         (cpb.SubmitRequest(spec=tpb.TaskSpec(payload=b"x")), "spec.kind is required"),
-        (cpb.SubmitRequest(spec=tpb.TaskSpec(kind="teleport")), "spec.kind 'teleport' is unknown; use one of: echo"),
-        (cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", priority=10)), "spec.priority 10 is out of range"),
+        (
+            cpb.SubmitRequest(spec=tpb.TaskSpec(kind="teleport")),
+            "spec.kind 'teleport' is unknown; use one of: echo",
+        ),
+        (
+            cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", priority=10)),
+            "spec.priority 10 is out of range",
+        ),
         (cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", task_id="a b")), "spec.task_id"),
         (
             cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"x" * (1024 * 1024 + 1))),
@@ -212,7 +230,10 @@ async def test_submit_get_and_idempotent_replay(stub: cpb_grpc.CoordinatorStub) 
 
 
 async def test_list_filters_and_pages(stub: cpb_grpc.CoordinatorStub) -> None:
-    specs = [tpb.TaskSpec(kind="sleep" if i % 3 == 0 else "echo", task_id=f"t-{i:02d}") for i in range(25)]
+    specs = [
+        tpb.TaskSpec(kind="sleep" if i % 3 == 0 else "echo", task_id=f"t-{i:02d}")
+        for i in range(25)
+    ]
     resp = await within(stub.SubmitBatch(cpb.SubmitBatchRequest(specs=specs)))
     assert [r.task.task_id for r in resp.results] == [s.task_id for s in specs]
     for tid in ("t-01", "t-02"):
@@ -245,7 +266,10 @@ async def test_list_filters_and_pages(stub: cpb_grpc.CoordinatorStub) -> None:
     rest = await within(
         stub.ListTasks(
             cpb.ListTasksRequest(
-                kind="echo", states=[S.TASK_STATE_QUEUED], page_size=100, page_token=queued_echo.next_page_token
+                kind="echo",
+                states=[S.TASK_STATE_QUEUED],
+                page_size=100,
+                page_token=queued_echo.next_page_token,
             )
         )
     )
@@ -267,10 +291,16 @@ async def test_agent_gets_an_assignment_and_its_result_completes_the_task(
         agents = await within(stub.ListAgents(cpb.ListAgentsRequest()))
         assert [a.agent_id for a in agents.agents] == ["hand-1"]
 
-        sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"ping"))))
+        sub = await within(
+            stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"ping")))
+        )
         assign = await agent.expect("assign")
         task = assign.task
-        assert (task.task_id, task.spec.payload, task.agent_id) == (sub.task.task_id, b"ping", "hand-1")
+        assert (task.task_id, task.spec.payload, task.agent_id) == (
+            sub.task.task_id,
+            b"ping",
+            "hand-1",
+        )
         assert task.claim_token > 0
         running = await within(stub.GetTask(cpb.GetTaskRequest(task_id=task.task_id)))
         assert running.state == S.TASK_STATE_ASSIGNED
@@ -285,7 +315,9 @@ async def test_agent_gets_an_assignment_and_its_result_completes_the_task(
         assert done.result == b"pong"
 
 
-async def test_watch_task_streams_to_the_terminal_state(stub: cpb_grpc.CoordinatorStub, lease: int) -> None:
+async def test_watch_task_streams_to_the_terminal_state(
+    stub: cpb_grpc.CoordinatorStub, lease: int
+) -> None:
     sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"w"))))
     tid = sub.task.task_id
     watch = stub.WatchTask(cpb.WatchTaskRequest(task_id=tid))
@@ -294,7 +326,9 @@ async def test_watch_task_streams_to_the_terminal_state(stub: cpb_grpc.Coordinat
     async with raw_agent(stub, "watched") as agent:
         await agent.hello(lease)
         assign = await agent.expect("assign")
-        accepted = cpb.TaskAccepted(task_id=tid, claim_token=assign.task.claim_token, received_at_us=1)
+        accepted = cpb.TaskAccepted(
+            task_id=tid, claim_token=assign.task.claim_token, received_at_us=1
+        )
         await agent.send(cpb.AgentMessage(accepted=accepted))
         assert (await agent.result(assign.task, b"w")).accepted
     states = []
@@ -331,17 +365,23 @@ async def test_cancel_reaches_the_agent(stub: cpb_grpc.CoordinatorStub, lease: i
         await agent.hello(lease)
         sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
         task = (await agent.expect("assign")).task
-        out = await within(stub.CancelTask(cpb.CancelTaskRequest(task_id=sub.task.task_id, reason="stop")))
+        out = await within(
+            stub.CancelTask(cpb.CancelTaskRequest(task_id=sub.task.task_id, reason="stop"))
+        )
         assert out.state == S.TASK_STATE_CANCELLED
         cancel = await agent.expect("cancel")
         assert (cancel.task_id, cancel.reason) == (task.task_id, "stop")
         assert not (await agent.result(task, b"late")).accepted
 
 
-async def test_a_dropped_stream_requeues_to_another_agent(stub: cpb_grpc.CoordinatorStub, lease: int) -> None:
+async def test_a_dropped_stream_requeues_to_another_agent(
+    stub: cpb_grpc.CoordinatorStub, lease: int
+) -> None:
     async with raw_agent(stub, "first") as first, raw_agent(stub, "second") as second:
         await first.hello(lease)
-        sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"x"))))
+        sub = await within(
+            stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"x")))
+        )
         held = (await first.expect("assign")).task
         await second.hello(lease)
         first.close()  # the agent's process vanished from the network
@@ -374,7 +414,9 @@ async def test_hello_without_a_lease_is_refused(stub: cpb_grpc.CoordinatorStub) 
 # ---------------------------------------------------------------- operators
 
 
-async def test_status_shows_the_leader_and_term(stub: cpb_grpc.CoordinatorStub, node: CoordinatorNode) -> None:
+async def test_status_shows_the_leader_and_term(
+    stub: cpb_grpc.CoordinatorStub, node: CoordinatorNode
+) -> None:
     await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
     status = await within(stub.GetStatus(cpb.GetStatusRequest()))
     assert status.leader_endpoint == node.endpoint
@@ -390,7 +432,9 @@ async def test_status_shows_the_leader_and_term(stub: cpb_grpc.CoordinatorStub, 
 async def test_reflection_lists_the_coordinator(channel: grpc.aio.Channel) -> None:
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
 
-    async def ask(req: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
+    async def ask(
+        req: reflection_pb2.ServerReflectionRequest,
+    ) -> reflection_pb2.ServerReflectionResponse:
         call = refl.ServerReflectionInfo()
         try:
             await call.write(req)
@@ -402,7 +446,9 @@ async def test_reflection_lists_the_coordinator(channel: grpc.aio.Channel) -> No
     listed = await within(ask(reflection_pb2.ServerReflectionRequest(list_services="")))
     names = {s.name for s in listed.list_services_response.service}
     assert {SERVICE, "grpc.health.v1.Health"} <= names
-    described = await within(ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)))
+    described = await within(
+        ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE))
+    )
     assert described.file_descriptor_response.file_descriptor_proto
 
 

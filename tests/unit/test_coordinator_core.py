@@ -105,14 +105,22 @@ class Harness:
         await settle()
         return out
 
-    async def result(self, agent: FakeAgent, task: tpb.Task, output: bytes = b"ok", token: int = 0) -> cpb.ReportAck:
-        msg = cpb.TaskResult(task_id=task.task_id, claim_token=token or task.claim_token, output=output)
+    async def result(
+        self, agent: FakeAgent, task: tpb.Task, output: bytes = b"ok", token: int = 0
+    ) -> cpb.ReportAck:
+        msg = cpb.TaskResult(
+            task_id=task.task_id, claim_token=token or task.claim_token, output=output
+        )
         ack = await self.core.report(agent.agent_id, msg)
         await settle()
         return ack
 
-    async def failure(self, agent: FakeAgent, task: tpb.Task, *, retryable: bool, error: str = "boom") -> cpb.ReportAck:
-        msg = cpb.TaskFailure(task_id=task.task_id, claim_token=task.claim_token, error=error, retryable=retryable)
+    async def failure(
+        self, agent: FakeAgent, task: tpb.Task, *, retryable: bool, error: str = "boom"
+    ) -> cpb.ReportAck:
+        msg = cpb.TaskFailure(
+            task_id=task.task_id, claim_token=task.claim_token, error=error, retryable=retryable
+        )
         ack = await self.core.report(agent.agent_id, msg)
         await settle()
         return ack
@@ -134,11 +142,18 @@ async def make_core() -> AsyncIterator[MakeCore]:
     """
     harnesses: list[Harness] = []
 
-    async def make(store: MemoryStore | None = None, term: int = 7, clock: FakeClock | None = None, **cfg: Any) -> Harness:
+    async def make(
+        store: MemoryStore | None = None, term: int = 7, clock: FakeClock | None = None, **cfg: Any
+    ) -> Harness:
         store = store if store is not None else MemoryStore()
         clock = clock or FakeClock()
         core = CoordinatorCore(
-            store, clock, CoordinatorConfig(**cfg), term=term, node_id=f"c{term}", rng=random.Random(term)
+            store,
+            clock,
+            CoordinatorConfig(**cfg),
+            term=term,
+            node_id=f"c{term}",
+            rng=random.Random(term),
         )
         events: list[tuple[tpb.Task, int]] = []
 
@@ -190,7 +205,9 @@ async def h(make_core: MakeCore) -> Harness:
         (spec(idempotency_key="k" * 257), "spec.idempotency_key"),
     ],
 )
-async def test_bad_spec_is_refused_naming_the_field(h: Harness, bad: tpb.TaskSpec, names: str) -> None:
+async def test_bad_spec_is_refused_naming_the_field(
+    h: Harness, bad: tpb.TaskSpec, names: str
+) -> None:
     with pytest.raises(InvalidArgumentError, match=names) as err:
         await h.core.submit([bad])
     assert "Traceback" not in str(err.value)
@@ -298,7 +315,13 @@ async def test_tasks_go_only_to_agents_that_can_run_them(h: Harness) -> None:
     assert sorted(a.assigned_ids()) == ["any", "fits"]
     for tid in ("wrong-kind", "wrong-role", "wrong-label"):
         assert h.state(tid) == QUEUED
-    b = h.agent("reviewer", kinds=("echo", "sleep"), roles=("reviewer",), labels={"gpu": "h100"}, capacity=10)
+    b = h.agent(
+        "reviewer",
+        kinds=("echo", "sleep"),
+        roles=("reviewer",),
+        labels={"gpu": "h100"},
+        capacity=10,
+    )
     await settle()
     assert sorted(b.assigned_ids()) == ["wrong-kind", "wrong-label", "wrong-role"]
 
@@ -389,7 +412,10 @@ async def test_weighted_prefers_low_latency(make_core: MakeCore) -> None:
     await h.result(fast, on_fast)
     await h.clock.advance(2)
     await h.result(slow, on_slow)
-    assert h.core.agents["slow"].status().latency_ema_ms > 100 * h.core.agents["fast"].status().latency_ema_ms
+    assert (
+        h.core.agents["slow"].status().latency_ema_ms
+        > 100 * h.core.agents["fast"].status().latency_ema_ms
+    )
     await h.submit(spec(task_id="next"))
     assert fast.assigned_ids() == ["warm-fast", "next"]
 
@@ -407,7 +433,9 @@ async def test_random_only_picks_eligible_agents(make_core: MakeCore) -> None:
 
 def test_unknown_strategy_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="least-loaded"):
-        CoordinatorCore(MemoryStore(), FakeClock(), CoordinatorConfig(strategy="fastest"), term=1, node_id="c")
+        CoordinatorCore(
+            MemoryStore(), FakeClock(), CoordinatorConfig(strategy="fastest"), term=1, node_id="c"
+        )
 
 
 # ---------------------------------------------------------------- results and claim tokens
@@ -466,12 +494,6 @@ async def test_a_report_from_another_agent_is_refused(h: Harness) -> None:
     assert h.state(task.task_id) == ASSIGNED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.report() releases the agent's capacity before checking the token "
-    "(services/coordinator/core.py:517-518): a refused report frees a slot the agent still "
-    "holds, and the task is no longer in agent.inflight, so a disconnect does not requeue it",
-)
 async def test_a_refused_report_keeps_the_claim_counted(h: Harness) -> None:
     a = h.agent("a1", capacity=1)
     b = h.agent("b1", capacity=1, kinds=("sleep",))
@@ -619,12 +641,6 @@ async def test_claim_lost_with_an_old_token_changes_nothing(h: Harness) -> None:
     assert a.cancelled_ids() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.accepted() only compares claim_token and agent_id (services/coordinator/core.py:500), "
-    "and a requeued QUEUED record keeps the old token and agent: a late TaskAccepted flips the "
-    "QUEUED task to RUNNING in memory, so it is never dispatched again",
-)
 async def test_a_late_accepted_does_not_revive_a_lost_claim(h: Harness) -> None:
     a = h.agent("a1", capacity=1)
     await h.submit(spec(task_id="t"))

@@ -39,7 +39,17 @@ def test_parse_latency_accepts(spec: str, parsed: tuple[str, float, float]) -> N
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "fixed", "fixed:", "fixed:abc", "fixed:1:2", "uniform:10", "lognormal:a:b", "gauss:1:2", "ms"],
+    [
+        "",
+        "fixed",
+        "fixed:",
+        "fixed:abc",
+        "fixed:1:2",
+        "uniform:10",
+        "lognormal:a:b",
+        "gauss:1:2",
+        "ms",
+    ],
 )
 def test_parse_latency_refuses_with_the_accepted_forms(spec: str) -> None:
     with pytest.raises(ValueError, match="fixed:MS, uniform:LO:HI or lognormal:MEDIAN:SIGMA"):
@@ -113,7 +123,9 @@ def test_build_executors_for_the_kinds_asked() -> None:
 
 
 def test_build_executors_names_an_unknown_kind() -> None:
-    with pytest.raises(ValueError, match=r"no executor for kinds \['llm-x'\]; available: echo, noop, sleep, fail"):
+    with pytest.raises(
+        ValueError, match=r"no executor for kinds \['llm-x'\]; available: echo, noop, sleep, fail"
+    ):
         build_executors(("echo", "llm-x"), "fixed:1")
 
 
