@@ -385,7 +385,7 @@ def _drive(
         listener.stopping.set()
         listener.join(5.0)
 
-    return _finish(workload, redis_url, book, metrics, run_id, end - start, worker_ready_s)
+    return _finish(workload, redis_url, worker.queue, book, metrics, run_id, end - start, worker_ready_s)
 
 
 class _Submitter(threading.Thread):
@@ -472,6 +472,7 @@ def _snapshot(book: _Book, metrics: RunMetrics, phase: str, elapsed: float) -> P
 def _finish(
     workload: Workload,
     redis_url: str,
+    queue: str,
     book: _Book,
     metrics: RunMetrics,
     run_id: str,
@@ -484,21 +485,24 @@ def _finish(
     client = redis.Redis.from_url(redis_url, socket_timeout=10)
     ids = list(book.ack_wall)
     states: dict[str, int] = {}
-    lost: list[str] = []
+    missing: list[str] = []
     try:
+        # messages still queued or reserved are late, not lost
+        pending = int(client.llen(queue)) + int(client.hlen("unacked"))
         for i in range(0, len(ids), 1000):
             chunk = ids[i : i + 1000]
             values = client.mget([RESULT_PREFIX + t for t in chunk])
             for tid, raw in zip(chunk, values, strict=True):
                 if raw is None:
-                    lost.append(tid)
+                    missing.append(tid)
                     continue
                 status = str(json.loads(raw).get("status", "UNKNOWN"))
                 states[status] = states.get(status, 0) + 1
                 if status not in ("SUCCESS", "FAILURE", "REVOKED"):
-                    lost.append(tid)
+                    missing.append(tid)
     finally:
         client.close()
+    lost, unfinished = ([], missing) if pending else (missing, [])
     notes = [
         "Celery 5 + Redis: threads pool, acks_late, prefetch 1; Redis without persistence "
         "(no RDB, no AOF, so no fsync): results and queue live in memory only",
@@ -514,6 +518,7 @@ def _finish(
         completed=len(book.done),
         terminal_states={_STATE_NAMES.get(k, k): v for k, v in states.items()},
         lost=lost,
+        unfinished=unfinished,
         duplicated=sorted(book.duplicated),
         notes=notes,
         extra={"worker_ready_s": round(worker_ready_s, 3), "run_id": run_id},

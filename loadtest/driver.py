@@ -23,6 +23,7 @@ states).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -116,7 +117,7 @@ class _Rec:
 
     __slots__ = (
         "sent_mono", "sent_wall_us", "ack_wall_us", "acked", "terminal", "token",
-        "success_tokens", "holder", "stash", "warmup", "via_poll",
+        "success_tokens", "holder", "stash", "warmup", "via_poll", "done_at",
     )
 
     def __init__(self, sent_mono: float, sent_wall_us: int, warmup: bool = False) -> None:
@@ -126,11 +127,12 @@ class _Rec:
         self.acked = False
         self.terminal = 0
         self.token = 0
-        self.success_tokens: set[int] = set()
+        self.success_tokens: set[int] | None = None
         self.holder = ""
-        self.stash: list[tuple[Any, float]] = []
+        self.stash: list[tuple[Any, float]] | None = None
         self.warmup = warmup
         self.via_poll = False
+        self.done_at = 0.0
 
 
 @dataclass
@@ -312,8 +314,9 @@ class Driver:
         rec.ack_wall_us = self.clock.wall_us()
         if resp.task.state in TERMINAL:
             self._warm.set()
-        for ev, t in rec.stash:
+        for ev, t in rec.stash or ():
             self._on_event(ev, t)
+        rec.stash = None
         try:
             await asyncio.wait_for(self._warm.wait(), WARMUP_TIMEOUT_S)
         except TimeoutError:
@@ -400,10 +403,8 @@ class Driver:
             due = min(self.w.max_tasks, schedule.due(now - self._start))
             if due <= self._seq:
                 wait = self._start + schedule.next_at(self._seq) - now
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), max(0.0, min(wait, deadline - now)))
-                except TimeoutError:
-                    pass
                 continue
             ids = self._next_ids(min(due - self._seq, self.w.batch_size))
             lateness = now - (self._start + schedule.next_at(self._seq - len(ids)))
@@ -452,8 +453,8 @@ class Driver:
                 self.inflight[tid] = None
             if r.task.state in TERMINAL:
                 self._on_task(r.task, S.TASK_STATE_UNSPECIFIED, ack_mono)
-            stash, rec.stash = rec.stash, []
-            for ev, t in stash:
+            stash, rec.stash = rec.stash, None
+            for ev, t in stash or ():
                 self._on_event(ev, t)
 
     # ------------------------------------------------------------ events
@@ -491,6 +492,8 @@ class Driver:
         if rec is None:
             return
         if not rec.acked:
+            if rec.stash is None:
+                rec.stash = []
             rec.stash.append((ev, now))  # it beat its own acknowledgement here
             return
         self._on_task(task, ev.previous_state, now)
@@ -518,19 +521,20 @@ class Driver:
             rec.terminal = state
             rec.token = task.claim_token
             if state == S.TASK_STATE_SUCCEEDED:
-                rec.success_tokens.add(task.claim_token)
+                rec.success_tokens = {task.claim_token}
             if task.agent_id and task.agent_id != rec.holder:
                 self._holder_changed(tid, task.agent_id, now)
             self._complete(tid, rec, task, now, via_poll=via_poll)
             return
         # a second terminal record for the same task
+        tokens = rec.success_tokens or set()
         if state == rec.terminal and (
-            state != S.TASK_STATE_SUCCEEDED or task.claim_token in rec.success_tokens
+            state != S.TASK_STATE_SUCCEEDED or task.claim_token in tokens
         ):
             self.counters.inc("replayed_events")
             return
         if state == S.TASK_STATE_SUCCEEDED:
-            rec.success_tokens.add(task.claim_token)
+            rec.success_tokens = tokens | {task.claim_token}
         self.duplicated.add(tid)
         self.counters.inc("claim_conflicts")
 
@@ -546,6 +550,7 @@ class Driver:
             self._warm.set()
             return
         self.inflight.pop(tid, None)
+        rec.done_at = now
         self.completed += 1
         self._recent.append(now)
         m = self.metrics
@@ -575,10 +580,8 @@ class Driver:
         """Re-read tasks whose outcome we may have missed (stream gaps, stragglers)."""
         stale_s = 5.0 + (self.w.sleep_ms / 1000.0 if self.w.simulated else 0.0)
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._resync.wait(), POLL_INTERVAL_S)
-            except TimeoutError:
-                pass
             everything = self._resync.is_set()
             self._resync.clear()
             now = self.clock.monotonic()
@@ -722,11 +725,14 @@ class Driver:
     def _summarise_reassignments(self) -> None:
         for i, r in enumerate(self.reassignments):
             never = [t for t in r.victims if t not in r.reassigned]
+            # finished by the victim before it died (or just as it did): nothing to reassign
+            finished = [t for t in never if 0 < self.tasks[t].done_at <= r.t_kill + 0.05]
             done = sorted(r.reassigned.values())
             self.extra[f"kill_{i + 1}"] = {
                 "tasks_held_by_killed_agents": len(r.victims),
                 "reassigned": len(done),
-                "not_seen_reassigned": len(never),
+                "finished_before_kill": len(finished),
+                "not_seen_reassigned": len(never) - len(finished),
                 "reassign_max_s": round(done[-1], 4) if done else None,
                 "reassign_p50_s": round(done[len(done) // 2], 4) if done else None,
                 "requeue_max_s": round(max(r.requeued.values()), 4) if r.requeued else None,

@@ -6,6 +6,7 @@ renderer in `report.py`, so a report can be re-rendered from a saved JSON file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -74,10 +75,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
     }
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         info["cores_usable"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from aetcd import rpc
 
 from registry.etcd import (
     Compare,
@@ -130,9 +133,17 @@ class Election:
         self, ops: Sequence[RequestOp], timeout_s: float | None = None
     ) -> TxnResponse:
         """`fenced`, returning the whole response (its header holds the commit revision)."""
+        request = rpc.TxnRequest(success=ops)
+        return await self.fenced_request(request, timeout_s)
+
+    async def fenced_request(self, request: Any, timeout_s: float | None = None) -> TxnResponse:
+        """Send a TxnRequest built by the caller (success ops filled in place, which
+        saves copying them) with this leader's fence as its only compare."""
         if not self.term:
             raise NotLeaderError("not the leader")
-        resp = await self.etcd.txn([self.fence()], ops, (), timeout_s=timeout_s)
+        del request.compare[:]
+        request.compare.append(self.fence())
+        resp = await self.etcd.txn_request(request, timeout_s)
         if not resp.succeeded:
             self.term = 0
             raise NotLeaderError("this coordinator's term is over (a newer leader was elected)")

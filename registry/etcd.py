@@ -215,6 +215,10 @@ class Etcd:
             timeout_s,
         )
 
+    async def txn_request(self, request: Any, timeout_s: float | None = None) -> TxnResponse:
+        """A TxnRequest the caller built itself."""
+        return await self._call(self._kv.Txn, request, timeout_s)
+
     async def status(self) -> Any:
         return await self._call(self._maint.Status, rpc.StatusRequest())
 

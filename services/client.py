@@ -159,9 +159,7 @@ class MeshClient:
     async def status(self) -> cpb.ClusterStatus:
         return await self._call("GetStatus", cpb.GetStatusRequest())  # type: ignore[no-any-return]
 
-    async def watch_events(
-        self, states: Sequence[Any] = ()
-    ) -> AsyncIterator[tpb.TaskEvent]:
+    async def watch_events(self, states: Sequence[Any] = ()) -> AsyncIterator[tpb.TaskEvent]:
         """Every task change from now on; reconnects to a new leader by itself.
 
         Events during a reconnect are missed: callers that must not miss a terminal

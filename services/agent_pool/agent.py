@@ -185,6 +185,8 @@ class Agent:
             self._outbox.put_nowait(msg)
 
     def _on_message(self, msg: cpb.CoordinatorMessage) -> None:
+        for ack in msg.acks:
+            self._on_ack(ack)
         body = msg.WhichOneof("body")
         if body == "assign":
             task = msg.assign.task
@@ -200,16 +202,7 @@ class Agent:
                 self.welcomed.set()
             self.state = A.AGENT_STATE_DRAINING if self.draining else A.AGENT_STATE_READY
         elif body == "ack":
-            self.unacked.pop(msg.ack.task_id, None)
-            if not msg.ack.accepted:
-                log.info(
-                    "report refused",
-                    extra={
-                        "agent": self.agent_id,
-                        "task": msg.ack.task_id,
-                        "reason": msg.ack.reason,
-                    },
-                )
+            self._on_ack(msg.ack)
         elif body == "cancel":
             held = self.running.pop(msg.cancel.task_id, None)
             if held:
@@ -221,6 +214,19 @@ class Agent:
             log.info(
                 "coordinator asked the agent to drain",
                 extra={"agent": self.agent_id, "reason": msg.drain.reason},
+            )
+
+    def _on_ack(self, ack: cpb.ReportAck) -> None:
+        held = self.unacked.get(ack.task_id)
+        if (
+            held is not None
+            and getattr(held, held.WhichOneof("body") or "result").claim_token == ack.claim_token
+        ):
+            del self.unacked[ack.task_id]
+        if not ack.accepted:
+            log.info(
+                "report refused",
+                extra={"agent": self.agent_id, "task": ack.task_id, "reason": ack.reason},
             )
 
     async def _execute(self, task: tpb.Task, received_at_us: int) -> None:

@@ -228,8 +228,14 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
 
         async def writer() -> None:
             with contextlib.suppress(Exception):  # a dead peer: the reader side ends too
-                while (msg := await outbox.get()) is not None:
-                    await context.write(msg)
+                while True:
+                    batch = [await outbox.get()]
+                    while not outbox.empty():
+                        batch.append(outbox.get_nowait())
+                    for msg in _fold_acks(batch):
+                        if msg is None:
+                            return
+                        await context.write(msg)
 
         hello = first.hello
         try:
@@ -286,6 +292,22 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                     cpb.CoordinatorMessage(redirect=cpb.Redirect(leader_endpoint=redirect_to))
                 )
             agent.send(None)  # ends the writer, so the stream closes
+
+
+def _fold_acks(
+    batch: list[cpb.CoordinatorMessage | None],
+) -> list[cpb.CoordinatorMessage | None]:
+    """Fold the acks among queued messages into one message (a write each costs more
+    than the rest of an ack's handling); order among the other messages is kept."""
+    if len(batch) == 1:
+        return batch
+    acks = [m for m in batch if m is not None and m.WhichOneof("body") == "ack"]
+    if len(acks) < 2:
+        return batch
+    rest = [m for m in batch if m is None or m.WhichOneof("body") != "ack"]
+    carrier = acks[0]
+    carrier.acks.extend(m.ack for m in acks[1:])
+    return [carrier, *rest]
 
 
 def leader_value(node_id: str, endpoint: str) -> bytes:

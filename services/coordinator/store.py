@@ -18,17 +18,14 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from aetcd import rpc
+
 from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.election import Election
 from registry.etcd import (
     Etcd,
     LeaseNotFoundError,
     RequestOp,
-    cmp_mod,
-    op_delete,
-    op_get,
-    op_put,
-    op_txn,
 )
 from services._common.clock import Clock
 from services.coordinator.core import TERMINAL, Committed, Write
@@ -104,20 +101,27 @@ class EtcdTaskStore:
     def claim_key(self, task_id: str) -> bytes:
         return self._claims + task_id.encode()
 
-    async def _flush(self, ops: list[RequestOp]) -> list[Any]:
-        """One fenced transaction; each result is (commit revision, nested response)."""
+    async def _flush(self, batch: list[_Prepared]) -> list[Any]:
+        """One fenced transaction; each result is (commit revision, nested response).
+
+        The nested transactions are filled in place in the outgoing request: building
+        them as separate messages and nesting them costs a copy per level (~12 % of
+        the leader's CPU under load, measured with py-spy)."""
+        request = rpc.TxnRequest()
+        for p in batch:
+            p.fill(request.success.add().request_txn)
         try:
-            resp = await self.election.fenced_txn(ops)
+            resp = await self.election.fenced_request(request)
             rev = int(resp.header.revision)
             return [(rev, r) for r in resp.responses]
         except LeaseNotFoundError as err:
-            if len(ops) == 1:
+            if len(batch) == 1:
                 return [err]
             # one claim names a dead lease and etcd refuses the whole transaction:
             # retry each on its own so only that one fails
             results: list[Any] = []
-            for op in ops:
-                results.extend(await self._flush([op]))
+            for p in batch:
+                results.extend(await self._flush([p]))
             return results
 
     async def _retention(self) -> int:
@@ -135,33 +139,11 @@ class EtcdTaskStore:
         retention = 0
         if any(w.task.state in TERMINAL for w in writes):
             retention = await self._retention()
-        ops = []
-        for w in writes:
-            tid = w.task.task_id
-            tkey = self.task_key(tid)
-            compare = [cmp_mod(tkey, w.expect_mod)]
-            if w.expect_claim:
-                compare.append(cmp_mod(self.claim_key(tid), w.expect_claim))
-            record = w.task
-            if record.state in (tpb.TASK_STATE_ASSIGNED, tpb.TASK_STATE_RUNNING):
-                # the token is this commit's revision, known only after it: readers
-                # take it from the record's mod revision
-                record = tpb.Task()
-                record.CopyFrom(w.task)
-                record.claim_token = 0
-                record.state = tpb.TASK_STATE_ASSIGNED
-            success = [
-                op_put(
-                    tkey, record.SerializeToString(), retention if w.task.state in TERMINAL else 0
-                )
-            ]
-            if w.claim_lease:
-                success.append(op_put(self.claim_key(tid), w.task.agent_id.encode(), w.claim_lease))
-            elif w.delete_claim:
-                success.append(op_delete(self.claim_key(tid)))
-            failure = [op_get(tkey)] if w.expect_mod == 0 else []
-            ops.append(op_txn(compare, success, failure))
-        responses = await self._committer.submit(ops)
+        prepared = [
+            _Prepared(w, self.task_key(w.task.task_id), self.claim_key(w.task.task_id), retention)
+            for w in writes
+        ]
+        responses = await self._committer.submit(prepared)
         out = []
         for w, resp in zip(writes, responses, strict=True):
             if isinstance(resp, LeaseNotFoundError):
@@ -224,6 +206,48 @@ class EtcdTaskStore:
             for ev in events:
                 if ev.kind == "delete" and ev.prev_kv is not None:
                     yield ev.kv.key[len(self._claims) :].decode(), int(ev.prev_kv.mod_revision)
+
+
+class _Prepared:
+    """One Write, ready to be filled into a nested transaction."""
+
+    __slots__ = ("claim_key", "record", "record_lease", "task_key", "write")
+
+    def __init__(self, w: Write, task_key: bytes, claim_key: bytes, retention: int) -> None:
+        self.write = w
+        self.task_key = task_key
+        self.claim_key = claim_key
+        record = w.task
+        if record.state in (tpb.TASK_STATE_ASSIGNED, tpb.TASK_STATE_RUNNING):
+            # the token is this commit's revision, known only after it: readers take
+            # it from the record's mod revision
+            record = tpb.Task()
+            record.CopyFrom(w.task)
+            record.claim_token = 0
+            record.state = tpb.TASK_STATE_ASSIGNED
+        self.record = record.SerializeToString()
+        self.record_lease = retention if w.task.state in TERMINAL else 0
+
+    def fill(self, txn: Any) -> None:
+        w = self.write
+        c = txn.compare.add()
+        c.key, c.target, c.result, c.mod_revision = self.task_key, _MOD, _EQUAL, w.expect_mod
+        if w.expect_claim:
+            c = txn.compare.add()
+            c.key, c.target, c.result, c.mod_revision = self.claim_key, _MOD, _EQUAL, w.expect_claim
+        put = txn.success.add().request_put
+        put.key, put.value, put.lease = self.task_key, self.record, self.record_lease
+        if w.claim_lease:
+            put = txn.success.add().request_put
+            put.key, put.value, put.lease = self.claim_key, w.task.agent_id.encode(), w.claim_lease
+        elif w.delete_claim:
+            txn.success.add().request_delete_range.key = self.claim_key
+        if w.expect_mod == 0:
+            txn.failure.add().request_range.key = self.task_key
+
+
+_MOD = rpc.Compare.MOD
+_EQUAL = rpc.Compare.EQUAL
 
 
 def _decode(kv: Any) -> tpb.Task:

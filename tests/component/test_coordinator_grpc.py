@@ -394,6 +394,26 @@ async def test_a_dropped_stream_requeues_to_another_agent(
         assert (done.state, done.agent_id) == (S.TASK_STATE_SUCCEEDED, "second")
 
 
+async def test_a_lost_lease_requeues_its_claims(
+    stub: cpb_grpc.CoordinatorStub, etcd: Etcd, lease: int
+) -> None:
+    doomed = await etcd.grant(30)
+    async with raw_agent(stub, "doomed") as first:
+        await first.hello(doomed)
+        sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+        held = (await first.expect("assign")).task
+        await etcd.revoke(doomed)  # the agent's process lost its lease; its stream is still up
+        cancel = await first.expect("cancel")
+        assert cancel.task_id == held.task_id
+        async with raw_agent(stub, "survivor") as second:
+            await second.hello(lease)
+            moved = (await second.expect("assign")).task
+            assert moved.task_id == sub.task.task_id
+            assert moved.claim_token > held.claim_token
+            assert not (await first.result(held, b"late")).accepted
+            assert (await second.result(moved, b"ok")).accepted
+
+
 async def test_first_message_must_be_hello(stub: cpb_grpc.CoordinatorStub) -> None:
     async with raw_agent(stub, "rude") as agent:
         await agent.send(cpb.AgentMessage(accepted=cpb.TaskAccepted(task_id="x")))

@@ -45,9 +45,13 @@ class FakeAgent:
     agent_id: str
     lease_id: int
     messages: list[cpb.CoordinatorMessage] = field(default_factory=list)
+    closed: bool = False
 
-    def send(self, msg: cpb.CoordinatorMessage) -> None:
-        self.messages.append(msg)
+    def send(self, msg: cpb.CoordinatorMessage | None) -> None:
+        if msg is None:  # the coordinator closes the stream
+            self.closed = True
+        else:
+            self.messages.append(msg)
 
     def of(self, body: str) -> list[Any]:
         return [getattr(m, body) for m in self.messages if m.WhichOneof("body") == body]

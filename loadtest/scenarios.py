@@ -1,0 +1,403 @@
+"""Scenarios: how agents are brought up, what load runs, and which faults are injected.
+
+Each scenario ends with the driver's exactly-once check, so a fault scenario
+fails on any lost or doubly-completed task, whatever its timings say.
+
+- steady:     closed loop (`concurrency` in flight) or open loop at `rate`.
+- burst:      `burst_size` tasks at once every `burst_interval_s` (queueing and drain).
+- spawn:      agents started cold in batches, in waves, and from the warm pool, each
+              timed until every agent is connected; then a steady run on them.
+- agent-kill: steady, and a third of the way in one agent-pool process is SIGKILLed;
+              measures how fast the tasks its agents held are reassigned.
+- leader-kill: steady with two coordinators; the leader is SIGKILLed; measures
+              the time until tasks complete again under the new term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from loadtest.client import CHANNEL_OPTIONS, CoordinatorClient, RpcFailed
+from loadtest.driver import Action, BurstSchedule, Driver, Schedule
+from loadtest.metrics import LatencyRecorder
+from loadtest.result import RunResult
+from loadtest.target import Target, TargetError
+from loadtest.workload import ProgressSink, Workload, new_run_id
+from protos.agentmesh.v1 import agent_pool_pb2 as ppb
+from protos.agentmesh.v1 import agent_pool_pb2_grpc as ppb_grpc
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+
+log = logging.getLogger(__name__)
+
+SCENARIOS = ("steady", "burst", "spawn", "agent-kill", "leader-kill")
+POOL_KIND = "agent-pool"
+TEMPLATE_KINDS = ("noop", "sleep")
+"""Kinds a cold-spawned agent advertises (an explicit template bypasses the warm pool)."""
+POOL_RPC_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScenarioOptions:
+    agents: int = 200
+    """Agents the run needs connected (spawned through the pools when short)."""
+    spawn_batch: int = 50
+    """Agents a pool starts in parallel."""
+    burst_size: int = 0
+    """burst: tasks per burst (0: 10 per agent)."""
+    burst_interval_s: float = 5.0
+    kill_at_s: float = 0.0
+    """agent-kill / leader-kill: seconds into the run (0: a third of the duration)."""
+    ready_timeout_s: float = 60.0
+    """Bound on waiting for agents to connect."""
+
+
+class Stopper:
+    """Ctrl-C's first press: end the current run early but still check and report."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._driver: Driver | None = None
+
+    def attach(self, driver: Driver) -> None:
+        self._driver = driver
+        if self.requested:
+            driver.stop()
+
+    def stop(self) -> None:
+        self.requested = True
+        if self._driver is not None:
+            self._driver.stop()
+
+
+# ---------------------------------------------------------------- pools
+
+
+@dataclass(frozen=True)
+class Pool:
+    pool_id: str
+    endpoint: str
+
+
+async def discover_pools(client: CoordinatorClient) -> list[Pool]:
+    """Agent pools registered in the cluster, from `GetStatus().services`."""
+    status = await client.status()
+    pools = [Pool(s.instance_id, s.endpoint) for s in status.services if s.kind == POOL_KIND]
+    return sorted(pools, key=lambda p: p.pool_id)
+
+
+class PoolClient:
+    """The AgentPool API of one pool process, with deadlines."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._channel = grpc.aio.insecure_channel(pool.endpoint, options=CHANNEL_OPTIONS)
+        self.stub = ppb_grpc.AgentPoolStub(self._channel)
+
+    async def spawn(self, count: int, batch: int, cold: bool) -> ppb.SpawnAgentsResponse:
+        req = ppb.SpawnAgentsRequest(count=count, batch_size=batch)
+        if cold:
+            req.template.CopyFrom(ppb.AgentTemplate(kinds=list(TEMPLATE_KINDS)))
+        return await self.stub.SpawnAgents(req, timeout=POOL_RPC_TIMEOUT_S)  # type: ignore[no-any-return]
+
+    async def waves(self, count: int, wave_size: int, interval_s: float) -> list[ppb.SpawnProgress]:
+        req = ppb.SpawnWavesRequest(
+            count=count,
+            wave_size=wave_size,
+            wave_interval_s=interval_s,
+            template=ppb.AgentTemplate(kinds=list(TEMPLATE_KINDS)),
+        )
+        return [p async for p in self.stub.SpawnWaves(req, timeout=POOL_RPC_TIMEOUT_S)]
+
+    async def stop_all(self) -> int:
+        listed = await self.stub.ListAgents(ppb.ListPoolAgentsRequest(), timeout=10.0)
+        ids = [a.agent_id for a in listed.agents]
+        if not ids:
+            return 0
+        resp = await self.stub.StopAgents(
+            ppb.StopAgentsRequest(agent_ids=ids, graceful=False), timeout=POOL_RPC_TIMEOUT_S
+        )
+        return len(resp.stopped)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+
+def split(total: int, parts: int) -> list[int]:
+    """`total` as evenly as possible over `parts` (the first ones get the remainder)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+async def wait_connected(
+    client: CoordinatorClient, want: int, timeout_s: float, *, at_most: bool = False
+) -> float:
+    """Poll GetStatus until `agents_connected` ≥ want (≤ want with `at_most`); seconds waited."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    last = -1
+    while loop.time() - t0 < timeout_s:
+        last = int((await client.status()).agents_connected)
+        if (last <= want) if at_most else (last >= want):
+            return loop.time() - t0
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"{last} agents connected after {timeout_s:g} s, waiting for {want}")
+
+
+def _rss(target: Target) -> dict[str, int]:
+    return dict(target.process_rss()) if target.process_rss is not None else {}
+
+
+def _memory_per_agent(before: dict[str, int], after: dict[str, int], agents: int) -> dict[str, Any]:
+    if not before or not after or agents <= 0:
+        return {}
+    pools = sum(after.get(k, 0) - v for k, v in before.items() if k.startswith("pool"))
+    coords = sum(after.get(k, 0) - v for k, v in before.items() if k.startswith("coordinator"))
+    return {
+        "pool_rss_per_agent_kb": round(pools / agents / 1024, 1),
+        "coordinator_rss_per_agent_kb": round(coords / agents / 1024, 1),
+        "rss_mb_after": {k: round(v / 2**20, 1) for k, v in after.items()},
+    }
+
+
+async def spawn_agents(
+    client: CoordinatorClient,
+    target: Target,
+    pools: list[Pool],
+    count: int,
+    *,
+    batch: int,
+    cold: bool,
+    timeout_s: float,
+    spawn_hist: LatencyRecorder | None = None,
+) -> dict[str, Any]:
+    """Start `count` more agents across `pools`; time until every one is connected."""
+    if not pools:
+        raise TargetError("no agent-pool is registered in the cluster (GetStatus().services)")
+    base = int((await client.status()).agents_connected)
+    rss_before = _rss(target)
+    clients = [PoolClient(p) for p in pools]
+    t0 = time.monotonic()
+    try:
+        resps = await asyncio.gather(
+            *(c.spawn(n, batch, cold) for c, n in zip(clients, split(count, len(pools)), strict=True) if n)
+        )
+        rpc_s = time.monotonic() - t0
+        ready_s = await wait_connected(client, base + count, timeout_s)
+        ready_s = max(ready_s + rpc_s, rpc_s)
+    finally:
+        for c in clients:
+            await c.close()
+    if spawn_hist is not None:
+        for resp in resps:
+            for agent in resp.agents:
+                if agent.spawn_ms > 0:
+                    spawn_hist.record_ms(agent.spawn_ms)
+    out: dict[str, Any] = {
+        "agents": count,
+        "cold": cold,
+        "batch_size": batch,
+        "all_ready_s": round(ready_s, 4),
+        "pool_rpc_elapsed_s": [round(r.elapsed_s, 4) for r in resps],
+        "from_warm": sum(int(r.from_warm) for r in resps),
+    }
+    out.update(_memory_per_agent(rss_before, _rss(target), count))
+    return out
+
+
+async def ensure_agents(
+    client: CoordinatorClient, target: Target, options: ScenarioOptions, spawn_hist: LatencyRecorder
+) -> dict[str, Any]:
+    """Make `options.agents` agents connected, spawning the missing ones (timed)."""
+    have = int((await client.status()).agents_connected)
+    if have >= options.agents:
+        return {"agents_connected": have, "spawned": 0}
+    pools = await discover_pools(client)
+    info = await spawn_agents(
+        client, target, pools, options.agents - have,
+        batch=options.spawn_batch, cold=False, timeout_s=options.ready_timeout_s, spawn_hist=spawn_hist,
+    )
+    return {"agents_connected": options.agents, "spawn": info}
+
+
+async def spawn_phases(
+    client: CoordinatorClient, target: Target, options: ScenarioOptions, spawn_hist: LatencyRecorder
+) -> dict[str, Any]:
+    """Cold batches, waves, warm pool: each from zero agents to all connected."""
+    n = options.agents
+    pools = await discover_pools(client)
+    phases: dict[str, Any] = {}
+
+    async def stop_all() -> None:
+        clients = [PoolClient(p) for p in pools]
+        try:
+            await asyncio.gather(*(c.stop_all() for c in clients))
+        finally:
+            for c in clients:
+                await c.close()
+        await wait_connected(client, 0, options.ready_timeout_s, at_most=True)
+
+    await stop_all()
+    phases["cold_batch"] = await spawn_agents(
+        client, target, pools, n, batch=options.spawn_batch, cold=True,
+        timeout_s=options.ready_timeout_s, spawn_hist=spawn_hist,
+    )
+    await stop_all()
+    clients = [PoolClient(p) for p in pools]
+    t0 = time.monotonic()
+    try:
+        parts = split(n, len(pools))
+        progress = await asyncio.gather(
+            *(c.waves(k, max(1, k // 10), 0.1) for c, k in zip(clients, parts, strict=True) if k)
+        )
+        rpc_s = time.monotonic() - t0
+        ready_s = rpc_s + await wait_connected(client, n, options.ready_timeout_s)
+    finally:
+        for c in clients:
+            await c.close()
+    phases["waves"] = {
+        "agents": n,
+        "waves_per_pool": [len(p) for p in progress],
+        "all_ready_s": round(ready_s, 4),
+        "failed": sum(p[-1].failed for p in progress if p),
+    }
+    await stop_all()
+    phases["warm_pool"] = await spawn_agents(
+        client, target, pools, n, batch=0, cold=False,
+        timeout_s=options.ready_timeout_s,
+    )
+    if phases["warm_pool"]["from_warm"] == 0:
+        phases["warm_pool"]["note"] = "the pools kept no warm agents (AGENTMESH_WARM=0)"
+    return phases
+
+
+# ---------------------------------------------------------------- faults
+
+
+def agent_kill_action(client: CoordinatorClient, target: Target) -> Callable[[Driver], Any]:
+    kill = target.require_kill("agent-kill")
+
+    async def run(driver: Driver) -> dict[str, Any]:
+        pools = await discover_pools(client)
+        if len(pools) < 2:
+            raise TargetError("agent-kill needs at least two pools (one survives to take over)")
+        victim = pools[0]
+        agents = {a.agent_id for a in (await client.list_agents()).agents if a.pool_id == victim.pool_id}
+        held = {tid: agent for tid, agent in driver.holders().items() if agent in agents}
+        t_kill = driver.clock.monotonic()
+        await kill(victim.pool_id)
+        driver.track_reassignment(held, t_kill)
+        return {
+            "killed": victim.pool_id,
+            "agents_killed": len(agents),
+            "tasks_held": len(held),
+            "kill_took_s": round(driver.clock.monotonic() - t_kill, 4),
+        }
+
+    return run
+
+
+def leader_kill_action(client: CoordinatorClient, target: Target) -> Callable[[Driver], Any]:
+    kill = target.require_kill("leader-kill")
+
+    async def run(driver: Driver) -> dict[str, Any]:
+        status = await client.status()
+        if not status.standbys:
+            raise TargetError("leader-kill needs a standby coordinator (--coordinators 2)")
+        old_leader, old_term = status.leader_id, status.term
+        done_before = driver.completed
+        t_kill = driver.clock.monotonic()
+        await kill(old_leader)
+        elected = None
+        first_done = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30.0
+        while loop.time() < deadline and (elected is None or first_done is None):
+            if elected is None:
+                try:
+                    s = await client.call("GetStatus", cpb.GetStatusRequest(), timeout_s=1.0)
+                    if s.leader_id and s.leader_id != old_leader and s.term != old_term:
+                        elected = driver.clock.monotonic() - t_kill
+                except RpcFailed:
+                    pass
+            if first_done is None and driver.completed > done_before and elected is not None:
+                first_done = driver.clock.monotonic() - t_kill
+            await asyncio.sleep(0.02)
+        return {
+            "killed": old_leader,
+            "old_term": old_term,
+            "new_leader_elected_s": round(elected, 4) if elected is not None else None,
+            "first_completion_after_kill_s": round(first_done, 4) if first_done is not None else None,
+        }
+
+    return run
+
+
+# ---------------------------------------------------------------- the runner
+
+
+async def run_agentmesh(
+    scenario: str,
+    target: Target,
+    workload: Workload,
+    options: ScenarioOptions,
+    *,
+    progress: ProgressSink | None = None,
+    stopper: Stopper | None = None,
+) -> RunResult:
+    """One scenario against `target`; the result holds the exactly-once verdict."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+    client = CoordinatorClient(target.coordinator_targets)
+    spawn_hist = LatencyRecorder("spawn")
+    try:
+        if scenario == "spawn":
+            setup = {"spawn_phases": await spawn_phases(client, target, options, spawn_hist)}
+        else:
+            setup = await ensure_agents(client, target, options, spawn_hist)
+        schedule: Schedule | None = None
+        actions: list[Action] = []
+        watch_all = False
+        kill_at = options.kill_at_s or workload.duration_s / 3
+        if scenario == "burst":
+            size = options.burst_size or 10 * options.agents
+            schedule = BurstSchedule(size, options.burst_interval_s)
+        elif scenario == "agent-kill":
+            watch_all = True
+            actions.append(Action(kill_at, "agent pool killed", agent_kill_action(client, target)))
+        elif scenario == "leader-kill":
+            actions.append(Action(kill_at, "leader killed", leader_kill_action(client, target)))
+        driver = Driver(
+            client,
+            workload,
+            run_id=new_run_id(),
+            scenario=scenario,
+            schedule=schedule,
+            watch_all_states=watch_all,
+            actions=actions,
+            progress=progress,
+        )
+        # the client's counters are the run's from here on
+        if stopper is not None:
+            stopper.attach(driver)
+        if spawn_hist.count:
+            driver.metrics.latencies["spawn"] = spawn_hist
+        result = await driver.run()
+        result.extra.update(setup)
+        if target.description:
+            result.extra["cluster"] = target.description
+        if target.info:
+            result.extra["cluster_info"] = target.info
+        if scenario == "agent-kill" and workload.executor == "noop":
+            result.notes.append(
+                "agent-kill with no-op tasks: agents hold tasks for microseconds, so few are "
+                "caught in flight; --executor sleep measures reassignment better"
+            )
+        return result
+    finally:
+        await client.close()
