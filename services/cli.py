@@ -220,7 +220,7 @@ def up(
         _fail(str(err))
     import socket
 
-    for p in [etcd_port, *range(port, port + coordinators)]:
+    for p in [etcd_port, etcd_port + 1, *range(port, port + coordinators)]:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", p)) == 0:
                 _fail(

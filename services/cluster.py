@@ -46,8 +46,13 @@ class LocalCluster:
         self.spec = spec
         self.data_dir = Path(spec.data_dir)
         self.log_dir = self.data_dir / "logs"
+        # a fixed client port implies a fixed peer port: etcd stores its peer URL in
+        # the data dir, and a restart with another one would not match it
         self.etcd = EtcdServer(
-            self.data_dir / "etcd", client_port=spec.etcd_port, log_path=self.log_dir / "etcd.log"
+            self.data_dir / "etcd",
+            client_port=spec.etcd_port,
+            peer_port=spec.etcd_port + 1 if spec.etcd_port else 0,
+            log_path=self.log_dir / "etcd.log",
         )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, list[str]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,9 +19,36 @@ COMMIT_SECONDS = Histogram(
 )
 
 
+def watch_core(core: Any) -> Any:
+    """Point the gauges at this term's core (read at scrape time) and count transitions."""
+    QUEUE_DEPTH.set_function(core.queue_depth)
+    AGENTS.set_function(lambda: len(core.agents))
+    by_state = {s: TASKS.labels(state=n.removeprefix("TASK_STATE_")) for n, s in _STATES.items()}
+
+    def count(task: Any, previous: int) -> None:
+        if previous != -1 and (child := by_state.get(task.state)) is not None:
+            child.inc()
+
+    core.subscribers.add(count)
+    return count  # the caller removes it at the end of the term
+
+
+def _states() -> dict[str, int]:
+    from protos.agentmesh.v1 import task_pb2
+
+    return dict(task_pb2.TaskState.items())
+
+
+_STATES = _states()
+
+
 def start_metrics(port: int) -> None:
-    if port:
+    if not port:
+        return
+    try:
         start_http_server(port, addr="127.0.0.1")
+    except OSError as err:  # e.g. two replicas on one host: metrics off, service on
+        logging.getLogger(__name__).warning("metrics port unavailable", extra={"port": port, "error": str(err)})
 
 
 def _tracing_enabled() -> bool:

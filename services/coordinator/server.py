@@ -159,6 +159,7 @@ class CoordinatorNode:
         store = EtcdTaskStore(self.etcd, election, self.clock, cfg.retention_s)
         core = CoordinatorCore(store, self.clock, cfg, term=term, node_id=self.node_id)
         core.subscribers = self.servicer.hub.subscribers
+        counter = telemetry.watch_core(core)
         started = self.clock.monotonic()
         records, claims, revision = await store.load()
         orphans = core.load(records, claims)
@@ -200,6 +201,7 @@ class CoordinatorNode:
             await self.health.set(SERVICE, NOT_SERVING)
             telemetry.IS_LEADER.set(0)
             core.deposed = core.deposed or NotLeaderError("term ended")
+            core.subscribers.discard(counter)
             self.servicer.end_term("")
             for job in jobs:
                 job.cancel()

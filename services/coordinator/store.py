@@ -28,6 +28,7 @@ from registry.etcd import (
     RequestOp,
 )
 from services._common.clock import Clock
+from services._common.telemetry import COMMIT_SECONDS
 from services.coordinator.core import TERMINAL, Committed, Write
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ class EtcdTaskStore:
         for p in batch:
             p.fill(request.success.add().request_txn)
         try:
-            resp = await self.election.fenced_request(request)
+            with COMMIT_SECONDS.time():
+                resp = await self.election.fenced_request(request)
             rev = int(resp.header.revision)
             return [(rev, r) for r in resp.responses]
         except LeaseNotFoundError as err:

@@ -225,8 +225,6 @@ async def test_1000_tasks_over_50_agents_each_succeed_exactly_once(cluster: Any)
                 f"\n1,000 sleep(5 ms) tasks over 50 agents: {wall:.2f} s from first submit to last SUCCEEDED event"
             )
 
-            bad = collections.Counter((state_name(e.previous_state), state_name(e.task.state)) for _, e in events.events)
-            print("DEBUG transitions", dict(bad))
             doubled = {i: n for i, n in events.succeeded.items() if i in ids and n != 1}
             assert not doubled, (
                 f"tasks with more than one SUCCEEDED event: {dict(list(doubled.items())[:10])}"
@@ -291,7 +289,8 @@ async def test_agent_pool_killed_midrun_loses_no_task(cluster: Any) -> None:
                     and t.agent_id.startswith("pool-1-")
                 ):
                     requeued.setdefault(t.task_id, at)
-                elif t.state == ASSIGNED and t.task_id in requeued:
+                elif t.state in HELD and t.task_id in requeued:
+                    # HELD, not ASSIGNED: see test_watch_events_report_each_transition_as_it_happened
                     reassigned.setdefault(t.task_id, at)
             retried = {i for i, t in tasks.items() if t.attempts == 2}
             assert requeued, "the killed pool held no task: kill it earlier or give it more work"
@@ -301,11 +300,6 @@ async def test_agent_pool_killed_midrun_loses_no_task(cluster: Any) -> None:
             assert all(a.startswith("pool-2-") for a in survivors.values()), (
                 f"retries not run by survivors: {survivors}"
             )
-            if set(reassigned) != set(requeued):
-                for tid in set(requeued) - set(reassigned):
-                    for at, ev in events.events:
-                        if ev.task.task_id == tid:
-                            print("DEBUG", tid, round(at - killed_at, 4), state_name(ev.previous_state), "->", state_name(ev.task.state), ev.task.agent_id, ev.task.attempts, ev.task.claim_token, ev.task.last_error)
             assert set(reassigned) == set(requeued)
             print(
                 f"\npool-1 killed holding {len(requeued)} tasks: last one requeued "
@@ -534,6 +528,52 @@ async def test_dropped_stream_requeues_a_task_after_a_refused_report(cluster: An
         assert now.state == QUEUED, (
             f"still {state_name(now.state)} by {now.agent_id} 5 s after its agent left"
         )
+
+
+EVENT_SNAPSHOT_BUG = (
+    "bug: CoordinatorCore.accepted() (services/coordinator/core.py) sets state RUNNING on the "
+    "Task object it already published as the ASSIGNED event; watchers serialize events late "
+    "(services/coordinator/servicer.py _events), so a lagging watcher sees QUEUED -> RUNNING"
+)
+
+
+@pytest.mark.xfail(reason=EVENT_SNAPSHOT_BUG, strict=True)
+@pytest.mark.timeout(90)
+async def test_watch_events_report_each_transition_as_it_happened(cluster: Any) -> None:
+    """A watcher that lags behind (a busy dashboard, the load test under a burst) still sees
+    the assignment as ASSIGNED, then RUNNING: an event is the task as it was at that change."""
+    c: LocalCluster = await cluster(agents=2, pools=1)
+    async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
+        leader = (await client.status()).leader_endpoint
+        events = await EventRecorder.open(client)
+        try:
+            async with HandAgent(leader, "hand-1", lease) as agent:
+                # A burst of events ahead of the assignment keeps the watcher behind, so
+                # the agent's "accepted" arrives before the ASSIGNED event is sent out.
+                burst = [
+                    [tpb.TaskSpec(task_id=f"burst-{b}-{n:04d}", kind="llm") for n in range(1000)]
+                    for b in range(2)
+                ]
+                await asyncio.gather(*(client.submit_batch(specs) for specs in burst))
+                task = (await agent.expect("assign")).task
+                token = task.claim_token
+                await agent.send(accepted=cpb.TaskAccepted(task_id=task.task_id, claim_token=token))
+
+                def changes() -> list[tuple[str, str]]:
+                    return [
+                        (state_name(e.previous_state), state_name(e.task.state))
+                        for _, e in events.events
+                        if e.task.task_id == task.task_id
+                    ]
+
+                await events.until(lambda: len(changes()) >= 3, HANG_S)
+                assert changes() == [
+                    ("UNSPECIFIED", "QUEUED"),
+                    ("QUEUED", "ASSIGNED"),
+                    ("ASSIGNED", "RUNNING"),
+                ]
+        finally:
+            await events.close()
 
 
 # ---------------------------------------------------------------- etcd outage
