@@ -48,7 +48,9 @@ def start_metrics(port: int) -> None:
     try:
         start_http_server(port, addr="127.0.0.1")
     except OSError as err:  # e.g. two replicas on one host: metrics off, service on
-        logging.getLogger(__name__).warning("metrics port unavailable", extra={"port": port, "error": str(err)})
+        logging.getLogger(__name__).warning(
+            "metrics port unavailable", extra={"port": port, "error": str(err)}
+        )
 
 
 def _tracing_enabled() -> bool:

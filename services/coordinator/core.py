@@ -395,12 +395,22 @@ class CoordinatorCore:
             validate_spec(spec, self.cfg, f"specs[{i}]" if len(specs) > 1 else "spec")
         now = self.clock.wall_us()
         writes: list[Write] = []
-        seen: dict[str, int] = {}
+        picks: list[Agent | None] = []
+        seen: set[str] = set()
+        # Fast path: while nothing waits, a task that a free agent can run is created
+        # already ASSIGNED, its claim in the same transaction: one etcd write fewer, and
+        # the assignment leaves with the acknowledgement. Never while tasks wait, so
+        # priority and FIFO order hold.
+        fast = not any(self.ready)
         for spec in specs:
             task_id = task_id_for(spec, now, self.rng)
             if task_id in seen:
                 raise InvalidArgumentError(f"task id {task_id!r} appears twice in one batch")
-            seen[task_id] = len(writes)
+            seen.add(task_id)
+            if task_id in self.active:  # an idempotent replay of a live task: no write needed
+                writes.append(Write(self.active[task_id].task, expect_mod=-1))
+                picks.append(None)
+                continue
             stored = tpb.TaskSpec()
             stored.CopyFrom(spec)
             stored.task_id = task_id
@@ -409,24 +419,61 @@ class CoordinatorCore:
             task = tpb.Task(
                 task_id=task_id, spec=stored, state=QUEUED, created_at_us=now, term=self.term
             )
-            writes.append(Write(task, expect_mod=0))
-        results = await self._commit(writes)
+            agent = self.strategy.pick(stored, self.free) if fast and self.free else None
+            if agent is None:
+                writes.append(Write(task, expect_mod=0))
+            else:
+                self._reserve(agent, task_id)
+                task.state, task.agent_id, task.attempts, task.assigned_at_us = (
+                    ASSIGNED,
+                    agent.agent_id,
+                    1,
+                    now,
+                )
+                writes.append(Write(task, expect_mod=0, claim_lease=agent.lease_id))
+            picks.append(agent)
+        todo = [w for w in writes if w.expect_mod == 0]
+        try:
+            results = iter(await self._commit(todo))
+        except BaseException:
+            for agent, w in zip(picks, writes, strict=True):
+                if agent is not None:
+                    self._release(agent, w.task.task_id)
+            raise
         out: list[tuple[tpb.Task, bool]] = []
-        for write, res in zip(writes, results, strict=True):
+        retry: dict[int, tpb.TaskSpec] = {}  # position → spec, for claims on a dead lease
+        for write, agent in zip(writes, picks, strict=True):
+            task = write.task
+            if write.expect_mod == -1:
+                out.append((task, False))
+                continue
+            res = next(results)
             if res.ok:
-                task = write.task
                 self.active[task.task_id] = Entry(task, res.revision)
-                self._enqueue(task)
+                if agent is None:
+                    self._enqueue(task)
+                else:
+                    task.claim_token = res.revision
+                    self._deliver(agent, task)
                 self._publish(task, S.TASK_STATE_UNSPECIFIED)
                 out.append((task, True))
-            else:
-                existing = res.existing
-                if existing is None:
-                    raise StoreUnavailableError(
-                        "submit was refused by etcd without a record; retry"
-                    )
-                entry = self.active.get(existing.task_id)
-                out.append((entry.task if entry else existing, False))
+                continue
+            if agent is not None:
+                self._release(agent, task.task_id)
+            if res.lease_missing:  # the agent's process died: the task was not created
+                assert agent is not None
+                self._drop_dead_agent(agent)
+                retry[len(out)] = task.spec
+                out.append((task, True))  # replaced below
+                continue
+            existing = res.existing
+            if existing is None:
+                raise StoreUnavailableError("submit was refused by etcd without a record; retry")
+            entry = self.active.get(existing.task_id)
+            out.append((entry.task if entry else existing, False))
+        if retry:  # the agent is dropped now, so these go through the queue
+            for pos, result in zip(retry, await self.submit(list(retry.values())), strict=True):
+                out[pos] = result
         self.wake.set()
         return out
 
@@ -535,6 +582,31 @@ class CoordinatorCore:
         if agent:
             agent.draining = True
             self.free.pop(agent_id, None)
+
+    def _reserve(self, agent: Agent, task_id: str) -> None:
+        agent.inflight.add(task_id)
+        if agent.free() <= 0:
+            self.free.pop(agent.agent_id, None)
+
+    def _deliver(self, agent: Agent, task: tpb.Task) -> bool:
+        """Send a committed assignment, or requeue it if the agent left meanwhile."""
+        if agent.agent_id not in self.agents:
+            agent.inflight.discard(task.task_id)
+            self.spawn(
+                self._requeue(
+                    task.task_id, agent.agent_id, "agent disconnected", count_attempt=False
+                )
+            )
+            return False
+        agent.send(cpb.CoordinatorMessage(assign=cpb.Assign(task=task)))
+        return True
+
+    def _drop_dead_agent(self, agent: Agent) -> None:
+        log.warning("agent lease is gone; dropping the agent", extra={"agent": agent.agent_id})
+        self.disconnect(agent.agent_id)
+        agent.send(
+            cpb.CoordinatorMessage(drain=cpb.Drain(reason="your etcd lease expired; reconnect"))
+        )
 
     def _release(self, agent: Agent, task_id: str) -> None:
         agent.inflight.discard(task_id)
@@ -790,9 +862,7 @@ class CoordinatorCore:
                 if agent is None:
                     skipped.append(task_id)  # nobody free can run it now; keep its place
                     continue
-                agent.inflight.add(task_id)
-                if agent.free() <= 0:
-                    free.pop(agent.agent_id, None)
+                self._reserve(agent, task_id)
                 entry.busy = True
                 picks.append((entry, agent))
             queue.extendleft(reversed(skipped))
@@ -822,31 +892,15 @@ class CoordinatorCore:
         if not res.ok:
             self._release(agent, task.task_id)
             if res.lease_missing:
-                log.warning(
-                    "agent lease is gone; dropping the agent", extra={"agent": agent.agent_id}
-                )
                 self.ready[task.spec.priority].appendleft(task.task_id)
-                self.disconnect(agent.agent_id)
-                agent.send(
-                    cpb.CoordinatorMessage(
-                        drain=cpb.Drain(reason="your etcd lease expired; reconnect")
-                    )
-                )
+                self._drop_dead_agent(agent)
             else:
                 await self._resync(task.task_id)
             return
         new.claim_token = res.revision
         entry.task, entry.mod = new, res.revision
-        if agent.agent_id not in self.agents:  # disconnected while the claim was written
-            agent.inflight.discard(task.task_id)
-            self.spawn(
-                self._requeue(
-                    task.task_id, agent.agent_id, "agent disconnected", count_attempt=False
-                )
-            )
-            return
-        agent.send(cpb.CoordinatorMessage(assign=cpb.Assign(task=new)))
-        self._publish(new, QUEUED)
+        if self._deliver(agent, new):
+            self._publish(new, QUEUED)
 
     async def run(self) -> None:
         """Dispatch until deposed (raises NotLeaderError) or cancelled."""

@@ -466,11 +466,31 @@ async def test_result_with_the_claim_token_succeeds_exactly_once(h: Harness) -> 
     assert h.core.counts()["SUCCEEDED"] == 1
 
 
-async def test_three_store_round_trips_per_task(h: Harness) -> None:
+async def test_two_store_round_trips_when_an_agent_is_free_at_submit(h: Harness) -> None:
     a = h.agent("a1")
-    await h.submit(spec())
+    (task,) = await h.submit(spec())
+    assert task.state == ASSIGNED  # created with its claim in one transaction
+    await h.result(a, a.assigned()[0])
+    assert h.store.commits == 2  # submit+claim, complete
+
+
+async def test_three_store_round_trips_when_the_task_waits(h: Harness) -> None:
+    await h.submit(spec(task_id="waits"))  # no agent yet: QUEUED
+    a = h.agent("a1")
+    await settle()
     await h.result(a, a.assigned()[0])
     assert h.store.commits == 3  # submit, claim, complete
+
+
+async def test_fast_path_never_overtakes_waiting_tasks(h: Harness) -> None:
+    a = h.agent("a1", capacity=1)
+    await h.submit(spec(task_id="first"))
+    await h.submit(spec(task_id="second", priority=9))  # a1 is busy: queued
+    (first,) = a.assigned()
+    await h.result(a, first)
+    await h.submit(spec(task_id="third", priority=9))  # a1 is free, but "second" waits
+    await settle()
+    assert a.assigned_ids() == ["first", "second"]
 
 
 @pytest.mark.parametrize("delta", [1, -1, 1000])
