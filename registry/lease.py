@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 class KeptLease:
     """Grants a lease and refreshes it every ttl/3 (etcd's own client does the same).
 
-    `lost` is set when etcd says the lease is gone, or when no refresh succeeded
-    for a whole TTL: from then on nothing attached to it can be trusted.
+    `lost` is set when etcd says the lease is gone: from then on nothing attached
+    to it can be trusted.
     """
 
     def __init__(self, etcd: Etcd, ttl_s: int, clock: Clock | None = None) -> None:
@@ -35,28 +35,26 @@ class KeptLease:
         return self.id
 
     async def keep_alive(self) -> None:
-        """Run until the lease is lost (then return) or the task is cancelled."""
-        last_ok = self.clock.monotonic()
+        """Run until etcd says the lease is gone (then return), or until cancelled.
+
+        An unreachable etcd is not a lost lease: etcd restores every lease with a
+        fresh TTL when it restarts (its lessor promotes them on leader election),
+        so claims and election keys survive an etcd restart and in-flight work is
+        kept. If etcd was up and only we were cut off, the lease did expire, the
+        first refresh that gets through says so, and fencing has refused every
+        write made meanwhile.
+        """
         while True:
             await self.clock.sleep(self.ttl_s / 3)
             try:
                 ttl = await self.etcd.keepalive_once(self.id)
             except StoreUnavailableError as err:
-                if self.clock.monotonic() - last_ok >= self.ttl_s:
-                    log.warning(
-                        "lease expired while etcd was unreachable", extra={"lease": self.id}
-                    )
-                    self.lost.set()
-                    return
-                log.info(
-                    "lease refresh failed, retrying", extra={"lease": self.id, "error": str(err)}
-                )
+                log.info("lease refresh failed, retrying", extra={"lease": self.id, "error": str(err)})
                 continue
             if ttl <= 0:
                 log.warning("lease is gone", extra={"lease": self.id})
                 self.lost.set()
                 return
-            last_ok = self.clock.monotonic()
 
     async def revoke(self) -> None:
         if self.id:

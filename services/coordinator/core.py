@@ -26,6 +26,8 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tenacity import AsyncRetrying, retry_if_exception_type, retry_never, wait_random_exponential
+
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import Clock
@@ -352,15 +354,26 @@ class CoordinatorCore:
 
     # ---- commits ----
 
-    async def _commit(self, writes: Sequence[Write]) -> list[Committed]:
-        if self.deposed:
-            raise self.deposed
-        try:
-            return await self.store.commit(writes)
-        except NotLeaderError as err:
-            self.deposed = err
-            self.wake.set()
-            raise
+    async def _commit(self, writes: Sequence[Write], *, persist: bool = False) -> list[Committed]:
+        """Commit under the fence. With `persist`, an unreachable etcd is waited out
+        (jittered backoff, until the term ends): for writes nobody else would redo,
+        such as an agent's report or a requeue, which must land once etcd is back."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(StoreUnavailableError) if persist else retry_never,
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            sleep=self.clock.sleep,
+            reraise=True,
+        ):
+            with attempt:
+                if self.deposed:
+                    raise self.deposed
+                try:
+                    return await self.store.commit(writes)
+                except NotLeaderError as err:
+                    self.deposed = err
+                    self.wake.set()
+                    raise
+        raise AssertionError("unreachable")
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a write without blocking the caller (the dispatcher, a stream); the core
@@ -623,9 +636,11 @@ class CoordinatorCore:
             and entry.task.agent_id == agent_id
         ):
             prev = entry.task.state
-            entry.task.state = RUNNING
-            entry.task.received_at_us = msg.received_at_us
-            self._publish(entry.task, prev)
+            new = _copy(entry.task)  # published events are never changed afterwards
+            new.state = RUNNING
+            new.received_at_us = msg.received_at_us
+            entry.task = new
+            self._publish(new, prev)
 
     def progress(self, agent_id: str, msg: cpb.TaskProgress) -> None:
         entry = self.active.get(msg.task_id)
@@ -683,7 +698,8 @@ class CoordinatorCore:
         entry.busy = True
         try:
             (res,) = await self._commit(
-                [Write(new, entry.mod, expect_claim=msg.claim_token, delete_claim=True)]
+                [Write(new, entry.mod, expect_claim=msg.claim_token, delete_claim=True)],
+                persist=True,
             )
         finally:
             entry.busy = False
@@ -738,7 +754,7 @@ class CoordinatorCore:
             new.finished_at_us = self.clock.wall_us()
         entry.busy = True
         try:
-            (res,) = await self._commit([Write(new, entry.mod, delete_claim=True)])
+            (res,) = await self._commit([Write(new, entry.mod, delete_claim=True)], persist=True)
         finally:
             entry.busy = False
         if not res.ok:
@@ -748,7 +764,9 @@ class CoordinatorCore:
             self._finish(entry, new, task.state)
             return
         entry.task, entry.mod = new, res.revision
-        self._enqueue(new)
+        # at the front: a requeued task was waiting longest, and its agent's death is
+        # not its fault (it is re-dispatched within one dispatch pass)
+        self.ready[new.spec.priority].appendleft(new.task_id)
         self._publish(new, task.state)
         self.wake.set()
 
@@ -882,11 +900,13 @@ class CoordinatorCore:
         new.term = self.term
         try:
             (res,) = await self._commit([Write(new, entry.mod, claim_lease=agent.lease_id)])
-        except BaseException:
+        except BaseException as err:
             entry.busy = False
             self._release(agent, task.task_id)
             if self.active.get(task.task_id) is entry:
                 self.ready[task.spec.priority].appendleft(task.task_id)
+            if isinstance(err, StoreUnavailableError):
+                self.spawn(self._wake_after(0.5))  # try again once etcd may be back
             raise
         entry.busy = False
         if not res.ok:
@@ -901,6 +921,10 @@ class CoordinatorCore:
         entry.task, entry.mod = new, res.revision
         if self._deliver(agent, new):
             self._publish(new, QUEUED)
+
+    async def _wake_after(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+        self.wake.set()
 
     async def run(self) -> None:
         """Dispatch until deposed (raises NotLeaderError) or cancelled."""

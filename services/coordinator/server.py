@@ -203,6 +203,8 @@ class CoordinatorNode:
             core.deposed = core.deposed or NotLeaderError("term ended")
             core.subscribers.discard(counter)
             self.servicer.end_term("")
+            if self.servicer.leader_endpoint == self.endpoint:
+                self.servicer.leader_endpoint = ""  # no longer us; the observer fills it in
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)

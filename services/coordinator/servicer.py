@@ -39,6 +39,47 @@ class Hub:
             callback(tpb.Task(), -1)  # a sentinel: the stream ends with UNAVAILABLE
 
 
+class Subscription:
+    """A watcher's bounded queue of task events, subscribed from `with` on."""
+
+    def __init__(self, hub: Hub, accept: Callable[[tpb.Task], bool]) -> None:
+        self.hub = hub
+        self.accept = accept
+        self.queue: asyncio.Queue[tuple[tpb.Task, int]] = asyncio.Queue(WATCH_QUEUE_LIMIT)
+        self.overflow = False
+
+    def _on_event(self, task: tpb.Task, previous: int) -> None:
+        if previous == -1 or self.accept(task):
+            try:
+                self.queue.put_nowait((task, previous))
+            except asyncio.QueueFull:
+                self.overflow = True
+
+    def __enter__(self) -> Subscription:
+        self.hub.subscribers.add(self._on_event)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hub.subscribers.discard(self._on_event)
+
+    async def events(
+        self, leader: Callable[[], str], until_terminal: bool
+    ) -> AsyncIterator[tpb.TaskEvent]:
+        while True:
+            task, previous = await self.queue.get()
+            if self.overflow:
+                raise ResourceExhaustedError(
+                    "watcher fell more than 100,000 events behind; reconnect"
+                )
+            if previous == -1:
+                raise NotLeaderError(
+                    "the leader's term ended; reconnect to the new leader", leader()
+                )
+            yield tpb.TaskEvent(task=task, previous_state=previous)  # type: ignore[arg-type]
+            if until_terminal and task.state in TERMINAL:
+                return
+
+
 class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
     """Adapts RPCs to the current term's core; a standby answers UNAVAILABLE with the leader."""
 
@@ -125,41 +166,6 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             out = out[:size]
         return cpb.ListTasksResponse(tasks=out, next_page_token=cursor)
 
-    async def _events(
-        self,
-        context: grpc.aio.ServicerContext,
-        accept: Callable[[tpb.Task], bool],
-        until_terminal: bool,
-    ) -> AsyncIterator[tpb.TaskEvent]:
-        queue: asyncio.Queue[tuple[tpb.Task, int]] = asyncio.Queue(WATCH_QUEUE_LIMIT)
-        overflow = False
-
-        def on_event(task: tpb.Task, previous: int) -> None:
-            nonlocal overflow
-            if previous == -1 or accept(task):
-                try:
-                    queue.put_nowait((task, previous))
-                except asyncio.QueueFull:
-                    overflow = True
-
-        self.hub.subscribers.add(on_event)
-        try:
-            while True:
-                task, previous = await queue.get()
-                if overflow:
-                    raise ResourceExhaustedError(
-                        "watcher fell more than 100,000 events behind; reconnect"
-                    )
-                if previous == -1:
-                    raise NotLeaderError(
-                        "the leader's term ended; reconnect to the new leader", self.leader_endpoint
-                    )
-                yield tpb.TaskEvent(task=task, previous_state=previous)  # type: ignore[arg-type]
-                if until_terminal and task.state in TERMINAL:
-                    return
-        finally:
-            self.hub.subscribers.discard(on_event)
-
     async def WatchTask(
         self, request: cpb.WatchTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tpb.TaskEvent]:
@@ -168,13 +174,14 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                 raise InvalidArgumentError("task_id is required")
             task_id = request.task_id
             core = self._core()
-            events = self._events(context, lambda t: t.task_id == task_id, until_terminal=True)
-            first = await core.get(task_id)  # after subscribing, so no change falls in between
-            yield tpb.TaskEvent(task=first, previous_state=first.state)
-            if first.state in TERMINAL:
-                return
-            async for event in events:
-                yield event
+            # subscribe before reading the task, so no change can fall in between
+            with Subscription(self.hub, lambda t: t.task_id == task_id) as sub:
+                first = await core.get(task_id)
+                yield tpb.TaskEvent(task=first, previous_state=first.state)
+                if first.state in TERMINAL:
+                    return
+                async for event in sub.events(lambda: self.leader_endpoint, until_terminal=True):
+                    yield event
         except AgentMeshError as err:
             await abort(context, err)
 
@@ -185,8 +192,9 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             self._core()
             states = frozenset(request.states)
             accept = (lambda t: t.state in states) if states else (lambda t: True)
-            async for event in self._events(context, accept, until_terminal=False):
-                yield event
+            with Subscription(self.hub, accept) as sub:
+                async for event in sub.events(lambda: self.leader_endpoint, until_terminal=False):
+                    yield event
         except AgentMeshError as err:
             await abort(context, err)
 

@@ -77,11 +77,13 @@ async def submit_all(client: MeshClient, specs: list[tpb.TaskSpec], batch: int =
 async def list_all(client: MeshClient, prefix: str = "") -> dict[str, tpb.Task]:
     """Every task (whose id starts with `prefix`), through ListTasks paging."""
     out: dict[str, tpb.Task] = {}
+    seen: set[str] = set()
     token = ""
     for _ in range(1000):
         resp = await client.list(page_size=1000, page_token=token)
         for task in resp.tasks:
-            assert task.task_id not in out, f"ListTasks returned {task.task_id} twice"
+            assert task.task_id not in seen, f"ListTasks returned {task.task_id} twice"
+            seen.add(task.task_id)
             if task.task_id.startswith(prefix):
                 out[task.task_id] = task
         token = resp.next_page_token
@@ -530,6 +532,37 @@ async def test_dropped_stream_requeues_a_task_after_a_refused_report(cluster: An
         )
 
 
+# Both watch tests below make the watcher lag for certain: the client reads nothing while a
+# task event of about 1 MB waits for HTTP/2 flow control (a 64 KiB stream window, with the
+# window auto-tuning off), so the coordinator's writer stays blocked on that event.
+BIG_PAYLOAD = b"x" * 1_000_000
+SLOW_READER = [("grpc.http2.bdp_probe", 0)]
+
+
+async def read_until_probe(client: MeshClient, call: Any) -> None:
+    """Read a WatchEvents stream until a fresh probe task's completion comes through: from
+    then on the stream is subscribed. The pending read is never cancelled (that would end
+    the call): a read that waits too long is awaited again after the next probe."""
+    probes: set[str] = set()
+    pending: asyncio.Future[Any] | None = None
+    deadline = time.monotonic() + HANG_S
+    while time.monotonic() < deadline:
+        probe = f"probe-{uuid.uuid4().hex[:12]}"
+        probes.add(probe)
+        await client.submit(tpb.TaskSpec(task_id=probe, kind="noop"))
+        round_end = time.monotonic() + 1.0
+        while (left := round_end - time.monotonic()) > 0:
+            pending = pending or asyncio.ensure_future(call.read())
+            done, _ = await asyncio.wait({pending}, timeout=left)
+            if not done:
+                break
+            event, pending = pending.result(), None
+            assert event is not grpc.aio.EOF, "the WatchEvents stream ended"
+            if event.task.task_id in probes and event.task.state == SUCCEEDED:
+                return
+    raise AssertionError(f"no probe came through the WatchEvents stream in {HANG_S}s")
+
+
 EVENT_SNAPSHOT_BUG = (
     "bug: CoordinatorCore.accepted() (services/coordinator/core.py) sets state RUNNING on the "
     "Task object it already published as the ASSIGNED event; watchers serialize events late "
@@ -537,7 +570,6 @@ EVENT_SNAPSHOT_BUG = (
 )
 
 
-@pytest.mark.xfail(reason=EVENT_SNAPSHOT_BUG, strict=True)
 @pytest.mark.timeout(90)
 async def test_watch_events_report_each_transition_as_it_happened(cluster: Any) -> None:
     """A watcher that lags behind (a busy dashboard, the load test under a burst) still sees
@@ -545,35 +577,71 @@ async def test_watch_events_report_each_transition_as_it_happened(cluster: Any) 
     c: LocalCluster = await cluster(agents=2, pools=1)
     async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
         leader = (await client.status()).leader_endpoint
-        events = await EventRecorder.open(client)
-        try:
+        async with grpc.aio.insecure_channel(leader, options=SLOW_READER) as channel:
+            call = cpb_grpc.CoordinatorStub(channel).WatchEvents(cpb.WatchEventsRequest())
+            await read_until_probe(client, call)
+            # from here on the watcher reads nothing until the task runs
+            await client.submit(tpb.TaskSpec(task_id="lagged-1", kind="llm", payload=BIG_PAYLOAD))
             async with HandAgent(leader, "hand-1", lease) as agent:
-                # A burst of events ahead of the assignment keeps the watcher behind, so
-                # the agent's "accepted" arrives before the ASSIGNED event is sent out.
-                burst = [
-                    [tpb.TaskSpec(task_id=f"burst-{b}-{n:04d}", kind="llm") for n in range(1000)]
-                    for b in range(2)
-                ]
-                await asyncio.gather(*(client.submit_batch(specs) for specs in burst))
-                task = (await agent.expect("assign")).task
-                token = task.claim_token
-                await agent.send(accepted=cpb.TaskAccepted(task_id=task.task_id, claim_token=token))
+                task = (await agent.expect("assign", timeout_s=HANG_S)).task
+                assert task.task_id == "lagged-1"
+                await agent.send(
+                    accepted=cpb.TaskAccepted(task_id="lagged-1", claim_token=task.claim_token)
+                )
+                deadline = time.monotonic() + HANG_S
+                while (await client.get("lagged-1")).state != RUNNING:
+                    assert time.monotonic() < deadline, "the accepted message was ignored"
+                    await asyncio.sleep(0.05)
+                changes: list[tuple[str, str]] = []
+                while len(changes) < 3:
+                    event = await asyncio.wait_for(call.read(), HANG_S)
+                    assert event is not grpc.aio.EOF
+                    if event.task.task_id == "lagged-1":
+                        changes.append(
+                            (state_name(event.previous_state), state_name(event.task.state))
+                        )
+                call.cancel()
+        assert changes == [
+            ("UNSPECIFIED", "QUEUED"),
+            ("QUEUED", "ASSIGNED"),
+            ("ASSIGNED", "RUNNING"),
+        ]
 
-                def changes() -> list[tuple[str, str]]:
-                    return [
-                        (state_name(e.previous_state), state_name(e.task.state))
-                        for _, e in events.events
-                        if e.task.task_id == task.task_id
-                    ]
 
-                await events.until(lambda: len(changes()) >= 3, HANG_S)
-                assert changes() == [
-                    ("UNSPECIFIED", "QUEUED"),
-                    ("QUEUED", "ASSIGNED"),
-                    ("ASSIGNED", "RUNNING"),
-                ]
-        finally:
-            await events.close()
+WATCH_TASK_SUBSCRIBES_LATE = (
+    "bug: CoordinatorServicer.WatchTask (services/coordinator/servicer.py) subscribes only when "
+    "it first iterates the lazy _events() generator, after sending the first event; a change in "
+    "between is lost, so a watch whose task finished meanwhile never ends"
+)
+
+
+@pytest.mark.timeout(90)
+async def test_watch_task_sees_the_end_of_a_task_that_finishes_as_the_watch_starts(
+    cluster: Any,
+) -> None:
+    """WatchTask sends the task now, then every change until it is terminal: a completion
+    while the first message is still on its way must not be lost (the watch would hang)."""
+    c: LocalCluster = await cluster(agents=2, pools=1)
+    async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
+        leader = (await client.status()).leader_endpoint
+        async with HandAgent(leader, "hand-1", lease) as agent:
+            await client.submit(tpb.TaskSpec(task_id="watched-1", kind="llm", payload=BIG_PAYLOAD))
+            task = (await agent.expect("assign", timeout_s=HANG_S)).task
+            async with grpc.aio.insecure_channel(leader, options=SLOW_READER) as channel:
+                call = cpb_grpc.CoordinatorStub(channel).WatchTask(
+                    cpb.WatchTaskRequest(task_id="watched-1"), timeout=8
+                )
+                # the coordinator reads the task and starts sending it; the client does not
+                # read yet, so that first message stays in flight
+                await asyncio.sleep(1.0)
+                ack = await agent.report("watched-1", task.claim_token, b"done")
+                assert ack.accepted, ack.reason
+                states = []
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    async for event in call:
+                        states.append(state_name(event.task.state))
+        assert states, "WatchTask sent nothing"
+        assert states[-1] == "SUCCEEDED", f"the watch saw {states} and then hung until its deadline"
 
 
 # ---------------------------------------------------------------- etcd outage
@@ -648,6 +716,43 @@ async def test_etcd_restart_under_the_coordinator_loses_no_acknowledged_task(clu
             f"{len(in_flight)} were in flight at the stop, {len(retried)} of them ran again"
         )
     assert not c.dead(), f"services exited: {c.dead()}"
+
+
+STANDBY_NAMES_ITSELF = (
+    "bug: services/coordinator/server.py CoordinatorNode._lead sets servicer.leader_endpoint to "
+    "its own endpoint and never clears it on stepping down; during an etcd outage nothing "
+    "updates it, so the ex-leader answers 'the leader is <itself>' (message and agentmesh-leader)"
+)
+
+
+@pytest.mark.timeout(90)
+async def test_coordinator_that_stepped_down_does_not_point_clients_at_itself(
+    cluster: Any,
+) -> None:
+    """A coordinator that lost its term while etcd is down knows no leader: it must not send
+    clients (which follow the `agentmesh-leader` pointer) back to itself."""
+    c: LocalCluster = await cluster(agents=2, pools=1)
+    async with MeshClient(etcd=c.etcd_endpoint) as client:
+        me = (await client.status()).leader_endpoint
+    c.etcd.stop()
+    try:
+        async with grpc.aio.insecure_channel(me) as channel:
+            stub = cpb_grpc.CoordinatorStub(channel)
+            deadline = time.monotonic() + 15
+            while True:  # until its lease has lapsed and it stepped down
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await stub.GetTask(cpb.GetTaskRequest(task_id="any"), timeout=5)
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+                if "standby" in (failed.value.details() or "") or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+        err = failed.value
+        assert "standby" in (err.details() or ""), "the coordinator never stepped down"
+        pointed = dict(err.trailing_metadata() or ()).get("agentmesh-leader", "")
+        assert pointed != me, f"it points clients at itself: {err.details()}"
+        assert me not in (err.details() or "")
+    finally:
+        c.etcd.start()
 
 
 # ---------------------------------------------------------------- grpcurl
