@@ -38,7 +38,16 @@ from typing import Any
 from loadtest import procs
 from loadtest.metrics import RunMetrics
 from loadtest.result import RunResult
-from loadtest.workload import ProgressSink, ProgressSnapshot, Workload, new_run_id, task_id
+from loadtest.workload import (
+    BurstSchedule,
+    ProgressSink,
+    ProgressSnapshot,
+    RateSchedule,
+    Schedule,
+    Workload,
+    new_run_id,
+    task_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +102,22 @@ class RedisServer:
             self.proc = procs.start(
                 [
                     self.binary,
-                    "--port", str(self.port),
-                    "--bind", procs.LOOPBACK,
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--dir", str(self.workdir),
-                    "--daemonize", "no",
-                    "--protected-mode", "yes",
-                    "--maxclients", "10000",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    procs.LOOPBACK,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                    "--daemonize",
+                    "no",
+                    "--protected-mode",
+                    "yes",
+                    "--maxclients",
+                    "10000",
                 ],
                 log_path=self.log_path,
             )
@@ -147,16 +164,27 @@ class CeleryWorker:
         )
         self.proc = procs.start(
             [
-                sys.executable, "-m", "celery",
-                "-A", "loadtest.celery_app",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "loadtest.celery_app",
                 "worker",
-                "--pool", "threads",
-                "--concurrency", str(self.concurrency),
-                "--prefetch-multiplier", "1",
-                "--queues", self.queue,
-                "--hostname", f"loadtest-{os.getpid()}@127.0.0.1",
-                "--without-gossip", "--without-mingle", "--without-heartbeat",
-                "--loglevel", "WARNING",
+                "--pool",
+                "threads",
+                "--concurrency",
+                str(self.concurrency),
+                "--prefetch-multiplier",
+                "1",
+                "--queues",
+                self.queue,
+                "--hostname",
+                f"loadtest-{os.getpid()}@127.0.0.1",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "WARNING",
             ],
             log_path=self.log_path,
             env=env,
@@ -178,6 +206,7 @@ class _Book:
     lock: threading.Lock = field(default_factory=threading.Lock)
     send_mono: dict[str, float] = field(default_factory=dict)
     ack_wall: dict[str, float] = field(default_factory=dict)
+    send_wall: dict[str, float] = field(default_factory=dict)
     done: dict[str, str] = field(default_factory=dict)
     """id → final status seen on the result channel."""
     duplicated: set[str] = field(default_factory=set)
@@ -206,7 +235,7 @@ class _Listener(threading.Thread):
         self.stopping = threading.Event()
         self.error: BaseException | None = None
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5)
-        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         # subscribe before anything is sent, so no result can be missed
         self._pubsub.psubscribe(RESULT_PREFIX + "*")
 
@@ -217,8 +246,10 @@ class _Listener(threading.Thread):
                 if msg is None or msg.get("type") != "pmessage":
                     continue
                 now = time.monotonic()
-                channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
-                self._handle(channel[len(RESULT_PREFIX):], msg["data"], now)
+                channel = (
+                    msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
+                )
+                self._handle(channel[len(RESULT_PREFIX) :], msg["data"], now)
         except BaseException as err:  # reported by the main thread
             self.error = err
         finally:
@@ -250,12 +281,14 @@ class _Listener(threading.Thread):
             book.done[tid] = status
             book.recent.append(now)
             sent = book.send_mono[tid]
+            sent_wall = book.send_wall[tid]
             acked = book.ack_wall.get(tid)
         m.throughput.record(now)
         m.latency("end_to_end").record_s(now - sent)
         result = payload.get("result")
         if status == "SUCCESS" and isinstance(result, dict) and acked is not None:
             m.latency("dispatch").record_s(float(result["started"]) - acked)
+            m.latency("submit_to_receive").record_s(float(result["started"]) - sent_wall)
         elif status != "SUCCESS":
             m.counters.inc("errors")
         if self.slots is not None:
@@ -268,6 +301,8 @@ def run_celery(
     config: CeleryPeerConfig | None = None,
     progress: ProgressSink | None = None,
     stop: threading.Event | None = None,
+    schedule: Schedule | None = None,
+    scenario: str = "steady",
 ) -> RunResult:
     """Run `workload` on a fresh Redis + Celery worker; stop both whatever happens.
 
@@ -293,7 +328,14 @@ def run_celery(
         run_id = new_run_id()
         worker = CeleryWorker(redis_server.url, f"lt-{run_id}", config.concurrency, workdir)
         worker.start()
-        result = _drive(workload, redis_server.url, worker, run_id, config, progress, stop)
+        if schedule is None and not workload.closed_loop:
+            schedule = RateSchedule(workload.rate_per_s)
+        result = _drive(
+            workload, redis_server.url, worker, run_id, config, progress, stop, schedule
+        )
+        result.scenario = scenario
+        if isinstance(schedule, BurstSchedule):
+            result.notes[1] = workload.describe(schedule.describe())
         result.extra["redis_ready_s"] = round(redis_ready_s, 3)
         result.extra["worker_log_tail"] = procs.tail(worker.log_path, 600) if result.lost else ""
         return result
@@ -314,6 +356,7 @@ def _drive(
     config: CeleryPeerConfig,
     progress: ProgressSink | None,
     stop: threading.Event,
+    schedule: Schedule | None,
 ) -> RunResult:
     from celery import Celery
 
@@ -327,7 +370,7 @@ def _drive(
     book = _Book()
     warm = threading.Event()
     warmup_ids = {f"warmup-{run_id}"}
-    slots = threading.Semaphore(workload.concurrency) if workload.closed_loop else None
+    slots = threading.Semaphore(workload.concurrency) if schedule is None else None
     metrics = RunMetrics(start_s=time.monotonic())
     listener = _Listener(redis_url, book, metrics, slots, warmup_ids, warm)
     listener.start()
@@ -339,7 +382,9 @@ def _drive(
             client.send_task("loadtest.noop", task_id=next(iter(warmup_ids)), producer=producer)
         while not warm.wait(0.1):
             if not worker.alive():
-                raise PeerError(f"celery worker exited; its log ends with:\n{procs.tail(worker.log_path)}")
+                raise PeerError(
+                    f"celery worker exited; its log ends with:\n{procs.tail(worker.log_path)}"
+                )
             if time.monotonic() - t0 > config.startup_timeout_s:
                 raise PeerError(
                     f"celery worker not ready after {config.startup_timeout_s:g} s; "
@@ -351,7 +396,9 @@ def _drive(
 
         start = time.monotonic()
         metrics.throughput.start_s = start
-        submitter = _Submitter(client, task_name, args, workload, run_id, book, slots, start)
+        submitter = _Submitter(
+            client, task_name, args, workload, run_id, book, slots, schedule, start
+        )
         submitter.start()
         phase = "submitting"
         drain_deadline = 0.0
@@ -374,7 +421,9 @@ def _drive(
             if phase == "draining" and (outstanding <= 0 or now >= drain_deadline):
                 break
             if not worker.alive():
-                raise PeerError(f"celery worker died; its log ends with:\n{procs.tail(worker.log_path)}")
+                raise PeerError(
+                    f"celery worker died; its log ends with:\n{procs.tail(worker.log_path)}"
+                )
         end = time.monotonic()
         if submitter.late:
             metrics.counters.inc("late_submits", submitter.late)
@@ -385,7 +434,9 @@ def _drive(
         listener.stopping.set()
         listener.join(5.0)
 
-    return _finish(workload, redis_url, worker.queue, book, metrics, run_id, end - start, worker_ready_s)
+    return _finish(
+        workload, redis_url, worker.queue, book, metrics, run_id, end - start, worker_ready_s
+    )
 
 
 class _Submitter(threading.Thread):
@@ -400,9 +451,11 @@ class _Submitter(threading.Thread):
         run_id: str,
         book: _Book,
         slots: threading.Semaphore | None,
+        schedule: Schedule | None,
         start: float,
     ) -> None:
         super().__init__(name="celery-peer-submitter", daemon=True)
+        self.schedule = schedule
         self.client, self.task_name, self.args = client, task_name, args
         self.workload, self.run_id, self.book = workload, run_id, book
         self.slots, self.start_s = slots, start
@@ -422,8 +475,8 @@ class _Submitter(threading.Thread):
                         while not self.slots.acquire(timeout=0.05):
                             if self.halt.is_set() or time.monotonic() >= deadline:
                                 return
-                    else:
-                        due = self.start_s + seq / w.rate_per_s
+                    elif self.schedule is not None:
+                        due = self.start_s + self.schedule.next_at(seq)
                         delay = due - time.monotonic()
                         if delay > 0:
                             if self.halt.wait(delay):
@@ -440,6 +493,7 @@ class _Submitter(threading.Thread):
         with book.lock:
             book.submitted += 1
             book.send_mono[tid] = time.monotonic()
+            book.send_wall[tid] = time.time()
             self.client.send_task(self.task_name, args=self.args, task_id=tid, producer=producer)
             book.ack_wall[tid] = time.time()
             book.acknowledged += 1

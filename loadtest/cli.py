@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,12 +25,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from loadtest.client import RpcFailed
 from loadtest.report import print_summary, write_all, write_html
 from loadtest.result import RunResult, build_doc
 from loadtest.scenarios import ScenarioOptions, Stopper, run_agentmesh
 from loadtest.target import Target, TargetError
 from loadtest.targets import evaluate
-from loadtest.workload import ProgressSnapshot, Workload
+from loadtest.workload import BurstSchedule, ProgressSnapshot, Schedule, Workload
 
 T = TypeVar("T")
 
@@ -84,12 +86,21 @@ class LiveView:
             self._live.__exit__(None, None, None)
             self._live = None
 
-    def __call__(self, snap: ProgressSnapshot) -> None:
+    def __call__(self, snapshot: ProgressSnapshot) -> None:
+        snap = snapshot
         if self._live is None:
             return
         table = Table(title=f"{snap.system} · {snap.phase}", title_justify="left")
-        for col in ("elapsed", "submitted", "acknowledged", "completed", "in flight",
-                    "done/s", "dispatch P99", "errors"):
+        for col in (
+            "elapsed",
+            "submitted",
+            "acknowledged",
+            "completed",
+            "in flight",
+            "done/s",
+            "dispatch P99",
+            "errors",
+        ):
             table.add_column(col, justify="right")
         table.add_row(
             f"{snap.elapsed_s:.1f} s",
@@ -124,8 +135,10 @@ def _run_async(make: Callable[[], Awaitable[T]], stopper: Stopper) -> T:
             nonlocal presses
             presses += 1
             if presses == 1:
-                console.print("[yellow]stopping early[/]: draining, checking and reporting "
-                              "(Ctrl-C again to abort)")
+                console.print(
+                    "[yellow]stopping early[/]: draining, checking and reporting "
+                    "(Ctrl-C again to abort)"
+                )
                 stopper.stop()
             else:
                 task.cancel()
@@ -184,34 +197,55 @@ async def _agentmesh(
 ) -> RunResult:
     if target_addr:
         addrs = [a.strip() for a in target_addr.split(",") if a.strip()]
-        target = Target(coordinator_target=addrs[0], standby_targets=tuple(addrs[1:]),
-                        description=f"existing cluster at {target_addr}")
-        return await run_agentmesh(scenario, target, workload, options, progress=view, stopper=stopper)
+        target = Target(
+            coordinator_target=addrs[0],
+            standby_targets=tuple(addrs[1:]),
+            description=f"existing cluster at {target_addr}",
+        )
+        return await run_agentmesh(
+            scenario, target, workload, options, progress=view, stopper=stopper
+        )
     from loadtest.cluster import local_cluster
 
     warm = -(-options.agents // pools) if scenario == "spawn" else 0
     coordinators = 2 if scenario == "leader-kill" else 1
     view.note(f"starting a local cluster: etcd, {coordinators} coordinator(s), {pools} agent pools")
-    async with local_cluster(pools=pools, coordinators=coordinators, capacity=capacity,
-                             warm_per_pool=warm, keep_data=keep_cluster_dir) as target:
+    async with local_cluster(
+        pools=pools,
+        coordinators=coordinators,
+        capacity=capacity,
+        warm_per_pool=warm,
+        keep_data=keep_cluster_dir,
+    ) as target:
         if keep_cluster_dir:
             view.note(f"cluster data and logs: {target.info.get('data_dir')}")
-        return await run_agentmesh(scenario, target, workload, options, progress=view, stopper=stopper)
+        return await run_agentmesh(
+            scenario, target, workload, options, progress=view, stopper=stopper
+        )
 
 
-def _celery(workload: Workload, concurrency: int, view: LiveView) -> RunResult:
+def _celery(
+    workload: Workload, concurrency: int, view: LiveView, scenario: str, schedule: Schedule | None
+) -> RunResult:
     from loadtest.celery_peer import CeleryPeerConfig, run_celery
 
     stop = threading.Event()
     with _sync_interrupts(stop):
-        return run_celery(workload, config=CeleryPeerConfig(concurrency=concurrency),
-                          progress=view, stop=stop)
+        return run_celery(
+            workload,
+            config=CeleryPeerConfig(concurrency=concurrency),
+            progress=view,
+            stop=stop,
+            schedule=schedule,
+            scenario=scenario,
+        )
 
 
-def _default_max_tasks(duration: float, rate: float, scenario: str, burst_size: int,
-                       burst_interval: float) -> int:
+def _default_max_tasks(
+    duration: float, rate: float, scenario: str, burst_size: int, burst_interval: float
+) -> int:
     if scenario == "burst":
-        return burst_size * (int(duration // burst_interval) + 1)
+        return burst_size * max(1, math.ceil(duration / burst_interval))
     if rate > 0:
         return int(rate * duration) + 1
     return max(1000, int(duration * MAX_TASKS_PER_S))
@@ -220,7 +254,9 @@ def _default_max_tasks(duration: float, rate: float, scenario: str, burst_size: 
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    agents: int = typer.Option(200, help="agents connected during the run (spawned across the pools)"),
+    agents: int = typer.Option(
+        200, help="agents connected during the run (spawned across the pools)"
+    ),
     pools: int = typer.Option(2, help="agent-pool processes of the local cluster"),
     duration: float = typer.Option(30.0, help="seconds of submitting at most"),
     rate: float = typer.Option(0.0, help="open loop at this many tasks/s; 0 = closed loop"),
@@ -235,16 +271,23 @@ def main(
     max_tasks: int = typer.Option(0, help="tasks submitted at most (0: from duration and rate)"),
     batch_size: int = typer.Option(100, help="specs per SubmitBatch (1: Submit)"),
     clients: int = typer.Option(0, help="closed loop: submit RPCs in flight (0: automatic)"),
-    drain_timeout: float = typer.Option(30.0, help="seconds to wait for in-flight tasks at the end"),
+    drain_timeout: float = typer.Option(
+        30.0, help="seconds to wait for in-flight tasks at the end"
+    ),
     burst_size: int = typer.Option(0, help="burst: tasks per burst (0: 10 per agent)"),
     burst_interval: float = typer.Option(5.0, help="burst: seconds between bursts"),
-    kill_at: float = typer.Option(0.0, help="agent-kill/leader-kill: seconds in (0: a third of --duration)"),
+    kill_at: float = typer.Option(
+        0.0, help="agent-kill/leader-kill: seconds in (0: a third of --duration)"
+    ),
     capacity: int = typer.Option(1, help="tasks each agent runs at once"),
     spawn_batch: int = typer.Option(50, help="agents a pool starts in parallel"),
     target: str | None = typer.Option(
-        None, help="join a running cluster at coordinator host:port[,host:port] instead of starting one"
+        None,
+        help="join a running cluster at coordinator host:port[,host:port] instead of starting one",
     ),
-    peer_only: bool = typer.Option(False, help="run only the --compare peer (no agentmesh cluster)"),
+    peer_only: bool = typer.Option(
+        False, help="run only the --compare peer (no agentmesh cluster)"
+    ),
     keep_cluster_dir: bool = typer.Option(False, help="keep the local cluster's data and logs"),
     progress: bool = typer.Option(True, help="live progress view (on a terminal)"),
 ) -> None:
@@ -256,11 +299,14 @@ def main(
     if peer_only and compare == Peer.none:
         raise typer.BadParameter("--peer-only needs --compare celery")
     if target and scenario in (Scenario.agent_kill, Scenario.leader_kill):
-        raise typer.BadParameter(f"--scenario {scenario.value} kills processes: it needs the "
-                                 "harness's own cluster (leave out --target)")
+        raise typer.BadParameter(
+            f"--scenario {scenario.value} kills processes: it needs the "
+            "harness's own cluster (leave out --target)"
+        )
     burst = burst_size or 10 * agents
     workload = Workload(
-        max_tasks=max_tasks or _default_max_tasks(duration, rate, scenario.value, burst, burst_interval),
+        max_tasks=max_tasks
+        or _default_max_tasks(duration, rate, scenario.value, burst, burst_interval),
         duration_s=duration,
         rate_per_s=rate,
         concurrency=concurrency or agents * capacity,
@@ -270,8 +316,13 @@ def main(
         clients=clients,
         drain_timeout_s=drain_timeout,
     )
-    options = ScenarioOptions(agents=agents, spawn_batch=spawn_batch, burst_size=burst,
-                              burst_interval_s=burst_interval, kill_at_s=kill_at)
+    options = ScenarioOptions(
+        agents=agents,
+        spawn_batch=spawn_batch,
+        burst_size=burst,
+        burst_interval_s=burst_interval,
+        kill_at_s=kill_at,
+    )
     params: dict[str, Any] = {
         "scenario": scenario.value,
         "agents": agents,
@@ -292,31 +343,55 @@ def main(
     }
     if workload.simulated:
         console.print(f"[bold yellow]SIMULATED WORK[/]: tasks sleep {sleep_ms:g} ms on the agents")
-    console.print(f"{scenario.value}: {workload.describe()}")
+    mode = (
+        f"open loop, bursts of {burst} every {burst_interval:g} s"
+        if scenario == Scenario.burst
+        else None
+    )
+    console.print(f"{scenario.value}: {workload.describe(mode)}")
     results: list[RunResult] = []
     stopper = Stopper()
     with LiveView(progress and console.is_terminal) as view:
         try:
             if not peer_only:
-                results.append(_run_async(lambda: _agentmesh(
-                    scenario.value, workload, options, target_addr=target, pools=pools,
-                    capacity=capacity, keep_cluster_dir=keep_cluster_dir, view=view,
-                    stopper=stopper,
-                ), stopper))
+                results.append(
+                    _run_async(
+                        lambda: _agentmesh(
+                            scenario.value,
+                            workload,
+                            options,
+                            target_addr=target,
+                            pools=pools,
+                            capacity=capacity,
+                            keep_cluster_dir=keep_cluster_dir,
+                            view=view,
+                            stopper=stopper,
+                        ),
+                        stopper,
+                    )
+                )
             if compare == Peer.celery and not stopper.requested:
                 if scenario.value not in ("steady", "burst"):
-                    console.print(f"[dim]celery runs the steady workload ({scenario.value} has no "
-                                  "Celery counterpart here)[/]")
+                    console.print(
+                        f"[dim]celery runs the steady workload ({scenario.value} has no "
+                        "Celery counterpart here)[/]"
+                    )
                 from loadtest.celery_peer import PeerError
 
+                bursts = (
+                    BurstSchedule(burst, burst_interval) if scenario == Scenario.burst else None
+                )
+                peer_scenario = "burst" if bursts else "steady"
                 try:
-                    results.append(_celery(workload, workload.concurrency, view))
+                    results.append(
+                        _celery(workload, workload.concurrency, view, peer_scenario, bursts)
+                    )
                 except PeerError as err:
                     console.print(f"[red]celery peer failed[/]: {err}")
         except (asyncio.CancelledError, KeyboardInterrupt):
             console.print("[red]aborted[/]: everything started was stopped")
             raise typer.Exit(130) from None
-        except (TargetError, TimeoutError, RuntimeError) as err:
+        except (TargetError, TimeoutError, RuntimeError, RpcFailed) as err:
             console.print(f"[red]load test failed[/]: {err}")
             raise typer.Exit(2) from None
     if not results:

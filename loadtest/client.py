@@ -123,12 +123,7 @@ class CoordinatorClient:
         """After UNAVAILABLE: go where a standby points, else try the next target."""
         hint = _leader_hint(err)
         if hint:
-            if hint not in self.targets:
-                self.targets.append(hint)
-            new = self.targets.index(hint)
-            if new != self._current:
-                self.counters.inc("leader_redirects")
-            self._current = new
+            self.use(hint)
         elif len(self.targets) > 1:
             self._current = (self._current + 1) % len(self.targets)
 
@@ -167,7 +162,22 @@ class CoordinatorClient:
         return await self.call("GetTask", cpb.GetTaskRequest(task_id=task_id))
 
     async def status(self) -> cpb.ClusterStatus:
-        return await self.call("GetStatus", cpb.GetStatusRequest())  # type: ignore[no-any-return]
+        """The cluster as the leader sees it (a standby answers too, but knows no agents)."""
+        resp: cpb.ClusterStatus = await self.call("GetStatus", cpb.GetStatusRequest())
+        leader = resp.leader_endpoint
+        if leader and leader != self.endpoint:
+            self.use(leader)
+            resp = await self.call("GetStatus", cpb.GetStatusRequest())
+        return resp
+
+    def use(self, endpoint: str) -> None:
+        """Call `endpoint` from now on (added to the targets when new)."""
+        if endpoint not in self.targets:
+            self.targets.append(endpoint)
+        new = self.targets.index(endpoint)
+        if new != self._current:
+            self.counters.inc("leader_redirects")
+        self._current = new
 
     async def list_agents(self) -> cpb.ListAgentsResponse:
         return await self.call("ListAgents", cpb.ListAgentsRequest())  # type: ignore[no-any-return]
@@ -177,7 +187,9 @@ class CoordinatorClient:
         token = ""
         while True:
             resp = await self.call(
-                "ListTasks", cpb.ListTasksRequest(page_size=page_size, page_token=token), timeout_s=30.0
+                "ListTasks",
+                cpb.ListTasksRequest(page_size=page_size, page_token=token),
+                timeout_s=30.0,
             )
             for task in resp.tasks:
                 yield task
@@ -185,9 +197,11 @@ class CoordinatorClient:
             if not token:
                 return
 
-    def watch_events(self, states: Sequence[int] = ()) -> Any:
+    def watch_events(self, states: Sequence[Any] = ()) -> Any:
         """Open WatchEvents on the current target; the caller iterates and cancels it."""
-        return self.stub().WatchEvents(cpb.WatchEventsRequest(states=list(states)))
+        request = cpb.WatchEventsRequest()
+        request.states.extend(states)
+        return self.stub().WatchEvents(request)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -74,6 +74,7 @@ async def local_cluster(
         yield Target(
             coordinator_target=cluster.coordinator_endpoints[0],
             standby_targets=tuple(cluster.coordinator_endpoints[1:]),
+            pools=pools,
             kill=kill,
             restart=restart,
             process_rss=rss,

@@ -8,6 +8,8 @@ bursts), and learn outcomes from one WatchEvents stream. Measurements:
   assignment) minus the client's wall clock when the submit was acknowledged.
   Same host, same clock; an agent can beat the acknowledgement back to the
   client, and such negative samples are counted (`clamped_low`), not hidden;
+- submit to receive: the same agent time minus the wall clock just before the
+  submit RPC: never negative, an upper bound of dispatch;
 - end to end: the client's monotonic clock from just before the submit RPC to
   the terminal event's arrival;
 - throughput: terminal events per 1 s bucket.
@@ -35,7 +37,15 @@ from typing import Any, Protocol
 from loadtest.client import CoordinatorClient, RpcFailed
 from loadtest.metrics import RunMetrics
 from loadtest.result import Marker, RunResult
-from loadtest.workload import ProgressSink, ProgressSnapshot, Workload, task_id
+from loadtest.workload import (
+    BurstSchedule,
+    ProgressSink,
+    ProgressSnapshot,
+    RateSchedule,
+    Schedule,
+    Workload,
+    task_id,
+)
 from protos.agentmesh.v1 import task_pb2 as tpb
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,8 @@ WARMUP_TIMEOUT_S = 20.0
 FINAL_CHECK_TIMEOUT_S = 120.0
 POLL_INTERVAL_S = 1.0
 POLL_BATCH = 256
+RESYNC_AFTER_S = (0.05, 0.5, 1.5)
+"""After the event stream reopens: when to re-read every task in flight."""
 MAX_OPEN_LOOP_RPCS = 64
 """Open loop: submit RPCs in flight at once. Past this the pacer waits and counts late tasks."""
 LATE_AFTER_S = 0.01
@@ -70,39 +82,6 @@ class SystemClock:
         return time.time_ns() // 1000
 
 
-class Schedule(Protocol):
-    """Open loop: how many tasks are due `t` seconds after the start."""
-
-    def due(self, t: float) -> int: ...
-
-    def next_at(self, n: int) -> float:
-        """When the task with index `n` is due, in seconds after the start."""
-        ...
-
-
-@dataclass(frozen=True)
-class RateSchedule:
-    rate_per_s: float
-
-    def due(self, t: float) -> int:
-        return int(t * self.rate_per_s) + 1
-
-    def next_at(self, n: int) -> float:
-        return n / self.rate_per_s
-
-
-@dataclass(frozen=True)
-class BurstSchedule:
-    size: int
-    interval_s: float
-
-    def due(self, t: float) -> int:
-        return self.size * (int(t // self.interval_s) + 1)
-
-    def next_at(self, n: int) -> float:
-        return (n // self.size) * self.interval_s
-
-
 @dataclass(frozen=True)
 class Action:
     """Something a scenario does during the run (kill a process ...), at `at_s` after the start."""
@@ -116,8 +95,18 @@ class _Rec:
     """One task's bookkeeping."""
 
     __slots__ = (
-        "sent_mono", "sent_wall_us", "ack_wall_us", "acked", "terminal", "token",
-        "success_tokens", "holder", "stash", "warmup", "via_poll", "done_at",
+        "sent_mono",
+        "sent_wall_us",
+        "ack_wall_us",
+        "acked",
+        "terminal",
+        "token",
+        "success_tokens",
+        "holder",
+        "stash",
+        "warmup",
+        "via_poll",
+        "done_at",
     )
 
     def __init__(self, sent_mono: float, sent_wall_us: int, warmup: bool = False) -> None:
@@ -140,10 +129,16 @@ class Reassignment:
     """Tasks held by killed agents, and when each found a new home."""
 
     t_kill: float
+    """Client monotonic clock just before the kill."""
+    t_kill_wall_us: int
+    """The same moment on the wall clock, to compare with the coordinator's `assigned_at_us`."""
     victims: dict[str, str]
     """task id → the agent that held it when its process was killed."""
     requeued: dict[str, float] = field(default_factory=dict)
     reassigned: dict[str, float] = field(default_factory=dict)
+    """task id → seconds from the kill to the coordinator committing the new claim."""
+    finished_by_victim: set[str] = field(default_factory=set)
+    """Completed by the agent that held them (the result got out before the kill)."""
 
 
 class Driver:
@@ -196,6 +191,8 @@ class Driver:
         self.extra: dict[str, Any] = {}
         self.notes: list[str] = []
         self.reassignments: list[Reassignment] = []
+        self.first_completion_in_term: dict[int, float] = {}
+        """Leader term → when the first task finished under it (monotonic)."""
         self.submitted = 0
         self.acknowledged = 0
         self.completed = 0
@@ -244,36 +241,55 @@ class Driver:
             dispatch_p99_ms=self.metrics.latency("dispatch").percentile_ms(99.0),
         )
 
+    def describe(self) -> str:
+        mode = self.schedule.describe() if isinstance(self.schedule, BurstSchedule) else None
+        return self.w.describe(mode)
+
     def holders(self) -> dict[str, str]:
         """In-flight task id → the agent last seen holding it (needs watch_all_states)."""
         return {tid: self.tasks[tid].holder for tid in self.inflight if self.tasks[tid].holder}
 
-    def track_reassignment(self, victims: dict[str, str], t_kill: float) -> Reassignment:
-        r = Reassignment(t_kill=t_kill, victims=dict(victims))
+    def track_reassignment(
+        self, victims: dict[str, str], t_kill: float, t_kill_wall_us: int
+    ) -> Reassignment:
+        r = Reassignment(t_kill=t_kill, t_kill_wall_us=t_kill_wall_us, victims=dict(victims))
         self.reassignments.append(r)
         return r
 
     async def run(self) -> RunResult:
-        """Warm up, submit for the workload's duration, drain, check; bounded throughout."""
-        async with asyncio.TaskGroup() as tg:
-            watcher = tg.create_task(self._watch_loop(), name="watch")
-            poller = tg.create_task(self._poll_loop(), name="poll")
-            ticker = tg.create_task(self._progress_loop(), name="progress") if self.progress else None
-            try:
-                await self._warmup()
-                self._start = self.clock.monotonic()
-                self.metrics.throughput.start_s = self._start
-                self.phase = "submitting"
-                actions = tg.create_task(self._run_actions(), name="actions")
-                await self._submit_phase(tg)
-                self.phase = "draining"
-                await self._drain()
-                end = self.clock.monotonic()
-                actions.cancel()
-            finally:
-                for t in (watcher, poller, ticker):
-                    if t is not None:
+        """Warm up, submit for the workload's duration, drain, check; bounded throughout.
+
+        Raises:
+            RuntimeError: the warm-up task found no agent, or the event stream stayed silent.
+            RpcFailed: the coordinator refused or could not be reached within the retry time.
+        """
+        end = 0.0
+        try:
+            async with asyncio.TaskGroup() as tg:
+                background = [
+                    tg.create_task(self._watch_loop(), name="watch"),
+                    tg.create_task(self._poll_loop(), name="poll"),
+                ]
+                if self.progress:
+                    background.append(tg.create_task(self._progress_loop(), name="progress"))
+                try:
+                    await self._warmup()
+                    self._start = self.clock.monotonic()
+                    self.metrics.throughput.start_s = self._start
+                    self.phase = "submitting"
+                    background.append(tg.create_task(self._run_actions(), name="actions"))
+                    await self._submit_phase(tg)
+                    self.phase = "draining"
+                    await self._drain()
+                    end = self.clock.monotonic()
+                finally:
+                    for t in background:
                         t.cancel()
+        except BaseExceptionGroup as group:
+            # one failure is the usual case: raise it as itself, not wrapped
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         self.phase = "checking"
         if self.progress:
             self.progress(self.snapshot())
@@ -322,7 +338,9 @@ class Driver:
         except TimeoutError:
             task = await self.client.get_task(tid)
             if self._watch_error is not None:
-                raise RuntimeError(f"WatchEvents failed: {self._watch_error}") from self._watch_error
+                raise RuntimeError(
+                    f"WatchEvents failed: {self._watch_error}"
+                ) from self._watch_error
             if task.state in TERMINAL:
                 raise RuntimeError(
                     "the warm-up task finished but WatchEvents delivered no event for it"
@@ -504,7 +522,7 @@ class Driver:
         state = task.state
         if state in HELD:
             if task.agent_id and task.agent_id != rec.holder:
-                self._holder_changed(tid, task.agent_id, now)
+                self._holder_changed(tid, task, now)
                 rec.holder = task.agent_id
             return
         if state == S.TASK_STATE_QUEUED:
@@ -522,8 +540,8 @@ class Driver:
             rec.token = task.claim_token
             if state == S.TASK_STATE_SUCCEEDED:
                 rec.success_tokens = {task.claim_token}
-            if task.agent_id and task.agent_id != rec.holder:
-                self._holder_changed(tid, task.agent_id, now)
+            if task.agent_id:
+                self._holder_changed(tid, task, now)
             self._complete(tid, rec, task, now, via_poll=via_poll)
             return
         # a second terminal record for the same task
@@ -538,12 +556,22 @@ class Driver:
         self.duplicated.add(tid)
         self.counters.inc("claim_conflicts")
 
-    def _holder_changed(self, tid: str, agent_id: str, now: float) -> None:
+    def _holder_changed(self, tid: str, task: Any, now: float) -> None:
         for r in self.reassignments:
             old = r.victims.get(tid)
-            if old is not None and agent_id != old and tid not in r.reassigned:
-                r.reassigned[tid] = now - r.t_kill
-                self.metrics.latency("reassign").record_s(now - r.t_kill)
+            if old is None or tid in r.reassigned or tid in r.finished_by_victim:
+                continue
+            if task.agent_id == old:
+                if task.state in TERMINAL:
+                    r.finished_by_victim.add(tid)
+                continue
+            # the coordinator's commit time of the new claim: free of this client's lag
+            if task.assigned_at_us and task.assigned_at_us > r.t_kill_wall_us:
+                took = (task.assigned_at_us - r.t_kill_wall_us) / 1e6
+            else:
+                took = now - r.t_kill
+            r.reassigned[tid] = took
+            self.metrics.latency("reassign").record_s(took)
 
     def _complete(self, tid: str, rec: _Rec, task: Any, now: float, *, via_poll: bool) -> None:
         if rec.warmup:
@@ -551,6 +579,8 @@ class Driver:
             return
         self.inflight.pop(tid, None)
         rec.done_at = now
+        if task.term not in self.first_completion_in_term and not via_poll:
+            self.first_completion_in_term[task.term] = now
         self.completed += 1
         self._recent.append(now)
         m = self.metrics
@@ -565,6 +595,8 @@ class Driver:
         if task.received_at_us and rec.ack_wall_us:
             if task.attempts <= 1:
                 m.latency("dispatch").record_us(task.received_at_us - rec.ack_wall_us)
+                # never negative: brackets dispatch from above (it includes the submit RPC)
+                m.latency("submit_to_receive").record_us(task.received_at_us - rec.sent_wall_us)
             else:
                 self.counters.inc("dispatch_skipped_retried")
         if state_name(task.state) != "SUCCEEDED":
@@ -579,12 +611,23 @@ class Driver:
     async def _poll_loop(self) -> None:
         """Re-read tasks whose outcome we may have missed (stream gaps, stragglers)."""
         stale_s = 5.0 + (self.w.sleep_ms / 1000.0 if self.w.simulated else 0.0)
+        full_at: list[float] = []
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._resync.wait(), POLL_INTERVAL_S)
-            everything = self._resync.is_set()
-            self._resync.clear()
             now = self.clock.monotonic()
+            timeout = (
+                POLL_INTERVAL_S if not full_at else max(0.0, min(POLL_INTERVAL_S, full_at[0] - now))
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resync.wait(), timeout)
+            now = self.clock.monotonic()
+            if self._resync.is_set():
+                self._resync.clear()
+                # the new stream subscribes on the server at some point after it is opened:
+                # re-read everything in flight a few times while that settles
+                full_at = [now + d for d in RESYNC_AFTER_S]
+            everything = bool(full_at) and full_at[0] <= now
+            while full_at and full_at[0] <= now:
+                full_at.pop(0)
             ids: list[str] = []
             for tid in self.inflight:
                 if not everything and now - self.tasks[tid].sent_mono < stale_s:
@@ -678,6 +721,8 @@ class Driver:
             self.counters.inc("acknowledged_late", len(late))
         lost: list[str] = []
         unfinished: list[str] = []
+        unfinished_states: dict[str, int] = {}
+        unfinished_examples: list[dict[str, Any]] = []
         states: dict[str, int] = {}
         retries = 0
         for tid in expected | late:
@@ -687,6 +732,19 @@ class Driver:
                 continue
             if task.state not in TERMINAL:
                 unfinished.append(tid)
+                name = state_name(task.state)
+                unfinished_states[name] = unfinished_states.get(name, 0) + 1
+                if len(unfinished_examples) < 10:
+                    unfinished_examples.append(
+                        {
+                            "task_id": tid,
+                            "state": name,
+                            "agent_id": task.agent_id,
+                            "attempts": task.attempts,
+                            "term": task.term,
+                            "last_error": task.last_error,
+                        }
+                    )
                 continue
             name = state_name(task.state)
             states[name] = states.get(name, 0) + 1
@@ -700,11 +758,15 @@ class Driver:
         if self._late:
             self.counters.inc("late_submits", self._late)
         self._summarise_reassignments()
+        if self._stop.is_set():
+            self.notes.append(f"stopped early (Ctrl-C) after {duration_s:.1f} s of submitting")
         if unfinished:
+            states_text = ", ".join(f"{k} {v}" for k, v in sorted(unfinished_states.items()))
             self.notes.append(
                 f"{len(unfinished)} acknowledged task(s) were not terminal "
-                f"{self.w.drain_timeout_s:g} s after submitting stopped"
+                f"{self.w.drain_timeout_s:g} s after submitting stopped ({states_text})"
             )
+            self.extra["unfinished_examples"] = unfinished_examples
         return RunResult(
             system="agentmesh",
             scenario=self.scenario,
@@ -718,21 +780,21 @@ class Driver:
             unfinished=sorted(unfinished),
             duplicated=sorted(self.duplicated),
             markers=list(self.markers),
-            notes=[self.w.describe(), *self.notes],
+            notes=[self.describe(), *self.notes],
             extra={"run_id": self.run_id, **self.extra},
         )
 
     def _summarise_reassignments(self) -> None:
         for i, r in enumerate(self.reassignments):
-            never = [t for t in r.victims if t not in r.reassigned]
-            # finished by the victim before it died (or just as it did): nothing to reassign
-            finished = [t for t in never if 0 < self.tasks[t].done_at <= r.t_kill + 0.05]
+            never = [
+                t for t in r.victims if t not in r.reassigned and t not in r.finished_by_victim
+            ]
             done = sorted(r.reassigned.values())
             self.extra[f"kill_{i + 1}"] = {
                 "tasks_held_by_killed_agents": len(r.victims),
                 "reassigned": len(done),
-                "finished_before_kill": len(finished),
-                "not_seen_reassigned": len(never) - len(finished),
+                "finished_by_killed_agent": len(r.finished_by_victim),
+                "not_seen_reassigned": len(never),
                 "reassign_max_s": round(done[-1], 4) if done else None,
                 "reassign_p50_s": round(done[len(done) // 2], 4) if done else None,
                 "requeue_max_s": round(max(r.requeued.values()), 4) if r.requeued else None,

@@ -25,12 +25,13 @@ EXTRA_COLORS = ("#16a34a", "#9333ea", "#db2777", "#0891b2")
 
 METRIC_TITLES = {
     "dispatch": "Dispatch latency (submit acknowledged → assignment received)",
+    "submit_to_receive": "Submit sent → assignment received (upper bound of dispatch)",
     "end_to_end": "End-to-end latency (submit → terminal state)",
-    "submit_ack": "Submit round trip (request sent → acknowledged)",
+    "submit_ack": "Submit round trip (request sent → acknowledged), per RPC",
     "reassign": "Reassignment after an agent process was killed",
     "spawn": "Agent spawn (requested → welcomed)",
 }
-METRIC_ORDER = ("dispatch", "end_to_end", "submit_ack", "reassign", "spawn")
+METRIC_ORDER = ("dispatch", "submit_to_receive", "end_to_end", "submit_ack", "reassign", "spawn")
 
 SUMMARY_COLUMNS = ("count", "p50_ms", "p95_ms", "p99_ms", "p999_ms", "max_ms", "mean_ms")
 SUMMARY_HEADERS = ("count", "P50 ms", "P95 ms", "P99 ms", "P99.9 ms", "max ms", "mean ms")
@@ -103,6 +104,8 @@ def print_summary(doc: dict[str, Any], console: Console | None = None) -> None:
             f"  [{style}]exactly-once: lost {run['lost_count']}, "
             f"unfinished {run.get('unfinished_count', 0)}, duplicated {run['duplicated_count']}[/]"
         )
+        for line in detail_lines(run):
+            console.print(f"  {line}")
         for key, values in run.get("samples", {}).items():
             if values:
                 shown = ", ".join(f"{v:.3f}" for v in values[:10])
@@ -120,8 +123,10 @@ def print_summary(doc: dict[str, Any], console: Console | None = None) -> None:
         table.add_column("figure")
         table.add_column("ratio", justify="right")
         for key, value in comparison["ratios"].items():
-            table.add_row(key, "n/a" if value is None else f"{value:.2f}×")
+            table.add_row(key, _ratio_text(comparison, key, value))
         console.print(table)
+        if doc.get("params", {}).get("mode") == "closed loop":
+            console.print(f"  [dim]note: {COMPARISON_CLOSED_LOOP_NOTE}[/]")
     if doc.get("targets"):
         table = Table(title="targets (DESIGN.md)", title_justify="left", show_edge=False)
         for col in ("target", "goal", "measured", "result"):
@@ -132,10 +137,83 @@ def print_summary(doc: dict[str, Any], console: Console | None = None) -> None:
         console.print(table)
     verdict = doc["verdict"]
     if verdict["ok"]:
-        console.print("[bold green]PASS[/]: every acknowledged task reached exactly one terminal state")
+        console.print(
+            "[bold green]PASS[/]: every acknowledged task reached exactly one terminal state"
+        )
     else:
         for failure in verdict["failures"]:
             console.print(f"[bold red]FAIL[/]: {failure}")
+
+
+def _ratio_text(comparison: dict[str, Any], key: str, value: float | None) -> str:
+    if value is not None:
+        return f"{value:.2f}×"
+    why = comparison.get("omitted", {}).get(key)
+    return f"n/a ({why})" if why else "n/a"
+
+
+def clamp_notes(run: dict[str, Any]) -> list[str]:
+    """Say how many samples sat outside the histogram's range (never silently)."""
+    out = []
+    for name, lat in run["latencies"].items():
+        low, high, count = lat.get("clamped_low", 0), lat.get("clamped_high", 0), lat["count"]
+        if low and count:
+            why = (
+                " (the agent had the task before the client had the acknowledgement; "
+                "see submit_to_receive for a bound that is never negative)"
+                if name == "dispatch"
+                else ""
+            )
+            out.append(
+                f"{name}: {low} of {count} samples ({100 * low / count:.1f} %) were ≤ 0 "
+                f"and count as 1 µs{why}"
+            )
+        if high and count:
+            out.append(f"{name}: {high} samples above 60 s count as 60 s")
+    return out
+
+
+COMPARISON_CLOSED_LOOP_NOTE = (
+    "closed loop: each system runs at its own saturation, so its queue sets the latencies; "
+    "compare latencies at one open-loop rate (--rate)"
+)
+
+
+def detail_lines(run: dict[str, Any]) -> list[str]:
+    """Scenario figures worth a line: agents ready, spawn phases, faults and recovery."""
+    extra = run.get("extra", {})
+    lines: list[str] = clamp_notes(run)
+    spawn = extra.get("spawn")
+    if isinstance(spawn, dict) and "all_ready_s" in spawn:
+        lines.append(
+            f"agents: {spawn['agents']} spawned and connected in {spawn['all_ready_s']:.3f} s"
+            + _memory_text(spawn)
+        )
+    for name, phase in (extra.get("spawn_phases") or {}).items():
+        if isinstance(phase, dict) and "all_ready_s" in phase:
+            warm = f", {phase['from_warm']} from the warm pool" if phase.get("from_warm") else ""
+            lines.append(
+                f"spawn {name}: {phase['agents']} agents ready in {phase['all_ready_s']:.3f} s"
+                f"{warm}{_memory_text(phase)}"
+            )
+    for action in extra.get("actions", []):
+        facts = ", ".join(f"{k} {v}" for k, v in action.items() if k != "label")
+        lines.append(f"{action.get('label', 'action')}: {facts}")
+    for key in sorted(k for k in extra if k.startswith("kill_")):
+        facts = ", ".join(f"{k} {v}" for k, v in extra[key].items())
+        lines.append(f"{key}: {facts}")
+    for example in extra.get("unfinished_examples", [])[:3]:
+        lines.append(f"unfinished: {json.dumps(example)}")
+    return lines
+
+
+def _memory_text(info: dict[str, Any]) -> str:
+    if "pool_rss_per_agent_kb" not in info:
+        return ""
+    return (
+        f" (memory per agent: pools {info['pool_rss_per_agent_kb']} kB, "
+        f"coordinator {info['coordinator_rss_per_agent_kb']} kB)"
+    )
 
 
 # ---------------------------------------------------------------- JSON
@@ -160,18 +238,21 @@ class _Axis:
 
     def __init__(self, lo: float, hi: float, px_lo: float, px_hi: float, *, log: bool) -> None:
         self.log = log
+        step = 1.0
         if log:
             lo = max(lo, 1e-9)
             hi = max(hi, lo * 10)
-            self.lo, self.hi = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+            self.lo = float(math.floor(math.log10(lo)))
+            self.hi = float(math.ceil(math.log10(hi)))
             if self.hi == self.lo:
                 self.hi += 1
         else:
             if hi <= lo:
                 hi = lo + 1
             step = _nice_step((hi - lo) / 5)
-            self.lo, self.hi = math.floor(lo / step) * step, math.ceil(hi / step) * step
-            self.step = step
+            self.lo = math.floor(lo / step) * step
+            self.hi = math.ceil(hi / step) * step
+        self.step = 1.0 if log else step
         self.px_lo, self.px_hi = px_lo, px_hi
 
     def __call__(self, v: float) -> float:
@@ -285,7 +366,7 @@ def svg_histogram(title: str, series: Sequence[tuple[str, str, list[list[float]]
         return _empty_chart(title, "no samples")
     lo = min(b[0] for _, _, bs in series for b in bs)
     hi = max(b[1] for _, _, bs in series for b in bs)
-    shares = []
+    shares: list[tuple[str, str, list[tuple[float, float, float]]]] = []
     for label, color, bs in series:
         total = sum(b[2] for b in bs) or 1
         shares.append((label, color, [(b[0], b[1], 100.0 * b[2] / total) for b in bs]))
@@ -294,8 +375,8 @@ def svg_histogram(title: str, series: Sequence[tuple[str, str, list[list[float]]
     ya = _Axis(0, ymax * 1.05, H - MB, MT, log=False)
     out = _svg_open(title)
     _frame(out, xa, ya, xlabel="latency (ms, log scale)", ylabel="share of samples (%)")
-    for _label, color, bs in shares:
-        for low, high, share in bs:
+    for _label, color, rows in shares:
+        for low, high, share in rows:
             if share <= 0:
                 continue
             x, x2, y = xa(low), xa(high), ya(share)
@@ -355,8 +436,10 @@ def svg_percentile_curve(title: str, series: Sequence[tuple[str, str, list[list[
         for p, v in pts:
             if p in (50.0, 99.0) or p >= 100.0:
                 x, y = xa(_pct_x(p, cap)), ya(max(v, vmin))
-                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}">'
-                           f"<title>P{p:g}: {v:g} ms</title></circle>")
+                out.append(
+                    f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}">'
+                    f"<title>P{p:g}: {v:g} ms</title></circle>"
+                )
     _legend(out, [(label, color) for label, color, _ in series])
     out.append("</svg>")
     return "\n".join(out)
@@ -504,18 +587,25 @@ def render_html(doc: dict[str, Any]) -> str:
         )
         for note in run.get("notes", []):
             parts.append(f"<p class='sub'>Note: {_e(note)}</p>")
+        lines = detail_lines(run)
+        if lines:
+            parts.append("<ul>" + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul>")
 
     comparison = doc.get("comparison")
     if comparison:
-        parts.append(f'<h2 id="comparison">{_e(comparison["base"])} vs {_e(comparison["peer"])}</h2>')
+        parts.append(
+            f'<h2 id="comparison">{_e(comparison["base"])} vs {_e(comparison["peer"])}</h2>'
+        )
         parts.append(
             f"<p class='sub'>Above 1: {_e(comparison['base'])} is better (throughput: "
             f"{_e(comparison['base'])}/{_e(comparison['peer'])}; latency: "
             f"{_e(comparison['peer'])}/{_e(comparison['base'])}).</p><table><tr><th>figure</th><th>ratio</th></tr>"
         )
         for k, v in comparison["ratios"].items():
-            parts.append(f"<tr><td>{_e(k)}</td><td>{'n/a' if v is None else f'{v:.2f}×'}</td></tr>")
+            parts.append(f"<tr><td>{_e(k)}</td><td>{_e(_ratio_text(comparison, k, v))}</td></tr>")
         parts.append("</table>")
+        if params.get("mode") == "closed loop":
+            parts.append(f"<p class='sub'>Note: {_e(COMPARISON_CLOSED_LOOP_NOTE)}.</p>")
 
     if doc.get("targets"):
         parts.append('<h2 id="targets">Targets (DESIGN.md)</h2><table>')
@@ -546,7 +636,9 @@ def render_html(doc: dict[str, Any]) -> str:
         for key in ("lost", "unfinished", "duplicated"):
             if run.get(key):
                 ids = ", ".join(run[key][:20])
-                parts.append(f"<p>{_e(run['system'])} {key} (first ids): <code>{_e(ids)}</code></p>")
+                parts.append(
+                    f"<p>{_e(run['system'])} {key} (first ids): <code>{_e(ids)}</code></p>"
+                )
 
     names = _metric_names(doc)
     parts.append('<h2 id="histograms">Latency histograms</h2>')
@@ -571,7 +663,12 @@ def render_html(doc: dict[str, Any]) -> str:
 
     parts.append('<h2 id="throughput">Throughput over time</h2>')
     tseries = [
-        (_run_label(r), _color(r["system"], i), r["throughput"]["series"], r["throughput"]["bucket_s"])
+        (
+            _run_label(r),
+            _color(r["system"], i),
+            r["throughput"]["series"],
+            r["throughput"]["bucket_s"],
+        )
         for i, r in enumerate(runs)
     ]
     markers = [mk for r in runs for mk in r.get("markers", [])]
@@ -581,7 +678,11 @@ def render_html(doc: dict[str, Any]) -> str:
         if run.get("samples") or run.get("extra"):
             parts.append(f"<h2>Scenario details: {_e(run['system'])}</h2>")
             if run.get("samples"):
-                parts.append(_kv_table(run["samples"]))
+                shown = {
+                    k: ", ".join(f"{v:.4g}" for v in vs[:20]) + (" …" if len(vs) > 20 else "")
+                    for k, vs in run["samples"].items()
+                }
+                parts.append(_kv_table(shown))
             if run.get("extra"):
                 parts.append(_kv_table(run["extra"]))
 

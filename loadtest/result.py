@@ -156,13 +156,23 @@ def compare(base: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
     ratios["throughput_mean"] = _ratio(
         base["throughput"]["mean_per_s"], peer["throughput"]["mean_per_s"]
     )
-    for name in ("dispatch", "end_to_end"):
+    for name in ("dispatch", "submit_to_receive", "end_to_end"):
         b, p = base["latencies"].get(name), peer["latencies"].get(name)
         if not b or not p:
             continue
-        for q in ("p50_ms", "p95_ms", "p99_ms"):
-            ratios[f"{name}_{q[:-3]}"] = _ratio(p[q], b[q])
+        for q, level in (("p50_ms", 50.0), ("p95_ms", 95.0), ("p99_ms", 99.0)):
+            key = f"{name}_{q[:-3]}"
+            if _clamped_share(b) >= level or _clamped_share(p) >= level:
+                # that percentile sits on the 1 µs floor: the ratio would be meaningless
+                ratios[key] = None
+                out.setdefault("omitted", {})[key] = "at least that share of samples were ≤ 0"
+                continue
+            ratios[key] = _ratio(p[q], b[q])
     return out
+
+
+def _clamped_share(lat: dict[str, Any]) -> float:
+    return 100.0 * lat.get("clamped_low", 0) / lat["count"] if lat.get("count") else 0.0
 
 
 def build_doc(

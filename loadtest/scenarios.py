@@ -16,6 +16,7 @@ fails on any lost or doubly-completed task, whatever its timings say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,14 +26,15 @@ from typing import Any
 import grpc
 
 from loadtest.client import CHANNEL_OPTIONS, CoordinatorClient, RpcFailed
-from loadtest.driver import Action, BurstSchedule, Driver, Schedule
+from loadtest.driver import Action, Driver
 from loadtest.metrics import LatencyRecorder
 from loadtest.result import RunResult
 from loadtest.target import Target, TargetError
-from loadtest.workload import ProgressSink, Workload, new_run_id
+from loadtest.workload import BurstSchedule, ProgressSink, Schedule, Workload, new_run_id
 from protos.agentmesh.v1 import agent_pool_pb2 as ppb
 from protos.agentmesh.v1 import agent_pool_pb2_grpc as ppb_grpc
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import task_pb2 as tpb
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +87,27 @@ class Pool:
     endpoint: str
 
 
-async def discover_pools(client: CoordinatorClient) -> list[Pool]:
-    """Agent pools registered in the cluster, from `GetStatus().services`."""
-    status = await client.status()
-    pools = [Pool(s.instance_id, s.endpoint) for s in status.services if s.kind == POOL_KIND]
-    return sorted(pools, key=lambda p: p.pool_id)
+async def discover_pools(
+    client: CoordinatorClient, expect: int = 0, timeout_s: float = 30.0
+) -> list[Pool]:
+    """Agent pools registered in the cluster, from `GetStatus().services`.
+
+    With `expect`, waits until that many are registered: a pool registers a moment
+    after the coordinator leads, and agents spawned before that would all land on
+    the pools that happened to be first.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        status = await client.status()
+        pools = [Pool(s.instance_id, s.endpoint) for s in status.services if s.kind == POOL_KIND]
+        if len(pools) >= expect or loop.time() >= deadline:
+            if len(pools) < expect:
+                raise TargetError(
+                    f"{len(pools)} of {expect} agent pools registered after {timeout_s:g} s"
+                )
+            return sorted(pools, key=lambda p: p.pool_id)
+        await asyncio.sleep(0.05)
 
 
 class PoolClient:
@@ -185,7 +203,11 @@ async def spawn_agents(
     t0 = time.monotonic()
     try:
         resps = await asyncio.gather(
-            *(c.spawn(n, batch, cold) for c, n in zip(clients, split(count, len(pools)), strict=True) if n)
+            *(
+                c.spawn(n, batch, cold)
+                for c, n in zip(clients, split(count, len(pools)), strict=True)
+                if n
+            )
         )
         rpc_s = time.monotonic() - t0
         ready_s = await wait_connected(client, base + count, timeout_s)
@@ -217,10 +239,16 @@ async def ensure_agents(
     have = int((await client.status()).agents_connected)
     if have >= options.agents:
         return {"agents_connected": have, "spawned": 0}
-    pools = await discover_pools(client)
+    pools = await discover_pools(client, expect=target.pools)
     info = await spawn_agents(
-        client, target, pools, options.agents - have,
-        batch=options.spawn_batch, cold=False, timeout_s=options.ready_timeout_s, spawn_hist=spawn_hist,
+        client,
+        target,
+        pools,
+        options.agents - have,
+        batch=options.spawn_batch,
+        cold=False,
+        timeout_s=options.ready_timeout_s,
+        spawn_hist=spawn_hist,
     )
     return {"agents_connected": options.agents, "spawn": info}
 
@@ -230,7 +258,7 @@ async def spawn_phases(
 ) -> dict[str, Any]:
     """Cold batches, waves, warm pool: each from zero agents to all connected."""
     n = options.agents
-    pools = await discover_pools(client)
+    pools = await discover_pools(client, expect=target.pools)
     phases: dict[str, Any] = {}
 
     async def stop_all() -> None:
@@ -244,8 +272,14 @@ async def spawn_phases(
 
     await stop_all()
     phases["cold_batch"] = await spawn_agents(
-        client, target, pools, n, batch=options.spawn_batch, cold=True,
-        timeout_s=options.ready_timeout_s, spawn_hist=spawn_hist,
+        client,
+        target,
+        pools,
+        n,
+        batch=options.spawn_batch,
+        cold=True,
+        timeout_s=options.ready_timeout_s,
+        spawn_hist=spawn_hist,
     )
     await stop_all()
     clients = [PoolClient(p) for p in pools]
@@ -268,9 +302,17 @@ async def spawn_phases(
     }
     await stop_all()
     phases["warm_pool"] = await spawn_agents(
-        client, target, pools, n, batch=0, cold=False,
+        client,
+        target,
+        pools,
+        n,
+        batch=0,
+        cold=False,
         timeout_s=options.ready_timeout_s,
     )
+    # warm agents were resident before the spawn and the pool refills after it
+    for key in ("pool_rss_per_agent_kb", "coordinator_rss_per_agent_kb", "rss_mb_after"):
+        phases["warm_pool"].pop(key, None)
     if phases["warm_pool"]["from_warm"] == 0:
         phases["warm_pool"]["note"] = "the pools kept no warm agents (AGENTMESH_WARM=0)"
     return phases
@@ -287,11 +329,14 @@ def agent_kill_action(client: CoordinatorClient, target: Target) -> Callable[[Dr
         if len(pools) < 2:
             raise TargetError("agent-kill needs at least two pools (one survives to take over)")
         victim = pools[0]
-        agents = {a.agent_id for a in (await client.list_agents()).agents if a.pool_id == victim.pool_id}
-        held = {tid: agent for tid, agent in driver.holders().items() if agent in agents}
+        agents = {
+            a.agent_id for a in (await client.list_agents()).agents if a.pool_id == victim.pool_id
+        }
+        held = await held_tasks(client, driver, agents)
         t_kill = driver.clock.monotonic()
+        t_kill_wall = driver.clock.wall_us()
         await kill(victim.pool_id)
-        driver.track_reassignment(held, t_kill)
+        driver.track_reassignment(held, t_kill, t_kill_wall)
         return {
             "killed": victim.pool_id,
             "agents_killed": len(agents),
@@ -302,6 +347,25 @@ def agent_kill_action(client: CoordinatorClient, target: Target) -> Callable[[Dr
     return run
 
 
+async def held_tasks(client: CoordinatorClient, driver: Driver, agents: set[str]) -> dict[str, str]:
+    """This run's tasks held by `agents` now, as the store says (the event stream may lag)."""
+    request = cpb.ListTasksRequest(
+        states=[tpb.TASK_STATE_ASSIGNED, tpb.TASK_STATE_RUNNING], page_size=1000
+    )
+    held: dict[str, str] = {}
+    try:
+        while True:
+            resp = await client.call("ListTasks", request, timeout_s=5.0)
+            for task in resp.tasks:
+                if task.agent_id in agents and task.task_id in driver.inflight:
+                    held[task.task_id] = task.agent_id
+            if not resp.next_page_token:
+                return held
+            request.page_token = resp.next_page_token
+    except RpcFailed:
+        return {tid: a for tid, a in driver.holders().items() if a in agents}
+
+
 def leader_kill_action(client: CoordinatorClient, target: Target) -> Callable[[Driver], Any]:
     kill = target.require_kill("leader-kill")
 
@@ -310,29 +374,29 @@ def leader_kill_action(client: CoordinatorClient, target: Target) -> Callable[[D
         if not status.standbys:
             raise TargetError("leader-kill needs a standby coordinator (--coordinators 2)")
         old_leader, old_term = status.leader_id, status.term
-        done_before = driver.completed
         t_kill = driver.clock.monotonic()
         await kill(old_leader)
-        elected = None
-        first_done = None
+        elected: float | None = None
+        first_done: float | None = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30.0
         while loop.time() < deadline and (elected is None or first_done is None):
             if elected is None:
-                try:
+                with contextlib.suppress(RpcFailed):
                     s = await client.call("GetStatus", cpb.GetStatusRequest(), timeout_s=1.0)
                     if s.leader_id and s.leader_id != old_leader and s.term != old_term:
                         elected = driver.clock.monotonic() - t_kill
-                except RpcFailed:
-                    pass
-            if first_done is None and driver.completed > done_before and elected is not None:
-                first_done = driver.clock.monotonic() - t_kill
+            later = [t for term, t in driver.first_completion_in_term.items() if term > old_term]
+            if later:
+                first_done = min(later) - t_kill
             await asyncio.sleep(0.02)
         return {
             "killed": old_leader,
             "old_term": old_term,
             "new_leader_elected_s": round(elected, 4) if elected is not None else None,
-            "first_completion_after_kill_s": round(first_done, 4) if first_done is not None else None,
+            "first_completion_after_kill_s": round(first_done, 4)
+            if first_done is not None
+            else None,
         }
 
     return run

@@ -38,6 +38,9 @@ class Target:
     """host:port of a coordinator; a standby points to the leader (`agentmesh-leader`)."""
     standby_targets: tuple[str, ...] = ()
     """Other coordinators' host:port, tried in turn when the current one is unreachable."""
+    pools: int = 0
+    """Agent-pool processes the cluster runs; the harness waits until this many have
+    registered before spawning agents across them (0: take whatever is registered)."""
     kill: KillFn | None = None
     """SIGKILL the process of an instance id (agent-kill, leader-kill scenarios)."""
     restart: RestartFn | None = None

@@ -29,70 +29,86 @@ def evaluate(runs: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[st
 
     if scenario == "steady" and rate == 0 and noop:
         tp = am["throughput"]["steady_per_s"]
-        out.append({
-            "name": "throughput, no-op, durable state",
-            "goal": "≥ 2,000 tasks/s",
-            "measured": f"{tp:,.0f} tasks/s",
-            "met": tp >= 2000,
-        })
+        out.append(
+            {
+                "name": "throughput, no-op, durable state",
+                "goal": "≥ 2,000 tasks/s",
+                "measured": f"{tp:,.0f} tasks/s",
+                "met": tp >= 2000,
+            }
+        )
         celery = _run(runs, "celery")
         if celery is not None and celery["throughput"]["steady_per_s"] > 0:
             ratio = tp / celery["throughput"]["steady_per_s"]
-            out.append({
-                "name": "throughput vs Celery+Redis (same run)",
-                "goal": "≥ 2×",
-                "measured": f"{ratio:.2f}×",
-                "met": ratio >= 2.0,
-            })
+            out.append(
+                {
+                    "name": "throughput vs Celery+Redis (same run)",
+                    "goal": "≥ 2×",
+                    "measured": f"{ratio:.2f}×",
+                    "met": ratio >= 2.0,
+                }
+            )
     if scenario == "steady" and disp and abs(rate - LIGHT_LOAD_RATE) < 1e-6:
-        out.append({
-            "name": "dispatch latency at light load (100 tasks/s)",
-            "goal": "P99 ≤ 2 ms",
-            "measured": f"P99 {disp['p99_ms']:.3f} ms",
-            "met": disp["p99_ms"] <= 2.0,
-        })
+        out.append(
+            {
+                "name": "dispatch latency at light load (100 tasks/s)",
+                "goal": "P99 ≤ 2 ms",
+                "measured": f"P99 {disp['p99_ms']:.3f} ms",
+                "met": disp["p99_ms"] <= 2.0,
+            }
+        )
     if scenario == "steady" and disp and rate > 0 and params.get("half_of_peak"):
-        out.append({
-            "name": "dispatch latency at half of peak load",
-            "goal": "P99 ≤ 10 ms",
-            "measured": f"P99 {disp['p99_ms']:.3f} ms at {rate:g}/s",
-            "met": disp["p99_ms"] <= 10.0,
-        })
+        out.append(
+            {
+                "name": "dispatch latency at half of peak load",
+                "goal": "P99 ≤ 10 ms",
+                "measured": f"P99 {disp['p99_ms']:.3f} ms at {rate:g}/s",
+                "met": disp["p99_ms"] <= 10.0,
+            }
+        )
     ready = _ready_s(am)
     if ready is not None and agents >= 200:
-        out.append({
-            "name": f"{agents} agents connected and ready",
-            "goal": "≤ 2 s",
-            "measured": f"{ready:.3f} s",
-            "met": ready <= 2.0,
-        })
+        out.append(
+            {
+                "name": f"{agents} agents connected and ready",
+                "goal": "≤ 2 s",
+                "measured": f"{ready:.3f} s",
+                "met": ready <= 2.0,
+            }
+        )
     if scenario == "agent-kill":
         kill = am["extra"].get("kill_1") or {}
         worst = kill.get("reassign_max_s")
         if worst is not None:
-            out.append({
-                "name": "agent process killed: its tasks reassigned",
-                "goal": "≤ 1 s",
-                "measured": f"max {worst:.3f} s over {kill.get('reassigned', 0)} task(s)",
-                "met": worst <= 1.0,
-            })
+            out.append(
+                {
+                    "name": "agent process killed: its tasks reassigned",
+                    "goal": "≤ 1 s",
+                    "measured": f"max {worst:.3f} s over {kill.get('reassigned', 0)} task(s)",
+                    "met": worst <= 1.0,
+                }
+            )
     if scenario == "leader-kill":
         for action in am["extra"].get("actions", []):
             first = action.get("first_completion_after_kill_s")
             if first is not None:
-                out.append({
-                    "name": "root coordinator killed: new leader dispatching",
-                    "goal": "≤ 3 s",
-                    "measured": f"{first:.3f} s",
-                    "met": first <= 3.0,
-                })
+                out.append(
+                    {
+                        "name": "root coordinator killed: new leader dispatching",
+                        "goal": "≤ 3 s",
+                        "measured": f"{first:.3f} s",
+                        "met": first <= 3.0,
+                    }
+                )
     if scenario in ("agent-kill", "leader-kill"):
-        out.append({
-            "name": "no lost, no doubly-completed task",
-            "goal": "0 and 0",
-            "measured": f"{am['lost_count'] + am.get('unfinished_count', 0)} and {am['duplicated_count']}",
-            "met": am["ok"],
-        })
+        out.append(
+            {
+                "name": "no lost, no doubly-completed task",
+                "goal": "0 and 0",
+                "measured": f"{am['lost_count'] + am.get('unfinished_count', 0)} and {am['duplicated_count']}",
+                "met": am["ok"],
+            }
+        )
     return out
 
 

@@ -60,14 +60,51 @@ class Workload:
     def closed_loop(self) -> bool:
         return self.rate_per_s == 0
 
-    def describe(self) -> str:
-        mode = (
+    def describe(self, mode: str | None = None) -> str:
+        """One line for reports; `mode` replaces the loop description (bursts)."""
+        mode = mode or (
             f"closed loop, {self.concurrency} in flight"
             if self.closed_loop
             else f"open loop at {self.rate_per_s:g}/s"
         )
         work = f"simulated work: sleep {self.sleep_ms:g} ms" if self.simulated else "no-op tasks"
         return f"{mode}, {work}, at most {self.max_tasks} tasks in {self.duration_s:g} s"
+
+
+class Schedule(Protocol):
+    """Open loop: how many tasks are due `t` seconds after the start."""
+
+    def due(self, t: float) -> int: ...
+
+    def next_at(self, n: int) -> float:
+        """When the task with index `n` is due, in seconds after the start."""
+        ...
+
+
+@dataclass(frozen=True)
+class RateSchedule:
+    rate_per_s: float
+
+    def due(self, t: float) -> int:
+        return int(t * self.rate_per_s) + 1
+
+    def next_at(self, n: int) -> float:
+        return n / self.rate_per_s
+
+
+@dataclass(frozen=True)
+class BurstSchedule:
+    size: int
+    interval_s: float
+
+    def describe(self) -> str:
+        return f"open loop, bursts of {self.size} every {self.interval_s:g} s"
+
+    def due(self, t: float) -> int:
+        return self.size * (int(t // self.interval_s) + 1)
+
+    def next_at(self, n: int) -> float:
+        return (n // self.size) * self.interval_s
 
 
 def new_run_id() -> str:

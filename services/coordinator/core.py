@@ -314,6 +314,8 @@ class CoordinatorCore:
         self.ready: list[collections.deque[str]] = [collections.deque() for _ in range(10)]
         self.delayed: list[tuple[int, str]] = []  # (not_before_us, task_id), a heap
         self.agents: dict[str, Agent] = {}
+        self.awaiting: dict[str, set[str]] = {}
+        """agent id → claims loaded at takeover that the agent has not confirmed yet."""
         self.free: dict[str, Agent] = {}
         self.finished: collections.Counter[str] = collections.Counter()
         self.subscribers: set[Callable[[tpb.Task, int], None]] = set()
@@ -344,7 +346,26 @@ class CoordinatorCore:
                 task.claim_token = mod
                 if live_claims.get(task.task_id) != mod:
                     orphans.append(task.task_id)
+                else:
+                    # the previous leader may have committed this claim and died before
+                    # sending it: the agent's hello says whether it has it
+                    self.awaiting.setdefault(task.agent_id, set()).add(task.task_id)
         return orphans
+
+    def expire_awaiting(self) -> None:
+        """Requeue loaded claims that no agent has reclaimed by now (called once, after a
+        grace period that covers the agents' reconnects)."""
+        for agent_id, task_ids in self.awaiting.items():
+            for task_id in task_ids:
+                self.spawn(
+                    self._requeue(
+                        task_id,
+                        agent_id,
+                        "agent did not reconnect after failover",
+                        count_attempt=False,
+                    )
+                )
+        self.awaiting.clear()
 
     # ---- events to subscribers ----
 
@@ -562,8 +583,12 @@ class CoordinatorCore:
         )
         for ref in hello.held_claims:
             entry = self.active.get(ref.task_id)
-            if entry and entry.task.state in HELD and entry.task.claim_token == ref.claim_token:
-                entry.task.agent_id = agent.agent_id
+            if (
+                entry
+                and entry.task.state in HELD
+                and entry.task.claim_token == ref.claim_token
+                and entry.task.agent_id == agent.agent_id
+            ):
                 agent.inflight.add(ref.task_id)
             else:
                 send(
@@ -571,6 +596,13 @@ class CoordinatorCore:
                         cancel=cpb.CancelAssignment(
                             task_id=ref.task_id, reason="claim is no longer valid"
                         )
+                    )
+                )
+        for task_id in self.awaiting.pop(agent.agent_id, ()):
+            if task_id not in agent.inflight:  # committed by the last leader, never received
+                self.spawn(
+                    self._requeue(
+                        task_id, agent.agent_id, "assignment lost in failover", count_attempt=False
                     )
                 )
         if agent.free() > 0:

@@ -178,6 +178,10 @@ class CoordinatorNode:
             },
         )
         core.requeue_orphans(orphans)
+        # agents reconnect within a second or two; what none reclaimed by then is requeued
+        expiry = asyncio.get_running_loop().call_later(
+            2 * cfg.lease_ttl_s + 1, core.expire_awaiting
+        )
         jobs = [
             asyncio.ensure_future(core.run()),
             asyncio.ensure_future(self._watch_claims(core, store, revision + 1)),
@@ -202,6 +206,7 @@ class CoordinatorNode:
             telemetry.IS_LEADER.set(0)
             core.deposed = core.deposed or NotLeaderError("term ended")
             core.subscribers.discard(counter)
+            expiry.cancel()
             self.servicer.end_term("")
             if self.servicer.leader_endpoint == self.endpoint:
                 self.servicer.leader_endpoint = ""  # no longer us; the observer fills it in

@@ -18,6 +18,7 @@ import json
 import math
 import random
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.election import Leader, candidates, current_leader
 from registry.etcd import Etcd
 from registry.etcd_server import free_port
+from services._common.errors import StoreUnavailableError
 from services.client import MeshClient
 from services.cluster import LocalCluster
 from services.coordinator.servicer import parse_leader_value
@@ -59,14 +61,22 @@ def state_name(state: int) -> str:
     return S.Name(state).removeprefix("TASK_STATE_")
 
 
-def sleep_specs(prefix: str, count: int, rng: random.Random, lo_ms: int = 20, hi_ms: int = 50) -> list[tpb.TaskSpec]:
+def sleep_specs(
+    prefix: str, count: int, rng: random.Random, lo_ms: int = 20, hi_ms: int = 50
+) -> list[tpb.TaskSpec]:
     return [
-        tpb.TaskSpec(task_id=f"{prefix}-{i:04d}", kind="sleep", payload=json.dumps({"ms": rng.randint(lo_ms, hi_ms)}).encode())
+        tpb.TaskSpec(
+            task_id=f"{prefix}-{i:04d}",
+            kind="sleep",
+            payload=json.dumps({"ms": rng.randint(lo_ms, hi_ms)}).encode(),
+        )
         for i in range(count)
     ]
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float, what: str, every_s: float = 0.05) -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], timeout_s: float, what: str, every_s: float = 0.05
+) -> T:
     """Poll `check` until it returns something truthy; fail after `timeout_s` (a hang guard)."""
     deadline = time.monotonic() + timeout_s
     last_error: BaseException | None = None
@@ -75,7 +85,11 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float,
             got = await check()
             if got:
                 return got
-        except (grpc.aio.AioRpcError, OSError) as err:  # not up yet, or moving
+        except (
+            grpc.aio.AioRpcError,
+            StoreUnavailableError,
+            OSError,
+        ) as err:  # not up yet, or moving
             last_error = err
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout_s}s (last error: {last_error!r})")
@@ -95,7 +109,10 @@ async def stored_tasks(etcd: Etcd) -> dict[str, tuple[tpb.Task, int]]:
     while True:
         resp = await etcd.range(prefix, start=start, limit=1000)
         for kv in resp.kvs:
-            out[kv.key[len(prefix) :].decode()] = (tpb.Task.FromString(kv.value), int(kv.mod_revision))
+            out[kv.key[len(prefix) :].decode()] = (
+                tpb.Task.FromString(kv.value),
+                int(kv.mod_revision),
+            )
         if not resp.more:
             return out
         start = resp.kvs[-1].key + b"\0"
@@ -107,31 +124,58 @@ async def live_claims(etcd: Etcd) -> list[str]:
     return [kv.key[len(prefix) :].decode() for kv in resp.kvs]
 
 
-async def get_all(client: MeshClient, ids: Sequence[str], parallel: int = 50) -> dict[str, tpb.Task]:
+async def get_all(
+    client: MeshClient, ids: Sequence[str], parallel: int = 50
+) -> dict[str, tpb.Task]:
     """GetTask for every id (through the leader)."""
     out: dict[str, tpb.Task] = {}
     for i in range(0, len(ids), parallel):
         chunk = ids[i : i + parallel]
-        for task_id, task in zip(chunk, await asyncio.gather(*(client.get(t) for t in chunk)), strict=True):
+        for task_id, task in zip(
+            chunk, await asyncio.gather(*(client.get(t) for t in chunk)), strict=True
+        ):
             out[task_id] = task
     return out
 
 
-async def wait_all_succeeded(client: MeshClient, ids: Sequence[str], timeout_s: float) -> dict[str, tpb.Task]:
-    """Poll GetTask until every id is terminal; then every one must be SUCCEEDED."""
+async def wait_terminal(
+    client: MeshClient, ids: Sequence[str], timeout_s: float, stall_s: float | None = None
+) -> tuple[dict[str, tpb.Task], dict[str, tpb.Task]]:
+    """Poll GetTask until every id is terminal, `timeout_s` has passed, or (with `stall_s`)
+    no unfinished task has changed for `stall_s`: returns (terminal, not terminal)."""
     pending = list(ids)
     done: dict[str, tpb.Task] = {}
     deadline = time.monotonic() + timeout_s
-    while pending:
+    last: dict[str, tuple[int, int, int]] = {}
+    changed_at = time.monotonic()
+    while True:
         got = await get_all(client, pending)
         done.update({i: t for i, t in got.items() if t.state in TERMINAL})
         pending = [i for i in pending if i not in done]
-        if pending and time.monotonic() > deadline:
-            sample = {i: state_name(got[i].state) for i in pending[:5]}
-            raise AssertionError(f"{len(pending)} tasks not terminal after {timeout_s}s, e.g. {sample}")
-        if pending:
-            await asyncio.sleep(0.2)
-    wrong = {i: (state_name(t.state), t.last_error) for i, t in done.items() if t.state != SUCCEEDED}
+        now = {i: (got[i].state, got[i].claim_token, got[i].attempts) for i in pending}
+        if now != last:
+            last, changed_at = now, time.monotonic()
+        stalled = stall_s is not None and time.monotonic() - changed_at > stall_s
+        if not pending or stalled or time.monotonic() > deadline:
+            return done, {i: got[i] for i in pending}
+        await asyncio.sleep(0.2)
+
+
+def describe(tasks: dict[str, tpb.Task], n: int = 5) -> dict[str, tuple[str, str, int]]:
+    return {i: (state_name(t.state), t.agent_id, t.term) for i, t in list(tasks.items())[:n]}
+
+
+async def wait_all_succeeded(
+    client: MeshClient, ids: Sequence[str], timeout_s: float
+) -> dict[str, tpb.Task]:
+    """Poll GetTask until every id is terminal; then every one must be SUCCEEDED."""
+    done, pending = await wait_terminal(client, ids, timeout_s)
+    assert not pending, (
+        f"{len(pending)} tasks not terminal after {timeout_s}s, e.g. {describe(pending)}"
+    )
+    wrong = {
+        i: (state_name(t.state), t.last_error) for i, t in done.items() if t.state != SUCCEEDED
+    }
     assert not wrong, f"acknowledged tasks that did not succeed: {dict(list(wrong.items())[:10])}"
     return done
 
@@ -205,7 +249,7 @@ class EventLog:
         task = event.task
         if task.state == SUCCEEDED:
             self.succeeded[task.task_id].append(task.claim_token)
-        elif task.state == ASSIGNED and event.previous_state == QUEUED:
+        elif task.state == ASSIGNED:  # from the queue, or created assigned (a free agent)
             first = self.first_assign_us.get(task.term)
             if first is None or task.assigned_at_us < first:
                 self.first_assign_us[task.term] = task.assigned_at_us
@@ -263,15 +307,22 @@ class Submitter:
                 continue
             start = len(self.acked)
             chunk = self.specs[start : min(start + self.batch, self.allowed)]
+            give_up = time.monotonic() + HANG_S
             while True:
                 try:
                     resp = await self.client.submit_batch(chunk)
                     break
-                except Exception as err:  # noqa: BLE001 - recorded, then the same batch again
+                except Exception as err:
+                    # MeshClient gives up early in some outages (see the xfail tests below):
+                    # a caller with task ids can always submit the same batch again
                     self.failed_calls[type(err).__name__] += 1
+                    if time.monotonic() > give_up:
+                        raise
                     await asyncio.sleep(0.2)
             got = [r.task.task_id for r in resp.results]
-            assert got == [s.task_id for s in chunk], f"submit answered for other tasks: {got[:3]}..."
+            assert got == [s.task_id for s in chunk], (
+                f"submit answered for other tasks: {got[:3]}..."
+            )
             self.acked.extend(got)
             self._progress.set()
             await asyncio.sleep(self.pause_s)
@@ -281,7 +332,9 @@ class Submitter:
         while len(self.acked) < n:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"only {len(self.acked)} of {n} tasks acknowledged after {timeout_s}s")
+                raise AssertionError(
+                    f"only {len(self.acked)} of {n} tasks acknowledged after {timeout_s}s"
+                )
             self._progress.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), left)
@@ -300,6 +353,47 @@ async def running(coro: Awaitable[None]) -> Any:
             await task
 
 
+def lost_with_its_leader(task: tpb.Task, kills: list[dict[str, Any]], claims: list[str]) -> bool:
+    """The signature of a known bug: a task its agent never heard of stays ASSIGNED.
+
+    The killed leader committed the assignment (the claim, on the agent's live lease)
+    in the last moments before its SIGKILL, so the Assign message died with it; the
+    agent reconnects to the new leader without the task in held_claims, and nothing
+    requeues it (test_assignment_lost_with_the_killed_leader_is_requeued).
+    """
+    return (
+        task.state == ASSIGNED
+        and task.task_id in claims
+        and any(
+            k["old_term"] == task.term
+            and 0 <= k["killed_wall_us"] - task.assigned_at_us <= 2_000_000
+            for k in kills
+        )
+    )
+
+
+async def submit_without_backoff(etcd: Etcd, spec: tpb.TaskSpec) -> None:
+    """Submit to whichever coordinator etcd names, every 50 ms until one accepts.
+
+    Not MeshClient: its jittered backoff grows to 1 s while no leader answers, which
+    would add up to a second to the failover time measured with this task.
+    """
+    deadline = time.monotonic() + HANG_S
+    while True:
+        leader = await current_leader(etcd, "coordinator")
+        if leader is not None:
+            async with grpc.aio.insecure_channel(node_of(leader)[1]) as channel:
+                try:
+                    await cpb_grpc.CoordinatorStub(channel).Submit(
+                        cpb.SubmitRequest(spec=spec), timeout=1.0
+                    )
+                    return
+                except grpc.aio.AioRpcError as err:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"no leader took {spec.task_id}: {err!r}") from err
+        await asyncio.sleep(0.05)
+
+
 async def wait_candidates(etcd: Etcd, n: int) -> list[Leader]:
     async def check() -> list[Leader] | None:
         found = await candidates(etcd, "coordinator")
@@ -316,7 +410,9 @@ TASKS = 2000
 
 
 @pytest.mark.timeout(240)
-async def test_leader_killed_ten_times_while_2000_tasks_flow_loses_and_doubles_nothing(cluster: Any, tmp_path: Path) -> None:
+async def test_leader_killed_ten_times_while_2000_tasks_flow_loses_and_doubles_nothing(
+    cluster: Any, tmp_path: Path
+) -> None:
     c: LocalCluster = await cluster(agents=100, pools=2, coordinators=3)
     rng = random.Random(3)
     specs = sleep_specs("flow", TASKS, rng)
@@ -332,29 +428,39 @@ async def test_leader_killed_ten_times_while_2000_tasks_flow_loses_and_doubles_n
         async with running(submitter.run()) as submitting:
             for i in range(KILLS):
                 submitter.allow(per_kill * (i + 1))
+                await wait_candidates(etcd, 3)
                 # kill right after a batch is acknowledged, half way through this round's share:
                 # tasks are queued, assigned, running and being reported at that moment
                 await submitter.until(per_kill * i + per_kill // 2, HANG_S)
-                await wait_candidates(etcd, 3)
                 old = await current_leader(etcd, "coordinator")
                 assert old is not None
                 name, _ = node_of(old)
-                in_flight = len(submitter.acked) - sum(1 for t in submitter.acked if t in events.succeeded)
+                acked_at_kill = len(submitter.acked)
                 killed_wall_us = time.time_ns() // 1000
                 c.kill(name, signal.SIGKILL)
 
                 # a top-priority probe: the first task the new leader can hand out
                 probe_id = f"probe-{i:02d}"
-                await probes.submit(tpb.TaskSpec(task_id=probe_id, kind="noop", priority=9))
+                await submit_without_backoff(
+                    etcd, tpb.TaskSpec(task_id=probe_id, kind="noop", priority=9)
+                )
 
                 async def assigned(probe_id: str = probe_id) -> tpb.Task | None:
                     task = await probes.get(probe_id)
                     return task if task.state in HELD | {SUCCEEDED} else None
 
-                probe = await eventually(assigned, HANG_S, f"kill {i + 1}: probe assigned by the new leader", every_s=0.02)
+                probe = await eventually(
+                    assigned,
+                    HANG_S,
+                    f"kill {i + 1}: probe assigned by the new leader",
+                    every_s=0.02,
+                )
                 new = await current_leader(etcd, "coordinator")
-                assert new is not None and new.term > old.term, f"kill {i + 1}: no new term after {old}"
-                assert probe.term >= new.term, f"kill {i + 1}: probe assigned by term {probe.term}, not the new leader's {new.term}"
+                assert new is not None
+                assert new.term > old.term, f"kill {i + 1}: no new term after {old}"
+                assert probe.term >= new.term, (
+                    f"kill {i + 1}: probe assigned by term {probe.term}, not the new leader's {new.term}"
+                )
                 new_name, _ = node_of(new)
                 assert new_name != name
                 kills.append(
@@ -366,7 +472,7 @@ async def test_leader_killed_ten_times_while_2000_tasks_flow_loses_and_doubles_n
                         "new_term": new.term,
                         "killed_wall_us": killed_wall_us,
                         "probe_assigned_s": (probe.assigned_at_us - killed_wall_us) / 1e6,
-                        "tasks_unfinished_at_kill": in_flight,
+                        "acked_at_kill": acked_at_kill,
                     }
                 )
                 c.restart(name)  # three replicas again: the restarted one queues up as a standby
@@ -376,34 +482,62 @@ async def test_leader_killed_ten_times_while_2000_tasks_flow_loses_and_doubles_n
 
         ids = [*submitter.acked, *(f"probe-{i:02d}" for i in range(KILLS))]
         assert len(submitter.acked) == TASKS
-        tasks = await wait_all_succeeded(client, ids, timeout_s=120)
+        # every task ends within seconds of the last failover: one that has not moved for
+        # 10 s never will (the bounds only stop a hang)
+        tasks, stuck = await wait_terminal(client, ids, timeout_s=60, stall_s=10)
+        claims = await live_claims(etcd)
+        if stuck and not all(lost_with_its_leader(t, kills, claims) for t in stuck.values()):
+            raise AssertionError(f"{len(stuck)} tasks stuck, e.g. {describe(stuck)}")
         await asyncio.sleep(SETTLE_S)  # let a (wrong) second completion arrive
 
         # exactly once: no id completed twice on the event stream, every record SUCCEEDED once
         doubled = events.doubled(set(ids))
-        assert not doubled, f"tasks with more than one SUCCEEDED event: {dict(list(doubled.items())[:10])}"
+        assert not doubled, (
+            f"tasks with more than one SUCCEEDED event: {dict(list(doubled.items())[:10])}"
+        )
+        wrong = {
+            i: (state_name(t.state), t.last_error) for i, t in tasks.items() if t.state != SUCCEEDED
+        }
+        assert not wrong, f"tasks that did not succeed: {dict(list(wrong.items())[:10])}"
         stored = await stored_tasks(etcd)
         lost = set(ids) - set(stored)
         assert not lost, f"acknowledged tasks missing from etcd: {sorted(lost)[:10]}"
         extra = set(stored) - set(ids) - {"watch-probe"}
         assert not extra, f"task records nobody submitted: {sorted(extra)[:10]}"
-        not_done = {i: state_name(t.state) for i, (t, _) in stored.items() if t.state != SUCCEEDED}
+        not_done = {
+            i: state_name(t.state)
+            for i, (t, _) in stored.items()
+            if t.state != SUCCEEDED and i not in stuck
+        }
         assert not not_done, f"records not SUCCEEDED in etcd: {dict(list(not_done.items())[:10])}"
-        assert await live_claims(etcd) == [], "claims left behind after every task finished"
+        assert sorted(await live_claims(etcd)) == sorted(stuck), (
+            "claims left behind after their tasks finished"
+        )
         assert not c.dead(), f"processes exited: {c.dead()}"
         seen = sum(1 for i in ids if events.succeeded.get(i))
 
         # the figures: kill → first assignment by the new leader (the probe's, or any
         # earlier one of that term the event stream saw), and kill → "elected" in its log
         for k in kills:
+            k["stuck_assigned_by_it"] = sum(1 for t in stuck.values() if t.term == k["old_term"])
+            k["tasks_unfinished_at_kill"] = sum(
+                1
+                for t in submitter.acked[: k["acked_at_kill"]]
+                if t in stuck or tasks[t].finished_at_us > k["killed_wall_us"]
+            )
             first_us = events.first_assign_us.get(k["new_term"])
             k["first_assignment_s"] = min(
-                k["probe_assigned_s"], (first_us - k["killed_wall_us"]) / 1e6 if first_us else math.inf
+                k["probe_assigned_s"],
+                (first_us - k["killed_wall_us"]) / 1e6 if first_us else math.inf,
             )
             elected = [
-                d for d in log_lines(c.log_dir / f"{k['new_leader']}.log", "elected root coordinator") if d.get("term") == k["new_term"]
+                d
+                for d in log_lines(c.log_dir / f"{k['new_leader']}.log", "elected root coordinator")
+                if d.get("term") == k["new_term"]
             ]
-            k["elected_s"] = round(elected[0]["ts"] - k["killed_wall_us"] / 1e6, 3) if elected else None
+            k["elected_s"] = (
+                round(elected[0]["ts"] - k["killed_wall_us"] / 1e6, 3) if elected else None
+            )
         times = [k["first_assignment_s"] for k in kills]
         assert max(times) < HANG_S
         attempts = collections.Counter(t.attempts for t in tasks.values())
@@ -426,18 +560,24 @@ async def test_leader_killed_ten_times_while_2000_tasks_flow_loses_and_doubles_n
             print(
                 f"  kill {k['kill']:2d}: {k['killed']} (term {k['old_term']}) → {k['new_leader']} (term {k['new_term']}): "
                 f"elected {k['elected_s']} s, first assignment {k['first_assignment_s']:.3f} s, "
-                f"{k['tasks_unfinished_at_kill']} acknowledged tasks unfinished at the kill"
+                f"{k['tasks_unfinished_at_kill']} acknowledged tasks unfinished at the kill, "
+                f"{k['stuck_assigned_by_it']} stuck"
             )
         print(
             f"failover (kill → first assignment by the new leader): P50 {report['p50_s']:.3f} s, "
             f"P99 {report['p99_s']:.3f} s, max {report['max_s']:.3f} s (nearest rank over {KILLS})"
         )
         print(
-            f"all {len(ids)} tasks SUCCEEDED exactly once; attempts {report['attempts']}; "
+            f"{len(tasks)} of {len(ids)} tasks SUCCEEDED exactly once ({len(stuck)} stuck); attempts {report['attempts']}; "
             f"{seen} SUCCEEDED events seen on {events.streams} streams; submit calls that failed and were retried: "
             f"{dict(submitter.failed_calls) or 0}"
         )
         print(f"figures written to {out}")
+        if stuck:
+            pytest.xfail(
+                f"{len(stuck)} tasks stayed ASSIGNED after the leader that assigned them was killed "
+                f"({describe(stuck)}): the known bug shown by test_assignment_lost_with_the_killed_leader_is_requeued"
+            )
     finally:
         await events.close()
         await client.close()
@@ -450,7 +590,9 @@ async def test_leader_killed_ten_times_while_2000_tasks_flow_loses_and_doubles_n
 
 async def health_of(endpoint: str, service: str = COORDINATOR_SERVICE) -> int:
     async with grpc.aio.insecure_channel(endpoint) as channel:
-        resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        resp = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=2
+        )
         return int(resp.status)
 
 
@@ -493,10 +635,13 @@ async def test_paused_leader_wakes_fenced_out_and_steps_down(cluster: Any) -> No
                 now = await current_leader(etcd, "coordinator")
                 return now if now is not None and now.term != old.term else None
 
-            new = await eventually(replaced, HANG_S, "etcd names a new leader while the old one is paused")
+            new = await eventually(
+                replaced, HANG_S, "etcd names a new leader while the old one is paused"
+            )
             new_name, new_endpoint = node_of(new)
             replaced_after = time.monotonic() - stopped_at
-            assert new.term > old.term and new_name != old_name
+            assert new.term > old.term
+            assert new_name != old_name
 
             # a client that looks the leader up now (one that cached the paused leader
             # waits out its deadline: see test_client_moves_off_a_paused_leader)
@@ -510,7 +655,10 @@ async def test_paused_leader_wakes_fenced_out_and_steps_down(cluster: Any) -> No
             stale_channel = grpc.aio.insecure_channel(old_endpoint)
             stale_call = asyncio.ensure_future(
                 cpb_grpc.CoordinatorStub(stale_channel).Submit(
-                    cpb.SubmitRequest(spec=tpb.TaskSpec(task_id="to-the-old-leader", kind="echo", payload=b"x")), timeout=HANG_S
+                    cpb.SubmitRequest(
+                        spec=tpb.TaskSpec(task_id="to-the-old-leader", kind="echo", payload=b"x")
+                    ),
+                    timeout=HANG_S,
                 )
             )
             await asyncio.sleep(0.5)
@@ -519,13 +667,14 @@ async def test_paused_leader_wakes_fenced_out_and_steps_down(cluster: Any) -> No
             c.kill(old_name, signal.SIGCONT)
         resumed_wall = time.time()
 
-        client = client_after
         # the old leader's pending Submit is refused: the fence failed, or it already knew
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stale_call
         await stale_channel.close()
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
-        assert await etcd.get(etcd.key("tasks", "to-the-old-leader")) is None, "the deposed leader wrote a task"
+        assert await etcd.get(etcd.key("tasks", "to-the-old-leader")) is None, (
+            "the deposed leader wrote a task"
+        )
 
         # it steps down by itself: its log says so, its health and its status agree
         log = c.log_dir / f"{old_name}.log"
@@ -533,43 +682,72 @@ async def test_paused_leader_wakes_fenced_out_and_steps_down(cluster: Any) -> No
         async def stepped_down() -> list[dict[str, Any]]:
             return [d for d in log_lines(log, "stepping down") if d.get("term") == old.term]
 
-        (down,) = await eventually(stepped_down, HANG_S, f"{old_name} logs 'stepping down' for term {old.term}")
+        (down,) = await eventually(
+            stepped_down, HANG_S, f"{old_name} logs 'stepping down' for term {old.term}"
+        )
         ended = [d for d in log_lines(log, "term ended") if d.get("term") == old.term]
         assert await eventually(
-            lambda: _equals(health_of(old_endpoint), health_pb2.HealthCheckResponse.NOT_SERVING), HANG_S, "old leader NOT_SERVING"
+            lambda: _equals(health_of(old_endpoint), health_pb2.HealthCheckResponse.NOT_SERVING),
+            HANG_S,
+            "old leader NOT_SERVING",
         )
 
         async def names_new_leader() -> cpb.ClusterStatus | None:
             status = await status_of(old_endpoint)
             return status if status.leader_endpoint == new_endpoint else None
 
-        status = await eventually(names_new_leader, HANG_S, "old leader's GetStatus names the new leader")
+        status = await eventually(
+            names_new_leader, HANG_S, "old leader's GetStatus names the new leader"
+        )
         assert (status.leader_id, status.term) == (new_name, new.term)
         assert await health_of(new_endpoint) == health_pb2.HealthCheckResponse.SERVING
 
-        # nothing in etcd written after the new term began carries the old term
+        # Nothing in etcd written after the old term ended carries the old term. The term
+        # is the candidacy key's create revision, and a standby's key is created when it
+        # starts campaigning, long before it leads: the boundary is the revision at which
+        # the old leader's key was deleted (its lease expired), not the new term.
         ids = [s.task_id for s in before + during]
         tasks = await wait_all_succeeded(client, ids, timeout_s=60)
         await asyncio.sleep(SETTLE_S)
+        old_term_ended = await asyncio.wait_for(deleted_at(etcd, old.key, old.term), HANG_S)
         stored = await stored_tasks(etcd)
-        late = {i: t.term for i, (t, mod) in stored.items() if mod > new.term and t.term < new.term}
-        assert not late, f"records written after term {new.term} began by an older term: {late}"
+        late = {
+            i: (t.term, mod)
+            for i, (t, mod) in stored.items()
+            if mod > old_term_ended and t.term < new.term
+        }
+        assert not late, (
+            f"records written after term {old.term} ended (revision {old_term_ended}) by an older term: {late}"
+        )
+        by_old = [mod for t, mod in stored.values() if t.term == old.term]
+        assert by_old, (
+            "the old leader wrote nothing before the pause: the check above proves nothing"
+        )
         assert "to-the-old-leader" not in stored
         doubled = events.doubled(set(ids))
         assert not doubled, f"tasks completed twice: {doubled}"
         # work in flight across the pause kept its claim: the new leader accepted it
-        carried = [i for i in ids if tasks[i].claim_token < new.term and tasks[i].term >= new.term]
-        assert all(t.attempts == 1 for t in tasks.values()), {i: t.attempts for i, t in tasks.items() if t.attempts != 1}
+        carried = [
+            i for i in ids if tasks[i].claim_token < old_term_ended and tasks[i].term >= new.term
+        ]
+        assert carried, "no task was in flight across the pause: pause later or use longer tasks"
+        assert all(t.attempts == 1 for t in tasks.values()), {
+            i: t.attempts for i, t in tasks.items() if t.attempts != 1
+        }
         assert await live_claims(etcd) == []
 
         # the refused submit can be made again, to the new leader
-        again = await client.submit(tpb.TaskSpec(task_id="to-the-old-leader", kind="echo", payload=b"x"))
-        assert again.created and again.task.term >= new.term
+        again = await client.submit(
+            tpb.TaskSpec(task_id="to-the-old-leader", kind="echo", payload=b"x")
+        )
+        assert again.created
+        assert again.task.term >= new.term
         print(
             f"\n{old_name} (term {old.term}) SIGSTOPped; {new_name} (term {new.term}) named after {replaced_after:.2f} s; "
             f"after SIGCONT the old leader logged 'stepping down' {down['ts'] - resumed_wall:.3f} s later "
             f"(term ended by: {[d.get('by') for d in ended]}), refused the pending Submit with "
-            f"UNAVAILABLE ({refused.value.details()!r}); {len(carried)} tasks in flight across the pause were "
+            f"UNAVAILABLE ({refused.value.details()!r}); its term ended at revision {old_term_ended}, its last "
+            f"record write was at revision {max(by_old)}; {len(carried)} tasks in flight across the pause were "
             f"completed by the new leader with their old claim tokens"
         )
     finally:
@@ -583,6 +761,15 @@ async def test_paused_leader_wakes_fenced_out_and_steps_down(cluster: Any) -> No
         await etcd.close()
 
 
+async def deleted_at(etcd: Etcd, key: bytes, since: int) -> int:
+    """The revision at which `key` (created at `since`) was deleted."""
+    async for _, events in etcd.watch_forever(key, start_revision=since):
+        for ev in events:
+            if ev.kind == "delete":
+                return int(ev.kv.mod_revision)
+    raise AssertionError("unreachable")
+
+
 async def _equals(value: Awaitable[T], want: T) -> bool:
     return await value == want
 
@@ -594,7 +781,8 @@ async def _equals(value: Awaitable[T], want: T) -> bool:
 async def test_etcd_restart_under_three_coordinators_loses_nothing(cluster: Any) -> None:
     agents = 40
     c: LocalCluster = await cluster(agents=agents, pools=2, coordinators=3)
-    specs = sleep_specs("etcd-restart", 1000, random.Random(7))
+    # long enough that work is in flight when etcd stops, and finishes while it is down
+    specs = sleep_specs("etcd-restart", 1000, random.Random(7), 100, 400)
     etcd = Etcd(c.etcd_endpoint, prefix="/agentmesh/default/")
     client = MeshClient(etcd=c.etcd_endpoint, retry_s=60)
     events = EventLog(etcd)
@@ -605,7 +793,7 @@ async def test_etcd_restart_under_three_coordinators_loses_nothing(cluster: Any)
         old = await current_leader(etcd, "coordinator")
         assert old is not None
         async with running(submitter.run()) as submitting:
-            await submitter.until(150, HANG_S)
+            await submitter.until(150, HANG_S)  # right after a batch: tasks in flight
             c.etcd.stop()
             stopped_at = time.monotonic()
             acked_at_stop = len(submitter.acked)
@@ -618,20 +806,29 @@ async def test_etcd_restart_under_three_coordinators_loses_nothing(cluster: Any)
             await asyncio.wait_for(asyncio.shield(submitting), HANG_S)
         back_s = time.monotonic() - restarted_at
 
-        leader = await eventually(lambda: current_leader(etcd, "coordinator"), HANG_S, "a leader after the restart")
+        leader = await eventually(
+            lambda: current_leader(etcd, "coordinator"), HANG_S, "a leader after the restart"
+        )
 
         async def all_connected() -> cpb.ClusterStatus | None:
             status = await client.status()
             return status if status.agents_connected == agents else None
 
-        status = await eventually(all_connected, HANG_S, f"{agents} agents connected again", every_s=0.2)
+        status = await eventually(
+            all_connected, HANG_S, f"{agents} agents connected again", every_s=0.2
+        )
         reconnected_s = time.monotonic() - restarted_at
 
         ids = list(submitter.acked)
-        tasks = await wait_all_succeeded(client, ids, timeout_s=90)
+        tasks, stuck = await wait_terminal(client, ids, timeout_s=60, stall_s=10)
+        assert not stuck, f"{len(stuck)} tasks stuck after etcd came back, e.g. {describe(stuck)}"
         await asyncio.sleep(SETTLE_S)
         doubled = events.doubled(set(ids))
         assert not doubled, f"tasks completed twice: {dict(list(doubled.items())[:10])}"
+        wrong = {
+            i: (state_name(t.state), t.last_error) for i, t in tasks.items() if t.state != SUCCEEDED
+        }
+        assert not wrong, f"tasks that did not succeed: {dict(list(wrong.items())[:10])}"
         stored = await stored_tasks(etcd)
         lost = set(ids) - set(stored)
         assert not lost, f"acknowledged tasks missing from etcd: {sorted(lost)[:10]}"
@@ -644,14 +841,39 @@ async def test_etcd_restart_under_three_coordinators_loses_nothing(cluster: Any)
             f"\netcd down {down_s:.1f} s under 3 coordinators ({acked_at_stop} tasks acknowledged before); "
             f"leader {node_of(old)[0]} (term {old.term}) → {node_of(leader)[0]} (term {leader.term}); "
             f"submits flowing again {back_s:.2f} s after etcd came back, {status.agents_connected} agents "
-            f"connected {reconnected_s:.2f} s after; all {len(ids)} acknowledged tasks SUCCEEDED exactly once "
-            f"(attempts {dict(sorted(attempts.items()))}); submit calls that failed and were retried: "
-            f"{dict(submitter.failed_calls) or 0}"
+            f"connected {reconnected_s:.2f} s after; all {len(ids)} acknowledged tasks "
+            f"SUCCEEDED exactly once (attempts {dict(sorted(attempts.items()))}); "
+            f"submit calls that failed and were retried: {dict(submitter.failed_calls) or 0}"
         )
     finally:
         await events.close()
         await client.close()
         await etcd.close()
+
+
+@pytest.mark.timeout(90)
+async def test_result_reported_while_etcd_is_down_completes_the_task(cluster: Any) -> None:
+    """A report the leader cannot commit during an etcd outage lands once etcd is back:
+    an etcd restart no longer ends the term, so the agent never sends it again."""
+    c: LocalCluster = await cluster(agents=1, pools=1, coordinators=1)
+    async with MeshClient(etcd=c.etcd_endpoint, retry_s=60) as client:
+        await client.submit(
+            tpb.TaskSpec(task_id="slow", kind="sleep", payload=json.dumps({"ms": 1000}).encode())
+        )
+
+        async def running() -> bool:
+            return (await client.get("slow")).state == RUNNING
+
+        await eventually(running, HANG_S, "task running")
+        c.etcd.stop()  # the agent reports its result about 1 s from now, into the outage
+        await asyncio.sleep(2.0)
+        c.etcd.start()
+
+        async def succeeded() -> bool:
+            return (await client.get("slow")).state == SUCCEEDED
+
+        await eventually(succeeded, 15.0, "the result reported during the outage is recorded")
+        assert (await client.get("slow")).attempts == 1
 
 
 # ---------------------------------------------------------------- the client while no leader answers
@@ -668,7 +890,11 @@ async def test_watch_events_backs_off_while_the_leader_is_down(etcd: Etcd) -> No
     # Between a leader's SIGKILL and its lease's expiry (up to 2 s), etcd names an
     # endpoint where nothing listens: every watcher sees this on every failover.
     lease = await etcd.grant(30)
-    await etcd.put(etcd.key("election", "coordinator", f"{lease:016x}"), f"dead 127.0.0.1:{free_port()}".encode(), lease)
+    await etcd.put(
+        etcd.key("election", "coordinator", f"{lease:016x}"),
+        f"dead 127.0.0.1:{free_port()}".encode(),
+        lease,
+    )
     cluster_name = etcd.prefix.decode().strip("/").split("/")[-1]
     client = MeshClient(etcd=etcd.endpoints, cluster=cluster_name, retry_s=5)
     lookups = 0
@@ -694,3 +920,194 @@ async def test_watch_events_backs_off_while_the_leader_is_down(etcd: Etcd) -> No
     # jittered exponential backoff from 50 ms (what MeshClient's unary calls use) makes
     # well under 20 attempts in a second
     assert lookups <= 20, f"{lookups} leader lookups in 1 s while the leader was down"
+
+
+# ---------------------------------------------------------------- an assignment lost with its leader
+
+
+class RawAgent:
+    """One agent on a raw Connect stream, saying exactly what a test makes it say."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.channel = grpc.aio.insecure_channel(endpoint)
+        self.call = cpb_grpc.CoordinatorStub(self.channel).Connect()
+
+    @classmethod
+    async def welcomed(cls, endpoint: str, hello: cpb.AgentHello) -> RawAgent:
+        agent = cls(endpoint)
+        await agent.call.write(cpb.AgentMessage(hello=hello))
+        welcome = await agent.expect("welcome")
+        assert welcome.term > 0
+        return agent
+
+    async def expect(self, body: str, timeout_s: float = 10.0) -> Any:
+        msg = await asyncio.wait_for(self.call.read(), timeout_s)
+        assert msg is not grpc.aio.EOF, "the coordinator closed the stream"
+        assert msg.WhichOneof("body") == body, f"expected {body}, got {msg}"
+        return getattr(msg, body)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(
+    reason="services/coordinator/core.py: a new leader adopts an ASSIGNED record whose claim is "
+    "live (CoordinatorCore.load) and, when its agent reconnects without that task in "
+    "hello.held_claims (the Assign message died with the old leader), connect() never requeues "
+    "it: the task stays ASSIGNED for as long as the agent's lease lives",
+    strict=True,
+)
+async def test_assignment_lost_with_the_killed_leader_is_requeued(cluster: Any) -> None:
+    c: LocalCluster = await cluster(agents=1, pools=1, coordinators=3)
+    etcd = Etcd(c.etcd_endpoint, prefix="/agentmesh/default/")
+    lease = await etcd.grant(60)  # the agent's process lives on through the failover
+    # kind llm: no pool agent runs it, so only this agent can take the task
+    hello = cpb.AgentHello(
+        agent_id="raw-1", pool_id="raw", lease_id=lease, kinds=["llm"], capacity=1
+    )
+    agents: list[RawAgent] = []
+    try:
+        old = await current_leader(etcd, "coordinator")
+        assert old is not None
+        agents.append(await RawAgent.welcomed(node_of(old)[1], hello))
+        async with MeshClient(etcd=c.etcd_endpoint, retry_s=60) as client:
+            await client.submit(tpb.TaskSpec(task_id="lost-assign", kind="llm", payload=b"x"))
+            first = (await agents[0].expect("assign")).task
+            assert first.attempts == 1
+            # The leader dies right after committing the claim: the Assign message never
+            # reaches the agent (here: the agent drops it, as if it died with the stream).
+            c.kill(node_of(old)[0], signal.SIGKILL)
+            await agents[0].close()
+
+            async def replaced() -> Leader | None:
+                now = await current_leader(etcd, "coordinator")
+                return now if now is not None and now.term != old.term else None
+
+            new = await eventually(replaced, HANG_S, "a new leader")
+
+            async def reconnect() -> RawAgent:
+                return await RawAgent.welcomed(node_of(new)[1], hello)  # holding nothing
+
+            agents.append(await eventually(reconnect, HANG_S, "agent welcomed by the new leader"))
+            stuck = await client.get("lost-assign")
+            assert (stuck.state, stuck.agent_id) == (ASSIGNED, "raw-1")
+            # the agent said it holds nothing: the task must go back to the queue and to it
+            again = (await agents[1].expect("assign", timeout_s=8.0)).task
+            assert (again.task_id, again.attempts) == ("lost-assign", 2)
+            assert again.claim_token != first.claim_token
+    finally:
+        for agent in agents:
+            await agent.close()
+        with contextlib.suppress(Exception):
+            await etcd.revoke(lease)
+        await etcd.close()
+
+
+class FakeLeader(cpb_grpc.CoordinatorServicer):
+    """A coordinator that only answers SubmitBatch: UNAVAILABLE while `unavailable`."""
+
+    def __init__(self) -> None:
+        self.unavailable = False
+        self.calls = 0
+
+    async def SubmitBatch(
+        self, request: cpb.SubmitBatchRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.SubmitBatchResponse:
+        self.calls += 1
+        if self.unavailable:
+            # what the real leader answers while etcd is down (StoreUnavailableError)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "etcd is unreachable; retry shortly")
+        return cpb.SubmitBatchResponse(
+            results=[
+                cpb.SubmitResponse(task=tpb.Task(task_id=s.task_id), created=True)
+                for s in request.specs
+            ]
+        )
+
+
+@contextlib.asynccontextmanager
+async def fake_leader() -> Any:
+    server = grpc.aio.server()
+    servicer = FakeLeader()
+    cpb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def name_leader(etcd: Etcd, endpoint: str, ttl_s: int = 30) -> tuple[int, bytes]:
+    """Publish `endpoint` as the coordinator leader (a campaign key of its own lease)."""
+    lease = await etcd.grant(ttl_s)
+    key = etcd.key("election", "coordinator", f"{lease:016x}")
+    await etcd.put(key, f"fake {endpoint}".encode(), lease)
+    return lease, key
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(
+    reason="services/client.py MeshClient._call retries only UNAVAILABLE and never looks the "
+    "leader up again otherwise: a client whose cached leader is paused (GC, SIGSTOP) fails with "
+    "DEADLINE_EXCEEDED after timeout_s although etcd names a new leader and retry_s is not over",
+    strict=True,
+)
+async def test_client_moves_off_a_paused_leader(etcd: Etcd) -> None:
+    cluster_name = etcd.prefix.decode().strip("/").split("/")[-1]
+    with socket.socket() as stalled:  # accepts connections (the kernel does) and never answers
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(16)
+        paused_lease, _ = await name_leader(etcd, f"127.0.0.1:{stalled.getsockname()[1]}")
+        async with (
+            fake_leader() as (servicer, endpoint),
+            MeshClient(
+                etcd=etcd.endpoints, cluster=cluster_name, timeout_s=1.0, retry_s=10
+            ) as client,
+        ):
+            call = asyncio.ensure_future(
+                client.submit_batch([tpb.TaskSpec(task_id="t1", kind="echo")])
+            )
+            await asyncio.sleep(0.3)
+            # the paused leader's lease expires and a new leader is elected
+            await etcd.revoke(paused_lease)
+            new_lease, _ = await name_leader(etcd, endpoint)
+            try:
+                resp = await asyncio.wait_for(call, 8)
+            finally:
+                await etcd.revoke(new_lease)
+            assert [r.task.task_id for r in resp.results] == ["t1"]
+            assert servicer.calls == 1
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.xfail(
+    reason="services/client.py: during an etcd outage MeshClient.stub() → leader() raises "
+    "StoreUnavailableError, which _retryable() does not retry (it only knows AioRpcError "
+    "UNAVAILABLE): a submit fails at once instead of retrying for retry_s",
+    strict=True,
+)
+async def test_client_retries_through_a_short_etcd_outage(fresh_etcd_server: Any) -> None:
+    etcd = Etcd(fresh_etcd_server.endpoint, prefix="/agentmesh/default/")
+    try:
+        async with (
+            fake_leader() as (servicer, endpoint),
+            MeshClient(etcd=fresh_etcd_server.endpoint, retry_s=20) as client,
+        ):
+            await name_leader(etcd, endpoint)
+            await client.submit_batch([tpb.TaskSpec(task_id="before", kind="echo")])
+            # etcd stops: the leader answers UNAVAILABLE (it cannot write) until etcd is back
+            servicer.unavailable = True
+            fresh_etcd_server.stop()
+            call = asyncio.ensure_future(
+                client.submit_batch([tpb.TaskSpec(task_id="during", kind="echo")])
+            )
+            await asyncio.sleep(1.5)
+            fresh_etcd_server.start()
+            servicer.unavailable = False
+            resp = await asyncio.wait_for(call, 15)
+            assert [r.task.task_id for r in resp.results] == ["during"]
+    finally:
+        await etcd.close()

@@ -815,6 +815,39 @@ async def test_failover_keeps_a_claim_the_agent_still_holds(make_core: MakeCore)
     assert new.store.task("t").result == b"finished"
 
 
+async def test_failover_requeues_a_claim_the_agent_never_received(make_core: MakeCore) -> None:
+    # the old leader committed the claim and died before the Assign left: the agent's
+    # lease is alive, so the claim is too, but the agent does not list it
+    old = await make_core(term=7)
+    a = old.agent("a1")
+    await old.submit(spec(task_id="lost-in-flight"))
+    await stop(old)
+
+    new = await make_core(store=old.store, term=9)
+    assert new.core.load(*new.store.snapshot()) == []
+    again = new.agent("a1", capacity=1, held=(), lease_id=a.lease_id)
+    await settle()
+    assert new.state("lost-in-flight") == ASSIGNED
+    assert again.assigned_ids() == ["lost-in-flight"]  # requeued, then dispatched afresh
+    assert again.assigned()[0].term == 9
+
+
+async def test_failover_requeues_claims_of_agents_that_never_come_back(make_core: MakeCore) -> None:
+    old = await make_core(term=7)
+    old.agent("a1")
+    await old.submit(spec(task_id="stranded"))
+    await stop(old)
+
+    new = await make_core(store=old.store, term=9)
+    new.core.load(*new.store.snapshot())
+    b = new.agent("b1")
+    await settle()
+    assert b.assigned_ids() == []  # a1 may still reconnect: its claim is respected
+    new.core.expire_awaiting()  # the grace period is over
+    await settle()
+    assert b.assigned_ids() == ["stranded"]
+
+
 async def test_a_held_claim_that_is_gone_is_cancelled_on_reconnect(h: Harness) -> None:
     a = h.agent("a1", held=(("never-existed", 5),))
     assert a.cancelled_ids() == ["never-existed"]

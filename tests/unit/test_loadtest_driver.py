@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from loadtest.client import CoordinatorClient, RpcFailed
-from loadtest.driver import BurstSchedule, Driver, RateSchedule
-from loadtest.workload import Workload
+from loadtest.driver import Driver
+from loadtest.workload import BurstSchedule, RateSchedule, Workload
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 
@@ -86,11 +86,15 @@ class FakeCoordinator:
 
     # -- the stub's methods
 
-    async def Submit(self, req: cpb.SubmitRequest, timeout: float | None = None) -> cpb.SubmitResponse:
+    async def Submit(
+        self, req: cpb.SubmitRequest, timeout: float | None = None
+    ) -> cpb.SubmitResponse:
         resp = await self.SubmitBatch(cpb.SubmitBatchRequest(specs=[req.spec]), timeout)
         return resp.results[0]
 
-    async def SubmitBatch(self, req: cpb.SubmitBatchRequest, timeout: float | None = None) -> cpb.SubmitBatchResponse:
+    async def SubmitBatch(
+        self, req: cpb.SubmitBatchRequest, timeout: float | None = None
+    ) -> cpb.SubmitBatchResponse:
         assert timeout is not None, "every call carries a deadline"
         self.submit_calls += 1
         await asyncio.sleep(0)
@@ -104,8 +108,12 @@ class FakeCoordinator:
             if existing is not None:
                 out.results.add(task=existing, created=False)
                 continue
-            task = tpb.Task(task_id=spec.task_id, spec=spec, state=tpb.TASK_STATE_QUEUED,
-                            created_at_us=time.time_ns() // 1000)
+            task = tpb.Task(
+                task_id=spec.task_id,
+                spec=spec,
+                state=tpb.TASK_STATE_QUEUED,
+                created_at_us=time.time_ns() // 1000,
+            )
             self.tasks[spec.task_id] = task
             out.results.add(task=task, created=True)
             loop.call_later(self.delay_s, self._run, spec.task_id)
@@ -118,7 +126,9 @@ class FakeCoordinator:
             raise FakeRpcError(grpc.StatusCode.NOT_FOUND, f"no task {req.task_id}")
         return task
 
-    async def ListTasks(self, req: cpb.ListTasksRequest, timeout: float | None = None) -> cpb.ListTasksResponse:
+    async def ListTasks(
+        self, req: cpb.ListTasksRequest, timeout: float | None = None
+    ) -> cpb.ListTasksResponse:
         ids = sorted(self.tasks)
         start = int(req.page_token or 0)
         size = req.page_size or 100
@@ -126,7 +136,9 @@ class FakeCoordinator:
         nxt = str(start + size) if start + size < len(ids) else ""
         return cpb.ListTasksResponse(tasks=[self.tasks[i] for i in page], next_page_token=nxt)
 
-    async def GetStatus(self, req: cpb.GetStatusRequest, timeout: float | None = None) -> cpb.ClusterStatus:
+    async def GetStatus(
+        self, req: cpb.GetStatusRequest, timeout: float | None = None
+    ) -> cpb.ClusterStatus:
         return cpb.ClusterStatus(agents_connected=self.agents, leader_id="c1", term=7)
 
     def WatchEvents(self, req: cpb.WatchEventsRequest) -> FakeCall:
@@ -145,7 +157,10 @@ class FakeCoordinator:
         held = tpb.Task()
         held.CopyFrom(task)
         held.state, held.claim_token, held.agent_id, held.attempts = (
-            tpb.TASK_STATE_ASSIGNED, self.token, f"agent-{self.token % self.agents}", 1
+            tpb.TASK_STATE_ASSIGNED,
+            self.token,
+            f"agent-{self.token % self.agents}",
+            1,
         )
         held.received_at_us = time.time_ns() // 1000
         self._publish(held, tpb.TASK_STATE_QUEUED)
@@ -172,12 +187,19 @@ class FakeCoordinator:
 
 
 def client_for(fake: FakeCoordinator, **kw: Any) -> CoordinatorClient:
-    return CoordinatorClient(["fake:1"], stub_factory=lambda ep: fake, timeout_s=2.0, retry_s=2.0, **kw)
+    return CoordinatorClient(
+        ["fake:1"], stub_factory=lambda ep: fake, timeout_s=2.0, retry_s=2.0, **kw
+    )
 
 
 def workload(**kw: Any) -> Workload:
-    base: dict[str, Any] = {"max_tasks": 300, "duration_s": 5.0, "concurrency": 20,
-                            "batch_size": 10, "drain_timeout_s": 2.0}
+    base: dict[str, Any] = {
+        "max_tasks": 300,
+        "duration_s": 5.0,
+        "concurrency": 20,
+        "batch_size": 10,
+        "drain_timeout_s": 2.0,
+    }
     base.update(kw)
     return Workload(**base)
 
@@ -216,7 +238,8 @@ async def test_closed_loop_never_exceeds_its_concurrency() -> None:
 async def test_single_submits_when_batch_size_is_one() -> None:
     fake = FakeCoordinator()
     result = await Driver(client_for(fake), workload(max_tasks=40, batch_size=1), run_id="t3").run()
-    assert result.ok and result.completed == 40
+    assert result.ok
+    assert result.completed == 40
     assert fake.submit_calls == 41  # one per task, plus the warm-up
 
 
@@ -230,7 +253,9 @@ async def test_a_second_success_under_another_claim_is_a_duplicate() -> None:
 
 async def test_an_acknowledged_task_missing_from_the_store_is_lost() -> None:
     fake = FakeCoordinator(lose=frozenset({"lt-t5-00000003"}))
-    result = await Driver(client_for(fake), workload(max_tasks=20, drain_timeout_s=0.5), run_id="t5").run()
+    result = await Driver(
+        client_for(fake), workload(max_tasks=20, drain_timeout_s=0.5), run_id="t5"
+    ).run()
     assert result.lost == ["lt-t5-00000003"]
     assert not result.ok
     assert result.completed == 19
@@ -249,7 +274,8 @@ async def test_unavailable_submits_are_retried_with_the_same_ids() -> None:
     fake = FakeCoordinator(unavailable_submits=3)
     client = client_for(fake)
     result = await Driver(client, workload(max_tasks=30), run_id="t7").run()
-    assert result.ok and result.completed == 30
+    assert result.ok
+    assert result.completed == 30
     assert result.metrics.counters["rpc_retries"] == 3
     assert result.metrics.counters["errors"] == 0
 
@@ -280,18 +306,25 @@ async def test_open_loop_follows_the_rate() -> None:
 
 def test_schedules() -> None:
     rate = RateSchedule(10.0)
-    assert rate.due(0.0) == 1 and rate.due(0.95) == 10
+    assert rate.due(0.0) == 1
+    assert rate.due(0.95) == 10
     assert rate.next_at(10) == pytest.approx(1.0)
     burst = BurstSchedule(size=100, interval_s=5.0)
-    assert burst.due(0.0) == 100 and burst.due(4.9) == 100 and burst.due(5.0) == 200
-    assert burst.next_at(100) == 5.0 and burst.next_at(99) == 0.0
+    assert burst.due(0.0) == 100
+    assert burst.due(4.9) == 100
+    assert burst.due(5.0) == 200
+    assert burst.next_at(100) == 5.0
+    assert burst.next_at(99) == 0.0
 
 
 async def test_bursts_submit_in_batches_up_to_the_limit() -> None:
     fake = FakeCoordinator()
     w = workload(max_tasks=250, duration_s=0.5, batch_size=100)
-    result = await Driver(client_for(fake), w, run_id="t10", schedule=BurstSchedule(250, 10.0)).run()
-    assert result.ok and result.completed == 250
+    result = await Driver(
+        client_for(fake), w, run_id="t10", schedule=BurstSchedule(250, 10.0)
+    ).run()
+    assert result.ok
+    assert result.completed == 250
     assert fake.submit_calls == 1 + 3  # warm-up, then 100 + 100 + 50
 
 
@@ -328,8 +361,9 @@ async def test_a_standby_redirect_moves_the_client_to_the_leader() -> None:
     class Standby:
         async def GetStatus(self, req: Any, timeout: float | None = None) -> Any:
             calls.append("standby")
-            raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "not the leader",
-                               (("agentmesh-leader", "leader:2"),))
+            raise FakeRpcError(
+                grpc.StatusCode.UNAVAILABLE, "not the leader", (("agentmesh-leader", "leader:2"),)
+            )
 
     stubs = {"standby:1": Standby(), "leader:2": fake}
     client = CoordinatorClient(["standby:1"], stub_factory=stubs.__getitem__, retry_s=2.0)
@@ -348,3 +382,15 @@ async def test_a_non_retryable_error_is_raised_at_once() -> None:
     client = CoordinatorClient(["x:1"], stub_factory=lambda ep: Broken())
     with pytest.raises(RpcFailed, match="INVALID_ARGUMENT: bad id"):
         await client.get_task("?")
+
+
+async def test_no_agent_taking_the_warm_up_task_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import loadtest.driver as driver_mod
+
+    monkeypatch.setattr(driver_mod, "WARMUP_TIMEOUT_S", 0.2)
+    fake = FakeCoordinator(delay_s=3600)  # queued forever: no agent
+    with pytest.raises(RuntimeError, match="are agents connected"):
+        await Driver(client_for(fake), workload(), run_id="t13").run()
+    assert fake.watchers == []  # the event stream was closed
