@@ -117,12 +117,7 @@ class MeshClient:
             self._stub = None  # look the leader up again (same channel if it did not move)
 
     async def _call(self, name: str, request: Any) -> Any:
-        async for attempt in AsyncRetrying(
-            wait=wait_random_exponential(multiplier=0.05, max=1.0),
-            stop=stop_after_delay(self.retry_s),
-            retry=retry_if_exception(_retryable),
-            reraise=True,
-        ):
+        async for attempt in self._retrying():
             with attempt:
                 stub = await self.stub()
                 try:
@@ -132,6 +127,15 @@ class MeshClient:
                         self._follow(err)
                     raise
         raise AssertionError("unreachable")
+
+    def _retrying(self) -> AsyncRetrying:
+        """UNAVAILABLE (no leader yet, a failover) is retried with jitter for `retry_s`."""
+        return AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_delay(self.retry_s),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        )
 
     async def submit(self, spec: tpb.TaskSpec) -> cpb.SubmitResponse:
         if not spec.task_id and not spec.idempotency_key:
@@ -189,12 +193,7 @@ class MeshClient:
             call.cancel()
 
     async def _retry_stub(self) -> cpb_grpc.CoordinatorStub:
-        async for attempt in AsyncRetrying(
-            wait=wait_random_exponential(multiplier=0.05, max=1.0),
-            stop=stop_after_delay(self.retry_s),
-            retry=retry_if_exception(_retryable),
-            reraise=True,
-        ):
+        async for attempt in self._retrying():
             with attempt:
                 return await self.stub()
         raise AssertionError("unreachable")
