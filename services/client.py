@@ -4,6 +4,7 @@ follows a standby's pointer to the leader, and retries what is safe to retry."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
@@ -13,13 +14,15 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_r
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
-from services._common.errors import LEADER_METADATA_KEY
+from services._common.errors import LEADER_METADATA_KEY, StoreUnavailableError
 
 T = TypeVar("T")
 
 # Submits are idempotent only with a task id or idempotency key; the client
 # always sets one, so UNAVAILABLE (no leader, a failover) is safe to retry.
-_RETRY_CODES = {grpc.StatusCode.UNAVAILABLE}
+# Every call here is safe to repeat (submits carry an id or idempotency key), so a
+# deadline is retried too: it is what a paused or partitioned leader looks like.
+_RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def _retryable(err: BaseException) -> bool:
@@ -75,6 +78,8 @@ class MeshClient:
         etcd = Etcd(self._etcd_endpoints, prefix=f"/agentmesh/{self._cluster}/", timeout_s=3.0)
         try:
             found = await current_leader(etcd, "coordinator")
+        except StoreUnavailableError:
+            return ""  # etcd is down: "no leader known", which callers retry
         finally:
             await etcd.close()
         return found.value.decode().partition(" ")[2] if found else ""
@@ -123,7 +128,7 @@ class MeshClient:
                 try:
                     return await getattr(stub, name)(request, timeout=self.timeout_s)
                 except grpc.aio.AioRpcError as err:
-                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    if err.code() in _RETRY_CODES:
                         self._follow(err)
                     raise
         raise AssertionError("unreachable")
@@ -169,19 +174,24 @@ class MeshClient:
         Events during a reconnect are missed: callers that must not miss a terminal
         state re-read the tasks they care about (GetTask) after a gap.
         """
+        backoff = 0.05
         while True:
             stub = await self._retry_stub()
             call = stub.WatchEvents(cpb.WatchEventsRequest(states=states))
             try:
                 async for event in call:
+                    backoff = 0.05
                     yield event
                 return
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                if err.code() not in _RETRY_CODES:
                     raise
                 self._follow(err)
             finally:
                 call.cancel()
+            # while etcd still names a dead leader, do not spin on it (jittered, ≤ 1 s)
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+            backoff = min(backoff * 2, 1.0)
 
     async def watch_task(self, task_id: str) -> AsyncIterator[tpb.TaskEvent]:
         stub = await self._retry_stub()

@@ -863,12 +863,6 @@ async def test_result_reported_while_etcd_is_down_completes_the_task(cluster: An
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    reason="services/client.py MeshClient.watch_events reopens the stream in a loop with no "
-    "backoff: while etcd still names a dead leader it looks the leader up in etcd (a new "
-    "channel each time) hundreds of times a second",
-    strict=True,
-)
 async def test_watch_events_backs_off_while_the_leader_is_down(etcd: Etcd) -> None:
     # Between a leader's SIGKILL and its lease's expiry (up to 2 s), etcd names an
     # endpoint where nothing listens: every watcher sees this on every failover.
@@ -1040,12 +1034,6 @@ async def name_leader(etcd: Etcd, endpoint: str, ttl_s: int = 30) -> tuple[int, 
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    reason="services/client.py MeshClient._call retries only UNAVAILABLE and never looks the "
-    "leader up again otherwise: a client whose cached leader is paused (GC, SIGSTOP) fails with "
-    "DEADLINE_EXCEEDED after timeout_s although etcd names a new leader and retry_s is not over",
-    strict=True,
-)
 async def test_client_moves_off_a_paused_leader(etcd: Etcd) -> None:
     cluster_name = etcd.prefix.decode().strip("/").split("/")[-1]
     with socket.socket() as stalled:  # accepts connections (the kernel does) and never answers
@@ -1074,12 +1062,6 @@ async def test_client_moves_off_a_paused_leader(etcd: Etcd) -> None:
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(
-    reason="services/client.py: during an etcd outage MeshClient.stub() → leader() raises "
-    "StoreUnavailableError, which _retryable() does not retry (it only knows AioRpcError "
-    "UNAVAILABLE): a submit fails at once instead of retrying for retry_s",
-    strict=True,
-)
 async def test_client_retries_through_a_short_etcd_outage(fresh_etcd_server: Any) -> None:
     etcd = Etcd(fresh_etcd_server.endpoint, prefix="/agentmesh/default/")
     try:
