@@ -49,7 +49,9 @@ class KeptLease:
             try:
                 ttl = await self.etcd.keepalive_once(self.id)
             except StoreUnavailableError as err:
-                log.info("lease refresh failed, retrying", extra={"lease": self.id, "error": str(err)})
+                log.info(
+                    "lease refresh failed, retrying", extra={"lease": self.id, "error": str(err)}
+                )
                 continue
             if ttl <= 0:
                 log.warning("lease is gone", extra={"lease": self.id})
