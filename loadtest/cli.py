@@ -52,6 +52,7 @@ class Scenario(StrEnum):
     spawn = "spawn"
     agent_kill = "agent-kill"
     leader_kill = "leader-kill"
+    etcd_restart = "etcd-restart"
 
 
 class ExecutorChoice(StrEnum):

@@ -64,6 +64,11 @@ async def local_cluster(
             _known(cluster, instance_id)
             await asyncio.to_thread(cluster.restart, instance_id)
 
+        async def restart_etcd(down_s: float) -> None:
+            await asyncio.to_thread(cluster.etcd.stop)
+            await asyncio.sleep(down_s)
+            await asyncio.to_thread(cluster.etcd.start)
+
         def rss() -> dict[str, int]:
             return {
                 name: read_rss_bytes(proc.pid)
@@ -77,6 +82,7 @@ async def local_cluster(
             pools=pools,
             kill=kill,
             restart=restart,
+            restart_etcd=restart_etcd,
             process_rss=rss,
             description=(
                 f"local cluster: etcd, {coordinators} coordinator(s), {pools} agent pool(s), "

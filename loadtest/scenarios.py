@@ -38,7 +38,7 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 
 log = logging.getLogger(__name__)
 
-SCENARIOS = ("steady", "burst", "spawn", "agent-kill", "leader-kill")
+SCENARIOS = ("steady", "burst", "spawn", "agent-kill", "leader-kill", "etcd-restart")
 POOL_KIND = "agent-pool"
 TEMPLATE_KINDS = ("noop", "sleep")
 """Kinds a cold-spawned agent advertises (an explicit template bypasses the warm pool)."""
@@ -402,6 +402,39 @@ def leader_kill_action(client: CoordinatorClient, target: Target) -> Callable[[D
     return run
 
 
+def etcd_restart_action(target: Target, down_s: float) -> Callable[[Driver], Any]:
+    """etcd goes down for `down_s` under the running cluster, then comes back with
+    its data: how long until tasks complete again, and (at the end, as always) that
+    no acknowledged task was lost or completed twice."""
+    if target.restart_etcd is None:
+        raise TargetError("etcd-restart needs a cluster the harness started (no --target)")
+    restart_etcd = target.restart_etcd
+
+    async def run(driver: Driver) -> dict[str, Any]:
+        before = driver.completed
+        t_stop = driver.clock.monotonic()
+        await restart_etcd(down_s)
+        t_back = driver.clock.monotonic()
+        completed_at_back = driver.completed
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30.0
+        first_done: float | None = None
+        while loop.time() < deadline:
+            if driver.completed > completed_at_back:
+                first_done = driver.clock.monotonic() - t_back
+                break
+            await asyncio.sleep(0.01)
+        return {
+            "etcd_down_s": round(t_back - t_stop, 3),
+            "completed_while_down": completed_at_back - before,
+            "first_completion_after_etcd_back_s": round(first_done, 4)
+            if first_done is not None
+            else None,
+        }
+
+    return run
+
+
 # ---------------------------------------------------------------- the runner
 
 
@@ -436,6 +469,8 @@ async def run_agentmesh(
             actions.append(Action(kill_at, "agent pool killed", agent_kill_action(client, target)))
         elif scenario == "leader-kill":
             actions.append(Action(kill_at, "leader killed", leader_kill_action(client, target)))
+        elif scenario == "etcd-restart":
+            actions.append(Action(kill_at, "etcd restarted", etcd_restart_action(target, 3.0)))
         driver = Driver(
             client,
             workload,

@@ -16,6 +16,7 @@ from typing import Any
 KillFn = Callable[[str], Awaitable[None]]
 """instance id → returns once that process is dead (SIGKILL: no goodbye, no drain)."""
 RestartFn = Callable[[str], Awaitable[None]]
+EtcdRestartFn = Callable[[float], Awaitable[None]]
 """instance id → returns once that process was started again (not necessarily ready)."""
 RssFn = Callable[[], Mapping[str, int]]
 """Resident memory in bytes per instance id, now."""
@@ -45,6 +46,9 @@ class Target:
     """SIGKILL the process of an instance id (agent-kill, leader-kill scenarios)."""
     restart: RestartFn | None = None
     """Start a killed instance again (optional; scenarios recover without it)."""
+    restart_etcd: EtcdRestartFn | None = None
+    """Stop etcd, keep it down for the given seconds, start it again with the same data
+    (etcd-restart scenario)."""
     process_rss: RssFn | None = None
     """Memory per process, for memory per agent (optional)."""
     description: str = ""
