@@ -156,7 +156,9 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """Leader, term, standbys, queue depth and counts.
+        """Leader, term, standbys, queue depth and counts. Answered by standbys too
+        (leader, term, standbys and services from etcd; the live figures, agents,
+        queue depth and task counts, only the leader knows and a standby leaves 0).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
