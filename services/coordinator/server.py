@@ -125,6 +125,8 @@ class CoordinatorNode:
                 await self._one_session()
             except (StoreUnavailableError, NotLeaderError) as err:
                 log.warning("session ended; starting a new one", extra={"error": str(err)})
+            except Exception:  # a bug must not leave a replica that never campaigns again
+                log.exception("session failed; starting a new one")
             await asyncio.sleep(0.2)
 
     async def _one_session(self) -> None:
@@ -229,6 +231,8 @@ async def serve(cfg: CoordinatorConfig) -> None:
     node = CoordinatorNode(cfg)
     stop = stop_event()
     runner = asyncio.ensure_future(node.run())
-    await stop.wait()
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
     node.stop.set()
     await runner
