@@ -390,6 +390,18 @@ KILLS = 10
 TASKS = 2000
 
 
+async def assert_succeeded_and_stored(tasks: dict[str, Any], ids: Any, etcd: Any) -> dict[str, Any]:
+    """Every task SUCCEEDED (per GetTask) and every acknowledged id has a record in etcd."""
+    wrong = {
+        i: (state_name(t.state), t.last_error) for i, t in tasks.items() if t.state != SUCCEEDED
+    }
+    assert not wrong, f"tasks that did not succeed: {dict(list(wrong.items())[:10])}"
+    stored = await stored_tasks(etcd)
+    lost = set(ids) - set(stored)
+    assert not lost, f"acknowledged tasks missing from etcd: {sorted(lost)[:10]}"
+    return stored
+
+
 @pytest.mark.timeout(240)
 async def test_leader_killed_ten_times_while_2000_tasks_flow_loses_and_doubles_nothing(
     cluster: Any, tmp_path: Path
@@ -474,13 +486,7 @@ async def test_leader_killed_ten_times_while_2000_tasks_flow_loses_and_doubles_n
         assert not doubled, (
             f"tasks with more than one SUCCEEDED event: {dict(list(doubled.items())[:10])}"
         )
-        wrong = {
-            i: (state_name(t.state), t.last_error) for i, t in tasks.items() if t.state != SUCCEEDED
-        }
-        assert not wrong, f"tasks that did not succeed: {dict(list(wrong.items())[:10])}"
-        stored = await stored_tasks(etcd)
-        lost = set(ids) - set(stored)
-        assert not lost, f"acknowledged tasks missing from etcd: {sorted(lost)[:10]}"
+        stored = await assert_succeeded_and_stored(tasks, ids, etcd)
         extra = set(stored) - set(ids) - {"watch-probe"}
         assert not extra, f"task records nobody submitted: {sorted(extra)[:10]}"
         not_done = {i: state_name(t.state) for i, (t, _) in stored.items() if t.state != SUCCEEDED}
@@ -808,13 +814,7 @@ async def test_etcd_restart_under_three_coordinators_loses_nothing(cluster: Any)
         await asyncio.sleep(SETTLE_S)
         doubled = events.doubled(set(ids))
         assert not doubled, f"tasks completed twice: {dict(list(doubled.items())[:10])}"
-        wrong = {
-            i: (state_name(t.state), t.last_error) for i, t in tasks.items() if t.state != SUCCEEDED
-        }
-        assert not wrong, f"tasks that did not succeed: {dict(list(wrong.items())[:10])}"
-        stored = await stored_tasks(etcd)
-        lost = set(ids) - set(stored)
-        assert not lost, f"acknowledged tasks missing from etcd: {sorted(lost)[:10]}"
+        stored = await assert_succeeded_and_stored(tasks, ids, etcd)
         assert all(stored[i][0].state == SUCCEEDED for i in ids)
         assert await live_claims(etcd) == []
         assert not c.dead(), f"processes exited: {c.dead()}"
