@@ -15,6 +15,7 @@ from typing import Any
 
 from aetcd import rpc
 
+from registry.errors import NotLeaderError
 from registry.etcd import (
     Compare,
     Etcd,
@@ -27,7 +28,6 @@ from registry.etcd import (
     op_put,
     op_txn,
 )
-from services._common.errors import NotLeaderError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
-from services._common.errors import StoreRefusedError, StoreUnavailableError
+from registry.errors import LeaseNotFoundError as LeaseNotFoundError  # re-exported
+from registry.errors import StoreRefusedError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ _RETRYABLE = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNKNOWN,
 }
-
-
-class LeaseNotFoundError(StoreUnavailableError):
-    """A put named a lease that has expired or was revoked."""
 
 
 class WatchCompactedError(Exception):

@@ -5,12 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
+from registry.errors import StoreUnavailableError
 from registry.etcd import Etcd
-from services._common.clock import Clock, SystemClock
-from services._common.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
+
+
+class Sleeper(Protocol):
+    """The part of a clock a lease needs (services pass their injected Clock)."""
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class _AsyncioSleeper:
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 class KeptLease:
@@ -20,12 +31,12 @@ class KeptLease:
     to it can be trusted.
     """
 
-    def __init__(self, etcd: Etcd, ttl_s: int, clock: Clock | None = None) -> None:
+    def __init__(self, etcd: Etcd, ttl_s: int, clock: Sleeper | None = None) -> None:
         if ttl_s < 2:
             raise ValueError("lease TTL must be at least 2 s (etcd's minimum with default timings)")
         self.etcd = etcd
         self.ttl_s = ttl_s
-        self.clock = clock or SystemClock()
+        self.clock: Sleeper = clock or _AsyncioSleeper()
         self.id = 0
         self.lost = asyncio.Event()
 

@@ -1,62 +1,51 @@
-"""Domain errors and the one table that maps them to gRPC status codes."""
+"""Domain errors: plain Python, raised by cores and adapters alike.
+
+Each says in its message what the caller should do. The one table that maps them
+(and the registry's errors) to gRPC status codes is `STATUS` in
+`services/_common/grpcserver.py`; nothing here knows about gRPC.
+"""
 
 from __future__ import annotations
 
-import grpc
+from registry.errors import (
+    NotLeaderError as NotLeaderError,
+)
+from registry.errors import (
+    RegistryError as RegistryError,
+)
+from registry.errors import (
+    StoreRefusedError as StoreRefusedError,
+)
+from registry.errors import (
+    StoreUnavailableError as StoreUnavailableError,
+)
 
 
 class AgentMeshError(Exception):
-    """Base of every error a caller can act on. The message says what to do."""
-
-    code = grpc.StatusCode.INTERNAL
+    """Base of every service-level error a caller can act on."""
 
 
 class InvalidArgumentError(AgentMeshError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    """The request is malformed or out of range; the message names the field to fix."""
 
 
 class NotFoundError(AgentMeshError):
-    code = grpc.StatusCode.NOT_FOUND
+    """The named thing does not exist (or expired)."""
+
+
+class AlreadyExistsError(AgentMeshError):
+    """The named thing exists and belongs to someone else (e.g. an agent id in use)."""
 
 
 class FailedPreconditionError(AgentMeshError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class NotLeaderError(AgentMeshError):
-    """This replica is not (or no longer) the root coordinator."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-    def __init__(self, message: str, leader_endpoint: str = "") -> None:
-        super().__init__(message)
-        self.leader_endpoint = leader_endpoint
-
-
-class StoreUnavailableError(AgentMeshError):
-    """etcd cannot be reached; the call is safe to retry once it is back."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class StoreRefusedError(AgentMeshError):
-    """etcd rejected a request as malformed: a bug, not an outage; retrying will not help."""
-
-    code = grpc.StatusCode.INTERNAL
-
-
-class StaleClaimError(AgentMeshError):
-    """A result carried a claim token that is not the task's current claim."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class UnknownAgentError(AgentMeshError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    """The system is not in a state that allows the call (a budget spent, say)."""
 
 
 class ResourceExhaustedError(AgentMeshError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """A per-caller limit was reached (a watcher too far behind, too many watchers)."""
 
+
+DomainError = (AgentMeshError, RegistryError)
+"""Every error the error table knows; anything else is a bug (INTERNAL, logged)."""
 
 LEADER_METADATA_KEY = "agentmesh-leader"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,7 +15,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services._common.errors import LEADER_METADATA_KEY, AgentMeshError, NotLeaderError
+from services._common.errors import (
+    LEADER_METADATA_KEY,
+    AlreadyExistsError,
+    DomainError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    NotLeaderError,
+    ResourceExhaustedError,
+    StoreRefusedError,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +70,75 @@ def build_server(service_names: Sequence[str]) -> tuple[grpc.aio.Server, health.
     return server, health_servicer
 
 
-async def abort(context: grpc.aio.ServicerContext, err: AgentMeshError) -> None:
+# The one error table. Lookup walks the exception's MRO, so a subclass maps like
+# its base unless it has a row of its own. Anything not here is a bug: INTERNAL,
+# logged with its stack trace, and the client is told only where to look.
+STATUS: dict[type[Exception], grpc.StatusCode] = {
+    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotLeaderError: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    StoreRefusedError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_of(err: BaseException) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        code = STATUS.get(cls)  # type: ignore[arg-type]
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
+    """End the call with the table's status for `err` (and the leader hint, if any)."""
     trailing: tuple[tuple[str, str], ...] = ()
     if isinstance(err, NotLeaderError) and err.leader_endpoint:
         trailing = ((LEADER_METADATA_KEY, err.leader_endpoint),)
-    await context.abort(err.code, str(err), trailing_metadata=trailing)
+    await context.abort(status_of(err), str(err), trailing_metadata=trailing)
+
+
+async def _internal(context: grpc.aio.ServicerContext, name: str) -> None:
+    log.exception("unhandled error", extra={"rpc": name})
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}; see the server log")
 
 
 def rpc_errors(method: F) -> F:
-    """The one error table: domain errors → their status; anything else → INTERNAL, logged."""
+    """Map what a handler raises through the error table, for unary and server-streaming
+    handlers alike: domain errors → their status; cancellation passes; anything else
+    → INTERNAL, logged."""
+    name = method.__name__
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def streaming(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except DomainError as err:
+                await abort(context, err)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:
+                await _internal(context, name)
+
+        return streaming  # type: ignore[return-value]
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except AgentMeshError as err:
+        except DomainError as err:
             await abort(context, err)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:
-            log.exception("unhandled error", extra={"rpc": method.__name__})
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
-            )
+            await _internal(context, name)
 
-    return wrapper  # type: ignore[return-value]
+    return unary  # type: ignore[return-value]
 
 
 def bind(server: grpc.aio.Server, listen: str) -> int:

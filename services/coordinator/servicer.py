@@ -14,7 +14,7 @@ from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.errors import (
-    AgentMeshError,
+    DomainError,
     InvalidArgumentError,
     NotLeaderError,
     ResourceExhaustedError,
@@ -182,7 +182,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                     return
                 async for event in sub.events(lambda: self.leader_endpoint, until_terminal=True):
                     yield event
-        except AgentMeshError as err:
+        except DomainError as err:
             await abort(context, err)
 
     async def WatchEvents(
@@ -195,7 +195,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             with Subscription(self.hub, accept) as sub:
                 async for event in sub.events(lambda: self.leader_endpoint, until_terminal=False):
                     yield event
-        except AgentMeshError as err:
+        except DomainError as err:
             await abort(context, err)
 
     @rpc_errors
@@ -223,7 +223,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             first = await anext(request_iterator, None)
             if first is None or not first.HasField("hello"):
                 raise InvalidArgumentError("the first message on Connect must be hello")
-        except AgentMeshError as err:
+        except DomainError as err:
             if isinstance(err, NotLeaderError) and self.leader_endpoint:
                 await context.write(
                     cpb.CoordinatorMessage(
@@ -248,7 +248,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         hello = first.hello
         try:
             agent = core.connect(hello, outbox.put_nowait)
-        except AgentMeshError as err:
+        except DomainError as err:
             await abort(context, err)
             return
         agent_id = agent.agent_id
