@@ -32,15 +32,18 @@ class Instance:
         return Instance(doc["kind"], doc["id"], doc["endpoint"], dict(doc.get("metadata", {})))
 
 
+def key(etcd: Etcd, instance: Instance) -> bytes:
+    """Where an instance is registered: services/<kind>/<id>."""
+    return etcd.key("services", instance.kind, instance.instance_id)
+
+
 async def register(etcd: Etcd, lease_id: int, instance: Instance) -> None:
     """Publish an instance; it disappears when the lease does."""
-    await etcd.put(
-        etcd.key("services", instance.kind, instance.instance_id), instance.encode(), lease=lease_id
-    )
+    await etcd.put(key(etcd, instance), instance.encode(), lease=lease_id)
 
 
 async def deregister(etcd: Etcd, instance: Instance) -> None:
-    await etcd.delete(etcd.key("services", instance.kind, instance.instance_id))
+    await etcd.delete(key(etcd, instance))
 
 
 async def resolve(etcd: Etcd, kind: str = "") -> list[Instance]:

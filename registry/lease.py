@@ -73,3 +73,78 @@ class KeptLease:
         if self.id:
             with contextlib.suppress(StoreUnavailableError):  # it expires by itself
                 await self.etcd.revoke(self.id)
+
+
+class Session:
+    """A process's presence in etcd: a kept lease, renewed with a new id whenever etcd
+    says the old one is gone (as etcd's `concurrency.Session`, but it outlives one lease).
+
+    Keys `attach`ed to the session (a service registration, say) are put on every new
+    lease. `lost` is a fresh event per lease: whatever hung on the old lease (a
+    candidacy, claims) waits on it and redoes its work on the next one.
+    """
+
+    def __init__(self, etcd: Etcd, ttl_s: int, clock: Sleeper | None = None) -> None:
+        self.etcd = etcd
+        self._lease = KeptLease(etcd, ttl_s, clock)
+        self.clock = self._lease.clock
+        self.ttl_s = ttl_s
+        self.ready = asyncio.Event()
+        """Set while a granted lease is believed alive."""
+        self.lost = asyncio.Event()
+        """Set when the current lease is gone; replaced by a fresh event on each grant."""
+        self.generation = 0
+        self._attached: dict[bytes, bytes] = {}
+
+    @property
+    def id(self) -> int:
+        return self._lease.id
+
+    async def attach(self, key: bytes, value: bytes) -> None:
+        """Keep `key` = `value` on the session's lease, now (if a lease is live) and
+        after every renewal."""
+        self._attached[key] = value
+        if self.ready.is_set():
+            await self.etcd.put(key, value, lease=self.id)
+
+    async def detach(self, key: bytes) -> None:
+        self._attached.pop(key, None)
+        with contextlib.suppress(StoreUnavailableError):
+            await self.etcd.delete(key)
+
+    async def wait_ready(self) -> int:
+        """The live lease's id, once there is one."""
+        await self.ready.wait()
+        return self.id
+
+    async def run(self) -> None:
+        """Grant, attach, keep alive; on loss, grant again. Until cancelled."""
+        delay = 0.1
+        while True:
+            try:
+                await self._lease.grant()
+                for key, value in tuple(self._attached.items()):
+                    await self.etcd.put(key, value, lease=self.id)
+            except StoreUnavailableError as err:
+                log.warning(
+                    "cannot take an etcd lease yet; retrying",
+                    extra={"error": str(err), "retry_s": round(delay, 2)},
+                )
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            self.generation += 1
+            self.lost = asyncio.Event()
+            self.ready.set()
+            await self._lease.keep_alive()
+            self.ready.clear()
+            self.lost.set()
+            log.warning(
+                "session lease lost; taking a new one", extra={"generation": self.generation}
+            )
+
+    async def close(self) -> None:
+        """Revoke the lease: every attached key and candidacy goes at once."""
+        self.ready.clear()
+        await self._lease.revoke()

@@ -48,3 +48,28 @@ def load(
         if value is not None:
             values[key] = value
     return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    """What every service process shares; each service's config extends it."""
+
+    etcd: str = "127.0.0.1:2379"
+    """etcd endpoints, comma-separated host:port."""
+    cluster: str = "default"
+    """Cluster name; every key lives under /agentmesh/<cluster>/."""
+    listen: str = "127.0.0.1:0"
+    """Address the gRPC server binds (port 0 picks a free one)."""
+    advertise: str = ""
+    """Address published in etcd (default: the bound listen address)."""
+    node_id: str = ""
+    """Unique id of this process (default: <service>-<pid>-<random>)."""
+    lease_ttl_s: int = 2
+    """Session lease TTL. Registrations, candidacies and claims die with it, so a dead
+    process is noticed within this long; 2 s is etcd's minimum with default timings."""
+    grace_s: float = 10.0
+    """Shutdown grace: in-flight work and RPCs get this long to finish."""
+    etcd_timeout_s: float = 3.0
+    """Deadline of each etcd call."""
+    metrics_port: int = 0
+    """Prometheus /metrics port on 127.0.0.1 (0: off)."""
