@@ -185,10 +185,15 @@ class Agent extends EventEmitter {
   async _run() {
     let attempt = 0;
     while (!this.stopping) {
-      const endpoint = this._redirectTo || (await this._leaderEndpoint());
-      this._redirectTo = '';
       let welcomed = false;
-      if (endpoint && !this.stopping) welcomed = await this._session(endpoint);
+      try {
+        const endpoint = this._redirectTo || (await this._leaderEndpoint());
+        this._redirectTo = '';
+        if (endpoint && !this.stopping) welcomed = await this._session(endpoint);
+      } catch (err) {
+        // never let one bad session end the agent: log it and connect again after a backoff
+        this.log('session failed', { error: err.message });
+      }
       if (this.stopping) return;
       if (welcomed) attempt = 0;
       if (this._redirectTo) continue; // a pointer to the leader: go at once
