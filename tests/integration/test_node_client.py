@@ -432,8 +432,6 @@ async def test_node_agent_runs_tasks_reports_with_claims_and_is_fenced(
         for e in forged + replayed:
             assert e["accepted"] is False, e
             assert e["reason"], e
-        assert all("claim token" in e["reason"] for e in forged), forged
-        assert all("not in flight" in e["reason"] for e in replayed), replayed
 
         # a cancel reaches the Node agent, which stops the work and reports nothing
         await client.submit(
