@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine (Debian/Ubuntu, Python >= 3.11): etcd and redis from apt,
-# then a virtualenv in .venv with agentmesh installed (editable, with dev extras).
-#   bash scripts/setup.sh           both
+# Sets up a fresh machine (Debian/Ubuntu, Python >= 3.11): etcd, redis and Node.js from
+# apt, then a virtualenv in .venv with agentmesh installed (editable, with dev extras),
+# then the Node client's modules (clients/node/node_modules, as package-lock.json pins them).
+#   bash scripts/setup.sh           all three
 #   bash scripts/setup.sh system    apt packages only
 #   bash scripts/setup.sh python    .venv only
+#   bash scripts/setup.sh node      clients/node/node_modules only (npm ci)
 # Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +26,12 @@ system_packages() {
   local -a extra=()
   # Debian's python3 ships venv/ensurepip in a separate package.
   python3 -c 'import ensurepip, venv' 2>/dev/null || extra+=(python3-venv)
+  # Node.js runs clients/node and its integration test. Debian 12 ships Node 18 and npm 9,
+  # which the client supports; a Node that is already on PATH (a newer one) is kept.
+  command -v node >/dev/null || extra+=(nodejs)
+  command -v npm >/dev/null || extra+=(npm)
   if command -v etcd >/dev/null && command -v redis-server >/dev/null && [[ ${#extra[@]} -eq 0 ]]; then
-    echo "etcd and redis-server already installed; skipping apt-get"
+    echo "etcd, redis-server, node and npm already installed; skipping apt-get"
   else
     as_root apt-get update
     # redis-server is only for `agentmesh loadtest --compare celery`
@@ -33,6 +39,7 @@ system_packages() {
   fi
   echo "python3: $(python3 --version 2>&1) at $(command -v python3)"
   echo "etcd:    $(etcd --version 2>&1 | head -n 1) at $(command -v etcd)"
+  echo "node:    $(node --version) at $(command -v node), npm $(npm --version)"
 }
 
 python_env() {
@@ -42,9 +49,16 @@ python_env() {
   echo "installed: $(.venv/bin/agentmesh --help >/dev/null && echo 'agentmesh OK')"
 }
 
+node_modules() {
+  # exactly the versions package-lock.json pins (clients/node/.npmrc: no install scripts)
+  npm ci --prefix clients/node --no-audit --no-fund
+  echo "node client: @grpc/grpc-js $(node -p "require('./clients/node/node_modules/@grpc/grpc-js/package.json').version")"
+}
+
 case "${1:-all}" in
   system) system_packages ;;
   python) python_env ;;
-  all) system_packages; python_env ;;
-  *) echo "usage: bash scripts/setup.sh [system|python|all]" >&2; exit 2 ;;
+  node) node_modules ;;
+  all) system_packages; python_env; node_modules ;;
+  *) echo "usage: bash scripts/setup.sh [system|python|node|all]" >&2; exit 2 ;;
 esac

@@ -560,18 +560,24 @@ def tasks(
 @task_app.command("get")
 def task_get(
     task_id: str,
+    as_json: bool = typer.Option(False, "--json", help="the Task proto as JSON (bytes in base64)"),
     etcd: str = typer.Option(None, help=ETCD_HELP),
     coordinator: str = typer.Option(None, help=COORD_HELP),
     cluster: str = typer.Option(None, help="cluster name"),
 ) -> None:
-    """Show one task as JSON."""
+    """Show one task: payload and result as text (base64 when not UTF-8), local times and
+    durations. --json prints the proto JSON instead."""
     from google.protobuf import json_format
+
+    from services.cli_format import format_task
 
     async def go() -> Any:
         async with _client(etcd, coordinator, cluster) as client:
             return await client.get(task_id)
 
-    print(json_format.MessageToJson(_call(go())))
+    task = _call(go())
+    # plain print, not rich: a payload's brackets must not be read as markup
+    print(json_format.MessageToJson(task) if as_json else format_task(task))
 
 
 @task_app.command("cancel")

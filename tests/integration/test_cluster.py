@@ -876,7 +876,7 @@ async def test_cli_end_to_end(cluster: Any, tmp_path: Path) -> None:
     assert task_id in out, out
     assert "SUCCEEDED" in out, out
 
-    code, out, err = await run_command(*cli, "task", "get", task_id, *etcd)
+    code, out, err = await run_command(*cli, "task", "get", task_id, *etcd, "--json")
     assert code == 0, out + err
     got = json.loads(out)
     assert (got["taskId"], got["state"], got["result"]) == (
@@ -884,6 +884,12 @@ async def test_cli_end_to_end(cluster: Any, tmp_path: Path) -> None:
         "TASK_STATE_SUCCEEDED",
         "aGk=",
     )  # b"hi"
+    code, out, err = await run_command(*cli, "task", "get", task_id, *etcd)
+    assert code == 0, out + err
+    readable = {line.split(None, 1)[0]: line for line in out.splitlines() if line.strip()}
+    assert "SUCCEEDED" in readable["state"], out
+    assert readable["result"].split()[1] == "hi", out  # text, not base64
+    assert "took" in readable, out
 
     code, out, err = await run_command(*cli, "agents", *etcd)
     assert code == 0, out + err
