@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from loadtest.report.common import HTML_NAME, JSON_NAME, detail_lines
+from loadtest.report.common import HTML_NAME, JSON_NAME, clamp_notes, detail_lines
 from loadtest.report.html import render_html, write_all, write_html, write_json
 from loadtest.report.svg import svg_histogram, svg_percentile_curve, svg_throughput
 from loadtest.report.terminal import print_summary
