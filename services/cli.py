@@ -362,9 +362,8 @@ async def _submit_and_wait(client: Any, specs: list[Any], wait: bool) -> None:
 def _summary(tasks: list[Any], wall_s: float) -> None:
     from collections import Counter
 
-    from protos.agentmesh.v1 import task_pb2 as tpb
-
     from loadtest.metrics import LatencyRecorder
+    from protos.agentmesh.v1 import task_pb2 as tpb
 
     states = Counter(tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") for t in tasks)
     e2e = LatencyRecorder("end_to_end")
