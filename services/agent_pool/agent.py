@@ -152,7 +152,10 @@ class Agent:
                     raise  # the agent itself is being stopped
                 log.info("leader moved; reconnecting", extra={"agent": self.agent_id})
             except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if err.code() in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.ALREADY_EXISTS,
+                ):
                     log.error(
                         "coordinator refused the agent",
                         extra={"agent": self.agent_id, "error": err.details()},
@@ -190,7 +193,22 @@ class Agent:
         body = msg.WhichOneof("body")
         if body == "assign":
             task = msg.assign.task
-            if self.draining or task.task_id in self.running:
+            if task.task_id in self.running:
+                return
+            if self.draining:
+                # it crossed our "draining": hand it back now (the coordinator requeues it
+                # without counting an attempt) instead of sitting on it until the stream ends
+                report = cpb.AgentMessage(
+                    failure=cpb.TaskFailure(
+                        task_id=task.task_id,
+                        claim_token=task.claim_token,
+                        error="the agent is draining; it did not start the task",
+                        retryable=True,
+                        not_started=True,
+                    )
+                )
+                self.unacked[task.task_id] = report
+                self._send(report)
                 return
             received = time.time_ns() // 1000
             runner = asyncio.ensure_future(self._execute(task, received))

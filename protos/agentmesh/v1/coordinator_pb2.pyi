@@ -266,18 +266,20 @@ class TaskResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., output: _Optional[bytes] = ..., usage: _Optional[_Union[_task_pb2.TokenUsage, _Mapping]] = ..., received_at_us: _Optional[int] = ...) -> None: ...
 
 class TaskFailure(_message.Message):
-    __slots__ = ("task_id", "claim_token", "error", "retryable", "usage")
+    __slots__ = ("task_id", "claim_token", "error", "retryable", "usage", "not_started")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLAIM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    NOT_STARTED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     claim_token: int
     error: str
     retryable: bool
     usage: _task_pb2.TokenUsage
-    def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., usage: _Optional[_Union[_task_pb2.TokenUsage, _Mapping]] = ...) -> None: ...
+    not_started: bool
+    def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., usage: _Optional[_Union[_task_pb2.TokenUsage, _Mapping]] = ..., not_started: _Optional[bool] = ...) -> None: ...
 
 class AgentDraining(_message.Message):
     __slots__ = ("reason",)
