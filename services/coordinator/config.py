@@ -38,5 +38,9 @@ class CoordinatorConfig:
     """Shutdown grace period for in-flight RPCs."""
     etcd_timeout_s: float = 3.0
     """Deadline of each etcd call."""
+    reconcile_interval_s: float = 10.0
+    """How often the leader compares the open tasks in etcd with its memory and repairs
+    any difference (also at once after every etcd outage). A pass reads keys and
+    revisions only: about 100 bytes per open task."""
     metrics_port: int = 0
     """Prometheus /metrics port (0: off)."""

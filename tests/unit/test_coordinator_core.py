@@ -7,7 +7,9 @@ as plain `send` callbacks that collect what the coordinator tells them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,13 @@ import pytest
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import FakeClock
-from services._common.errors import InvalidArgumentError, NotFoundError, NotLeaderError
+from services._common.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    NotLeaderError,
+    StoreUnavailableError,
+)
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import MAX_BATCH, CoordinatorCore, backoff_s
 from tests.unit.fakes import MemoryStore
@@ -887,3 +895,628 @@ async def test_bad_hello_is_refused(h: Harness, hello: cpb.AgentHello, names: st
     with pytest.raises(InvalidArgumentError, match=names):
         h.core.connect(hello, lambda _: None)
     assert h.core.agents == {}
+
+
+# ---------------------------------------------------------------- writes whose outcome is unknown
+#
+# A commit that raises after it was sent (a deadline, a reset, etcd killed after it
+# applied the write) may have landed. The core reads back before acting: every task
+# still ends in exactly one terminal state, with the counts and events to match.
+
+
+async def run_for(h: Harness, seconds: float, step: float = 0.25) -> None:
+    """Let fake time pass (backoffs, probes, timers), settling after each step."""
+    await settle()
+    for _ in range(int(seconds / step)):
+        await h.clock.advance(step)
+        await settle()
+
+
+async def finish(h: Harness, awaitable: Any, within_s: float = 30.0) -> Any:
+    """Run `awaitable` while fake time passes; fail if it has not ended by `within_s`."""
+    task = asyncio.ensure_future(awaitable)
+    waited = 0.0
+    await settle()
+    while not task.done() and waited < within_s:
+        await h.clock.advance(0.25)
+        await settle()
+        waited += 0.25
+    assert task.done(), f"still waiting after {within_s} s of fake time"
+    return task.result()
+
+
+def terminal_events(h: Harness) -> collections.Counter[str]:
+    """task id → how many terminal events the core published for it."""
+    return collections.Counter(
+        t.task_id for t, _ in h.events if t.state in (SUCCEEDED, CANCELLED, DEAD_LETTER)
+    )
+
+
+def assert_counts_match_the_store(h: Harness) -> None:
+    assert {k: v for k, v in h.core.counts().items() if v} == h.store.states()
+
+
+async def test_submit_whose_reply_is_lost_is_read_back_and_runs(h: Harness) -> None:
+    h.store.lose_next = 1
+    results = await finish(h, h.core.submit([spec(task_id=f"t{i}") for i in range(20)]))
+    assert all(created for _, created in results)
+    a = h.agent("a1", capacity=20)
+    await settle()
+    assert sorted(a.assigned_ids()) == sorted(f"t{i}" for i in range(20))
+    for task in a.assigned():
+        assert (await h.result(a, task)).accepted
+    assert terminal_events(h) == {f"t{i}": 1 for i in range(20)}
+    assert_counts_match_the_store(h)
+
+
+async def test_fast_path_submit_whose_reply_is_lost_is_delivered(h: Harness) -> None:
+    a = h.agent("a1")
+    h.store.lose_next = 1
+    ((task, created),) = await finish(h, h.core.submit([spec(task_id="t")]))
+    assert created
+    await settle()
+    (assigned,) = a.assigned()
+    assert (assigned.task_id, assigned.attempts) == ("t", 1)
+    assert assigned.claim_token == h.store.claims["t"][1]
+    assert (await h.result(a, assigned)).accepted
+    assert h.state("t") == SUCCEEDED
+    assert_counts_match_the_store(h)
+
+
+async def test_fast_path_submit_that_did_not_land_frees_the_agent(h: Harness) -> None:
+    a = h.agent("a1")
+    h.store.fail_next = 1
+    with pytest.raises(StoreUnavailableError):
+        await finish(h, h.core.submit([spec(task_id="t")]))
+    assert "t" not in h.store.records
+    assert h.core.agents["a1"].status().inflight == 0
+    await run_for(h, 3)
+    await h.submit(spec(task_id="u"))  # the slot is free again
+    assert a.assigned_ids() == ["u"]
+
+
+async def test_assignment_whose_reply_is_lost_is_delivered(h: Harness) -> None:
+    await h.submit(spec(task_id="t"))
+    h.store.lose_next = 1
+    a = h.agent("a1")
+    await run_for(h, 3)
+    (assigned,) = a.assigned()
+    assert (assigned.task_id, assigned.attempts) == ("t", 1)
+    assert assigned.claim_token == h.store.claims["t"][1]
+    assert (await h.result(a, assigned)).accepted
+    assert h.state("t") == SUCCEEDED
+    assert terminal_events(h) == {"t": 1}
+    assert_counts_match_the_store(h)
+
+
+async def test_assignment_that_did_not_land_keeps_the_task_first_in_line(h: Harness) -> None:
+    await h.submit(spec(task_id="first"), spec(task_id="second"))
+    h.store.fail_next = 1
+    a = h.agent("a1")
+    await run_for(h, 3)
+    assert a.assigned_ids() == ["first"]
+    assert a.assigned()[0].attempts == 1
+
+
+async def test_report_whose_reply_is_lost_is_accepted_once(h: Harness) -> None:
+    a = h.agent("a1")
+    await h.submit(spec(task_id="t"))
+    (assigned,) = a.assigned()
+    h.store.lose_next = 1
+    msg = cpb.TaskResult(task_id="t", claim_token=assigned.claim_token, output=b"out")
+    ack = await finish(h, h.core.report("a1", msg))
+    assert ack.accepted, ack.reason
+    assert h.store.task("t").result == b"out"
+    assert h.core.agents["a1"].status().completed == 1
+    assert terminal_events(h) == {"t": 1}
+    assert_counts_match_the_store(h)
+
+
+async def test_retryable_failure_whose_reply_is_lost_is_retried_once(h: Harness) -> None:
+    a = h.agent("a1")
+    await h.submit(spec("fail", task_id="t", max_attempts=2))
+    (first,) = a.assigned()
+    h.store.lose_next = 1
+    msg = cpb.TaskFailure(task_id="t", claim_token=first.claim_token, error="x", retryable=True)
+    assert (await finish(h, h.core.report("a1", msg))).accepted
+    await run_for(h, 3)  # the backoff
+    assert [t.attempts for t in a.assigned()] == [1, 2]
+    await h.failure(a, a.assigned()[1], retryable=True)
+    assert h.store.task("t").state == DEAD_LETTER
+    assert h.store.task("t").attempts == 2
+    assert_counts_match_the_store(h)
+
+
+async def test_requeue_whose_reply_is_lost_publishes_it_once(h: Harness) -> None:
+    h.agent("a1")
+    await h.submit(spec(task_id="t"))
+    h.store.lose_next = 1
+    h.core.disconnect("a1")
+    await run_for(h, 2)
+    assert h.state("t") == QUEUED
+    requeued = [t for t, prev in h.events if t.state == QUEUED and prev == ASSIGNED]
+    assert len(requeued) == 1
+    b = h.agent("b1")
+    await settle()
+    (again,) = b.assigned()
+    assert again.attempts == 2
+    assert (await h.result(b, again)).accepted
+    assert_counts_match_the_store(h)
+
+
+async def test_cancel_whose_reply_is_lost_says_cancelled(h: Harness) -> None:
+    await h.submit(spec(task_id="t"))
+    h.store.lose_next = 1
+    got = await finish(h, h.core.cancel("t", "not needed"))
+    assert got.state == CANCELLED
+    a = h.agent("a1")
+    await run_for(h, 2)
+    assert a.assigned_ids() == []
+    assert terminal_events(h) == {"t": 1}
+    assert_counts_match_the_store(h)
+
+
+async def test_cancel_of_a_running_task_whose_reply_is_lost(h: Harness) -> None:
+    a = h.agent("a1")
+    await h.submit(spec(task_id="t"))
+    h.store.lose_next = 1
+    got = await finish(h, h.core.cancel("t", ""))
+    assert got.state == CANCELLED
+    assert a.cancelled_ids() == ["t"]
+    assert h.core.agents["a1"].status().inflight == 0
+    assert_counts_match_the_store(h)
+
+
+async def test_cancel_that_cannot_be_committed_is_an_error_and_keeps_the_task_queued(
+    h: Harness,
+) -> None:
+    # issue 9, race 1: plan() dropped the entry from the ready queue while the cancel was
+    # being written; the cancel failed and the task stayed QUEUED in no queue
+    a = h.agent("a1", capacity=1)
+    await h.submit(spec(task_id="first"), spec(task_id="t"))
+    (first,) = a.assigned()
+    gate = h.store.hold()
+    h.store.fail_next = 1  # the cancel's commit: sent, never applied
+    cancel = asyncio.ensure_future(h.core.cancel("t", ""))
+    await settle()  # the cancel is being written
+    # meanwhile the agent's slot frees: the dispatcher plans while the cancel is busy
+    report = asyncio.ensure_future(
+        h.core.report("a1", cpb.TaskResult(task_id="first", claim_token=first.claim_token))
+    )
+    await settle()
+    gate.set()
+    h.store.release()
+    with pytest.raises(StoreUnavailableError):
+        await finish(h, cancel)
+    assert (await finish(h, report)).accepted
+    await run_for(h, 3)
+    assert a.assigned_ids() == ["first", "t"]
+    assert h.state("t") == ASSIGNED
+
+
+async def test_cancel_during_an_outage_is_unavailable_not_ok(h: Harness) -> None:
+    await h.submit(spec(task_id="t"))
+    h.store.down = True
+    # this cancel's commit meets the outage: whether it landed is known only when etcd
+    # answers again, and the call waits for that (or for its caller's deadline)
+    first = asyncio.ensure_future(h.core.cancel("t", ""))
+    await run_for(h, 5)
+    assert not first.done()
+    # while the outage is known, a cancel is refused at once, without a write
+    calls = h.store.calls
+    with pytest.raises(StoreUnavailableError, match="not cancelled"):
+        await h.core.cancel("t", "")
+    assert h.store.calls == calls
+    h.store.down = False
+    with pytest.raises(StoreUnavailableError, match="not cancelled"):
+        await finish(h, first)  # it had not landed
+    assert h.state("t") == QUEUED
+    a = h.agent("a1")
+    await run_for(h, 1)
+    assert a.assigned_ids() == ["t"]
+
+
+async def test_cancel_of_a_task_that_finished_meanwhile_says_so(h: Harness) -> None:
+    a = h.agent("a1")
+    await h.submit(spec(task_id="t"))
+    (assigned,) = a.assigned()
+    gate = h.store.hold()
+    report = asyncio.ensure_future(
+        h.core.report("a1", cpb.TaskResult(task_id="t", claim_token=assigned.claim_token))
+    )
+    await settle()
+    cancel = asyncio.ensure_future(h.core.cancel("t", "too late"))
+    await settle()
+    gate.set()
+    h.store.release()
+    assert (await finish(h, report)).accepted
+    got = await finish(h, cancel)
+    assert got.state == SUCCEEDED
+    assert terminal_events(h) == {"t": 1}
+
+
+async def test_cancel_of_a_record_the_leader_does_not_hold_cancels_it(h: Harness) -> None:
+    # left by a submit whose reply was lost (before this was fixed) or by another term
+    h.store.put(tpb.Task(task_id="ghost", spec=spec(task_id="ghost", max_attempts=3), state=QUEUED))
+    got = await finish(h, h.core.cancel("ghost", "cleanup"))
+    assert got.state == CANCELLED
+    assert h.state("ghost") == CANCELLED
+
+
+# ---------------------------------------------------------------- a caller that goes away
+
+
+async def test_a_submit_whose_caller_leaves_after_sending_still_takes_the_task(h: Harness) -> None:
+    gate = h.store.hold()
+    call = asyncio.ensure_future(h.core.submit([spec(task_id="t")]))
+    await settle()
+    call.cancel()  # the client's deadline: grpc cancels the handler
+    await settle()
+    gate.set()
+    h.store.release()
+    await settle()
+    a = h.agent("a1")
+    await run_for(h, 1)
+    assert a.assigned_ids() == ["t"]
+    # the client retries the same id: it is there, and it is not run twice
+    ((again, created),) = await h.core.submit([spec(task_id="t")])
+    assert not created
+    assert again.state == ASSIGNED
+    assert (await h.result(a, a.assigned()[0])).accepted
+    assert terminal_events(h) == {"t": 1}
+
+
+async def test_a_cancel_whose_caller_leaves_still_finishes(h: Harness) -> None:
+    await h.submit(spec(task_id="t"))
+    gate = h.store.hold()
+    call = asyncio.ensure_future(h.core.cancel("t", ""))
+    await settle()
+    call.cancel()
+    await settle()
+    gate.set()
+    h.store.release()
+    a = h.agent("a1")
+    await run_for(h, 1)
+    assert h.state("t") == CANCELLED
+    assert a.assigned_ids() == []
+    assert_counts_match_the_store(h)
+
+
+# ---------------------------------------------------------------- idempotent replays repair memory
+
+
+async def test_submit_replay_adopts_a_queued_record_the_leader_does_not_hold(h: Harness) -> None:
+    h.store.put(tpb.Task(task_id="ghost", spec=spec(task_id="ghost", max_attempts=3), state=QUEUED))
+    ((task, created),) = await finish(h, h.core.submit([spec(task_id="ghost")]))
+    assert not created
+    assert task.state == QUEUED
+    assert h.core.queue_depth() == 1
+    a = h.agent("a1")
+    await settle()
+    assert a.assigned_ids() == ["ghost"]
+
+
+async def test_submit_replay_delivers_an_assigned_record_its_agent_never_got(h: Harness) -> None:
+    a = h.agent("a1")
+    task = tpb.Task(
+        task_id="ghost", spec=spec(task_id="ghost", max_attempts=3), state=ASSIGNED, attempts=1
+    )
+    task.agent_id = "a1"
+    h.store.put(task, claim_lease=a.lease_id)
+    ((got, created),) = await finish(h, h.core.submit([spec(task_id="ghost")]))
+    assert not created
+    await run_for(h, 1)
+    (assigned,) = a.assigned()
+    assert assigned.task_id == "ghost"
+    assert assigned.attempts == 1
+    assert (await h.result(a, assigned)).accepted
+    assert h.state("ghost") == SUCCEEDED
+
+
+# ---------------------------------------------------------------- an outage, waited out calmly
+
+
+async def test_an_outage_is_waited_out_calmly(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    a = h.agent("a1", capacity=5)
+    await h.submit(*(spec(task_id=f"t{i:02d}") for i in range(10)))  # 5 held, 5 waiting
+    held = a.assigned()
+    caplog.set_level(logging.INFO, logger="services.coordinator.core")
+    caplog.clear()
+    h.store.down = True
+    # the agent reports what it held: its slots free at once, so the dispatcher has an
+    # agent and tasks to match, and no etcd to write the claims to
+    reports = [
+        asyncio.ensure_future(
+            h.core.report("a1", cpb.TaskResult(task_id=t.task_id, claim_token=t.claim_token))
+        )
+        for t in held
+    ]
+    calls = h.store.calls
+    await run_for(h, 30)
+    # about one probe a second, not a failed write per wake-up of the dispatcher
+    assert h.store.calls - calls <= 60, h.store.calls - calls
+    assert not any(r.done() for r in reports)
+    noisy = [r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    assert len(noisy) == 1, noisy
+    h.store.down = False
+    await run_for(h, 5)
+    assert all(r.done() and r.result().accepted for r in reports)
+    assert len(a.assigned()) == 10
+    back = [
+        r.getMessage() for r in caplog.records if r.levelname == "INFO" and "etcd" in r.getMessage()
+    ]
+    assert len(back) == 1, back
+    assert_counts_match_the_store(h)
+
+
+# ---------------------------------------------------------------- attempts are counted once
+
+
+async def test_an_assignment_lost_in_failover_does_not_use_up_an_attempt(
+    make_core: MakeCore,
+) -> None:
+    old = await make_core(term=7)
+    a = old.agent("a1")
+    await old.submit(spec(task_id="t", max_attempts=1))
+    await stop(old)
+
+    new = await make_core(store=old.store, term=9)
+    new.core.load(*new.store.snapshot())
+    again = new.agent("a1", capacity=1, held=(), lease_id=a.lease_id)  # it never got "t"
+    await settle()
+    (assigned,) = again.assigned()
+    assert assigned.attempts == 1
+    assert (await new.result(again, assigned)).accepted
+    stored = new.store.task("t")
+    assert (stored.state, stored.attempts) == (SUCCEEDED, 1)
+
+
+# ---------------------------------------------------------------- issue 9, race 2: reconnects
+
+
+async def test_a_reconnect_keeps_the_claims_the_agent_still_holds(h: Harness) -> None:
+    a = h.agent("a1", capacity=1)
+    await h.submit(spec(task_id="t"))
+    (held,) = a.assigned()
+    # the agent saw its stream break first and says hello on a new one while the
+    # server's old stream is still open
+    again = h.agent("a1", capacity=1, lease_id=a.lease_id, held=(("t", held.claim_token),))
+    await run_for(h, 2)
+    assert a.closed  # the old stream is closed explicitly
+    assert h.state("t") == ASSIGNED
+    assert again.cancelled_ids() == []
+    assert (await h.result(again, held)).accepted
+    stored = h.store.task("t")
+    assert (stored.state, stored.attempts) == (SUCCEEDED, 1)
+
+
+async def test_a_hello_before_the_disconnects_requeue_commits_keeps_the_claim(
+    h: Harness,
+) -> None:
+    a = h.agent("a1", capacity=1)
+    await h.submit(spec(task_id="t"))
+    (held,) = a.assigned()
+    h.core.disconnect("a1")  # the stream ended: its requeue is scheduled, not yet written
+    again = h.agent("a1", capacity=1, lease_id=a.lease_id, held=(("t", held.claim_token),))
+    await run_for(h, 2)
+    assert h.state("t") == ASSIGNED
+    assert again.cancelled_ids() == []
+    assert (await h.result(again, held)).accepted
+    assert h.store.task("t").attempts == 1
+
+
+async def test_a_hello_while_the_requeue_is_being_written_is_told_the_claim_is_gone(
+    h: Harness,
+) -> None:
+    a = h.agent("a1", capacity=1)
+    await h.submit(spec(task_id="t"))
+    (held,) = a.assigned()
+    gate = h.store.hold()
+    h.core.disconnect("a1")
+    await settle()  # the requeue is on the wire: nothing can stop it now
+    again = h.agent("a1", capacity=1, lease_id=a.lease_id, held=(("t", held.claim_token),))
+    gate.set()
+    h.store.release()
+    await run_for(h, 2)
+    # its claim is gone, so it is told to stop, and the task runs again (on it: it is free)
+    assert "t" in again.cancelled_ids()
+    assert not (await h.result(again, held)).accepted
+    fresh = [t for t in again.assigned()]
+    assert [t.task_id for t in fresh] == ["t"]
+    assert (await h.result(again, fresh[0])).accepted
+    assert terminal_events(h) == {"t": 1}
+
+
+# ---------------------------------------------------------------- a draining agent's crossed assign
+
+
+async def test_a_task_a_draining_agent_did_not_start_is_requeued_without_counting(
+    h: Harness,
+) -> None:
+    a = h.agent("a1", capacity=1)
+    await h.submit(spec(task_id="t", max_attempts=1))
+    (assigned,) = a.assigned()
+    h.core.drain("a1")  # the agent's "draining" crossed the assign
+    msg = cpb.TaskFailure(
+        task_id="t",
+        claim_token=assigned.claim_token,
+        error="agent is draining",
+        retryable=True,
+        not_started=True,
+    )
+    assert (await finish(h, h.core.report("a1", msg))).accepted
+    b = h.agent("b1")
+    await settle()
+    (again,) = b.assigned()
+    assert again.attempts == 1  # the attempt never started: it does not count
+    assert (await h.result(b, again)).accepted
+    assert h.state("t") == SUCCEEDED
+
+
+async def test_not_started_from_an_agent_that_is_not_draining_counts(h: Harness) -> None:
+    # only a draining agent may hand work back for free: anything else could loop a task
+    a = h.agent("a1", capacity=1)
+    await h.submit(spec(task_id="t", max_attempts=1))
+    (assigned,) = a.assigned()
+    msg = cpb.TaskFailure(
+        task_id="t", claim_token=assigned.claim_token, retryable=True, not_started=True
+    )
+    assert (await finish(h, h.core.report("a1", msg))).accepted
+    assert h.state("t") == DEAD_LETTER
+
+
+# ---------------------------------------------------------------- agent identity (issue 8, item 3)
+
+
+async def test_a_hello_for_a_connected_agent_on_another_lease_is_refused(h: Harness) -> None:
+    real = h.agent("a1", capacity=1)
+    with pytest.raises(AlreadyExistsError, match="a1"):
+        h.agent("a1", capacity=1)  # another process (another lease) says it is a1
+    assert not real.closed
+    assert h.core.agents["a1"].lease_id == real.lease_id
+    await h.submit(spec(task_id="t"))
+    assert real.assigned_ids() == ["t"]
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+async def test_reconcile_repairs_every_difference(h: Harness) -> None:
+    h.agent("a1", capacity=5)
+    await h.submit(spec(task_id="held"))
+    h.core.drain("a1")
+    await h.submit(spec(task_id="q1"), spec(task_id="q2"))
+    # 1. a record memory never took in (a write whose outcome was never resolved)
+    h.store.put(tpb.Task(task_id="ghost", spec=spec(task_id="ghost", max_attempts=3), state=QUEUED))
+    # 2. a QUEUED task that fell out of every queue
+    h.core.ready[0].remove("q1")
+    # 3. a task etcd says is finished
+    done = h.store.task("q2")
+    done.state = CANCELLED
+    h.store.put(done)
+    # 4. an ASSIGNED task no connected agent holds
+    h.core.agents["a1"].inflight.discard("held")
+    stats = await finish(h, h.core.reconcile())
+    assert stats.adopted == 1
+    assert stats.requeued == 1
+    assert stats.enqueued == 1
+    assert stats.finished == 1
+    assert h.state("held") == QUEUED
+    assert h.core.queue_depth() == 3  # held, q1, ghost
+    b = h.agent("b1", capacity=5)
+    await settle()
+    assert sorted(b.assigned_ids()) == ["ghost", "held", "q1"]
+    assert_counts_match_the_store(h)
+    again = await finish(h, h.core.reconcile())
+    assert again.repairs() == 0
+
+
+async def test_reconcile_leaves_claims_awaiting_their_agent_after_takeover(
+    make_core: MakeCore,
+) -> None:
+    old = await make_core(term=7)
+    old.agent("a1")
+    await old.submit(spec(task_id="t"))
+    await stop(old)
+    new = await make_core(store=old.store, term=9)
+    new.core.load(*new.store.snapshot())
+    stats = await finish(new, new.core.reconcile())
+    assert stats.repairs() == 0
+    assert new.state("t") == ASSIGNED
+
+
+# ---------------------------------------------------------------- everything at once
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_every_task_ends_terminal_once_whatever_replies_are_lost(
+    make_core: MakeCore, seed: int
+) -> None:
+    """Random lost replies and failed commits on every kind of write, with agents that
+    drop their streams and come back, and clients that cancel: every task ends in one
+    terminal state, published once; attempts never pass max_attempts; counts match."""
+    rng = random.Random(seed)
+    store = MemoryStore(chaos=random.Random(seed), lose_p=0.08, fail_p=0.08)
+    h = await make_core(store=store)
+    agents = {f"a{i}": h.agent(f"a{i}", capacity=2) for i in range(4)}
+    leases = {name: fake.lease_id for name, fake in agents.items()}
+    ids = [f"t{i:03d}" for i in range(120)]
+    acked: set[str] = set()
+
+    async def submit(batch: list[str]) -> None:
+        specs = [spec("fail" if rng.random() < 0.1 else "echo", task_id=t) for t in batch]
+        for _ in range(20):  # a client retries the same ids until acknowledged
+            try:
+                await h.core.submit(specs)
+                acked.update(batch)
+                return
+            except StoreUnavailableError:
+                await h.clock.sleep(0.3)
+
+    async def agent_loop(name: str) -> None:
+        done: set[int] = set()
+        while True:
+            fake = agents[name]
+            for task in fake.assigned():
+                if task.claim_token in done:
+                    continue
+                done.add(task.claim_token)
+                if task.task_id in fake.cancelled_ids():
+                    continue
+                if task.spec.kind == "fail":
+                    msg: Any = cpb.TaskFailure(
+                        task_id=task.task_id, claim_token=task.claim_token, retryable=True
+                    )
+                else:
+                    msg = cpb.TaskResult(task_id=task.task_id, claim_token=task.claim_token)
+                h.core.spawn(_report(h, name, msg))
+            # the stream drops; the agent comes back holding nothing
+            if rng.random() < 0.02 and h.core.agents.get(name) is not None:
+                h.core.disconnect(name)
+                await h.clock.sleep(0.2)
+                agents[name] = h.agent(name, capacity=2, lease_id=leases[name])
+            await h.clock.sleep(0.05)
+
+    loops = [asyncio.ensure_future(agent_loop(n)) for n in agents]
+    clients = [asyncio.ensure_future(submit(ids[i : i + 10])) for i in range(0, len(ids), 10)]
+    cancels = [
+        asyncio.ensure_future(_cancel_later(h, t, rng.random())) for t in rng.sample(ids, 10)
+    ]
+    try:
+        for _ in range(600):
+            await h.clock.advance(0.1)
+            await settle()
+            if all(c.done() for c in clients) and all(
+                h.store.task(t).state in (SUCCEEDED, CANCELLED, DEAD_LETTER) for t in acked
+            ):
+                break
+        for c in cancels:
+            c.cancel()
+        store.chaos = None
+        await finish(h, h.core.reconcile())
+        await run_for(h, 5)
+    finally:
+        for loop in loops:
+            loop.cancel()
+    assert acked == set(ids)
+    stuck = {
+        t: h.store.task(t).state
+        for t in acked
+        if h.store.task(t).state not in (SUCCEEDED, CANCELLED, DEAD_LETTER)
+    }
+    assert not stuck
+    assert terminal_events(h) == {t: 1 for t in acked}
+    assert all(h.store.task(t).attempts <= h.store.task(t).spec.max_attempts for t in acked)
+    assert_counts_match_the_store(h)
+    assert h.store.claims == {}
+
+
+async def _report(h: Harness, agent_id: str, msg: Any) -> None:
+    with contextlib.suppress(StoreUnavailableError, NotLeaderError):
+        await h.core.report(agent_id, msg)
+
+
+async def _cancel_later(h: Harness, task_id: str, after: float) -> None:
+    await h.clock.sleep(after * 3)
+    with contextlib.suppress(StoreUnavailableError, NotFoundError):
+        await h.core.cancel(task_id, "random cancel")
