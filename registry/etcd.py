@@ -191,6 +191,10 @@ class Etcd:
             req.sort_target = rpc.RangeRequest.CREATE
         return await self._call(self._kv.Range, req)
 
+    async def range_request(self, request: Any, timeout_s: float | None = None) -> Any:
+        """A RangeRequest the caller built itself (a read at a fixed revision, say)."""
+        return await self._call(self._kv.Range, request, timeout_s)
+
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         resp = await self._call(self._kv.Put, rpc.PutRequest(key=key, value=value, lease=lease))
         return int(resp.header.revision)

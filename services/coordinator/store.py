@@ -4,6 +4,14 @@ Layout under the cluster prefix:
   tasks/<id>   the Task record (serialized proto); terminal ones on a retention lease
   claims/<id>  the claiming agent's id, on that agent's lease; its mod revision is
                the claim token
+  open/<id>    empty; exists while the task is not terminal, put in the same
+               transaction as every non-terminal version of the record (so its mod
+               revision is the record's) and deleted with the terminal one. Takeover
+               and reconcile read this index, keys only, instead of every retained
+               record: their cost follows the open tasks, not the history.
+  meta/open-index  present once every open record is in the index (records written
+               before the index existed are indexed by the first leader that finds the
+               marker missing)
 
 Each `Write` becomes one nested transaction (its own compares and outcome);
 concurrent writes are packed into one outer transaction that compares the
@@ -22,20 +30,31 @@ from aetcd import rpc
 
 from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.election import Election
+from registry.errors import StoreRefusedError
 from registry.etcd import (
     Etcd,
     LeaseNotFoundError,
     RequestOp,
+    prefix_end,
 )
 from services._common.clock import Clock
 from services._common.telemetry import COMMIT_SECONDS
-from services.coordinator.core import TERMINAL, Committed, Write
+from services.coordinator.core import READ_CHUNK, TERMINAL, Committed, OpenTasks, Write
 
 log = logging.getLogger(__name__)
 
 # etcd's default --max-txn-ops is 128, and a nested transaction may hold at most
-# (128 - ops in its parent) ops; our nested ones hold at most 2 per branch.
+# (128 - ops in its parent) ops; our nested ones hold at most 3 per branch (record,
+# claim, open index) and 2 compares.
 MAX_OPS = 120
+# Keys-only pages of the open index and the claims: ~100 bytes a key on the wire.
+INDEX_PAGE = 10_000
+# Record pages at takeover start at this many and adapt so that a reply carries about
+# LOAD_PAGE_BYTES: retained records can be near etcd's 1.5 MiB request limit each, and
+# a page by count could pass gRPC's 64 MiB receive limit (issue 8, item 2).
+LOAD_PAGE_KEYS = 1000
+LOAD_PAGE_BYTES = 8 * 1024 * 1024
+INDEX_MARKER = "open-index"
 
 
 class GroupCommitter:
@@ -92,6 +111,8 @@ class EtcdTaskStore:
         self.retention_s = retention_s
         self._tasks = etcd.key("tasks") + b"/"
         self._claims = etcd.key("claims") + b"/"
+        self._open = etcd.key("open") + b"/"
+        self._marker = etcd.key("meta", INDEX_MARKER)
         self._committer = GroupCommitter(self._flush)
         self._retention_lease = 0
         self._retention_granted = 0.0
@@ -101,6 +122,9 @@ class EtcdTaskStore:
 
     def claim_key(self, task_id: str) -> bytes:
         return self._claims + task_id.encode()
+
+    def open_key(self, task_id: str) -> bytes:
+        return self._open + task_id.encode()
 
     async def _flush(self, batch: list[_Prepared]) -> list[Any]:
         """One fenced transaction; each result is (commit revision, nested response).
@@ -142,7 +166,13 @@ class EtcdTaskStore:
         if any(w.task.state in TERMINAL for w in writes):
             retention = await self._retention()
         prepared = [
-            _Prepared(w, self.task_key(w.task.task_id), self.claim_key(w.task.task_id), retention)
+            _Prepared(
+                w,
+                self.task_key(w.task.task_id),
+                self.claim_key(w.task.task_id),
+                self.open_key(w.task.task_id),
+                retention,
+            )
             for w in writes
         ]
         responses = await self._committer.submit(prepared)
@@ -165,32 +195,170 @@ class EtcdTaskStore:
                 out.append(Committed(False))
         return out
 
+    async def outcomes(self, writes: Sequence[Write]) -> list[Committed | None]:
+        """Resolve writes whose commit raised after it may have been sent: read each
+        record back. Our bytes → it landed (revision = the record's mod revision, the
+        claim token for ASSIGNED); mod revision unchanged → it did not; else someone
+        else changed it. Raises StoreUnavailableError while etcd cannot answer."""
+        found = await self._read_raw([w.task.task_id for w in writes])
+        out: list[Committed | None] = []
+        for w in writes:
+            kv = found.get(w.task.task_id)
+            if kv is not None and w.sent and kv[2] == w.sent:
+                out.append(Committed(True, revision=kv[1]))
+            elif (kv[1] if kv is not None else 0) == w.expect_mod:
+                out.append(None)
+            elif kv is None:
+                out.append(Committed(False))
+            else:
+                out.append(Committed(False, existing=kv[0], existing_mod=kv[1]))
+        return out
+
     async def read(self, task_id: str) -> tuple[tpb.Task, int] | None:
         kv = await self.etcd.get(self.task_key(task_id))
         return None if kv is None else (_decode(kv), int(kv.mod_revision))
+
+    async def read_many(self, task_ids: Sequence[str]) -> dict[str, tuple[tpb.Task, int]]:
+        """Records by id (absent ones left out) and their mod revisions."""
+        found = await self._read_raw(task_ids)
+        return {task_id: (task, mod) for task_id, (task, mod, _) in found.items()}
+
+    async def _read_raw(self, task_ids: Sequence[str]) -> dict[str, tuple[tpb.Task, int, bytes]]:
+        """Records by id as (task, mod revision, raw value): one read-only transaction per
+        READ_CHUNK ids, so a reply stays under gRPC's limit whatever the records' sizes."""
+        out: dict[str, tuple[tpb.Task, int, bytes]] = {}
+        for i in range(0, len(task_ids), READ_CHUNK):
+            chunk = task_ids[i : i + READ_CHUNK]
+            request = rpc.TxnRequest()
+            for task_id in chunk:
+                request.success.add().request_range.key = self.task_key(task_id)
+            resp = await self.etcd.txn_request(request)
+            for task_id, op in zip(chunk, resp.responses, strict=True):
+                kvs = op.response_range.kvs
+                if kvs:
+                    out[task_id] = (_decode(kvs[0]), int(kvs[0].mod_revision), bytes(kvs[0].value))
+        return out
 
     async def claim_revision(self, task_id: str) -> int:
         kv = await self.etcd.get(self.claim_key(task_id))
         return 0 if kv is None else int(kv.mod_revision)
 
-    async def load(self) -> tuple[list[tuple[tpb.Task, int]], dict[str, int], int]:
-        """Every task record, the live claims (task id → mod revision), and the revision read."""
-        records: list[tuple[tpb.Task, int]] = []
-        start = None
-        revision = 0
+    async def revision(self) -> int:
+        """One linearizable read of one key: answers only when etcd has a leader."""
+        resp = await self.etcd.range(self._marker, count_only=True)
+        return int(resp.header.revision)
+
+    async def _keys(self, prefix: bytes, revision: int = 0) -> tuple[dict[str, int], int, int]:
+        """Every key under `prefix` (keys only, paged), as id → mod revision; and the
+        revision read and the reply bytes. Later pages read at the first page's
+        revision, so the whole listing is one consistent snapshot."""
+        keys: dict[str, int] = {}
+        start = prefix
+        size = 0
         while True:
-            resp = await self.etcd.range(self._tasks, start=start, limit=1000)
+            req = rpc.RangeRequest(
+                key=start,
+                range_end=prefix_end(prefix),
+                limit=INDEX_PAGE,
+                keys_only=True,
+                revision=revision,
+            )
+            resp = await self.etcd.range_request(req)
+            size += resp.ByteSize()
             revision = revision or int(resp.header.revision)
             for kv in resp.kvs:
-                records.append((_decode(kv), int(kv.mod_revision)))
-            if not resp.more:
-                break
+                keys[kv.key[len(prefix) :].decode()] = int(kv.mod_revision)
+            if not resp.more or not resp.kvs:
+                return keys, revision, size
             start = resp.kvs[-1].key + b"\0"
-        claims_resp = await self.etcd.range(self._claims)
-        claims = {
-            kv.key[len(self._claims) :].decode(): int(kv.mod_revision) for kv in claims_resp.kvs
-        }
+
+    async def open_tasks(self) -> OpenTasks:
+        """The open-task index and the live claims, keys and revisions only, read at one
+        revision: what reconcile compares with the leader's memory."""
+        index, revision, size = await self._keys(self._open)
+        claims, _, claim_size = await self._keys(self._claims, revision)
+        return OpenTasks(index, claims, revision, size + claim_size)
+
+    async def load(self) -> tuple[list[tuple[tpb.Task, int]], dict[str, int], int]:
+        """What a new leader takes over: the open task records, the live claims (task id
+        → mod revision), and the revision read.
+
+        Reads the open-task index (keys only) and then only those records, in chunks
+        that fit gRPC's receive limit whatever their size; retained terminal records
+        are never read. Once, on a store written before the index existed, every
+        record is scanned in pages sized by bytes and the open ones are indexed.
+        """
+        if await self.etcd.get(self._marker) is None:
+            await self._build_index()
+        index, revision, _ = await self._keys(self._open)
+        claims, _, _ = await self._keys(self._claims, revision)
+        records: list[tuple[tpb.Task, int]] = []
+        ids = list(index)
+        found = await self.read_many(ids)
+        for task_id in ids:
+            kv = found.get(task_id)
+            if kv is not None and kv[0].state not in TERMINAL:
+                records.append((kv[0], kv[1]))
         return records, claims, revision
+
+    async def scan(self) -> AsyncIterator[list[tuple[tpb.Task, int]]]:
+        """Every record, in pages sized by bytes: a page starts at LOAD_PAGE_KEYS keys and
+        shrinks (or grows back) so a reply carries about LOAD_PAGE_BYTES; a reply over
+        gRPC's receive limit is asked for again in halves."""
+        start = self._tasks
+        limit = LOAD_PAGE_KEYS
+        revision = 0
+        while True:
+            req = rpc.RangeRequest(
+                key=start, range_end=prefix_end(self._tasks), limit=limit, revision=revision
+            )
+            try:
+                resp = await self.etcd.range_request(req)
+            except StoreRefusedError as err:
+                if "RESOURCE_EXHAUSTED" not in str(err) or limit == 1:
+                    raise
+                limit = max(1, limit // 2)
+                continue
+            revision = revision or int(resp.header.revision)
+            yield [(_decode(kv), int(kv.mod_revision)) for kv in resp.kvs]
+            if not resp.more or not resp.kvs:
+                return
+            start = resp.kvs[-1].key + b"\0"
+            per_key = max(1, resp.ByteSize() // len(resp.kvs))
+            limit = max(1, min(LOAD_PAGE_KEYS, LOAD_PAGE_BYTES // per_key))
+
+    async def _build_index(self) -> None:
+        """Index the open records of a store written before the index existed, then
+        mark the index complete. Fenced: only the leader writes it."""
+        indexed = 0
+        async for page in self.scan():
+            ops = []
+            for task, mod in page:
+                if task.state in TERMINAL:
+                    continue
+                # only while the record is the one read, so a change made meanwhile
+                # (which writes the index itself) is never overwritten by a stale one
+                txn = rpc.TxnRequest()
+                c = txn.compare.add()
+                c.key, c.target, c.result, c.mod_revision = (
+                    self.task_key(task.task_id),
+                    _MOD,
+                    _EQUAL,
+                    mod,
+                )
+                txn.success.add().request_put.key = self.open_key(task.task_id)
+                ops.append(txn)
+            for i in range(0, len(ops), MAX_OPS):
+                request = rpc.TxnRequest()
+                for txn in ops[i : i + MAX_OPS]:
+                    request.success.add().request_txn.CopyFrom(txn)
+                await self.election.fenced_request(request)
+            indexed += len(ops)
+        request = rpc.TxnRequest()
+        put = request.success.add().request_put
+        put.key, put.value = self._marker, b"1"
+        await self.election.fenced_request(request)
+        log.info("open-task index built", extra={"open_tasks": indexed})
 
     async def page(self, start_after: str, limit: int) -> tuple[list[tpb.Task], str]:
         """Up to `limit` records after `start_after` in key order, and the last key seen."""
@@ -213,12 +381,15 @@ class EtcdTaskStore:
 class _Prepared:
     """One Write, ready to be filled into a nested transaction."""
 
-    __slots__ = ("claim_key", "record", "record_lease", "task_key", "write")
+    __slots__ = ("claim_key", "open_key", "record", "record_lease", "task_key", "write")
 
-    def __init__(self, w: Write, task_key: bytes, claim_key: bytes, retention: int) -> None:
+    def __init__(
+        self, w: Write, task_key: bytes, claim_key: bytes, open_key: bytes, retention: int
+    ) -> None:
         self.write = w
         self.task_key = task_key
         self.claim_key = claim_key
+        self.open_key = open_key
         record = w.task
         if record.state in (tpb.TASK_STATE_ASSIGNED, tpb.TASK_STATE_RUNNING):
             # the token is this commit's revision, known only after it: readers take
@@ -228,6 +399,7 @@ class _Prepared:
             record.claim_token = 0
             record.state = tpb.TASK_STATE_ASSIGNED
         self.record = record.SerializeToString()
+        w.sent = self.record  # what a read-back looks for if the reply is lost
         self.record_lease = retention if w.task.state in TERMINAL else 0
 
     def fill(self, txn: Any) -> None:
@@ -244,6 +416,10 @@ class _Prepared:
             put.key, put.value, put.lease = self.claim_key, w.task.agent_id.encode(), w.claim_lease
         elif w.delete_claim:
             txn.success.add().request_delete_range.key = self.claim_key
+        if w.task.state in TERMINAL:
+            txn.success.add().request_delete_range.key = self.open_key
+        else:
+            txn.success.add().request_put.key = self.open_key
         if w.expect_mod == 0:
             txn.failure.add().request_range.key = self.task_key
 
