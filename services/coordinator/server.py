@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import secrets
+from typing import Any
 
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -142,11 +143,15 @@ class CoordinatorNode:
                 )
                 campaign = asyncio.ensure_future(election.campaign())
                 lost = asyncio.ensure_future(lease.lost.wait())
-                await asyncio.wait({campaign, lost}, return_when=asyncio.FIRST_COMPLETED)
-                lost.cancel()
-                if not campaign.done():
-                    campaign.cancel()
-                    return
+                try:
+                    await asyncio.wait({campaign, lost}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    # Reaped whatever happens, shutdown included: a campaign left running
+                    # fails with NotLeaderError once the lease is revoked, and asyncio
+                    # logs "Task exception was never retrieved".
+                    await _reap(lost, *(() if campaign.done() else (campaign,)))
+                if campaign.cancelled():
+                    return  # the lease was lost before the campaign won
                 term = campaign.result()
                 await self._lead(election, term)
         finally:
@@ -189,10 +194,11 @@ class CoordinatorNode:
             asyncio.ensure_future(self._watch_claims(core, store, revision + 1)),
             asyncio.ensure_future(election.wait_lost()),
             asyncio.ensure_future(self._lease.lost.wait()),
+            asyncio.ensure_future(core.reconcile_loop()),
         ]
         try:
             done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
-            names = ("dispatch", "claims watch", "election key watch", "lease")
+            names = ("dispatch", "claims watch", "election key watch", "lease", "reconcile")
             for job in done:
                 why = (
                     "finished"
@@ -225,6 +231,16 @@ class CoordinatorNode:
     ) -> None:
         async for task_id, token in store.claim_deletions(start_revision):
             core.claim_lost(task_id, token)
+
+
+async def _reap(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel `tasks`, wait until they are done and retrieve their exceptions."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
 
 
 async def serve(cfg: CoordinatorConfig) -> None:

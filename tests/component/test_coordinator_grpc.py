@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
+from registry.election import candidates
 from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
 from services.coordinator.config import CoordinatorConfig
@@ -477,3 +479,53 @@ async def test_health_reports_serving_once_elected(channel: grpc.aio.Channel) ->
     for service in (SERVICE, ""):
         resp = await within(health.Check(health_pb2.HealthCheckRequest(service=service)))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_replicas_stop_without_a_lost_task_exception(
+    etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A standby's campaign used to be left running at shutdown: when the leader's key
+    # went after the standby's lease was revoked, it failed, and asyncio logged "Task
+    # exception was never retrieved" (seen after etcd restarts, on SIGTERM to all).
+    cluster = f"test-{uuid.uuid4().hex}"
+    cfg = CoordinatorConfig(
+        etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", grace_s=1.0
+    )
+    leader = CoordinatorNode(cfg)
+    standby = CoordinatorNode(cfg)
+    lead = asyncio.ensure_future(leader.run())
+    stand: asyncio.Future[None] | None = None
+    etcd = Etcd(etcd_server.endpoint, prefix=f"/agentmesh/{cluster}/")
+    # the standby keeps its etcd connection until the leader is gone, as a slower
+    # shutdown would
+    closing = asyncio.Event()
+    close = standby.etcd.close
+
+    async def late_close() -> None:
+        await closing.wait()
+        await close()
+
+    standby.etcd.close = late_close  # type: ignore[method-assign]
+    try:
+        async with asyncio.timeout(HANG_S):
+            while leader.servicer.core is None:
+                await asyncio.sleep(0.01)
+            stand = asyncio.ensure_future(standby.run())
+            while len(await candidates(etcd, "coordinator")) < 2:
+                await asyncio.sleep(0.01)
+            standby.stop.set()
+            while len(await candidates(etcd, "coordinator")) > 1:  # its lease is revoked
+                await asyncio.sleep(0.01)
+            leader.stop.set()
+            await lead
+            await asyncio.sleep(0.3)  # a campaign still running sees its predecessor go
+    finally:
+        closing.set()
+        leader.stop.set()
+        standby.stop.set()
+        await within(asyncio.gather(lead, *(() if stand is None else (stand,))), 30)
+        await etcd.close()
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0.05)
+    assert "never retrieved" not in caplog.text
