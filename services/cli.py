@@ -173,9 +173,11 @@ def serve_agent_pool(
     if not 1 <= cfg.capacity <= 1000:
         _fail("--capacity must be 1-1000", 2)
     logs.setup("agent-pool", cfg.pool_id or str(os.getpid()))
+    from services._common.errors import AlreadyExistsError
+
     try:
         _run(serve(cfg))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, AlreadyExistsError) as err:
         _fail(str(err))
 
 

@@ -20,10 +20,14 @@ from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from registry import discovery
 from registry.election import observe
-from registry.etcd import Etcd, op_put
+from registry.etcd import Etcd, cmp_create, op_get, op_put
 from registry.lease import KeptLease
 from services._common.clock import SystemClock
-from services._common.errors import InvalidArgumentError, StoreUnavailableError
+from services._common.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    StoreUnavailableError,
+)
 from services._common.grpcserver import (
     OPTIONS,
     SERVING,
@@ -234,11 +238,43 @@ class PoolNode:
                 task.cancel()
                 self.agents[agent_id] = (agent, asyncio.ensure_future(agent.run()))
 
-    async def _register(self) -> None:
-        instance = discovery.Instance(
+    async def _claim_pool_id(self) -> None:
+        """Register this pool only if no other live pool has its id.
+
+        Two pools with one id would give out the same agent ids: the coordinator refuses
+        the second hello for a connected id, so half the agents would never connect. A
+        registration on another lease that outlives that lease's TTL belongs to a live
+        pool (a crashed one's goes with its lease): refuse to start, saying so."""
+        instance = self._instance()
+        key = discovery.key(self.etcd, instance)
+        deadline = time.monotonic() + 2 * self.cfg.lease_ttl_s + 1
+        while True:
+            resp = await self.etcd.txn(
+                [cmp_create(key, 0)],
+                [op_put(key, instance.encode(), self.lease.id)],
+                [op_get(key)],
+            )
+            if resp.succeeded:
+                return
+            kvs = resp.responses[0].response_range.kvs
+            if not kvs or int(kvs[0].lease) == self.lease.id:
+                return
+            if time.monotonic() > deadline:
+                other = discovery.Instance.decode(kvs[0].value)
+                raise AlreadyExistsError(
+                    f"agent pool id {self.pool_id!r} is in use by a live pool at "
+                    f"{other.endpoint} (etcd lease {int(kvs[0].lease):x}); start this one "
+                    "with another --pool-id (or none: a unique one is generated)"
+                )
+            await asyncio.sleep(0.25)  # a crashed pool's registration goes with its lease
+
+    def _instance(self) -> discovery.Instance:
+        return discovery.Instance(
             "agent-pool", self.pool_id, self.endpoint, {"agents": str(len(self.agents))}
         )
-        await discovery.register(self.etcd, self.lease.id, instance)
+
+    async def _register(self) -> None:
+        await discovery.register(self.etcd, self.lease.id, self._instance())
         await self._register_agents([a for a, _ in self.agents.values()])
 
     async def run(self) -> None:
@@ -246,11 +282,18 @@ class PoolNode:
         while True:
             try:
                 await self.lease.grant()
+                await self._claim_pool_id()
                 await self._register()
                 break
             except StoreUnavailableError as err:
                 log.warning("etcd unreachable at start; retrying", extra={"error": str(err)})
                 await asyncio.sleep(0.5)
+            except AlreadyExistsError as err:
+                log.error("agent pool refused to start", extra={"error": str(err)})
+                await self.lease.revoke()
+                await self.server.stop(0)
+                await self.etcd.close()
+                raise
         await self.health.set("", SERVING)
         await self.health.set(SERVICE, SERVING)
         log.info("agent pool listening", extra={"endpoint": self.endpoint, "pool": self.pool_id})

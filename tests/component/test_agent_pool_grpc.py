@@ -18,7 +18,10 @@ from protos.agentmesh.v1 import agent_pool_pb2_grpc as ppb_grpc
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
+from registry import discovery
+from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
+from services._common.errors import AlreadyExistsError
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.server import PoolNode
 from services.client import MeshClient
@@ -220,3 +223,51 @@ async def test_sleep_tasks_report_simulated_work(mesh: Mesh) -> None:
         last = events[-1].task
         assert last.state == S.TASK_STATE_SUCCEEDED
         assert b'"simulated": true' in last.result
+
+
+async def test_a_second_pool_with_a_live_pools_id_is_refused_at_start(
+    mesh: Mesh, etcd_server: EtcdServer
+) -> None:
+    # issue 8, item 3: two pools with one id hand out the same agent ids; the second
+    # would orphan the first one's agents (or never connect its own)
+    first = mesh.pool_node
+    twin = PoolNode(
+        PoolConfig(
+            etcd=etcd_server.endpoint,
+            cluster=first.cfg.cluster,
+            listen="127.0.0.1:0",
+            pool_id=first.pool_id,
+        )
+    )
+    with pytest.raises(AlreadyExistsError, match=f"{first.pool_id!r} is in use by a live pool"):
+        await within(twin.run())
+    assert first.lease.id != 0
+    status = await within(mesh.coord.GetStatus(cpb.GetStatusRequest()))
+    pools = [s for s in status.services if s.kind == "agent-pool"]
+    assert [(p.instance_id, p.endpoint) for p in pools] == [(first.pool_id, first.endpoint)]
+
+
+async def test_a_pool_restarted_after_a_crash_takes_its_id_back(etcd_server: EtcdServer) -> None:
+    # the crashed pool's registration lives until its lease expires: the new process
+    # waits for that instead of refusing
+    cluster = f"test-{uuid.uuid4().hex}"
+    etcd = Etcd(etcd_server.endpoint, prefix=f"/agentmesh/{cluster}/")
+    try:
+        dead = await etcd.grant(2)  # never refreshed: the crashed process's lease
+        await discovery.register(
+            etcd, dead, discovery.Instance("agent-pool", "pool-x", "127.0.0.1:1")
+        )
+        node = PoolNode(
+            PoolConfig(
+                etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", pool_id="pool-x"
+            )
+        )
+        async with running(node, lambda: node.lease.id != 0):
+
+            async def registered() -> bool:
+                found = await discovery.resolve(etcd, "agent-pool")
+                return [i.endpoint for i in found] == [node.endpoint]
+
+            await until(registered)
+    finally:
+        await etcd.close()

@@ -529,3 +529,27 @@ async def test_replicas_stop_without_a_lost_task_exception(
         gc.collect()
         await asyncio.sleep(0.05)
     assert "never retrieved" not in caplog.text
+
+
+async def test_an_agent_id_in_use_on_another_lease_is_already_exists(
+    stub: cpb_grpc.CoordinatorStub, etcd: Etcd, lease: int
+) -> None:
+    other = await etcd.grant(30)
+    try:
+        async with raw_agent(stub, "twin") as real, raw_agent(stub, "twin") as impostor:
+            await real.hello(lease)
+            await impostor.send(
+                cpb.AgentMessage(
+                    hello=cpb.AgentHello(
+                        agent_id="twin", pool_id="other", lease_id=other, kinds=["echo"], capacity=1
+                    )
+                )
+            )
+            err = await error_of(impostor.call.read())
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "'twin' is connected already" in (err.details() or "")
+            # the real agent is still reachable: it gets the next task
+            sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+            assert (await real.expect("assign")).task.task_id == sub.task.task_id
+    finally:
+        await etcd.revoke(other)
