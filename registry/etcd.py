@@ -315,6 +315,7 @@ class Etcd:
         """
         next_rev = start_revision
         delay = 0.05
+        broken = False  # one warning per break, not one per retry while etcd is down
         while True:
             try:
                 if not next_rev:
@@ -329,6 +330,7 @@ class Etcd:
                     key, prefix=prefix, start_revision=next_rev, prev_kv=prev_kv
                 ):
                     delay = 0.05
+                    broken = False
                     # Resume after the last event, not after the header revision: while a
                     # watch catches up, etcd sends events in batches whose header carries
                     # the store's current revision, past events not yet sent (clientv3 does
@@ -336,10 +338,12 @@ class Etcd:
                     next_rev = int(events[-1].kv.mod_revision) + 1
                     yield rev, events
             except StoreUnavailableError as err:
-                log.warning(
+                log.log(
+                    logging.DEBUG if broken else logging.WARNING,
                     "etcd watch broke, resuming",
                     extra={"key": key.decode(errors="replace"), "error": str(err)},
                 )
+                broken = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
