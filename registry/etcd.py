@@ -32,6 +32,10 @@ _RETRYABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNKNOWN,
+    # etcd never answers INTERNAL itself (its own errors are InvalidArgument, NotFound,
+    # ResourceExhausted ... or Unknown): INTERNAL is the transport, e.g. a stream reset
+    # ("RST_STREAM") when etcd is killed mid-call, after which the call may have applied
+    grpc.StatusCode.INTERNAL,
 }
 
 
@@ -233,15 +237,21 @@ class Etcd:
 
     async def keepalive_once(self, lease_id: int) -> int:
         """Refresh a lease; returns its new TTL, 0 when it no longer exists."""
+        call = self._lease.LeaseKeepAlive(
+            iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self.timeout_s
+        )
         try:
-            call = self._lease.LeaseKeepAlive(
-                iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self.timeout_s
-            )
-            async for reply in call:
-                return int(reply.TTL)
+            # bounded here too: the keeper's loop must never wait on one refresh forever
+            async with asyncio.timeout(self.timeout_s + 1.0):
+                async for reply in call:
+                    return int(reply.TTL)
             return 0
         except grpc.aio.AioRpcError as err:
             raise _domain_error(err) from err
+        except (TimeoutError, asyncio.InvalidStateError) as err:
+            raise StoreUnavailableError(f"etcd lease refresh did not complete: {err!r}") from err
+        finally:
+            call.cancel()
 
     async def ttl(self, lease_id: int) -> int:
         """Seconds left on a lease; -1 when it does not exist."""

@@ -64,6 +64,14 @@ class KeptLease:
                     "lease refresh failed, retrying", extra={"lease": self.id, "error": str(err)}
                 )
                 continue
+            except Exception as err:  # noqa: BLE001 - the keeper must outlive any odd error
+                # A keeper that died here left no trace and its lease expired 3 s later:
+                # a leader lost its term after an etcd restart with nothing in its log.
+                log.warning(
+                    "lease refresh failed unexpectedly, retrying",
+                    extra={"lease": self.id, "error": f"{type(err).__name__}: {err}"},
+                )
+                continue
             if ttl <= 0:
                 log.warning("lease is gone", extra={"lease": self.id})
                 self.lost.set()
