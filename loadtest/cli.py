@@ -53,6 +53,7 @@ class Scenario(StrEnum):
     agent_kill = "agent-kill"
     leader_kill = "leader-kill"
     etcd_restart = "etcd-restart"
+    etcd_kill = "etcd-kill"
 
 
 class ExecutorChoice(StrEnum):
@@ -280,6 +281,11 @@ def main(
     kill_at: float = typer.Option(
         0.0, help="agent-kill/leader-kill: seconds in (0: a third of --duration)"
     ),
+    kills: int = typer.Option(10, help="etcd-kill: how many times etcd is SIGKILLed"),
+    etcd_down: float = typer.Option(1.0, help="etcd-kill: seconds etcd stays down each time"),
+    kill_every: float = typer.Option(
+        0.0, help="etcd-kill: seconds between kills (0: spread over --duration)"
+    ),
     capacity: int = typer.Option(1, help="tasks each agent runs at once"),
     spawn_batch: int = typer.Option(50, help="agents a pool starts in parallel"),
     target: str | None = typer.Option(
@@ -299,7 +305,14 @@ def main(
         raise typer.BadParameter("--agents and --pools must be at least 1, --duration positive")
     if peer_only and compare == Peer.none:
         raise typer.BadParameter("--peer-only needs --compare celery")
-    if target and scenario in (Scenario.agent_kill, Scenario.leader_kill):
+    if kills < 1 or etcd_down < 0 or kill_every < 0:
+        raise typer.BadParameter("--kills must be at least 1, --etcd-down and --kill-every ≥ 0")
+    if target and scenario in (
+        Scenario.agent_kill,
+        Scenario.leader_kill,
+        Scenario.etcd_restart,
+        Scenario.etcd_kill,
+    ):
         raise typer.BadParameter(
             f"--scenario {scenario.value} kills processes: it needs the "
             "harness's own cluster (leave out --target)"
@@ -323,6 +336,9 @@ def main(
         burst_size=burst,
         burst_interval_s=burst_interval,
         kill_at_s=kill_at,
+        kills=kills,
+        etcd_down_s=etcd_down,
+        kill_every_s=kill_every,
     )
     params: dict[str, Any] = {
         "scenario": scenario.value,
@@ -342,6 +358,8 @@ def main(
         "compare": compare.value,
         "target": target or "local cluster started by the harness",
     }
+    if scenario == Scenario.etcd_kill:
+        params.update(kills=kills, etcd_down_s=etcd_down, kill_every_s=kill_every)
     if workload.simulated:
         console.print(f"[bold yellow]SIMULATED WORK[/]: tasks sleep {sleep_ms:g} ms on the agents")
     mode = (

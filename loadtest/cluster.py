@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from loadtest.target import Target, read_rss_bytes
+from loadtest.target import Target, read_cpu_seconds, read_rss_bytes
 
 READY_TIMEOUT_S = 90.0
 
@@ -69,6 +69,19 @@ async def local_cluster(
             await asyncio.sleep(down_s)
             await asyncio.to_thread(cluster.etcd.start)
 
+        async def kill_etcd() -> None:
+            await asyncio.to_thread(cluster.etcd.kill)
+
+        async def start_etcd() -> None:
+            await asyncio.to_thread(cluster.etcd.start)
+
+        def cpu() -> dict[str, float]:
+            return {
+                name: read_cpu_seconds(proc.pid)
+                for name, proc in cluster.procs.items()
+                if proc.poll() is None
+            }
+
         def rss() -> dict[str, int]:
             return {
                 name: read_rss_bytes(proc.pid)
@@ -83,7 +96,10 @@ async def local_cluster(
             kill=kill,
             restart=restart,
             restart_etcd=restart_etcd,
+            kill_etcd=kill_etcd,
+            start_etcd=start_etcd,
             process_rss=rss,
+            process_cpu=cpu,
             description=(
                 f"local cluster: etcd, {coordinators} coordinator(s), {pools} agent pool(s), "
                 f"agents of capacity {capacity}"

@@ -11,6 +11,12 @@ fails on any lost or doubly-completed task, whatever its timings say.
               measures how fast the tasks its agents held are reassigned.
 - leader-kill: steady with two coordinators; the leader is SIGKILLed; measures
               the time until tasks complete again under the new term.
+- etcd-restart: steady; etcd is stopped for 3 s and started again with its data.
+- etcd-kill:  steady; etcd is SIGKILLed `kills` times (writes in flight may or may
+              not be applied) and started again from its data dir each time;
+              measures, per kill, the time from etcd's return to the last task that
+              was in flight at the kill finishing, and the coordinator's CPU while
+              etcd was down. No leader change is involved (one coordinator).
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -38,7 +45,7 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 
 log = logging.getLogger(__name__)
 
-SCENARIOS = ("steady", "burst", "spawn", "agent-kill", "leader-kill", "etcd-restart")
+SCENARIOS = ("steady", "burst", "spawn", "agent-kill", "leader-kill", "etcd-restart", "etcd-kill")
 POOL_KIND = "agent-pool"
 TEMPLATE_KINDS = ("noop", "sleep")
 """Kinds a cold-spawned agent advertises (an explicit template bypasses the warm pool)."""
@@ -58,6 +65,12 @@ class ScenarioOptions:
     """agent-kill / leader-kill: seconds into the run (0: a third of the duration)."""
     ready_timeout_s: float = 60.0
     """Bound on waiting for agents to connect."""
+    kills: int = 10
+    """etcd-kill: how many times etcd is SIGKILLed."""
+    etcd_down_s: float = 1.0
+    """etcd-kill: how long etcd stays down each time (then it restarts, ~1 s more)."""
+    kill_every_s: float = 0.0
+    """etcd-kill: seconds from one kill to the next (0: spread over the rest of the run)."""
 
 
 class Stopper:
@@ -435,6 +448,141 @@ def etcd_restart_action(target: Target, down_s: float) -> Callable[[Driver], Any
     return run
 
 
+@dataclass
+class EtcdKill:
+    """One SIGKILL of etcd, as the etcd-kill scenario saw it."""
+
+    kill: int
+    at_s: float
+    """Seconds into the run."""
+    in_flight: list[str]
+    """Acknowledged tasks not yet terminal at the kill: the ones an outage may strand."""
+    down_s: float
+    back_mono: float
+    """When etcd answered again (client monotonic clock)."""
+    coordinator_cpu_pct: float
+    """The coordinators' CPU while etcd was down, in % of one core."""
+    restart_s: float = 0.0
+    """How long etcd took to start and answer."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def coordinator_cpu_s(target: Target) -> float:
+    cpu = target.process_cpu() if target.process_cpu is not None else {}
+    return sum(v for k, v in cpu.items() if k.startswith("coordinator"))
+
+
+async def leader_term(client: CoordinatorClient, timeout_s: float = 30.0) -> int:
+    """The root coordinator's term, once one answers GetStatus."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        with contextlib.suppress(RpcFailed):
+            status = await client.call("GetStatus", cpb.GetStatusRequest(), timeout_s=2.0)
+            if status.term:
+                return int(status.term)
+        if loop.time() > deadline:
+            return 0
+        await asyncio.sleep(0.1)
+
+
+def etcd_kill_action(
+    client: CoordinatorClient,
+    target: Target,
+    options: ScenarioOptions,
+    interval_s: float,
+    record: list[EtcdKill],
+) -> Callable[[Driver], Any]:
+    """SIGKILL etcd `options.kills` times, `interval_s` apart; each time keep it down for
+    `options.etcd_down_s` and start it again from its data dir. Each kill goes into
+    `record` as it happens (the run may end before the last one)."""
+    if target.kill_etcd is None or target.start_etcd is None:
+        raise TargetError("etcd-kill needs a cluster the harness started (no --target)")
+    kill_etcd, start_etcd = target.kill_etcd, target.start_etcd
+
+    async def run(driver: Driver) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        term_before = await leader_term(client)
+        for i in range(options.kills):
+            started = loop.time()
+            in_flight = list(driver.inflight)
+            cpu0, t0 = coordinator_cpu_s(target), loop.time()
+            await kill_etcd()
+            await asyncio.sleep(options.etcd_down_s)
+            cpu1, t1 = coordinator_cpu_s(target), loop.time()
+            await start_etcd()
+            back = driver.clock.monotonic()
+            record.append(
+                EtcdKill(
+                    kill=i + 1,
+                    at_s=round(driver.elapsed(), 3),
+                    in_flight=in_flight,
+                    down_s=round(t1 - t0, 3),
+                    back_mono=back,
+                    coordinator_cpu_pct=100.0 * (cpu1 - cpu0) / max(1e-9, t1 - t0),
+                    restart_s=round(loop.time() - t1, 3),
+                )
+            )
+            if i + 1 < options.kills:
+                await asyncio.sleep(max(0.0, interval_s - (loop.time() - started)))
+        term_after = await leader_term(client)
+        # the promise is kept without a failover: one term from the first kill to the last
+        return {
+            "kills": len(record),
+            "etcd_down_s": options.etcd_down_s,
+            "leader_term_before": term_before,
+            "leader_term_after": term_after,
+        }
+
+    return run
+
+
+def summarise_etcd_kills(
+    kills: list[EtcdKill], done_at: Mapping[str, float], acknowledged: int, terminal: int
+) -> dict[str, Any]:
+    """Per kill and over all kills: how long after etcd's return the last task that was
+    in flight at the kill finished (`done_at`: task id → when the run saw it terminal;
+    absent = never), and the coordinators' CPU while etcd was down."""
+    recovery = LatencyRecorder("stranded_after_etcd_back")
+    per_kill = []
+    never = 0
+    for k in kills:
+        finished = [done_at[t] for t in k.in_flight if t in done_at]
+        missing = len(k.in_flight) - len(finished)
+        never += missing
+        last = max((max(0.0, t - k.back_mono) for t in finished), default=0.0)
+        if not missing:
+            recovery.record_s(last)
+        per_kill.append(
+            {
+                "kill": k.kill,
+                "at_s": k.at_s,
+                "down_s": k.down_s,
+                "restart_s": k.restart_s,
+                "in_flight": len(k.in_flight),
+                "last_finished_after_back_s": round(last, 3) if not missing else None,
+                "never_finished": missing,
+                "coordinator_cpu_pct": round(k.coordinator_cpu_pct, 1),
+            }
+        )
+    cpus = [k.coordinator_cpu_pct for k in kills]
+    return {
+        "kills": len(kills),
+        "acknowledged_terminal": f"{terminal}/{acknowledged}",
+        "in_flight_at_kills": sum(len(k.in_flight) for k in kills),
+        "never_finished": never,
+        "last_stranded_after_back_p50_s": round(recovery.percentile_ms(50) / 1000, 3)
+        if recovery.count
+        else None,
+        "last_stranded_after_back_max_s": round(recovery.percentile_ms(100) / 1000, 3)
+        if recovery.count
+        else None,
+        "coordinator_cpu_down_p50_pct": round(statistics.median(cpus), 1) if cpus else None,
+        "coordinator_cpu_down_max_pct": round(max(cpus), 1) if cpus else None,
+        "per_kill": per_kill,
+    }
+
+
 # ---------------------------------------------------------------- the runner
 
 
@@ -459,6 +607,7 @@ async def run_agentmesh(
             setup = await ensure_agents(client, target, options, spawn_hist)
         schedule: Schedule | None = None
         actions: list[Action] = []
+        etcd_kills: list[EtcdKill] = []
         watch_all = False
         kill_at = options.kill_at_s or workload.duration_s / 3
         if scenario == "burst":
@@ -471,6 +620,19 @@ async def run_agentmesh(
             actions.append(Action(kill_at, "leader killed", leader_kill_action(client, target)))
         elif scenario == "etcd-restart":
             actions.append(Action(kill_at, "etcd restarted", etcd_restart_action(target, 3.0)))
+        elif scenario == "etcd-kill":
+            kill_at = options.kill_at_s or min(5.0, workload.duration_s / 10)
+            interval = options.kill_every_s or max(
+                options.etcd_down_s + 2.0,
+                (workload.duration_s - kill_at - 2.0) / max(1, options.kills),
+            )
+            actions.append(
+                Action(
+                    kill_at,
+                    f"etcd SIGKILLed {options.kills}x",
+                    etcd_kill_action(client, target, options, interval, etcd_kills),
+                )
+            )
         driver = Driver(
             client,
             workload,
@@ -488,6 +650,24 @@ async def run_agentmesh(
             driver.metrics.latencies["spawn"] = spawn_hist
         result = await driver.run()
         result.extra.update(setup)
+        if scenario == "etcd-kill":
+            done_at = {tid: rec.done_at for tid, rec in driver.tasks.items() if rec.done_at}
+            result.extra["etcd_kills"] = summarise_etcd_kills(
+                etcd_kills,
+                done_at,
+                acknowledged=result.acknowledged,
+                terminal=sum(result.terminal_states.values()),
+            )
+            for info in result.extra.get("actions", []):
+                if "leader_term_before" in info:
+                    result.extra["etcd_kills"]["leader_term_unchanged"] = (
+                        info["leader_term_before"] == info["leader_term_after"] != 0
+                    )
+            if len(etcd_kills) < options.kills:
+                result.notes.append(
+                    f"etcd-kill: only {len(etcd_kills)} of {options.kills} kills fit in the run; "
+                    "use a longer --duration or a smaller --kill-every"
+                )
         if target.description:
             result.extra["cluster"] = target.description
         if target.info:

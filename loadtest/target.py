@@ -9,6 +9,7 @@ any cluster, local processes or containers, can be wired to it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,9 @@ EtcdRestartFn = Callable[[float], Awaitable[None]]
 """instance id → returns once that process was started again (not necessarily ready)."""
 RssFn = Callable[[], Mapping[str, int]]
 """Resident memory in bytes per instance id, now."""
+CpuFn = Callable[[], Mapping[str, float]]
+"""CPU seconds (user + system) each process has used so far, per process name."""
+EtcdFn = Callable[[], Awaitable[None]]
 
 
 class TargetError(RuntimeError):
@@ -49,8 +53,15 @@ class Target:
     restart_etcd: EtcdRestartFn | None = None
     """Stop etcd, keep it down for the given seconds, start it again with the same data
     (etcd-restart scenario)."""
+    kill_etcd: EtcdFn | None = None
+    """SIGKILL etcd now: no goodbye, requests in flight may or may not be applied
+    (etcd-kill scenario)."""
+    start_etcd: EtcdFn | None = None
+    """Start etcd again from its data dir; returns once it answers."""
     process_rss: RssFn | None = None
     """Memory per process, for memory per agent (optional)."""
+    process_cpu: CpuFn | None = None
+    """CPU used so far per process (etcd-kill: the coordinator's CPU during outages)."""
     description: str = ""
     """How this cluster was started, for the report."""
     info: dict[str, Any] = field(default_factory=dict)
@@ -79,3 +90,22 @@ def read_rss_bytes(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def cpu_seconds_from_stat(stat: str, ticks_per_s: float) -> float:
+    """utime + stime, in seconds, from the text of /proc/<pid>/stat.
+
+    The command name (field 2) may hold spaces and parentheses, so fields are counted
+    from its closing parenthesis: field 3 (state) comes first, utime is field 14 and
+    stime field 15."""
+    rest = stat[stat.rindex(")") + 2 :].split()
+    return (int(rest[11]) + int(rest[12])) / ticks_per_s
+
+
+def read_cpu_seconds(pid: int) -> float:
+    """CPU seconds a live process has used (0 when it is gone or /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return cpu_seconds_from_stat(fh.read(), os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0

@@ -100,7 +100,19 @@ def evaluate(runs: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[st
                         "met": first <= 3.0,
                     }
                 )
-    if scenario in ("agent-kill", "leader-kill"):
+    kills = am["extra"].get("etcd_kills") if scenario == "etcd-kill" else None
+    if kills:
+        out.append(
+            {
+                "name": f"etcd SIGKILLed {kills['kills']}x: acknowledged tasks terminal",
+                "goal": "all, without a leader change",
+                "measured": kills["acknowledged_terminal"],
+                "met": am["ok"]
+                and kills["never_finished"] == 0
+                and kills.get("leader_term_unchanged", False),
+            }
+        )
+    if scenario in ("agent-kill", "leader-kill", "etcd-kill"):
         out.append(
             {
                 "name": "no lost, no doubly-completed task",

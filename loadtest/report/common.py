@@ -89,6 +89,19 @@ def detail_lines(run: dict[str, Any]) -> list[str]:
     for action in extra.get("actions", []):
         facts = ", ".join(f"{k} {v}" for k, v in action.items() if k != "label")
         lines.append(f"{action.get('label', 'action')}: {facts}")
+    kills = extra.get("etcd_kills")
+    if isinstance(kills, dict):
+        lines.append(
+            f"etcd SIGKILLed {kills['kills']}x: acknowledged tasks terminal "
+            f"{kills['acknowledged_terminal']}; last task in flight at a kill finished "
+            f"P50 {kills['last_stranded_after_back_p50_s']} s, max "
+            f"{kills['last_stranded_after_back_max_s']} s after etcd answered again "
+            f"({kills['never_finished']} never); coordinator CPU while etcd was down "
+            f"P50 {kills['coordinator_cpu_down_p50_pct']} %, max "
+            f"{kills['coordinator_cpu_down_max_pct']} % of one core"
+        )
+        for k in kills.get("per_kill", []):
+            lines.append("  " + ", ".join(f"{key} {value}" for key, value in k.items()))
     for key in sorted(k for k in extra if k.startswith("kill_")):
         facts = ", ".join(f"{k} {v}" for k, v in extra[key].items())
         lines.append(f"{key}: {facts}")
