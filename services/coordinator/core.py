@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import hashlib
 import heapq
 import logging
@@ -86,6 +87,13 @@ READ_CHUNK = 32
 
 def state_name(state: int) -> str:
     return S.Name(state).removeprefix("TASK_STATE_")
+
+
+_CALLER_WAITS: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
+    "agentmesh_caller_waits", default=None
+)
+"""Set in the core's task for an RPC's work: resolved when that work starts to wait
+for etcd to come back, so the RPC can answer UNAVAILABLE instead of hanging."""
 
 
 # ---------------------------------------------------------------- store contract
@@ -354,6 +362,8 @@ class Entry:
     mod: int
     queued: bool = False
     """Its id sits in a ready queue or the retry heap (in one of them, once)."""
+    claim_gone: int = 0
+    """etcd deleted this claim token while a write was under way (ours, most likely)."""
     _busy: asyncio.Future[None] | None = None
     """Set while a write for this task and its bookkeeping are under way."""
 
@@ -645,6 +655,9 @@ class CoordinatorCore:
     async def _store_ready(self) -> None:
         """Return at once while etcd answers; during an outage, when it is over."""
         if self._outage.since:
+            waits = _CALLER_WAITS.get()
+            if waits is not None and not waits.done():
+                waits.set_result(None)  # the RPC that asked answers now; the work goes on
             self._outage.waits += 1
             while self._outage.since:
                 self._check_term()
@@ -669,27 +682,44 @@ class CoordinatorCore:
 
     # ---- work the core owns ----
 
-    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    def spawn(
+        self, coro: Coroutine[Any, Any, T], *, caller: asyncio.Future[None] | None = None
+    ) -> asyncio.Task[T]:
         """Run work without blocking the caller (the dispatcher, a stream); the core
-        holds it until done and cancels it at the end of the term."""
-        task = asyncio.ensure_future(coro)
+        holds it until done and cancels it at the end of the term. `caller`: resolved
+        if the work starts waiting for etcd (see `_owned`)."""
+        context = contextvars.copy_context()
+        context.run(_CALLER_WAITS.set, caller)
+        task = asyncio.get_running_loop().create_task(coro, context=context)
         self._background.add(task)
         task.add_done_callback(self._background_done)
         return task
 
     async def _owned(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` as the core's own task and wait for it: if the caller goes away
+        """Run `coro` as the core's own task and wait for it. If the caller goes away
         (a client's deadline cancels its handler), the write it started still finishes
-        and its bookkeeping is done."""
-        task = self.spawn(coro)
+        and its bookkeeping is done. If the work has to wait for etcd to come back (the
+        outcome of its write is unknown until then), the caller gets UNAVAILABLE at once
+        and the work goes on: a retry with the same ids finds the outcome."""
+        waits: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = self.spawn(coro, caller=waits)
         try:
-            return await asyncio.shield(task)
+            either: set[asyncio.Future[Any]] = {task, waits}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and not (current is not None and current.cancelling()):
                 # the term ended under us, not the caller
                 raise self.deposed or NotLeaderError("the leader's term ended") from None
             raise
+        if task.done():
+            if task.cancelled():
+                raise self.deposed or NotLeaderError("the leader's term ended")
+            return task.result()
+        raise StoreUnavailableError(
+            "etcd is unreachable; whether this call's write landed is not known yet (the "
+            "leader settles it when etcd is back): retry with the same task ids"
+        )
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
@@ -1177,9 +1207,13 @@ class CoordinatorCore:
 
     def _done_with(self, entry: Entry) -> None:
         """Release a taken entry; a QUEUED one that plan() skipped while it was busy
-        gets its turn now."""
+        gets its turn now, and a claim etcd deleted meanwhile is dealt with now."""
         entry.release()
-        if entry.queued and entry.task.state == QUEUED and self.free:
+        gone, entry.claim_gone = entry.claim_gone, 0
+        task = entry.task
+        if gone and task.state in HELD and task.claim_token == gone:
+            self.claim_lost(task.task_id, gone)
+        if entry.queued and task.state == QUEUED and self.free:
             self.wake.set()
 
     def _finish(self, entry: Entry, new: tpb.Task, previous: int) -> None:
@@ -1264,6 +1298,12 @@ class CoordinatorCore:
         decides once it has the entry, when the write under way is resolved."""
         entry = self.active.get(task_id)
         if entry and entry.task.state in HELD and entry.task.claim_token == token:
+            if entry.busy:
+                # Most likely our own write (a report, a cancel) deleted it and its reply
+                # is on its way: decided when that write is done, without a task per
+                # completion meanwhile.
+                entry.claim_gone = token
+                return
             self.spawn(
                 self._requeue(
                     task_id,
@@ -1552,8 +1592,10 @@ class CoordinatorCore:
                     kept.append(task_id)
                     continue
                 agent = self.strategy.pick(entry.task.spec, free)
-                if agent is None:
-                    kept.append(task_id)  # nobody free can run it now; keep its place
+                if agent is None or task_id in agent.inflight:
+                    # nobody free can run it now (or the one picked still lists an older
+                    # claim of it, being settled): keep its place
+                    kept.append(task_id)
                     continue
                 entry.queued = False
                 entry.try_take()

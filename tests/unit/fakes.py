@@ -50,6 +50,8 @@ class MemoryStore:
     """The next N commits are applied, then raise StoreUnavailableError (reply lost)."""
     down: bool = False
     """etcd is unreachable: every call raises StoreUnavailableError."""
+    die_with_lost_reply: bool = False
+    """With `lose_next`: etcd dies right after applying (sets `down`), as a SIGKILL would."""
     chaos: random.Random | None = None
     lose_p: float = 0.0
     fail_p: float = 0.0
@@ -89,6 +91,8 @@ class MemoryStore:
             raise StoreUnavailableError("etcd is unreachable (injected: not applied)")
         out = self._apply(writes) if gate is None else self._applied
         if lose:
+            if self.die_with_lost_reply:
+                self.down = True
             raise StoreUnavailableError("etcd did not answer (injected: applied, reply lost)")
         assert out is not None
         return out

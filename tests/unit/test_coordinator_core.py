@@ -1098,22 +1098,41 @@ async def test_cancel_during_an_outage_is_unavailable_not_ok(h: Harness) -> None
     await h.submit(spec(task_id="t"))
     h.store.down = True
     # this cancel's commit meets the outage: whether it landed is known only when etcd
-    # answers again, and the call waits for that (or for its caller's deadline)
-    first = asyncio.ensure_future(h.core.cancel("t", ""))
-    await run_for(h, 5)
-    assert not first.done()
+    # answers again, so the caller is told UNAVAILABLE now and the core settles it later
+    with pytest.raises(StoreUnavailableError, match="not known yet"):
+        await finish(h, h.core.cancel("t", ""))
     # while the outage is known, a cancel is refused at once, without a write
     calls = h.store.calls
     with pytest.raises(StoreUnavailableError, match="not cancelled"):
         await h.core.cancel("t", "")
     assert h.store.calls == calls
     h.store.down = False
-    with pytest.raises(StoreUnavailableError, match="not cancelled"):
-        await finish(h, first)  # it had not landed
+    await run_for(h, 3)  # the first cancel is settled: it had not landed
     assert h.state("t") == QUEUED
     a = h.agent("a1")
     await run_for(h, 1)
     assert a.assigned_ids() == ["t"]
+
+
+async def test_a_submit_cut_off_by_etcd_dying_is_settled_when_etcd_returns(h: Harness) -> None:
+    # etcd applies the create and dies before it replies (SIGKILL): the client cannot be
+    # told whether the task exists, so it hears UNAVAILABLE at once, not after its deadline
+    h.store.lose_next = 1
+    h.store.die_with_lost_reply = True
+    with pytest.raises(StoreUnavailableError, match="not known yet"):
+        await finish(h, h.core.submit([spec(task_id="t")]))
+    with pytest.raises(StoreUnavailableError):  # its retry, while etcd is still down
+        await h.core.submit([spec(task_id="t")])
+    h.store.down = False
+    await run_for(h, 3)  # etcd is back: the leader reads the create back and holds it
+    assert h.core.queue_depth() == 1
+    ((again, created),) = await h.core.submit([spec(task_id="t")])
+    assert not created
+    a = h.agent("a1")
+    await settle()
+    assert a.assigned_ids() == ["t"]
+    assert (await h.result(a, a.assigned()[0])).accepted
+    assert terminal_events(h) == {"t": 1}
 
 
 async def test_cancel_of_a_task_that_finished_meanwhile_says_so(h: Harness) -> None:
