@@ -54,6 +54,8 @@ INDEX_PAGE = 10_000
 # a page by count could pass gRPC's 64 MiB receive limit (issue 8, item 2).
 LOAD_PAGE_KEYS = 1000
 LOAD_PAGE_BYTES = 8 * 1024 * 1024
+# Record reads in flight at once at takeover (open tasks are read by id, in chunks).
+READ_PARALLEL = 4
 INDEX_MARKER = "open-index"
 
 
@@ -224,20 +226,52 @@ class EtcdTaskStore:
         return {task_id: (task, mod) for task_id, (task, mod, _) in found.items()}
 
     async def _read_raw(self, task_ids: Sequence[str]) -> dict[str, tuple[tpb.Task, int, bytes]]:
-        """Records by id as (task, mod revision, raw value): one read-only transaction per
-        READ_CHUNK ids, so a reply stays under gRPC's limit whatever the records' sizes."""
+        """Records by id as (task, mod revision, raw value), in read-only transactions
+        sized by bytes: the first ones hold READ_CHUNK ids (a reply stays under gRPC's
+        limit even if every record is near etcd's 1.5 MiB), later ones as many as fit
+        LOAD_PAGE_BYTES at the sizes seen (at most MAX_OPS, etcd's limit per
+        transaction), READ_PARALLEL at a time. A reply that is still too large is asked
+        for again in halves."""
         out: dict[str, tuple[tpb.Task, int, bytes]] = {}
-        for i in range(0, len(task_ids), READ_CHUNK):
-            chunk = task_ids[i : i + READ_CHUNK]
-            request = rpc.TxnRequest()
-            for task_id in chunk:
-                request.success.add().request_range.key = self.task_key(task_id)
-            resp = await self.etcd.txn_request(request)
-            for task_id, op in zip(chunk, resp.responses, strict=True):
-                kvs = op.response_range.kvs
-                if kvs:
-                    out[task_id] = (_decode(kvs[0]), int(kvs[0].mod_revision), bytes(kvs[0].value))
+        chunk = READ_CHUNK
+        seen_bytes = seen_records = 0
+        pos = 0
+        while pos < len(task_ids):
+            wave = []
+            for _ in range(READ_PARALLEL):
+                if pos >= len(task_ids):
+                    break
+                wave.append(task_ids[pos : pos + chunk])
+                pos += chunk
+            for ids, resp in zip(
+                wave, await asyncio.gather(*(self._read_chunk(ids) for ids in wave)), strict=True
+            ):
+                for task_id, op in zip(ids, resp, strict=True):
+                    kvs = op.response_range.kvs
+                    if kvs:
+                        value = bytes(kvs[0].value)
+                        seen_bytes += len(value)
+                        seen_records += 1
+                        out[task_id] = (_decode(kvs[0]), int(kvs[0].mod_revision), value)
+            if seen_records:
+                per_record = max(1, seen_bytes // seen_records)
+                chunk = max(1, min(MAX_OPS, LOAD_PAGE_BYTES // per_record))
         return out
+
+    async def _read_chunk(self, task_ids: Sequence[str]) -> list[Any]:
+        request = rpc.TxnRequest()
+        for task_id in task_ids:
+            request.success.add().request_range.key = self.task_key(task_id)
+        try:
+            return list((await self.etcd.txn_request(request)).responses)
+        except StoreRefusedError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err) or len(task_ids) == 1:
+                raise
+            half = len(task_ids) // 2
+            return [
+                *await self._read_chunk(task_ids[:half]),
+                *await self._read_chunk(task_ids[half:]),
+            ]
 
     async def claim_revision(self, task_id: str) -> int:
         kv = await self.etcd.get(self.claim_key(task_id))
