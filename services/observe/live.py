@@ -294,6 +294,8 @@ async def snapshot_json(collector: Collector, clock: Clock, watch_s: float) -> s
         finally:
             follow.cancel()
             await asyncio.gather(follow, return_exceptions=True)
+    else:
+        collector.model.stream = "not followed (--watch-s 0)"
     await collector.poll_once()
     return json.dumps(collector.model.snapshot(), indent=2, sort_keys=False)
 

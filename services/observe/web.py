@@ -613,8 +613,9 @@ class DashboardServer:
         self.httpd.app = app  # type: ignore[attr-defined]
         self.port = int(self.httpd.server_address[1])
         self.host = host
+        # shutdown() waits for the serve loop's next poll: keep stopping quick
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="dashboard-http", daemon=True
+            target=self.httpd.serve_forever, args=(0.1,), name="dashboard-http", daemon=True
         )
 
     @property

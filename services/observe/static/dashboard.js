@@ -6,6 +6,7 @@
 const SVG = 'http://www.w3.org/2000/svg';
 const DASH = '—';
 const $ = (id) => document.getElementById(id);
+const SEEN_STATES = new Set(['SUCCEEDED', 'DEAD_LETTER', 'CANCELLED', 'FAILED', 'REQUEUED']);
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -170,7 +171,8 @@ function render(s) {
   for (const st of [...states].sort()) {
     countRows.push(el('tr', {}, el('th', {}, st + (st === 'FAILED' ? ' (attempts retried)' : '')),
       el('td', { class: 'num' }, num(leader.by_state[st] ?? null)),
-      el('td', { class: 'num', id: 'seen-' + st }, num(seen.by_state[st] ?? 0))));
+      // the stream counts changes into finished states (and retries), not what is waiting
+      el('td', { class: 'num', id: 'seen-' + st }, num(seen.by_state[st] ?? (SEEN_STATES.has(st) ? 0 : null)))));
   }
   fillBody($('counts'), countRows);
   $('counts-covers').textContent = 'leader: ' + leader.covers + '. seen here: ' + seen.covers + '.';
