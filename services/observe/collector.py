@@ -261,13 +261,16 @@ class Collector:
 
     # ------------------------------------------------------------ readings
 
-    async def read_status(self) -> None:
+    async def read_status(self) -> bool:
+        """GetStatus (etcd's registry when it fails); whether a coordinator answered."""
         model = self.model
         try:
             model.apply_status(await self.reader.status())
         except READ_ERRORS as err:
             model.error("status", describe(err))
             await self._from_registry()
+            return False
+        return True
 
     async def _from_registry(self) -> None:
         """No coordinator answered: show what etcd says (services, leader)."""
@@ -329,10 +332,11 @@ class Collector:
 
     async def poll_once(self) -> None:
         """One reading of everything but the events stream."""
-        await self.read_status()
-        await self.read_agents()
-        await self.read_queue()
-        await self.seed_held()
+        # the leader-only reads would each wait out their retries when none answers
+        if await self.read_status():
+            await self.read_agents()
+            await self.read_queue()
+            await self.seed_held()
         await self.read_health()
         await self.read_sections()
 
@@ -349,12 +353,12 @@ class Collector:
         due = {"health": 0.0, "queue": 0.0, "sections": 0.0}
         while True:
             now = self.clock.monotonic()
-            await self.read_status()
-            await self.read_agents()
-            await self.seed_held()
-            if now >= due["queue"]:
-                await self.read_queue()
-                due["queue"] = now + iv.queue_s
+            if await self.read_status():
+                await self.read_agents()
+                await self.seed_held()
+                if now >= due["queue"]:
+                    await self.read_queue()
+                    due["queue"] = now + iv.queue_s
             if now >= due["health"]:
                 await self.read_health()
                 due["health"] = now + iv.health_s
