@@ -78,6 +78,8 @@ def browse(binary: str, profile: Path, url: str, *extra: str) -> str:
             *CHROMIUM_FLAGS,
             f"--user-data-dir={profile}",
             "--virtual-time-budget=2500",
+            "--enable-logging=stderr",
+            "--v=0",
             *extra,
             url,
         ],
@@ -85,7 +87,11 @@ def browse(binary: str, profile: Path, url: str, *extra: str) -> str:
         timeout=60,
         check=False,
     )
-    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    log = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, log[-2000:]
+    # the page's own script must not fail (Chromium logs console errors as CONSOLE lines)
+    errors = [line for line in log.splitlines() if ":CONSOLE" in line and "Uncaught" in line]
+    assert not errors, "\n".join(errors)
     return done.stdout.decode(errors="replace")
 
 

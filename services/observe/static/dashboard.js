@@ -181,7 +181,7 @@ function render(s) {
   fillBody($('queue-priority'), prio.length ? [
     el('tr', {}, el('th', {}, 'priority'), ...prio.map(([p]) => el('th', { class: 'num' }, p))),
     el('tr', {}, el('th', {}, 'queued'), ...prio.map(([, n]) => el('td', { class: 'num' }, num(n)))),
-  ] : [el('tr', {}, el('td', { class: 'muted' }, 'nothing queued'))]);
+  ] : [el('tr', {}, el('td', { class: 'muted' }, s.queue.depth ? 'not sampled yet (every 5 s)' : 'nothing queued'))]);
   $('queue-covers').textContent = 'covers ' + s.queue.covers + (s.queue.sampled_at_us ? ', read ' + clockTime(s.queue.sampled_at_us) : '');
   $('costs').textContent = s.costs.total_usd === null ? 'cost: ' + DASH + ' (no finished task seen reported usage)'
     : 'cost $' + s.costs.total_usd.toFixed(4) + ' (' + num(s.costs.input_tokens) + ' tokens in, ' +
