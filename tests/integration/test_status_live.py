@@ -101,21 +101,27 @@ async def test_status_forms_against_a_live_cluster(cluster: Any) -> None:
 
         # --json: the snapshot, with what the stream saw while it watched
         proc = await asyncio.create_subprocess_exec(
-            *cli("status", "--json", "--watch-s", "3"),
+            *cli("status", "--json", "--watch-s", "6"),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
         )
-        await asyncio.sleep(1.5)  # the stream is open by now
-        await submit(client, "json", 40)
+        # work all through the window: when the stream opens depends on the machine's load
+        batch = 0
+        while proc.returncode is None:
+            await submit(client, f"json-{batch}", 5)
+            batch += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.3)
         out, err = await asyncio.wait_for(proc.communicate(), HANG_S)
         assert proc.returncode == 0, err
         snap = json.loads(out)
         assert snap["leader"]["endpoint"] == leader
         assert snap["agents"]["total"] == 4
-        assert snap["counts"]["seen"]["by_state"]["SUCCEEDED"] == 40
-        assert sum(b["finished"] for b in snap["throughput"]["series"]) == 40
-        assert snap["latency"]["recent"]["e2e"]["n"] == 40
+        succeeded = snap["counts"]["seen"]["by_state"].get("SUCCEEDED", 0)
+        assert 0 < succeeded <= 5 * batch
+        assert sum(b["finished"] for b in snap["throughput"]["series"]) == succeeded
+        assert snap["latency"]["recent"]["e2e"]["n"] == succeeded
         assert {s["health"] for s in snap["services"]} == {"SERVING"}
 
         # the live view in a terminal, ended by Ctrl-C
