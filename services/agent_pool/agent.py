@@ -247,7 +247,7 @@ class Agent:
                     f"this agent has no executor for kind {task.spec.kind!r}", retryable=True
                 )
             timeout = task.spec.timeout_s or self.ctx.task_timeout_s
-            outcome = await asyncio.wait_for(executor.run(task), timeout)
+            outcome = await asyncio.wait_for(executor.run(task, self._progress(task)), timeout)
             report = cpb.AgentMessage(
                 result=cpb.TaskResult(
                     task_id=task.task_id,
@@ -280,6 +280,23 @@ class Agent:
                 self._idle.set()
         self.unacked[task.task_id] = report
         self._send(report)
+
+    def _progress(self, task: tpb.Task) -> Callable[[float, str], None]:
+        """What an executor calls to report progress (a stream message, no etcd write)."""
+
+        def send(fraction: float, message: str) -> None:
+            self._send(
+                cpb.AgentMessage(
+                    progress=cpb.TaskProgress(
+                        task_id=task.task_id,
+                        claim_token=task.claim_token,
+                        fraction=fraction,
+                        message=message[:200],
+                    )
+                )
+            )
+
+        return send
 
     async def drain(self, timeout_s: float) -> None:
         """Take nothing new; wait (bounded) for what is held to finish and be reported."""
