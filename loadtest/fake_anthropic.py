@@ -35,7 +35,6 @@ import json
 import math
 import random
 import signal
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -801,4 +800,4 @@ async def _serve(cfg: FakeConfig, port: int, duration_s: float, stats_file: str)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
