@@ -48,6 +48,7 @@ from services._common.ratelimit import (
     ModelBuckets,
     ModelLimits,
     parse_limit_specs,
+    per_minute_of,
 )
 from services.agent_pool.executors import parse_latency
 
@@ -129,6 +130,9 @@ class FakeConfig:
     """Account limits per model id or prefix ('*': any model); none: unlimited."""
     fault_rates: dict[str, float] = field(default_factory=dict)
     """Outcome → probability per request (e.g. {'529': 0.01}), when no script is queued."""
+    burst_s: float = 60.0
+    """Seconds of refill each bucket holds: 60 lets a minute's allowance go at once; 1
+    enforces the per-minute rate per second (as the service says it may)."""
     retry_after_ms_header: bool = False
     """Also send `retry-after-ms` (the precise wait) next to the whole-second `retry-after`."""
     seed: int | None = None
@@ -305,7 +309,9 @@ class FakeAnthropic:
         if not key:
             return None
         if key not in self._buckets:
-            self._buckets[key] = ModelBuckets(self.cfg.limits[key], time.monotonic())
+            self._buckets[key] = ModelBuckets(
+                self.cfg.limits[key], time.monotonic(), self.cfg.burst_s
+            )
         return self._buckets[key]
 
     def _limit_headers(self, buckets: ModelBuckets | None) -> dict[str, str]:
@@ -315,7 +321,7 @@ class FakeAnthropic:
         out = {}
         for dim, bucket in buckets.buckets.items():
             reset = datetime.fromtimestamp(wall + bucket.full_in_s(now), UTC)
-            out[f"{HEADER_PREFIX}{dim}-limit"] = str(int(bucket.capacity))
+            out[f"{HEADER_PREFIX}{dim}-limit"] = str(round(per_minute_of(bucket)))
             out[f"{HEADER_PREFIX}{dim}-remaining"] = str(max(0, math.floor(bucket.level(now))))
             out[f"{HEADER_PREFIX}{dim}-reset"] = reset.strftime("%Y-%m-%dT%H:%M:%SZ")
         return out
@@ -370,7 +376,7 @@ class FakeAnthropic:
             dim, wait = buckets.blocking(input_tokens, max_tokens, now)
             if wait > 0:
                 stats.rate_limited += 1
-                limit = int(buckets.buckets[dim].capacity)
+                limit = round(per_minute_of(buckets.buckets[dim]))
                 return await self._answer_error(
                     writer,
                     429,
@@ -757,6 +763,12 @@ def main(argv: list[str] | None = None) -> None:
         help="MODEL_OR_PREFIX=RPM/ITPM/OTPM account limits ('*' for any model); repeatable",
     )
     parser.add_argument(
+        "--burst-s",
+        type=float,
+        default=60.0,
+        help="seconds of refill a bucket holds (60: a minute's allowance at once; 1: per second)",
+    )
+    parser.add_argument(
         "--fault-rate", action="append", default=[], help="OUTCOME=P, e.g. 529=0.01"
     )
     parser.add_argument("--retry-after-ms", action="store_true", help="also send retry-after-ms")
@@ -772,6 +784,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens_per_s=args.tokens_per_s,
         limits=parse_limit_specs(args.limits),
         fault_rates=parse_fault_rates(args.fault_rate),
+        burst_s=args.burst_s,
         retry_after_ms_header=args.retry_after_ms,
         seed=args.seed,
     )

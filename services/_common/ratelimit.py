@@ -150,12 +150,32 @@ def parse_limit_specs(specs: tuple[str, ...] | list[str]) -> dict[str, ModelLimi
 
 
 class ModelBuckets:
-    """The RPM, ITPM and OTPM buckets of one model (or family); a missing one is unlimited."""
+    """The RPM, ITPM and OTPM buckets of one model (or family); a missing one is unlimited.
 
-    def __init__(self, limits: ModelLimits, now: float) -> None:
+    `burst_s` is how many seconds of refill a bucket holds: 60 lets a whole minute's
+    allowance go at once; less enforces the same per-minute rate over shorter intervals
+    (the service may do so: 60 RPM may be enforced as 1 request per second).
+    """
+
+    def __init__(self, limits: ModelLimits, now: float, burst_s: float = 60.0) -> None:
+        self.burst_s = burst_s
         self.buckets: dict[str, TokenBucket] = {
-            dim: TokenBucket(cap, now) for dim, cap in limits.by_dimension().items() if cap > 0
+            dim: self.bucket(per_minute, now)
+            for dim, per_minute in limits.by_dimension().items()
+            if per_minute > 0
         }
+
+    def bucket(self, per_minute: float, now: float) -> TokenBucket:
+        return TokenBucket(per_minute * self.burst_s / 60.0, now, period_s=self.burst_s)
+
+    def resize(self, dim: str, per_minute: float, now: float) -> TokenBucket:
+        """Adopt a per-minute limit for `dim` (creating its bucket if it had none)."""
+        bucket = self.buckets.get(dim)
+        if bucket is None:
+            bucket = self.buckets[dim] = self.bucket(per_minute, now)
+        elif per_minute_of(bucket) != per_minute:
+            bucket.resize(per_minute * self.burst_s / 60.0, now)
+        return bucket
 
     def costs(self, input_tokens: float, output_tokens: float) -> dict[str, float]:
         return {REQUESTS: 1.0, INPUT_TOKENS: input_tokens, OUTPUT_TOKENS: output_tokens}
@@ -183,6 +203,11 @@ class ModelBuckets:
             bucket = self.buckets.get(dim)
             if bucket is not None and n:
                 bucket.force(n, now)
+
+
+def per_minute_of(bucket: TokenBucket) -> float:
+    """The per-minute limit a bucket enforces (its refill rate), whatever its burst."""
+    return bucket.rate * 60.0
 
 
 # ---- the service's rate-limit headers ----
@@ -302,11 +327,14 @@ class AdmissionControl:
     as a response states them. Models with neither are admitted without limit.
     """
 
-    def __init__(self, limits: Mapping[str, ModelLimits], clock: MonotonicClock) -> None:
+    def __init__(
+        self, limits: Mapping[str, ModelLimits], clock: MonotonicClock, burst_s: float = 60.0
+    ) -> None:
         self.clock = clock
+        self.burst_s = burst_s
         now = clock.monotonic()
         self._families: dict[str, _Family] = {
-            key: _Family(ModelBuckets(lim, now)) for key, lim in limits.items()
+            key: _Family(ModelBuckets(lim, now, burst_s)) for key, lim in limits.items()
         }
 
     def key(self, model: str) -> str:
@@ -391,15 +419,13 @@ class AdmissionControl:
                         learned.get(OUTPUT_TOKENS, 0),
                     ),
                     now,
+                    self.burst_s,
                 )
             )
         for dim, reading in readings.items():
             bucket = family.buckets.buckets.get(dim)
             if reading.limit and reading.limit > 0:
-                if bucket is None:
-                    bucket = family.buckets.buckets[dim] = TokenBucket(reading.limit, now)
-                elif bucket.capacity != reading.limit:
-                    bucket.resize(reading.limit, now)
+                bucket = family.buckets.resize(dim, reading.limit, now)
                 family.learned[dim] = reading.limit
             if bucket is not None and reading.remaining is not None:
                 bucket.cap_at(reading.remaining, now)
@@ -438,13 +464,13 @@ class AdmissionControl:
         return lines
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        """Per family: each bucket's free tokens and capacity, plus admitted/refused counts."""
+        """Per family: each bucket's free tokens and per-minute limit, plus admitted/refused counts."""
         now = self.clock.monotonic()
         out: dict[str, dict[str, float]] = {}
         for key, family in self._families.items():
             row: dict[str, float] = {"admitted": family.admitted, "refused": family.refused}
             for dim, bucket in family.buckets.buckets.items():
                 row[f"{dim}_free"] = bucket.level(now)
-                row[f"{dim}_limit"] = bucket.capacity
+                row[f"{dim}_limit"] = per_minute_of(bucket)
             out[key] = row
         return out

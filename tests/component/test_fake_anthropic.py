@@ -98,6 +98,22 @@ async def test_a_burst_beyond_rpm_gets_exactly_the_excess_429(http: httpx2.Async
     assert server.stats.rate_limited == 15
 
 
+async def test_a_one_second_burst_window_holds_a_second_of_the_rate(
+    http: httpx2.AsyncClient,
+) -> None:
+    server = await serve(limits={"*": ModelLimits(600, 0, 0)}, burst_s=1.0)
+    try:
+        replies = await asyncio.gather(
+            *(http.post(f"{server.url}/v1/messages", headers=KEY, json=body()) for _ in range(25))
+        )
+    finally:
+        await server.stop()
+    ok = [r for r in replies if r.status_code == 200]
+    assert 10 <= len(ok) <= 11  # 10 at once, and maybe one refilled while they were served
+    assert ok[0].headers["anthropic-ratelimit-requests-limit"] == "600"
+    assert "600 requests per minute" in next(r for r in replies if r.status_code == 429).text
+
+
 async def test_output_bucket_holds_max_tokens_in_flight_then_keeps_only_the_output(
     http: httpx2.AsyncClient,
 ) -> None:

@@ -54,14 +54,18 @@ async def test_llm_tasks_run_on_a_pool_against_the_local_server(
             "AGENTMESH_LLM_BACKOFF_INITIAL_S": "0.05",
         },
     )
-    async with MeshClient(etcd=local.etcd_endpoint, cluster=local.spec.cluster, timeout_s=5.0) as client:
+    async with MeshClient(
+        etcd=local.etcd_endpoint, cluster=local.spec.cluster, timeout_s=5.0
+    ) as client:
         fake.script("529")  # the first call is overloaded once: retried inside the attempt
         ok = tpb.TaskSpec(
             task_id="llm-ok",
             kind="llm",
             role="documenter",
             timeout_s=HANG_S,
-            payload=json.dumps({"prompt": "Describe agentmesh in one line.", "max_tokens": 64}).encode(),
+            payload=json.dumps(
+                {"prompt": "Describe agentmesh in one line.", "max_tokens": 64}
+            ).encode(),
         )
         await client.submit(ok)
         done = await until_terminal(client, "llm-ok")

@@ -307,3 +307,18 @@ def test_settle_of_a_refused_or_unlimited_ticket_is_harmless() -> None:
     ac.settle(refused, 0, 0)
     ac.settle(ac.try_admit("other", 1, 1), 5, 5)
     assert ac.snapshot()["m"]["requests_free"] == 0
+
+
+def test_a_short_burst_window_enforces_the_same_rate_over_shorter_intervals() -> None:
+    clock = FakeClock(T0)
+    ac = AdmissionControl({"m": ModelLimits(rpm=600, otpm=60_000)}, clock, burst_s=1.0)
+    for _ in range(10):  # 600 per minute held as 10 per second
+        assert ac.try_admit("m", 1, 100)
+    refused = ac.try_admit("m", 1, 100)
+    assert not refused
+    assert refused.wait_s == pytest.approx(0.1)
+    snap = ac.snapshot()["m"]
+    assert snap["requests_limit"] == 600  # still stated per minute
+    assert snap["output-tokens_free"] == pytest.approx(0)
+    ac.observe_headers("m", {"anthropic-ratelimit-requests-limit": "1200"})
+    assert ac.snapshot()["m"]["requests_limit"] == pytest.approx(1200)
