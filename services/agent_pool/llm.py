@@ -330,6 +330,9 @@ def build_llm_executor(
     reason = llm_unavailable(env)
     if reason is not None:
         raise ValueError(reason)
+    # httpx logs every request at INFO: thousands of lines a minute at 200 agents, and
+    # each costs CPU the agents need; our own log line per failed attempt says more
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     return LlmExecutor(
         load_llm_config(environ=env),
         api_key=env["ANTHROPIC_API_KEY"],
