@@ -148,6 +148,7 @@ async def run(plan: Plan, timeout_s: float, data_dir: Path) -> dict[str, Any]:
         )
     )
     t_start = time.monotonic()
+    load_start = os.getloadavg()
     try:
         cluster.start()
         await cluster.wait_ready(timeout_s=90, agents=plan.agents)
@@ -187,7 +188,10 @@ async def run(plan: Plan, timeout_s: float, data_dir: Path) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 fake.kill()
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-    return report(plan, tasks, stats, wall_s, time.monotonic() - t_start)
+    doc = report(plan, tasks, stats, wall_s, time.monotonic() - t_start)
+    # the machine is shared: say how busy it was (1-minute load average, 2 cores)
+    doc["loadavg_1m"] = {"start": load_start[0], "end": os.getloadavg()[0]}
+    return doc
 
 
 def report(
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--agents", type=int, default=200)
     p.add_argument("--tasks", type=int, default=2000)
     p.add_argument("--pools", type=int, default=2)
-    p.add_argument("--latency-ms", default="lognormal:1000:0.3", help="server time to first byte")
+    p.add_argument("--latency-ms", default="lognormal:2000:0.3", help="server time to first byte")
     p.add_argument("--output-tokens", default="uniform:50:150")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--prompt-bytes", type=int, default=400)

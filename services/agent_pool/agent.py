@@ -267,7 +267,8 @@ class Agent:
             )
         except ExecutorError as err:
             self.failed += 1
-            report = _failure(task, str(err), err.retryable)
+            # a failed LLM attempt may still have been billed (a stream that broke mid-way)
+            report = _failure(task, str(err), err.retryable, getattr(err, "usage", None))
         except Exception as err:  # noqa: BLE001 - an executor bug fails the attempt, not the agent
             self.failed += 1
             log.exception("executor crashed", extra={"agent": self.agent_id, "task": task.task_id})
@@ -308,10 +309,16 @@ class Agent:
             await asyncio.sleep(0.02)
 
 
-def _failure(task: tpb.Task, error: str, retryable: bool) -> cpb.AgentMessage:
+def _failure(
+    task: tpb.Task, error: str, retryable: bool, usage: tpb.TokenUsage | None = None
+) -> cpb.AgentMessage:
     return cpb.AgentMessage(
         failure=cpb.TaskFailure(
-            task_id=task.task_id, claim_token=task.claim_token, error=error, retryable=retryable
+            task_id=task.task_id,
+            claim_token=task.claim_token,
+            error=error,
+            retryable=retryable,
+            usage=usage,
         )
     )
 

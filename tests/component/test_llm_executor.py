@@ -215,6 +215,17 @@ async def test_broken_answers_fail_clearly_never_hang(
     assert fake.stats.requests == 3
 
 
+async def test_a_stream_broken_mid_way_still_reports_what_it_was_billed(
+    fake: FakeAnthropic,
+) -> None:
+    fake.script("drop_mid")
+    with pytest.raises(LlmError) as info:
+        await run(executor(fake, max_attempts=1), llm_task({"prompt": "x" * 400}))
+    # message_start had stated the input tokens before the connection dropped
+    assert info.value.usage.input_tokens > 100
+    assert info.value.usage.cost_usd > 0
+
+
 async def test_a_broken_answer_then_a_good_one_succeeds(fake: FakeAnthropic) -> None:
     fake.script("drop_mid", "malformed")
     out = await run(executor(fake), llm_task({"prompt": "x"}))
