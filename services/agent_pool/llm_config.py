@@ -66,6 +66,10 @@ class LlmConfig:
     """MODEL=IN:OUT[:LONG_PROMPT_TOKENS:LONG_IN:LONG_OUT] $ per million tokens, over the defaults."""
     limits: tuple[str, ...] = ()
     """MODEL_OR_PREFIX=RPM/ITPM/OTPM account limits for admission control (leader, phase 2)."""
+    admission_burst_s: float = 1.0
+    """Seconds of refill the leader's buckets hold. Small on purpose: the service may enforce
+    a per-minute limit over shorter intervals (60 RPM as 1 request per second), so
+    admitting a whole minute's allowance at once could still meet 429s."""
     budget_usd: float = 0.0
     """Cluster budget in $: new llm tasks are refused once it is spent (0: none)."""
     project_budgets: tuple[str, ...] = ()
