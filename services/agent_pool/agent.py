@@ -247,7 +247,7 @@ class Agent:
                     f"this agent has no executor for kind {task.spec.kind!r}", retryable=True
                 )
             timeout = task.spec.timeout_s or self.ctx.task_timeout_s
-            outcome = await asyncio.wait_for(executor.run(task), timeout)
+            outcome = await asyncio.wait_for(executor.run(task, self._progress(task)), timeout)
             report = cpb.AgentMessage(
                 result=cpb.TaskResult(
                     task_id=task.task_id,
@@ -267,7 +267,8 @@ class Agent:
             )
         except ExecutorError as err:
             self.failed += 1
-            report = _failure(task, str(err), err.retryable)
+            # a failed LLM attempt may still have been billed (a stream that broke mid-way)
+            report = _failure(task, str(err), err.retryable, getattr(err, "usage", None))
         except Exception as err:  # noqa: BLE001 - an executor bug fails the attempt, not the agent
             self.failed += 1
             log.exception("executor crashed", extra={"agent": self.agent_id, "task": task.task_id})
@@ -281,6 +282,23 @@ class Agent:
         self.unacked[task.task_id] = report
         self._send(report)
 
+    def _progress(self, task: tpb.Task) -> Callable[[float, str], None]:
+        """What an executor calls to report progress (a stream message, no etcd write)."""
+
+        def send(fraction: float, message: str) -> None:
+            self._send(
+                cpb.AgentMessage(
+                    progress=cpb.TaskProgress(
+                        task_id=task.task_id,
+                        claim_token=task.claim_token,
+                        fraction=fraction,
+                        message=message[:200],
+                    )
+                )
+            )
+
+        return send
+
     async def drain(self, timeout_s: float) -> None:
         """Take nothing new; wait (bounded) for what is held to finish and be reported."""
         self.draining = True
@@ -291,10 +309,16 @@ class Agent:
             await asyncio.sleep(0.02)
 
 
-def _failure(task: tpb.Task, error: str, retryable: bool) -> cpb.AgentMessage:
+def _failure(
+    task: tpb.Task, error: str, retryable: bool, usage: tpb.TokenUsage | None = None
+) -> cpb.AgentMessage:
     return cpb.AgentMessage(
         failure=cpb.TaskFailure(
-            task_id=task.task_id, claim_token=task.claim_token, error=error, retryable=retryable
+            task_id=task.task_id,
+            claim_token=task.claim_token,
+            error=error,
+            retryable=retryable,
+            usage=usage,
         )
     )
 

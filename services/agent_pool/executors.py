@@ -1,4 +1,5 @@
-"""Executors run a task's payload. The local ones here stand in for an LLM and say so."""
+"""Executors run a task's payload. The local ones here stand in for an LLM and say so;
+`llm` (services/agent_pool/llm.py) calls Claude."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import contextlib
 import json
 import math
 import random
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from protos.agentmesh.v1 import task_pb2 as tpb
 
@@ -25,21 +27,42 @@ class Outcome:
     usage: tpb.TokenUsage = field(default_factory=tpb.TokenUsage)
 
 
+Progress = Callable[[float, str], None]
+"""progress(fraction 0..1, message): sent on the agent's stream as a TaskProgress."""
+
+
+ContextSource = Callable[[list[str]], Awaitable[dict[str, str | None]]]
+"""Reads shared-knowledge values (etcd `context/<key>`) by key; None for a missing key."""
+
+
+def etcd_context_source(etcd: Any) -> ContextSource:
+    """A ContextSource on a `registry.etcd.Etcd` client (keys under its cluster prefix)."""
+
+    async def read(keys: list[str]) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for key in keys:
+            kv = await etcd.get(etcd.key("context", key))
+            out[key] = None if kv is None else bytes(kv.value).decode("utf-8", "replace")
+        return out
+
+    return read
+
+
 class Executor(Protocol):
-    async def run(self, task: tpb.Task) -> Outcome: ...
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome: ...
 
 
 class EchoExecutor:
     """Returns the payload unchanged."""
 
-    async def run(self, task: tpb.Task) -> Outcome:
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         return Outcome(task.spec.payload)
 
 
 class NoopExecutor:
     """Returns at once with no output (measures the mesh, not the work)."""
 
-    async def run(self, task: tpb.Task) -> Outcome:
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         return Outcome(b"")
 
 
@@ -75,7 +98,7 @@ class SleepExecutor:
             return self.rng.uniform(self.a, self.b)
         return self.a * math.exp(self.rng.gauss(0.0, self.b))
 
-    async def run(self, task: tpb.Task) -> Outcome:
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         ms = self.draw_ms()
         if task.spec.payload:
             try:
@@ -96,7 +119,7 @@ class FailExecutor:
     Payload {"retryable": false} fails permanently.
     """
 
-    async def run(self, task: tpb.Task) -> Outcome:
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         retryable = True
         if task.spec.payload:
             with contextlib.suppress(ValueError, AttributeError):
@@ -106,14 +129,26 @@ class FailExecutor:
         )
 
 
-def build_executors(kinds: tuple[str, ...], sleep_ms: str) -> dict[str, Executor]:
+def build_executors(
+    kinds: tuple[str, ...],
+    sleep_ms: str,
+    environ: Mapping[str, str] | None = None,
+    context_source: ContextSource | None = None,
+) -> dict[str, Executor]:
+    """The executors of `kinds`. `llm` is built only when asked for: it needs
+    ANTHROPIC_API_KEY (and reads AGENTMESH_LLM_* from `environ`, default os.environ)."""
     known: dict[str, Executor] = {
         "echo": EchoExecutor(),
         "noop": NoopExecutor(),
         "sleep": SleepExecutor(sleep_ms),
         "fail": FailExecutor(),
     }
-    missing = [k for k in kinds if k not in known]
+    missing = [k for k in kinds if k not in known and k != "llm"]
     if missing:
-        raise ValueError(f"no executor for kinds {missing}; available: {', '.join(known)}")
+        raise ValueError(f"no executor for kinds {missing}; available: {', '.join(known)}, llm")
+    if "llm" in kinds:
+        # imported here: the SDK is only loaded by pools that run llm tasks
+        from services.agent_pool.llm import build_llm_executor
+
+        known["llm"] = build_llm_executor(environ, context_source)
     return {k: known[k] for k in kinds}

@@ -36,7 +36,7 @@ from services._common.grpcserver import (
 )
 from services.agent_pool.agent import A, Agent, PoolContext, leader_endpoint_of
 from services.agent_pool.config import PoolConfig
-from services.agent_pool.executors import build_executors
+from services.agent_pool.executors import build_executors, etcd_context_source
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ class PoolNode:
             cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
         )
         self.lease = KeptLease(self.etcd, cfg.lease_ttl_s, SystemClock())
-        self.executors = build_executors(cfg.kinds, cfg.sleep_ms)
+        self.executors = build_executors(
+            cfg.kinds, cfg.sleep_ms, context_source=etcd_context_source(self.etcd)
+        )
         self.defaults = ppb.AgentTemplate(
             roles=cfg.roles, labels=cfg.label_map(), kinds=cfg.kinds, capacity=cfg.capacity
         )
