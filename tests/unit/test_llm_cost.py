@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from services._common.grpcserver import status_of
 from services._common.llm_cost import (
     DEFAULT_PRICES,
     BudgetBook,
@@ -98,7 +99,7 @@ def test_check_raises_failed_precondition() -> None:
     book.add("", 1.5)
     with pytest.raises(BudgetReachedError, match=r"\$1.50 of \$1.00") as info:
         book.check("")
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_of(info.value) == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_budget_specs() -> None:
