@@ -202,11 +202,11 @@ LIMITS: tuple[Limit, ...] = (
         "RESOURCE_EXHAUSTED (reopen the watch; re-read with GetTask)",
         "AGENTMESH_WATCH_BUFFER_EVENTS, AGENTMESH_WATCH_BUFFER_BYTES",
     ),
-    Limit("SpawnAgents.count, SpawnWaves.count, StopAgents.count", "1-10,000", "INVALID_ARGUMENT"),
+    Limit("SpawnAgents.count, SpawnWaves.count", "1-10,000", "INVALID_ARGUMENT"),
     Limit("SpawnWaves.wave_interval_s", "finite, 0-3,600", "INVALID_ARGUMENT"),
     Limit(
-        "StopAgents.agent_ids",
-        "10,000 ids of 128 bytes (duplicates count once)",
+        "StopAgents.agent_ids, .count",
+        "10,000 ids of 128 bytes (an id given twice counts once); count 0-10,000",
         "INVALID_ARGUMENT",
     ),
 )
@@ -298,7 +298,7 @@ def clip(text: str, limit: int) -> str:
     if size_of(text) <= limit:
         return text
     note = f" … (cut from {size_of(text)} bytes)"
-    head = text.encode("utf-8", "surrogatepass")[: limit - len(note)]
+    head = text.encode("utf-8", "surrogatepass")[: limit - size_of(note)]
     return head.decode("utf-8", "ignore") + note
 
 
