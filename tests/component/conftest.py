@@ -19,7 +19,9 @@ def hostile_cases(request: pytest.FixtureRequest) -> collections.Counter[str]:
     return request.config.stash[HOSTILE_CASES]
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
     cases = config.stash.get(HOSTILE_CASES, None)
     if cases:
         per_rpc = ", ".join(f"{name} {n}" for name, n in sorted(cases.items()))

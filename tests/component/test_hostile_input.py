@@ -237,7 +237,9 @@ def _scalar(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     if t == FieldDescriptor.TYPE_ENUM:
         return st.integers(-3, 12)
     low, high = _INTS[t]
-    return st.one_of(st.integers(-2, 3).filter(lambda v: low <= v <= high), st.sampled_from([low, high]))
+    return st.one_of(
+        st.integers(-2, 3).filter(lambda v: low <= v <= high), st.sampled_from([low, high])
+    )
 
 
 def _many(field: FieldDescriptor) -> st.SearchStrategy[list[Any]]:
@@ -376,9 +378,7 @@ HYPOTHESIS = dict(
 )
 
 
-@pytest.mark.parametrize(
-    ("service", "method"), METHODS, ids=[f"{s}.{m.name}" for s, m in METHODS]
-)
+@pytest.mark.parametrize(("service", "method"), METHODS, ids=[f"{s}.{m.name}" for s, m in METHODS])
 def test_generated_requests_get_a_proper_answer(
     servers: Servers,
     channels: dict[str, grpc.Channel],
@@ -400,9 +400,7 @@ def test_generated_requests_get_a_proper_answer(
     case()
 
 
-@pytest.mark.parametrize(
-    ("service", "method"), METHODS, ids=[f"{s}.{m.name}" for s, m in METHODS]
-)
+@pytest.mark.parametrize(("service", "method"), METHODS, ids=[f"{s}.{m.name}" for s, m in METHODS])
 def test_undecodable_bytes_get_invalid_argument(
     channels: dict[str, grpc.Channel],
     hostile_cases: collections.Counter[str],
@@ -536,5 +534,6 @@ def test_a_hostile_client_does_not_change_another_clients_outcomes(
             for ch in (good, bad, pool):
                 ch.close()
         print("hostile answers:", dict(hostile_answers))
-        assert "INTERNAL" not in hostile_answers and "UNKNOWN" not in hostile_answers
+        assert "INTERNAL" not in hostile_answers
+        assert "UNKNOWN" not in hostile_answers
         assert hostile_answers["INVALID_ARGUMENT"] > 0

@@ -489,11 +489,15 @@ async def test_6_a_stalled_watcher_is_cut_off_at_its_buffer(mesh: Mesh, lease: i
 
         await until(overflowed)
         read = 0
-        with pytest.raises(grpc.aio.AioRpcError) as err:
+
+        async def drain() -> None:
+            nonlocal read
             async for _ in stalled:
                 read += 1
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
-        assert "behind" in (err.value.details() or "")
+
+        err = await error_of(drain())
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+        assert "behind" in (err.details() or "")
         assert read < 200  # the buffer (4 MiB) plus what was in flight on the connection
         done = await within(mesh.stub.GetTask(cpb.GetTaskRequest(task_id=sub.task.task_id)))
         assert done.state == S.TASK_STATE_ASSIGNED  # the task itself is untouched
@@ -553,7 +557,8 @@ async def test_8_undecodable_bytes_are_invalid_argument_without_a_stack_trace(
 
 
 async def test_9_spawn_waves_with_a_nan_interval_spawns_nothing(pooled: Mesh) -> None:
-    assert pooled.pool is not None and pooled.pool_node is not None
+    assert pooled.pool is not None
+    assert pooled.pool_node is not None
     for bad in (float("nan"), float("inf"), -1.0, 3601.0):
         call = pooled.pool.SpawnWaves(
             ppb.SpawnWavesRequest(count=4, wave_size=2, wave_interval_s=bad)
@@ -566,7 +571,8 @@ async def test_9_spawn_waves_with_a_nan_interval_spawns_nothing(pooled: Mesh) ->
 async def test_9_stop_agents_with_a_duplicate_id_stops_it_once_and_deletes_its_key(
     pooled: Mesh,
 ) -> None:
-    assert pooled.pool is not None and pooled.pool_node is not None
+    assert pooled.pool is not None
+    assert pooled.pool_node is not None
     spawned = await within(pooled.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=2)))
     victim = spawned.agents[0].agent_id
     stopped = await within(
@@ -579,7 +585,8 @@ async def test_9_stop_agents_with_a_duplicate_id_stops_it_once_and_deletes_its_k
 
 
 async def test_9_pool_agent_count_in_status_is_live(pooled: Mesh) -> None:
-    assert pooled.pool is not None and pooled.pool_node is not None
+    assert pooled.pool is not None
+    assert pooled.pool_node is not None
     pool_id = pooled.pool_node.pool_id
 
     def count_is(n: int) -> Any:
