@@ -221,7 +221,9 @@ def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return deserialize
 
 
-async def _refuse(context: grpc.aio.ServicerContext, method: str, bad: _Undecodable) -> None:
+def _malformed(
+    context: grpc.aio.ServicerContext, method: str, bad: _Undecodable
+) -> MalformedRequestError:
     _undecodable_log.warning(
         "undecodable request refused",
         rpc=method,
@@ -229,13 +231,13 @@ async def _refuse(context: grpc.aio.ServicerContext, method: str, bad: _Undecoda
         error=str(bad.error)[:200],
         peer=context.peer(),
     )
-    await abort(
-        context,
-        MalformedRequestError(
-            f"the request to {method} is not a valid message ({bad.size} bytes): "
-            f"{str(bad.error)[:200]}"
-        ),
+    return MalformedRequestError(
+        f"the request to {method} is not a valid message ({bad.size} bytes): {str(bad.error)[:200]}"
     )
+
+
+async def _refuse(context: grpc.aio.ServicerContext, method: str, bad: _Undecodable) -> None:
+    await abort(context, _malformed(context, method, bad))
 
 
 def _wrap_unary(behavior: Any, method: str) -> Any:
@@ -259,23 +261,33 @@ def _wrap_unary(behavior: Any, method: str) -> Any:
 
 
 def _wrap_streaming(behavior: Any, method: str) -> Any:
+    """A request stream's undecodable message ends the iteration with MalformedRequestError,
+    which the handler may let through (it is answered here once the handler is done: a
+    handler may be writing, and a status cannot go out while a write is pending)."""
+
     async def checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for request in requests:
             if isinstance(request, _Undecodable):
-                await _refuse(context, method, request)
+                raise _malformed(context, method, request)
             yield request
 
     if inspect.isasyncgenfunction(behavior):
 
         async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async for item in behavior(checked(requests, context), context):
-                yield item
+            try:
+                async for item in behavior(checked(requests, context), context):
+                    yield item
+            except MalformedRequestError as err:
+                await abort(context, err)
 
         return streaming
 
     async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        result = behavior(checked(requests, context), context)
-        return await result if inspect.isawaitable(result) else result
+        try:
+            result = behavior(checked(requests, context), context)
+            return await result if inspect.isawaitable(result) else result
+        except MalformedRequestError as err:
+            await abort(context, err)
 
     return unary
 

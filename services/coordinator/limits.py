@@ -188,7 +188,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit(
         "messages queued for one agent's Connect stream",
         "10,000",
-        "RESOURCE_EXHAUSTED (the stream ends; the agent reconnects)",
+        "the stream is cut off (CANCELLED: its agent reads nothing); the agent reconnects",
     ),
     Limit(
         "watchers (WatchTask and WatchEvents streams) per coordinator",

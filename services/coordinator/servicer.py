@@ -33,6 +33,8 @@ BASIC, FULL = cpb.TASK_VIEW_BASIC, cpb.TASK_VIEW_FULL
 # status queues behind what is in flight); after this long its stream is cancelled so
 # that its slot and buffers are freed.
 OVERFLOW_GRACE_S = 5.0
+# How long a Connect stream that ends waits for its last write before it is cancelled.
+WRITER_DRAIN_S = 2.0
 # Reads of LIST_READ_RECORDS records per ListTasks call: a sparse filter gets a short
 # page (with a token to go on), never a slow one.
 LIST_MAX_READS = 40
@@ -477,11 +479,15 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         read_task = asyncio.ensure_future(reader())
         write_task = asyncio.ensure_future(writer())
         overflowed = asyncio.ensure_future(overflow.wait())
+        cancelled = False
         try:
             # either side ending ends the stream: the agent hung up, or the term ended
             await asyncio.wait(
                 {read_task, write_task, overflowed}, return_when=asyncio.FIRST_COMPLETED
             )
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
             # first and without awaiting: grpc cancels this handler when the peer vanishes,
             # and may cancel it again while it cleans up. Reports already received were
@@ -489,21 +495,27 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             if core.agents.get(agent_id) is agent:
                 core.disconnect(agent_id)
             read_task.cancel()
-            write_task.cancel()
             overflowed.cancel()
-            outbox.put_nowait(None)
+            outbox.put_nowait(None)  # the writer sends what is queued, then stops
+            if cancelled or overflow.is_set():
+                write_task.cancel()
         if overflow.is_set():
-            await abort(
-                context,
-                ResourceExhaustedError(
-                    f"this agent's stream fell {limits.CONNECT_BUFFER_MESSAGES} messages "
-                    "behind (the agent stopped reading); reconnect"
-                ),
+            # its peer reads nothing, so no status can reach it: cut the stream (CANCELLED)
+            log.warning(
+                "agent stream cut off: it stopped reading",
+                extra={"agent": agent_id, "queued": limits.CONNECT_BUFFER_MESSAGES},
             )
+            raise asyncio.CancelledError
+        # the call's status cannot go out while a write is pending (grpc refuses the batch
+        # and the caller never hears back): let the writer finish, within a bound
+        done, _ = await asyncio.wait({write_task}, timeout=WRITER_DRAIN_S)
+        if not done:
+            write_task.cancel()
+            raise asyncio.CancelledError
         if read_task.done() and not read_task.cancelled():
             failure = read_task.exception()
-            if isinstance(failure, grpc.aio.AbortError):
-                raise failure  # the request stream was refused (an undecodable message)
+            if isinstance(failure, DomainError):
+                raise failure  # an undecodable message: the interceptor answers it
 
     def end_term(self, redirect_to: str) -> None:
         """Tell every agent of the ended term where to go, and close the watchers."""

@@ -197,6 +197,38 @@ HINTS: dict[str, st.SearchStrategy[Any]] = {
     "payload": datas,
     "output": datas,
 }
+
+
+def _one_extreme(base: dict[str, Any], build: Callable[..., Any]) -> st.SearchStrategy[Any]:
+    """A message that is valid but for one field at an extreme (so it reaches deep)."""
+    extreme = st.one_of(
+        st.builds(lambda v: {"role": v}, strings),
+        st.builds(lambda v: {"roles": [v]}, strings),
+        st.builds(lambda v: {"labels": {"l": v}}, strings),
+        st.builds(lambda v: {"required_labels": {"l": v}}, strings),
+        st.builds(lambda v: {"metadata": {"m": v}}, strings),
+        st.builds(lambda v: {"idempotency_key": v}, strings),
+        st.builds(lambda v: {"payload": v}, datas),
+        st.builds(lambda v: {"timeout_s": v}, floats),
+        st.builds(lambda v: {"task_id": v}, ids),
+        st.builds(lambda v: {"kinds": [v]}, strings),
+    )
+
+    def make(change: dict[str, Any]) -> Any:
+        try:
+            return build(**{**base, **change})
+        except (ValueError, TypeError):  # a field this message does not have
+            return build(**base)
+
+    return extreme.map(make)
+
+
+near_valid_spec = _one_extreme({"kind": "echo", "payload": b"x"}, tpb.TaskSpec)
+near_valid_template = _one_extreme({"kinds": ["echo"]}, ppb.AgentTemplate)
+NEAR_VALID = {
+    "agentmesh.v1.TaskSpec": near_valid_spec,
+    "agentmesh.v1.AgentTemplate": near_valid_template,
+}
 _INTS = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
@@ -225,7 +257,9 @@ def _scalar(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
         return HINTS[field.name]
     t = field.type
     if t == FieldDescriptor.TYPE_MESSAGE:
-        return messages(field.message_type, depth + 1)
+        generic = messages(field.message_type, depth + 1)
+        near = NEAR_VALID.get(field.message_type.full_name)
+        return generic if near is None else st.one_of(generic, near)
     if t == FieldDescriptor.TYPE_STRING:
         return ids if field.name.endswith(("_id", "page_token")) else strings
     if t == FieldDescriptor.TYPE_BYTES:
@@ -300,11 +334,19 @@ def messages(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[Any]:
 def connect_messages(lease_id: int) -> st.SearchStrategy[list[Any]]:
     """An agent's stream: sometimes a hello that passes (so the rest reaches the core)."""
     hello = st.builds(
-        lambda agent_id, kinds: cpb.AgentMessage(
-            hello=cpb.AgentHello(agent_id=agent_id, lease_id=lease_id, kinds=kinds, capacity=2)
+        lambda agent_id, kinds, template: cpb.AgentMessage(
+            hello=cpb.AgentHello(
+                agent_id=agent_id,
+                lease_id=lease_id,
+                kinds=kinds,
+                capacity=2,
+                roles=template.roles,
+                labels=template.labels,
+            )
         ),
         st.from_regex(r"\Ahostile-[a-z0-9]{1,8}\Z"),
         st.sampled_from([["echo"], ["echo", "sleep"], ["nothing-runs-this"]]),
+        st.one_of(st.just(ppb.AgentTemplate()), near_valid_template),
     )
     rest = st.lists(messages(cpb.AgentMessage.DESCRIPTOR), max_size=4)
     return st.one_of(

@@ -233,14 +233,22 @@ async def test_1_eight_clients_of_near_limit_tasks_all_succeed(mesh: Mesh) -> No
 
 
 async def test_1_the_same_task_id_from_two_clients_at_once_is_one_task(mesh: Mesh) -> None:
-    """Before: both writes went into one transaction, which etcd refused ("duplicate key"),
-    failing them and every other write in it with INTERNAL."""
-    specs = [tpb.TaskSpec(kind="echo", task_id=f"same-{i % 5}") for i in range(40)]
-    resps = await within(
-        asyncio.gather(*(mesh.stub.Submit(cpb.SubmitRequest(spec=s)) for s in specs))
-    )
-    assert sum(r.created for r in resps) == 5
-    assert {r.task.task_id for r in resps} == {f"same-{i}" for i in range(5)}
+    """Before: writes of one id queued together went into one transaction, which etcd
+    refused whole ("duplicate key"), failing them and every other write in it (INTERNAL)."""
+
+    def batch(prefix: str) -> cpb.SubmitBatchRequest:
+        return cpb.SubmitBatchRequest(
+            specs=[tpb.TaskSpec(kind="echo", task_id=f"{prefix}-{i}") for i in range(50)]
+        )
+
+    # busy transactions first, so the two batches of the same ids queue up together
+    calls = [mesh.stub.SubmitBatch(batch(f"filler-{n}")) for n in range(6)]
+    calls += [mesh.stub.SubmitBatch(batch("same")) for _ in range(4)]
+    resps = await within(asyncio.gather(*calls))
+    created = [r.created for resp in resps for r in resp.results]
+    assert created.count(True) == 6 * 50 + 50
+    same = [r.task.task_id for resp in resps[6:] for r in resp.results]
+    assert sorted(set(same)) == sorted(f"same-{i}" for i in range(50))
 
 
 async def test_1_the_largest_payload_echoed_back_finishes(mesh: Mesh, lease: int) -> None:
