@@ -24,6 +24,7 @@ from registry import discovery
 from registry.errors import StoreRefusedError
 from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
+from services._common import grpcserver
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.server import PoolNode
 from services.coordinator import limits
@@ -533,10 +534,12 @@ async def test_7_error_messages_never_echo_the_input_whole(mesh: Mesh) -> None:
 
 
 async def test_8_undecodable_bytes_are_invalid_argument_without_a_stack_trace(
-    mesh: Mesh, caplog: pytest.LogCaptureFixture
+    mesh: Mesh, lease: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     garbage = b"\xff\xff\xff\xff\x0f\x0a\x05ab"
     caplog.set_level(logging.INFO)
+    # a limiter of its own: earlier tests in this process may have used the shared one
+    monkeypatch.setattr(grpcserver, "_undecodable_log", grpcserver.RateLimitedLog(grpcserver.log))
     ch = mesh.channel
     unary = ch.unary_unary("/agentmesh.v1.Coordinator/Submit")
     for _ in range(20):
@@ -548,6 +551,15 @@ async def test_8_undecodable_bytes_are_invalid_argument_without_a_stack_trace(
     err = await error_of(watch.read())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     connect = ch.stream_stream("/agentmesh.v1.Coordinator/Connect")()
+    await connect.write(garbage)
+    err = await error_of(connect.read())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # after a hello that was welcomed, too
+    connect = ch.stream_stream("/agentmesh.v1.Coordinator/Connect")()
+    hello = cpb.AgentHello(agent_id="garbler", lease_id=lease, kinds=["echo"], capacity=1)
+    await connect.write(cpb.AgentMessage(hello=hello).SerializeToString())
+    welcome = cpb.CoordinatorMessage.FromString(await within(connect.read()))
+    assert welcome.HasField("welcome")
     await connect.write(garbage)
     err = await error_of(connect.read())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
