@@ -79,6 +79,7 @@ def serve_coordinator(
     from services._common import logs
     from services.coordinator.config import CoordinatorConfig
     from services.coordinator.core import STRATEGIES
+    from services.coordinator.limits import check_config
     from services.coordinator.server import serve
 
     try:
@@ -95,6 +96,7 @@ def serve_coordinator(
                 metrics_port=metrics_port,
             ),
         )
+        check_config(cfg)
     except ValueError as err:
         _fail(str(err), 2)
     if cfg.strategy not in STRATEGIES:

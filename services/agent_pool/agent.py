@@ -48,6 +48,8 @@ class PoolContext:
     executors: dict[str, Executor]
     task_timeout_s: float
     on_redirect: Callable[[str], None]
+    max_result_bytes: int = 512 * 1024
+    """A larger output fails the task here: the coordinator would not store it."""
 
 
 @dataclass(eq=False)
@@ -248,6 +250,12 @@ class Agent:
                 )
             timeout = task.spec.timeout_s or self.ctx.task_timeout_s
             outcome = await asyncio.wait_for(executor.run(task, self._progress(task)), timeout)
+            if len(outcome.output) > self.ctx.max_result_bytes:
+                raise ExecutorError(
+                    f"the output is {len(outcome.output)} bytes; the limit is "
+                    f"{self.ctx.max_result_bytes} bytes (AGENTMESH_MAX_RESULT_BYTES)",
+                    retryable=False,  # the same input would give the same output
+                )
             report = cpb.AgentMessage(
                 result=cpb.TaskResult(
                     task_id=task.task_id,

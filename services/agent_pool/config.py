@@ -33,6 +33,9 @@ class PoolConfig:
     """key=value labels the agents advertise."""
     sleep_ms: str = "lognormal:50:0.5"
     """Simulated work of the `sleep` executor: fixed:MS, uniform:LO:HI or lognormal:MEDIAN:SIGMA."""
+    max_result_bytes: int = 512 * 1024
+    """An output larger than this fails the task (not retried) on the agent, with an error
+    saying so; keep it at or under the coordinator's (which fails it too)."""
     task_timeout_s: float = 300.0
     """Default per-attempt limit when a task sets none."""
     lease_ttl_s: int = 2

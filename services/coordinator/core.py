@@ -21,7 +21,6 @@ import collections
 import hashlib
 import logging
 import random
-import re
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,7 +36,9 @@ from services._common.errors import (
     NotLeaderError,
     StoreUnavailableError,
 )
+from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
+from services.coordinator.limits import validate_hello, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ SUCCEEDED, FAILED, CANCELLED, DEAD_LETTER = (
 TERMINAL = frozenset({SUCCEEDED, CANCELLED, DEAD_LETTER})
 HELD = frozenset({ASSIGNED, RUNNING})
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-MAX_BATCH = 1000
+MAX_BATCH = limits.BATCH_ITEMS
 STRATEGIES = ("least-loaded", "round-robin", "weighted", "random")
 
 
@@ -105,45 +105,8 @@ class Store(Protocol):
         ...
 
 
-# ---------------------------------------------------------------- validation
-
-
-def validate_spec(spec: tpb.TaskSpec, cfg: CoordinatorConfig, where: str = "spec") -> None:
-    """Raise InvalidArgumentError naming the field to fix."""
-    if not spec.kind:
-        raise InvalidArgumentError(
-            f"{where}.kind is required (one of: {', '.join(cfg.task_kinds)})"
-        )
-    if spec.kind not in cfg.task_kinds:
-        raise InvalidArgumentError(
-            f"{where}.kind {spec.kind!r} is unknown; use one of: {', '.join(cfg.task_kinds)}"
-        )
-    if spec.task_id and not _ID_RE.match(spec.task_id):
-        raise InvalidArgumentError(
-            f"{where}.task_id {spec.task_id[:40]!r} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ -"
-        )
-    if len(spec.idempotency_key) > 256:
-        raise InvalidArgumentError(f"{where}.idempotency_key is longer than 256 characters")
-    if len(spec.payload) > cfg.max_payload_bytes:
-        raise InvalidArgumentError(
-            f"{where}.payload is {len(spec.payload)} bytes; the limit is {cfg.max_payload_bytes} bytes"
-        )
-    if spec.priority > 9:
-        raise InvalidArgumentError(
-            f"{where}.priority {spec.priority} is out of range: use 0 (lowest) to 9"
-        )
-    if spec.max_attempts > 100:
-        raise InvalidArgumentError(
-            f"{where}.max_attempts {spec.max_attempts} is out of range: use 1-100 (0: default)"
-        )
-    if spec.timeout_s < 0 or spec.timeout_s != spec.timeout_s:
-        raise InvalidArgumentError(
-            f"{where}.timeout_s must be a positive number of seconds (0: default)"
-        )
-    if len(spec.metadata) > 64:
-        raise InvalidArgumentError(
-            f"{where}.metadata has {len(spec.metadata)} entries; the limit is 64"
-        )
+# ---------------------------------------------------------------- ids and backoff
+# (validation, with every limit, lives in limits.py)
 
 
 def task_id_for(spec: tpb.TaskSpec, wall_us: int, rng: random.Random) -> str:
@@ -211,19 +174,6 @@ class Agent:
             draining=self.draining,
             connected_at_us=self.connected_at_us,
         )
-
-
-def validate_hello(hello: cpb.AgentHello) -> None:
-    if not _ID_RE.match(hello.agent_id):
-        raise InvalidArgumentError(
-            "hello.agent_id is required: 1-128 characters of A-Z a-z 0-9 . _ -"
-        )
-    if hello.lease_id <= 0:
-        raise InvalidArgumentError("hello.lease_id must be the agent process's live etcd lease")
-    if not 1 <= hello.capacity <= 1000:
-        raise InvalidArgumentError(f"hello.capacity {hello.capacity} is out of range: use 1-1000")
-    if not hello.kinds:
-        raise InvalidArgumentError("hello.kinds must name at least one task kind the agent can run")
 
 
 class Strategy:
@@ -319,6 +269,8 @@ class CoordinatorCore:
         self.free: dict[str, Agent] = {}
         self.finished: collections.Counter[str] = collections.Counter()
         self.subscribers: set[Callable[[tpb.Task, int], None]] = set()
+        self.on_progress: Callable[[tpb.Task, float, str], None] | None = None
+        """Receives progress from the agent holding a task (fraction, message); not stored."""
         self.wake = asyncio.Event()
         self.deposed: NotLeaderError | None = None
         self._order = 0
@@ -675,9 +627,16 @@ class CoordinatorCore:
             self._publish(new, prev)
 
     def progress(self, agent_id: str, msg: cpb.TaskProgress) -> None:
+        """Relay progress to watchers; only from the agent holding the task's current claim."""
         entry = self.active.get(msg.task_id)
-        if entry and entry.task.claim_token == msg.claim_token:
-            self._publish(entry.task, entry.task.state)
+        if (
+            entry
+            and entry.task.state in HELD
+            and entry.task.claim_token == msg.claim_token
+            and entry.task.agent_id == agent_id
+            and self.on_progress is not None
+        ):
+            self.on_progress(entry.task, msg.fraction, msg.message)
 
     async def report(self, agent_id: str, msg: cpb.TaskResult | cpb.TaskFailure) -> cpb.ReportAck:
         """A result or failure from an agent; the ack says whether it counted."""

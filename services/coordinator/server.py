@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import secrets
 
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
@@ -13,6 +14,7 @@ from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from registry import discovery
 from registry.election import Election, candidates, current_leader, observe
 from registry.etcd import Etcd
+from registry.leadership import BACKOFF_BASE_S, BACKOFF_CAP_S, STABLE_TERM_S
 from registry.lease import KeptLease
 from services._common import telemetry
 from services._common.clock import SystemClock
@@ -28,6 +30,7 @@ from services._common.grpcserver import (
 )
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
+from services.coordinator.limits import check_config
 from services.coordinator.servicer import (
     CoordinatorServicer,
     leader_value,
@@ -51,13 +54,17 @@ class CoordinatorNode:
         self.etcd = Etcd(
             cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
         )
-        self.servicer = CoordinatorServicer(self.status)
+        check_config(cfg)
+        self.servicer = CoordinatorServicer(self.status, cfg)
         self.server, self.health = build_server([SERVICE])
         cpb_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
         self.port = bind(self.server, cfg.listen)
         self.endpoint = advertised(cfg.listen, self.port, cfg.advertise)
         self.term = 0
         self.stop = asyncio.Event()
+        self.failures = 0
+        """Sessions or terms in a row that failed or ended within STABLE_TERM_S."""
+        self._rng = random.Random()
 
     async def status(self) -> cpb.ClusterStatus:
         leader = await current_leader(self.etcd, "coordinator")
@@ -118,16 +125,56 @@ class CoordinatorNode:
                 await asyncio.sleep(0.5)
 
     async def _terms(self) -> None:
-        """Campaign, lead until the term ends, campaign again: forever."""
+        """Campaign, lead until the term ends, campaign again: forever. Sessions that
+        keep failing back off (see `_after`) instead of churning terms."""
         self._lease = KeptLease(self.etcd, self.cfg.lease_ttl_s, self.clock)
         while True:
+            started = self.clock.monotonic()
+            error: BaseException | None = None
             try:
                 await self._one_session()
             except (StoreUnavailableError, NotLeaderError) as err:
+                error = err
                 log.warning("session ended; starting a new one", extra={"error": str(err)})
-            except Exception:  # a bug must not leave a replica that never campaigns again
+            except Exception as err:  # a bug must not leave a replica that never campaigns again
+                error = err
                 log.exception("session failed; starting a new one")
-            await asyncio.sleep(0.2)
+            await self._after(started, error)
+
+    async def _stable_after(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+        if self.failures:
+            self.failures = 0
+            log.info("this coordinator is healthy again")
+            await self.health.set("", SERVING)
+
+    async def _after(self, started: float, error: BaseException | None) -> None:
+        """After a session or a term: one that failed, or ended within STABLE_TERM_S,
+        counts as a failure. From the third in a row on, the replica says so (NOT_SERVING
+        for the Coordinator service and overall: it serves nothing useful) and logs an
+        error; each failure waits longer (jittered, doubling, capped) before campaigning
+        again, so a load that cannot finish does not churn terms."""
+        if error is None and self.clock.monotonic() - started >= STABLE_TERM_S:
+            if self.failures:
+                self.failures = 0
+                await self.health.set("", SERVING)
+            return
+        self.failures += 1
+        ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self.failures - 1))
+        delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        if self.failures >= 3:
+            await self.health.set("", NOT_SERVING)
+            await self.health.set(SERVICE, NOT_SERVING)
+            if self.failures == 3 or self.failures % 10 == 0:
+                log.error(
+                    "this coordinator keeps failing to lead; backing off",
+                    extra={
+                        "failures": self.failures,
+                        "error": repr(error) if error else "term ended within seconds",
+                        "retry_in_s": round(delay, 2),
+                    },
+                )
+        await self.clock.sleep(delay)
 
     async def _one_session(self) -> None:
         lease = self._lease
@@ -137,18 +184,29 @@ class CoordinatorNode:
         keeper = asyncio.ensure_future(lease.keep_alive())
         try:
             while not lease.lost.is_set():
-                election = Election(
-                    self.etcd, "coordinator", lease.id, leader_value(self.node_id, self.endpoint)
-                )
-                campaign = asyncio.ensure_future(election.campaign())
-                lost = asyncio.ensure_future(lease.lost.wait())
-                await asyncio.wait({campaign, lost}, return_when=asyncio.FIRST_COMPLETED)
-                lost.cancel()
-                if not campaign.done():
-                    campaign.cancel()
-                    return
-                term = campaign.result()
-                await self._lead(election, term)
+                # a replica that stays up this long (standby or leader) is healthy again
+                stable = asyncio.ensure_future(self._stable_after(STABLE_TERM_S))
+                try:
+                    election = Election(
+                        self.etcd,
+                        "coordinator",
+                        lease.id,
+                        leader_value(self.node_id, self.endpoint),
+                    )
+                    campaign = asyncio.ensure_future(election.campaign())
+                    lost = asyncio.ensure_future(lease.lost.wait())
+                    await asyncio.wait({campaign, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    lost.cancel()
+                    if not campaign.done():
+                        campaign.cancel()
+                        return
+                    term = campaign.result()
+                    started = self.clock.monotonic()
+                    await self._lead(election, term)  # an error here ends the session instead
+                finally:
+                    stable.cancel()
+                if not lease.lost.is_set():  # else the session ends, and _terms counts it
+                    await self._after(started, None)
         finally:
             keeper.cancel()
             with contextlib.suppress(BaseException):
@@ -161,6 +219,7 @@ class CoordinatorNode:
         store = EtcdTaskStore(self.etcd, election, self.clock, cfg.retention_s)
         core = CoordinatorCore(store, self.clock, cfg, term=term, node_id=self.node_id)
         core.subscribers = self.servicer.hub.subscribers
+        core.on_progress = self.servicer.hub.progress
         counter = telemetry.watch_core(core)
         started = self.clock.monotonic()
         records, claims, revision = await store.load()
@@ -169,6 +228,7 @@ class CoordinatorNode:
         self.servicer.core = core
         self.servicer.leader_endpoint = self.endpoint
         await self.health.set(SERVICE, SERVING)
+        await self.health.set("", SERVING)  # serving again, even if recent terms failed
         telemetry.IS_LEADER.set(1)
         log.info(
             "elected root coordinator",

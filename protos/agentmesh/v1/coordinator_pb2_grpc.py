@@ -104,7 +104,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitBatch(self, request, context):
-        """Submit up to 1,000 tasks; written to etcd in as few transactions as fit.
+        """Submit up to 1,000 tasks (at most 8 MiB in all); written to etcd in as few
+        transactions as fit.
         All-or-nothing validation: one bad spec rejects the batch with
         INVALID_ARGUMENT naming its index.
         """
@@ -128,28 +129,35 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Tasks in etcd, filtered, in key order, paginated.
+        """Tasks in etcd, filtered, in key order, paginated. A page holds at most
+        page_size tasks and at most 3 MiB (under a default client's 4 MiB receive
+        limit): a shorter page still has a next_page_token when more follow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchTask(self, request, context):
-        """The task now, then every change until it is terminal.
+        """The task now, then every change (and progress) until it is terminal, with
+        the full task. Counts as a watcher (see WatchEvents).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Every task change the leader makes from now on (for dashboards and load tests).
+        """Every task change the leader makes from now on (for dashboards and load tests),
+        and progress reported by agents. At most 64 watchers (WatchTask and
+        WatchEvents streams) at once: past that RESOURCE_EXHAUSTED. A watcher that
+        falls 10,000 events or 4 MiB behind ends with RESOURCE_EXHAUSTED (events
+        already in flight on the connection, one HTTP/2 window, are not counted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """Agents connected to this leader.
+        """Agents connected to this leader, by agent id, paginated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
