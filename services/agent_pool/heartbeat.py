@@ -43,6 +43,8 @@ from services.agent_pool.executors import Executor, ExecutorError, Outcome
 log = logging.getLogger(__name__)
 
 MAX_OUTCOMES = 64
+URGENT_GAP_S = 0.01
+"""At most one early heartbeat (after failures) per this long per agent."""
 MAX_ERROR_BYTES = 512
 PROCESS_STATS_EVERY_S = 0.5
 
@@ -70,6 +72,8 @@ class AgentTrack:
     outcomes: collections.deque[hpb.TaskOutcome] = field(
         default_factory=lambda: collections.deque(maxlen=MAX_OUTCOMES)
     )
+    urgent: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a task failed: the next heartbeat leaves at once."""
 
     def progress(self, task_id: str) -> None:
         run = self.running.get(task_id)
@@ -163,6 +167,8 @@ class _Tracked:
             held = track.running.get(task.task_id)
             if held is not None and held.token == task.claim_token:
                 del track.running[task.task_id]
+            if error:
+                track.urgent.set()
             if ok or error:
                 track.outcomes.append(
                     hpb.TaskOutcome(
@@ -336,23 +342,36 @@ class Heartbeater:
             seq += 1
             await call.write(self._heartbeat(agent, seq, 0.0, first=True))
             next_at = time.monotonic()
+            track = self.tracker.track(agent_id)
             while True:
                 next_at += self.interval_s
-                sleep = asyncio.ensure_future(asyncio.sleep(max(0.0, next_at - time.monotonic())))
-                done, _ = await asyncio.wait(
-                    {sleep, reader, moved, closing}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if reader in done:
+                while True:  # until the next heartbeat is due, sending early ones on failures
+                    sleep = asyncio.ensure_future(
+                        asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                    )
+                    urgent = asyncio.ensure_future(track.urgent.wait())
+                    done, _ = await asyncio.wait(
+                        {sleep, reader, moved, closing, urgent},
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
                     sleep.cancel()
-                    reader.result()  # the monitor ended the stream: raise why
-                    return seq
-                if moved in done:
-                    if self._leader != endpoint:
-                        sleep.cancel()
-                        return seq  # a new active monitor: reconnect there at once
-                    moved = asyncio.ensure_future(self._leader_changed.wait())
-                if sleep not in done and closing not in done:
-                    await sleep
+                    urgent.cancel()
+                    if reader in done:
+                        reader.result()  # the monitor ended the stream: raise why
+                        return seq
+                    if moved in done:
+                        if self._leader != endpoint:
+                            return seq  # a new active monitor: reconnect there at once
+                        moved = asyncio.ensure_future(self._leader_changed.wait())
+                    if sleep in done or closing in done:
+                        break
+                    if urgent in done:
+                        # a task failed: say so now, not up to an interval later, or an agent
+                        # that fails fast burns through the queue before the breaker can act
+                        track.urgent.clear()
+                        seq += 1
+                        await call.write(self._heartbeat(agent, seq, 0.0))
+                        await asyncio.sleep(URGENT_GAP_S)
                 lag = max(0.0, time.monotonic() - next_at)
                 if lag > self.interval_s:
                     next_at = time.monotonic()  # after a frozen loop: no burst to catch up

@@ -640,6 +640,8 @@ class CoordinatorCore:
 
     def _reserve(self, agent: Agent, task_id: str) -> None:
         agent.inflight.add(task_id)
+        if agent.admit == 1:
+            agent.admit = 0  # half-open: its one trial task; the health monitor says what next
         if agent.free() <= 0:
             self.free.pop(agent.agent_id, None)
 

@@ -199,6 +199,8 @@ class Breaker:
     open_until_us: int = 0
     calm_since: float = 0.0
     """Since when it has been closed without an ejection (for decaying `ejections`)."""
+    trial_since: float = 0.0
+    """Since when it has been half-open, waiting for its trial task's outcome."""
 
 
 @dataclass(eq=False)
@@ -520,6 +522,21 @@ class HealthCore:
             self._link(successor, agent_id, self.clock.monotonic())
         else:
             self._expected[new_agent_id] = agent_id  # linked on its first heartbeat
+
+    def pool_unreachable(self, agent_id: str, pool_id: str, why: str) -> None:
+        """The pool asked to replace `agent_id` did not answer at all (it died and its
+        registration has not expired yet): forget that pool and ask another at once,
+        without counting it against the agent's line."""
+        view = self.agents.get(agent_id)
+        self.pools.pop(pool_id, None)
+        if view is None or view.replaced_by or view.replace_pending is None:
+            return
+        if not self.pools:
+            self.replace_failed(agent_id, why)
+            return
+        view.replace_pending = None
+        self.stats["replacements"] -= 1  # the same replacement, sent elsewhere
+        self._dispatch_replacement(view, self.clock.monotonic(), view.reason)
 
     def replace_failed(self, agent_id: str, why: str) -> None:
         """A replacement order failed (or none came up in time): count it, retry or escalate."""
@@ -903,6 +920,7 @@ class HealthCore:
         if b.state == OPEN and now >= b.open_until:
             b.state = HALF_OPEN
             b.open_until_us = 0
+            b.trial_since = now
             view.reason = "ejection over: half-open, one task on trial"
             self._open_alert(K.ALERT_KIND_EJECTED, view, view.reason)
             self._send(
@@ -910,6 +928,12 @@ class HealthCore:
                 hpb.HealthDirective(resume=hpb.ResumeAgent(reason=view.reason, half_open=True)),
             )
             self._changed(view, view.state, view.reason)
+        elif b.state == HALF_OPEN and now - b.trial_since >= cfg.ejection_base_s:
+            # No outcome yet: the coordinator spends the one trial it admits on the first
+            # task it assigns; if that assignment never happened (no work, a failed
+            # write), writing the record again arms a new trial.
+            b.trial_since = now
+            self._persist(view)
         elif b.state == CLOSED and b.ejections and now - b.calm_since >= cfg.ejection_max_s:
             b.ejections -= 1  # well behaved for a while: the next ejection is shorter
             b.calm_since = now

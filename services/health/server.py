@@ -248,7 +248,10 @@ class HealthMonitorNode:
         except grpc.aio.AioRpcError as err:
             why = f"{action.pool_id}: SpawnAgents {err.code().name}: {err.details()}"
             log.warning("replacement failed", extra={"agent": action.agent_id, "error": why})
-            core.replace_failed(action.agent_id, why)
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                core.pool_unreachable(action.agent_id, action.pool_id, why)
+            else:
+                core.replace_failed(action.agent_id, why)
             return
         if not resp.agents:
             core.replace_failed(action.agent_id, f"{action.pool_id} started no agent")

@@ -161,8 +161,18 @@ async def test_an_ejected_agent_gets_nothing_new_and_half_open_gets_one(
     assert core.agents["a"].status().health_admission == "none"
     core.admit("a", 1)  # half-open: one task on trial
     await settle()
+    (trial,) = a.assigned()
+    assert core.agents["a"].status().health_admission == "none"  # the trial is spent
+    ack = await core.report(
+        "a", cpb.TaskResult(task_id=trial.task_id, claim_token=trial.claim_token)
+    )
+    assert ack.accepted
+    await settle()
+    # done, but no second task until the monitor has read the outcome
     assert len(a.assigned()) == 1
-    assert core.agents["a"].status().health_admission == "one"
+    core.admit("a", 1)  # the record written again (no outcome came): a new trial
+    await settle()
+    assert len(a.assigned()) == 2
     core.admit("a", -1)  # closed
     await settle()
     assert len(a.assigned()) == 3

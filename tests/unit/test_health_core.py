@@ -501,6 +501,9 @@ async def test_breaker_opens_half_opens_closes_and_grows(clock: FakeClock) -> No
     assert a.view.breaker.state == HALF_OPEN
     assert a.view.admission == ONE
     assert a.told("resume")[-1].resume.half_open
+    assert "a0" in core.take_dirty()  # the record says ONE: the coordinator arms a trial
+    await live(clock, core, agents, 10.0)
+    assert "a0" in core.take_dirty()  # no outcome for a while: the record is written again
     a.beat(outcomes=[fail("trial")])  # failed on trial: ejected again, for longer
     assert a.view.breaker.state == OPEN
     assert a.view.breaker.ejections == 2
@@ -633,6 +636,24 @@ async def test_failed_replacement_orders_are_retried_then_escalated(clock: FakeC
     assert a.view.escalated
     await advance(clock, core, 5.0)
     assert not [x for x in core.take_actions() if isinstance(x, Replace)]
+
+
+async def test_a_dead_pool_that_is_still_registered_is_skipped_at_once(
+    clock: FakeClock,
+) -> None:
+    core = make(clock, reconnect_grace_s=1.0)
+    a = Agent(core, clock, "a0", pool_id="pool-1")
+    a.connect()
+    a.close()
+    await advance(clock, core, 1.05)
+    (first,) = [x for x in core.take_actions() if isinstance(x, Replace)]
+    assert first.pool_id == "pool-1"
+    assert first.own_pool
+    core.pool_unreachable("a0", "pool-1", "connection refused")
+    (second,) = [x for x in core.take_actions() if isinstance(x, Replace)]
+    assert second.pool_id == "pool-2"
+    assert not second.own_pool
+    assert a.view.lineage_failures == 0
 
 
 async def test_a_replacement_that_never_reports_counts_as_failed(clock: FakeClock) -> None:
