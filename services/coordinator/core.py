@@ -54,6 +54,8 @@ HELD = frozenset({ASSIGNED, RUNNING})
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_BATCH = 1000
+HAND_BACK_S = 1.0
+"""A task released as hung waits this long at most for an agent other than its own."""
 STRATEGIES = ("least-loaded", "round-robin", "weighted", "random")
 
 
@@ -852,8 +854,21 @@ class CoordinatorCore:
                     cancel=cpb.CancelAssignment(task_id=task_id, reason=f"released: {reason}")
                 )
             )
-            self._release(agent, task_id)
+            self.spawn(self._hand_back(agent, task_id))
         return True
+
+    async def _hand_back(self, agent: Agent, task_id: str) -> None:
+        """Give the agent a released task hung on its slot back once the task runs
+        elsewhere, or after HAND_BACK_S if nobody else was free: it is not handed the
+        task it just hung on while another agent could take it."""
+        waited = 0.0
+        while waited < HAND_BACK_S:
+            entry = self.active.get(task_id)
+            if entry is None or entry.task.state != QUEUED:
+                break
+            await self.clock.sleep(0.01)
+            waited += 0.01
+        self._release(agent, task_id)
 
     # ---- requeue / claims lost ----
 

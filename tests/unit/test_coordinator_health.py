@@ -116,6 +116,48 @@ async def test_releasing_a_hung_claim_requeues_it_elsewhere_and_refuses_the_late
     assert skipped == [(held.task_id, held.claim_token)]
 
 
+async def test_a_released_task_waits_for_another_agent_before_its_own(
+    core: CoordinatorCore,
+) -> None:
+    clock = core.clock
+    assert isinstance(clock, FakeClock)
+    hung = Agent(core, "hung", 1).connect()
+    await submit(core, 1)
+    (held,) = hung.assigned()
+    other = Agent(core, "other", 2).connect()
+    await submit(core, 1)
+    (running,) = other.assigned()
+    await core.release_claims("hung", [(held.task_id, held.claim_token)], "hung")
+    await settle()
+    assert len(hung.assigned()) == 1  # not handed back the task it hung on
+    await core.report(
+        "other", cpb.TaskResult(task_id=running.task_id, claim_token=running.claim_token)
+    )
+    await settle()
+    assert [t.task_id for t in other.assigned()] == [running.task_id, held.task_id]
+    await clock.advance(0.02)
+    await submit(core, 1)
+    assert len(hung.assigned()) == 2  # its slot is back once the task ran elsewhere
+
+
+async def test_with_nobody_else_free_the_task_goes_back_after_a_while(
+    core: CoordinatorCore,
+) -> None:
+    clock = core.clock
+    assert isinstance(clock, FakeClock)
+    hung = Agent(core, "hung", 1).connect()
+    await submit(core, 1)
+    (held,) = hung.assigned()
+    await core.release_claims("hung", [(held.task_id, held.claim_token)], "hung")
+    await settle()
+    assert len(hung.assigned()) == 1
+    for _ in range(110):
+        await clock.advance(0.01)
+    again = hung.assigned()
+    assert [t.task_id for t in again] == [held.task_id, held.task_id]
+    assert again[1].attempts == 2
+
+
 async def test_a_stale_token_or_another_agents_claim_is_skipped(core: CoordinatorCore) -> None:
     a = Agent(core, "a", 1).connect()
     await submit(core, 1)
