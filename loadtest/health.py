@@ -62,7 +62,8 @@ def cluster_env(scenario: str, stall_limit_s: float) -> dict[str, str]:
             "AGENTMESH_STALL_LIMIT_S": f"{stall_limit_s:g}",
         }
     if scenario == "flaky":
-        return {"AGENTMESH_FLAKY_AGENTS": "1"}
+        # ejections of 5 s (not 30): a short run shows the trials and the growth
+        return {"AGENTMESH_FLAKY_AGENTS": "1", "AGENTMESH_EJECTION_BASE_S": "5"}
     return {}
 
 
