@@ -63,7 +63,6 @@ class LocalCluster:
         self.coordinator_endpoints = [
             f"127.0.0.1:{first + i if first else free_port()}" for i in range(spec.coordinators)
         ]
-        self.health_endpoints = [f"127.0.0.1:{free_port()}" for _ in range(spec.health_monitors)]
 
     @property
     def etcd_endpoint(self) -> str:
@@ -107,10 +106,12 @@ class LocalCluster:
                     self.spec.strategy,
                 ],
             )
-        for i, endpoint in enumerate(self.health_endpoints):
+        for i in range(self.spec.health_monitors):
+            # port 0: the monitor binds a free port itself and publishes it in etcd (a
+            # port picked here could be taken before the process binds it)
             self._spawn(
                 f"health-{i + 1}",
-                ["serve", "health", "--listen", endpoint, "--node-id", f"health-{i + 1}"],
+                ["serve", "health", "--listen", "127.0.0.1:0", "--node-id", f"health-{i + 1}"],
             )
         per_pool = [
             self.spec.agents // self.spec.pools
@@ -195,7 +196,7 @@ class LocalCluster:
                     if (
                         status.leader_endpoint
                         and status.agents_connected >= want
-                        and (not self.health_endpoints or await self._monitor_active())
+                        and (not self.spec.health_monitors or await self._monitor_active())
                     ):
                         return time.monotonic() - t0
                 except Exception:  # noqa: BLE001 - not up yet
