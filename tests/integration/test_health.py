@@ -30,6 +30,7 @@ from registry.errors import StoreUnavailableError
 from services.client import MeshClient
 from services.cluster import LocalCluster
 from services.health.client import HealthClient, NoMonitorError
+from tests.integration.test_cluster import agentmesh_cmd, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -176,6 +177,20 @@ async def test_a_pool_killed_with_sigkill_has_its_agents_replaced(cluster: Any) 
         assert all("stream closed" in a.reason for a in failed)
         for a in failed:
             assert (await hc.get(a.replaced_by)).replaces == a.agent_id
+    # what an operator sees
+    etcd = ["--etcd", c.etcd_endpoint]
+    code, out, err = await run_command(
+        *agentmesh_cmd(), "health", "agents", "--state", "failed", *etcd
+    )
+    assert code == 0, out + err
+    assert "3 agents" in out, out
+    for agent_id in killed:
+        assert agent_id in out, out
+    code, out, err = await run_command(*agentmesh_cmd(), "status", *etcd)
+    assert code == 0, out + err
+    assert "HEALTHY 6" in out, out
+    assert "FAILED 3" in out, out
+    assert "state" in out, out  # the open alerts: three FAILED agents
     print(f"\npool-1 killed: {len(killed)} agents replaced in pool-2 within {took:.2f} s")
 
 
