@@ -73,6 +73,11 @@ class HealthServicer(hpb_grpc.HealthMonitorServicer):
             core.heartbeat(stream, first)
             async for hb in request_iterator:
                 metrics.HEARTBEATS.inc()
+                if hb.agent_id != agent_id:
+                    raise InvalidArgumentError(
+                        f"agent_id {hb.agent_id[:128]!r} on a stream opened by {agent_id!r}: "
+                        "one stream per agent"
+                    )
                 core.heartbeat(stream, hb)
 
         async def writer() -> None:

@@ -314,6 +314,19 @@ async def test_a_heartbeat_over_a_limit_ends_the_stream_naming_the_field(
         assert "outcomes" in (err.value.details() or "")
 
 
+async def test_a_stream_is_one_agents(make_mesh: MeshFactory) -> None:
+    mesh = await make_mesh()
+    async with grpc.aio.insecure_channel(mesh.active().endpoint) as channel:
+        call = hpb_grpc.HealthMonitorStub(channel).Report()
+        info = hpb.AgentInfo(capacity=1, kinds=["x"])
+        await call.write(hpb.Heartbeat(agent_id="hand-1", sent_at_us=1, info=info))
+        await call.write(hpb.Heartbeat(agent_id="hand-2", sent_at_us=2))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await within(_read_to_end(call))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one stream per agent" in (err.value.details() or "")
+
+
 async def _read_to_end(call: Any) -> None:
     while await call.read() is not grpc.aio.EOF:
         pass

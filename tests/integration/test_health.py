@@ -30,7 +30,7 @@ from registry.errors import StoreUnavailableError
 from services.client import MeshClient
 from services.cluster import LocalCluster
 from services.health.client import HealthClient, NoMonitorError
-from tests.integration.test_cluster import agentmesh_cmd, run_command
+from tests.integration.test_cluster import GRPCURL, agentmesh_cmd, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -287,6 +287,12 @@ async def test_the_standby_monitor_takes_over_and_declares_no_agent_failed(clust
         agents = (await client.agents()).agents
         assert len(agents) == 20
         assert all(a.health_admission == "" for a in agents)
+    # reflection and grpc.health.v1 on the monitor, as on every service
+    async with health(c) as hc:
+        endpoint = await hc.active()
+    code, out, err = await run_command(GRPCURL, "-plaintext", endpoint, "list")
+    assert code == 0, out + err
+    assert {"agentmesh.v1.HealthMonitor", "grpc.health.v1.Health"} <= set(out.split()), out
     print(
         f"\nmonitor {first.monitor_id} killed: {second.monitor_id} active with all 20 agents reporting after {took:.2f} s"
     )

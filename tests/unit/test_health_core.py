@@ -833,3 +833,29 @@ def test_the_largest_valid_heartbeat_is_accepted() -> None:
 def test_thresholds_must_grow() -> None:
     with pytest.raises(ValueError, match="grow"):
         HealthConfig(degraded_after_s=5.0, critical_after_s=2.0)
+
+
+async def test_metrics_follow_the_core(clock: FakeClock) -> None:
+    from prometheus_client import REGISTRY
+
+    from services.health import metrics
+
+    core = make(clock)
+    core.subscribers.add(metrics.watch(core))
+    a = Agent(core, clock, "m1")
+    a.connect()
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    alerts_before = value("agentmesh_health_alerts_total", kind="state")
+    assert value("agentmesh_health_agents", state="HEALTHY") == 1
+    await advance(clock, core, 2.5)
+    assert value("agentmesh_health_agents", state="DEGRADED") == 1
+    assert value("agentmesh_health_alerts_total", kind="state") == alerts_before + 1
+    assert value("agentmesh_health_open_alerts") == 1
+    released = value("agentmesh_health_recoveries_total", kind="release", outcome="ok")
+    await advance(clock, core, 8.0)
+    (release,) = [x for x in core.take_actions() if isinstance(x, Release)]
+    core.release_done(release, [])
+    assert value("agentmesh_health_recoveries_total", kind="release", outcome="ok") == released + 1
