@@ -226,6 +226,8 @@ class AgentView:
     tasks: dict[str, TaskView] = field(default_factory=dict)
     released: dict[tuple[str, int], float] = field(default_factory=dict)
     """Claims released as hung → when; kept while the agent still lists the task."""
+    confirmed: set[tuple[str, int]] = field(default_factory=set)
+    """Of those, the ones the coordinator released (the agent did hold them)."""
     release_backoff: dict[tuple[str, int], float] = field(default_factory=dict)
     completed: int = 0
     failed: int = 0
@@ -437,6 +439,7 @@ class HealthCore:
             listed = tasks.get(key[0])
             if listed is None or listed.token != key[1]:
                 del view.released[key]  # the cancel worked: the task left the agent
+                view.confirmed.discard(key)
                 self._close_alert(_alert_id(K.ALERT_KIND_HUNG_TASK, view.agent_id, key[0]))
         for o in hb.outcomes:
             self._outcome(view, o, now)
@@ -503,14 +506,30 @@ class HealthCore:
                 detail=error or action.reason,
             )
         )
-        if error and view is not None and action.hung:
-            now = self.clock.monotonic()
-            for key in action.claims:
-                # detect it again (and retry) after a pause, not on every tick
-                view.released.pop(key, None)
-                view.release_backoff[key] = now + 1.0
-        elif not error:
-            self.stats["claims_released"] += len(released)
+        if error:
+            if view is not None and action.hung:
+                now = self.clock.monotonic()
+                for key in action.claims:
+                    # detect it again (and retry) after a pause, not on every tick
+                    view.released.pop(key, None)
+                    view.release_backoff[key] = now + 1.0
+            return
+        self.stats["claims_released"] += len(released)
+        if not action.hung or view is None:
+            return
+        now = self.clock.monotonic()
+        done = set(released)
+        for key in action.claims:
+            if key in done:
+                # the agent held it and let it stall: that counts against the agent
+                view.confirmed.add(key)
+                view.hung_tasks += 1
+                self.stats["hung_released"] += 1
+                self._breaker_failure(view, now, f"hung task {key[0]}")
+            else:
+                # the claim had moved on already (a frozen pool's claims died with its
+                # lease): the agent lists a task it no longer holds, not a hang
+                self._close_alert(_alert_id(K.ALERT_KIND_HUNG_TASK, view.agent_id, key[0]))
 
     def replace_done(self, agent_id: str, new_agent_id: str) -> None:
         """A pool started `new_agent_id` to replace `agent_id`."""
@@ -761,7 +780,8 @@ class HealthCore:
             released_at = view.released.get(key)
             if released_at is not None:
                 if (
-                    now - released_at >= cfg.cancel_grace_s
+                    key in view.confirmed
+                    and now - released_at >= cfg.cancel_grace_s
                     and view.replace_pending is None
                     and view.send is not None
                 ):
@@ -782,13 +802,10 @@ class HealthCore:
             else:
                 continue
             view.released[key] = now
-            view.hung_tasks += 1
-            self.stats["hung_released"] += 1
             self._open_alert(
                 K.ALERT_KIND_HUNG_TASK, view, f"task {t.task_id} hung: {why}", task_id=t.task_id
             )
             self._act(Release(view.agent_id, [key], f"hung: {why}", hung=True))
-            self._breaker_failure(view, now, f"hung task {t.task_id}")
 
     # ---- latency baseline and the predictive alert ----
 

@@ -381,7 +381,9 @@ async def test_a_task_without_progress_past_the_stall_limit_is_released(
     assert release.claims == [("t1", 42)]
     assert "no progress" in release.reason
     assert K.ALERT_KIND_HUNG_TASK in kinds(core)
+    core.release_done(release, [("t1", 42)])
     assert a.view.breaker.consecutive == 1  # a hung task counts against the agent
+    assert core.summary().hung_released == 1
     await advance(clock, core, 0.5)
     a.beat(tasks=[task("t1", 42, start)])
     assert not core.take_actions()  # released once
@@ -443,7 +445,8 @@ async def test_a_released_task_that_keeps_running_gets_its_agent_replaced(
     a.connect(tasks=[task("t1", 9, start)])
     await advance(clock, core, 3.0)
     a.beat(tasks=[task("t1", 9, start)])
-    assert core.take_actions()
+    (release,) = core.take_actions()
+    core.release_done(release, [("t1", 9)])  # type: ignore[arg-type]
     for _ in range(2):
         await advance(clock, core, 0.6)
         a.beat(tasks=[task("t1", 9, start)])  # the cancel did not stop it
@@ -455,6 +458,26 @@ async def test_a_released_task_that_keeps_running_gets_its_agent_replaced(
     b = Agent(core, clock, "a2", replaces="a1")
     b.connect()
     assert b.view.replaces == "a1"
+
+
+async def test_a_task_whose_claim_had_moved_on_is_not_a_hang(clock: FakeClock) -> None:
+    core = make(clock)
+    a = Agent(core, clock, "a1")
+    start = clock.wall_us()
+    a.connect(tasks=[task("t1", 5, start)])
+    await advance(clock, core, 2.0)
+    a.beat(tasks=[task("t1", 5, start)])
+    await advance(clock, core, 1.0)
+    (release,) = core.take_actions()
+    core.release_done(release, [])  # type: ignore[arg-type]  # skipped: its lease had expired
+    assert a.view.breaker.consecutive == 0
+    assert K.ALERT_KIND_HUNG_TASK not in kinds(core)
+    for _ in range(5):  # it lingers on the agent a while: no replacement for that
+        await advance(clock, core, 1.0)
+        a.beat(tasks=[task("t1", 5, start)])
+    assert not a.told("replace")
+    assert not core.take_actions()  # and no second release
+    assert core.summary().hung_released == 0
 
 
 async def test_a_failed_release_is_tried_again_after_a_pause(clock: FakeClock) -> None:
