@@ -406,6 +406,8 @@ class HealthRun:
         detection_late: list[float] = []
         wrong = 0
         same_agent = 0
+        rows: list[dict[str, Any]] = []
+        origin = min((f for f, _ in self.hangs.values()), default=0)
         for task_id, (first_us, agent) in sorted(self.hangs.items()):
             t = await self._settled(task_id)
             if t.state != tpb.TASK_STATE_SUCCEEDED or t.attempts < 2:
@@ -417,9 +419,17 @@ class HealthRun:
             to_elsewhere.append(took)
             driver.metrics.add_sample("hang_to_elsewhere_s", took)
             opened = self.watch.hung.get(task_id)
+            row: dict[str, Any] = {
+                "task": task_id,
+                "at_s": round((first_us - origin) / 1e6, 3),
+                "took_s": round(took, 3),
+            }
             if opened:
                 detected_to_elsewhere.append((t.assigned_at_us - opened) / 1e6)
                 detection_late.append((opened - first_us) / 1e6 - self.stall_limit_s)
+                row["detected_late_s"] = round(detection_late[-1], 3)
+                row["detected_to_elsewhere_s"] = round(detected_to_elsewhere[-1], 3)
+            rows.append(row)
         out: dict[str, Any] = {
             "stall_limit_s": self.stall_limit_s,
             "hang_to_elsewhere": percentiles(to_elsewhere),
@@ -430,6 +440,7 @@ class HealthRun:
                 "not_succeeded_after_a_retry": wrong,
                 "retried_on_the_same_agent": same_agent,
             },
+            "slowest_hangs": sorted(rows, key=lambda r: -float(r["took_s"]))[:3],
         }
         if self.frozen:
             t = await self._settled(self.frozen["task"])
@@ -442,6 +453,7 @@ class HealthRun:
                 )
                 if t.state == tpb.TASK_STATE_SUCCEEDED and t.attempts >= 2
                 else None,
+                "at_s": round((self.frozen["at_us"] - origin) / 1e6, 3),
                 "tasks_held": len(r.victims) if r else 0,
                 "tasks_to_elsewhere": percentiles(sorted(r.reassigned.values()) if r else []),
                 "finished_by_frozen_pool": len(r.finished_by_victim) if r else 0,

@@ -73,8 +73,9 @@ class HealthConfig(ServiceConfig):
     """Wait before trying again after a replacement failed."""
     forget_after_s: float = 3600.0
     """A FAILED agent's record is deleted after this long."""
-    tick_s: float = 0.1
-    """How often timers are checked (hang detection is this much late at most)."""
+    tick_s: float = 0.05
+    """How often timers are checked (hang detection is this much late at most); each
+    tick looks at every agent (under 1 µs each here: 0.3 % of a core for 200 agents)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.degraded_after_s < self.critical_after_s < self.failed_after_s:
