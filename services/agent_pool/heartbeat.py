@@ -33,7 +33,7 @@ import grpc
 from protos.agentmesh.v1 import health_pb2 as hpb
 from protos.agentmesh.v1 import health_pb2_grpc as hpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
-from registry.election import observe
+from registry.election import current_leader, observe
 from registry.errors import StoreUnavailableError
 from registry.etcd import Etcd
 from registry.leadership import parse_leader_value
@@ -47,6 +47,14 @@ URGENT_GAP_S = 0.01
 """At most one early heartbeat (after failures) per this long per agent."""
 MAX_ERROR_BYTES = 512
 PROCESS_STATS_EVERY_S = 0.5
+FOLLOW_CHECK_S = 2.0
+CHANNEL_OPTIONS = [
+    *OPTIONS,
+    # gRPC's default reconnect backoff grows to 120 s: a monitor that comes back (or a
+    # new one on a reused port) would be unreachable for minutes after a few failures
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 def _now_us() -> int:
@@ -245,6 +253,7 @@ class Heartbeater:
         self._leader = ""
         self._leader_changed = asyncio.Event()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing_channels: set[asyncio.Task[None]] = set()
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._closing = asyncio.Event()
         self._stats = (0, 0.0)
@@ -269,6 +278,7 @@ class Heartbeater:
             await asyncio.gather(follow, *self._streams.values(), return_exceptions=True)
             for channel in self._channels.values():
                 await channel.close()
+            await asyncio.gather(*self._closing_channels, return_exceptions=True)
 
     async def close(self, timeout_s: float = 2.0) -> None:
         """Say goodbye on every stream (the pool stops on purpose), bounded."""
@@ -280,12 +290,30 @@ class Heartbeater:
     # ---- the monitor ----
 
     async def _follow(self) -> None:
+        """Follow the monitor's election, and read it again every FOLLOW_CHECK_S: a
+        watch that died quietly must cost seconds, not every agent's FAILED."""
+        check = asyncio.ensure_future(self._check_leader())
+        try:
+            while True:
+                try:
+                    async for leader in observe(self.etcd, "health"):
+                        self._set_leader(parse_leader_value(leader.value)[1] if leader else "")
+                except StoreUnavailableError:
+                    await asyncio.sleep(0.5)
+                except Exception:  # noqa: BLE001 - following must never stop
+                    log.warning("following the health monitor failed; again", exc_info=True)
+                    await asyncio.sleep(0.5)
+        finally:
+            check.cancel()
+
+    async def _check_leader(self) -> None:
         while True:
+            await asyncio.sleep(FOLLOW_CHECK_S)
             try:
-                async for leader in observe(self.etcd, "health"):
-                    self._set_leader(parse_leader_value(leader.value)[1] if leader else "")
-            except StoreUnavailableError:
-                await asyncio.sleep(0.5)
+                leader = await current_leader(self.etcd, "health")
+            except Exception:  # noqa: BLE001 - the watch is the main path; try again later
+                continue
+            self._set_leader(parse_leader_value(leader.value)[1] if leader else "")
 
     def _set_leader(self, endpoint: str) -> None:
         if endpoint != self._leader:
@@ -293,11 +321,17 @@ class Heartbeater:
             log.info("health monitor", extra={"monitor": endpoint or "none"})
             self._leader_changed.set()
             self._leader_changed = asyncio.Event()
+            # the streams move to the new monitor; a fresh channel for whatever comes next
+            for old in [e for e in self._channels if e != endpoint]:
+                channel = self._channels.pop(old)
+                task = asyncio.ensure_future(channel.close(grace=1.0))
+                self._closing_channels.add(task)
+                task.add_done_callback(self._closing_channels.discard)
 
     def _stub(self, endpoint: str) -> hpb_grpc.HealthMonitorStub:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=OPTIONS)
+            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
             self._channels[endpoint] = channel
         return hpb_grpc.HealthMonitorStub(channel)
 

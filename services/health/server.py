@@ -354,6 +354,9 @@ class HealthMonitorNode:
                 await follow()
             except StoreUnavailableError:
                 await asyncio.sleep(0.5)
+            except Exception:  # noqa: BLE001 - a follower that stops would blind the monitor
+                log.warning("following etcd failed; again", exc_info=True)
+                await asyncio.sleep(0.5)
 
     async def _follow_monitor(self) -> None:
         async def go() -> None:
@@ -391,7 +394,16 @@ class HealthMonitorNode:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=OPTIONS)
+            channel = grpc.aio.insecure_channel(
+                endpoint,
+                options=[
+                    *OPTIONS,
+                    # a coordinator or pool that restarts must be reachable within a
+                    # second, not after gRPC's default reconnect backoff (up to 120 s)
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ],
+            )
             self._channels[endpoint] = channel
         return channel
 
