@@ -349,9 +349,9 @@ class Heartbeater:
                     try:
                         seq = await self._session(agent, endpoint, seq)
                         delay = 0.05
-                    except (grpc.aio.AioRpcError, OSError, asyncio.InvalidStateError) as err:
+                    except Exception as err:  # noqa: BLE001 - any failed stream: reconnect
                         log.debug(
-                            "report stream ended", extra={"agent": agent_id, "error": str(err)}
+                            "report stream ended", extra={"agent": agent_id, "error": repr(err)}
                         )
                 # jittered backoff; a new monitor ends it at once
                 wait = delay / 2 + random.uniform(0, delay / 2)
