@@ -48,6 +48,8 @@ URGENT_GAP_S = 0.01
 MAX_ERROR_BYTES = 512
 PROCESS_STATS_EVERY_S = 0.5
 FOLLOW_CHECK_S = 2.0
+SILENT_WARN_S = 5.0
+"""An agent whose heartbeats have not gone out for this long says so in the log."""
 CHANNEL_OPTIONS = [
     *OPTIONS,
     # gRPC's default reconnect backoff grows to 120 s: a monitor that comes back (or a
@@ -255,6 +257,8 @@ class Heartbeater:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing_channels: set[asyncio.Task[None]] = set()
         self._streams: dict[str, asyncio.Task[None]] = {}
+        self._sent: dict[str, float] = {}
+        """agent id → when its last heartbeat went out (monotonic)."""
         self._closing = asyncio.Event()
         self._stats = (0, 0.0)
         self._stats_at = 0.0
@@ -341,18 +345,34 @@ class Heartbeater:
         agent_id = agent.agent_id
         delay = 0.05
         seq = 0
+        self._sent[agent_id] = time.monotonic()
+        warned = False
         try:
             while agent_id in self.agents() and not self._closing.is_set():
                 endpoint = self._leader
                 changed = self._leader_changed
+                error = "no active monitor is known"
                 if endpoint:
                     try:
                         seq = await self._session(agent, endpoint, seq)
                         delay = 0.05
                     except Exception as err:  # noqa: BLE001 - any failed stream: reconnect
-                        log.debug(
-                            "report stream ended", extra={"agent": agent_id, "error": repr(err)}
-                        )
+                        error = repr(err)
+                        log.debug("report stream ended", extra={"agent": agent_id, "error": error})
+                silent = time.monotonic() - self._sent[agent_id]
+                if silent > SILENT_WARN_S and not warned:
+                    warned = True  # once per episode: a monitor that stays away must show
+                    log.warning(
+                        "agent cannot report to the health monitor",
+                        extra={
+                            "agent": agent_id,
+                            "monitor": endpoint,
+                            "silent_s": round(silent, 1),
+                            "error": error,
+                        },
+                    )
+                elif silent <= SILENT_WARN_S:
+                    warned = False
                 # jittered backoff; a new monitor ends it at once
                 wait = delay / 2 + random.uniform(0, delay / 2)
                 with contextlib.suppress(TimeoutError):
@@ -360,6 +380,7 @@ class Heartbeater:
                 delay = min(delay * 2, 1.0)
         finally:
             if agent_id not in self.agents():
+                self._sent.pop(agent_id, None)
                 self.tracker.forget(agent_id)
                 self.paused.discard(agent_id)
                 self.replaces.pop(agent_id, None)
@@ -375,6 +396,7 @@ class Heartbeater:
         try:
             seq += 1
             await call.write(self._heartbeat(agent, seq, 0.0, first=True))
+            self._sent[agent_id] = time.monotonic()
             next_at = time.monotonic()
             track = self.tracker.track(agent_id)
             while True:
@@ -412,6 +434,7 @@ class Heartbeater:
                 seq += 1
                 leaving = agent_id not in self.agents() or self._closing.is_set()
                 await call.write(self._heartbeat(agent, seq, lag, leaving=leaving))
+                self._sent[agent_id] = time.monotonic()
                 if leaving:
                     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                         await call.done_writing()
