@@ -259,6 +259,8 @@ class Heartbeater:
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._sent: dict[str, float] = {}
         """agent id → when its last heartbeat went out (monotonic)."""
+        self._last_error = ""
+        self._warned = False
         self._closing = asyncio.Event()
         self._stats = (0, 0.0)
         self._stats_at = 0.0
@@ -273,6 +275,7 @@ class Heartbeater:
                     if stream is None or stream.done():
                         agent = held[0] if isinstance(held, tuple) else held
                         self._streams[agent_id] = asyncio.ensure_future(self._agent_loop(agent))
+                self._warn_if_silent()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), self.interval_s)
         finally:
@@ -283,6 +286,26 @@ class Heartbeater:
             for channel in self._channels.values():
                 await channel.close()
             await asyncio.gather(*self._closing_channels, return_exceptions=True)
+
+    def _warn_if_silent(self) -> None:
+        """Once per episode: agents whose heartbeats have not gone out for SILENT_WARN_S
+        (a monitor that stays out of reach must show in the pool's log)."""
+        now = time.monotonic()
+        silent = [a for a, t in self._sent.items() if now - t > SILENT_WARN_S]
+        if silent and not self._warned:
+            self._warned = True
+            log.warning(
+                "agents cannot report to the health monitor",
+                extra={
+                    "agents": len(silent),
+                    "example": silent[0],
+                    "monitor": self._leader or "none known",
+                    "error": self._last_error,
+                },
+            )
+        elif not silent and self._warned:
+            self._warned = False
+            log.info("every agent reports to the health monitor again")
 
     async def close(self, timeout_s: float = 2.0) -> None:
         """Say goodbye on every stream (the pool stops on purpose), bounded."""
@@ -346,33 +369,19 @@ class Heartbeater:
         delay = 0.05
         seq = 0
         self._sent[agent_id] = time.monotonic()
-        warned = False
         try:
             while agent_id in self.agents() and not self._closing.is_set():
                 endpoint = self._leader
                 changed = self._leader_changed
-                error = "no active monitor is known"
                 if endpoint:
                     try:
                         seq = await self._session(agent, endpoint, seq)
                         delay = 0.05
                     except Exception as err:  # noqa: BLE001 - any failed stream: reconnect
-                        error = repr(err)
-                        log.debug("report stream ended", extra={"agent": agent_id, "error": error})
-                silent = time.monotonic() - self._sent[agent_id]
-                if silent > SILENT_WARN_S and not warned:
-                    warned = True  # once per episode: a monitor that stays away must show
-                    log.warning(
-                        "agent cannot report to the health monitor",
-                        extra={
-                            "agent": agent_id,
-                            "monitor": endpoint,
-                            "silent_s": round(silent, 1),
-                            "error": error,
-                        },
-                    )
-                elif silent <= SILENT_WARN_S:
-                    warned = False
+                        self._last_error = repr(err)
+                        log.debug(
+                            "report stream ended", extra={"agent": agent_id, "error": repr(err)}
+                        )
                 # jittered backoff; a new monitor ends it at once
                 wait = delay / 2 + random.uniform(0, delay / 2)
                 with contextlib.suppress(TimeoutError):
