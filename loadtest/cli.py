@@ -296,7 +296,7 @@ def main(
     ),
     hang_every: float = typer.Option(1.0, help="hang: one SIMULATED hung task every this many s"),
     block_s: float = typer.Option(
-        5.0, help="hang: seconds the SIMULATED blocking call freezes its pool"
+        5.0, help="hang: seconds the SIMULATED blocking call freezes its pool (0: no freeze)"
     ),
     monitor_kill_every: float = typer.Option(
         8.0, help="monitor-kill: SIGKILL the active health monitor every this many s"

@@ -233,7 +233,7 @@ class HealthRun:
 
     def actions(self, kill_at_s: float) -> list[Action]:
         out = [Action(0.2, f"{self.scenario} faults started", self._start)]
-        if self.scenario == "hang":
+        if self.scenario == "hang" and self.block_s > 0:
             out.append(Action(kill_at_s, "pool frozen (SIMULATED blocking call)", self._freeze))
         return out
 
