@@ -426,10 +426,14 @@ async def _submit_and_wait(client: Any, specs: list[Any], wait: bool) -> None:
 def _summary(tasks: list[Any], wall_s: float) -> None:
     from collections import Counter
 
+    from loadtest.metrics import LatencyRecorder
     from protos.agentmesh.v1 import task_pb2 as tpb
 
     states = Counter(tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") for t in tasks)
-    e2e = sorted((t.finished_at_us - t.created_at_us) / 1000 for t in tasks if t.finished_at_us)
+    e2e = LatencyRecorder("end_to_end")
+    for t in tasks:
+        if t.finished_at_us:
+            e2e.record_us(t.finished_at_us - t.created_at_us)
     retried = sum(1 for t in tasks if t.attempts > 1)
     agents = len({t.agent_id for t in tasks})
     table = Table(title="summary")
@@ -440,15 +444,9 @@ def _summary(tasks: list[Any], wall_s: float) -> None:
         table.add_row(f"  {name}", str(n))
     table.add_row("wall time", f"{wall_s:.2f} s")
     table.add_row("throughput", f"{len(tasks) / wall_s:.1f} tasks/s" if wall_s else "-")
-    if e2e:
-
-        def pick(q: float) -> float:
-            return float(e2e[min(len(e2e) - 1, int(q * len(e2e)))])
-
-        table.add_row(
-            "submit→done P50 / P95 / P99",
-            f"{pick(0.5):.1f} / {pick(0.95):.1f} / {pick(0.99):.1f} ms",
-        )
+    if e2e.count:
+        p50, p95, p99 = (e2e.percentile_ms(q) for q in (50, 95, 99))
+        table.add_row("submit→done P50 / P95 / P99", f"{p50:.1f} / {p95:.1f} / {p99:.1f} ms")
     table.add_row("tasks retried (agent lost or failure)", str(retried))
     table.add_row("agents that ran tasks", str(agents))
     console.print(table)
@@ -703,11 +701,36 @@ def agents(
 
 @app.command()
 def status(
+    once: bool = typer.Option(
+        False, "--once", help="print once and exit (the plain lines scripts parse)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="the whole snapshot as JSON, once"),
+    watch_s: float = typer.Option(
+        0.0, help="with --json: follow the events stream this long first (throughput, latency)"
+    ),
+    group_by: str = typer.Option("pool", help="group agents by pool or role"),
+    refresh_s: float = typer.Option(0.5, help="seconds between redraws of the live view"),
     etcd: str = typer.Option(None, help=ETCD_HELP),
     coordinator: str = typer.Option(None, help=COORD_HELP),
     cluster: str = typer.Option(None, help="cluster name"),
 ) -> None:
-    """Leader, term, standbys, agents, queue depth and task counts."""
+    """Leader and term, services and their health, agents, queue by priority, throughput,
+    latency, the backlog's ETA, task counts and alerts, live until Ctrl-C. --once and
+    --json print once (so does a run whose output is not a terminal)."""
+    if group_by not in ("pool", "role"):
+        _fail(f"--group-by {group_by!r}: use pool or role", 2)
+    if not 0 <= watch_s <= 3600 or not 0.1 <= refresh_s <= 60:
+        _fail("--watch-s must be 0-3600 and --refresh-s 0.1-60", 2)
+    if as_json:
+        print(_observe(etcd, coordinator, cluster, group_by, "json", watch_s, refresh_s))
+    elif once or not console.is_terminal:
+        _status_once(etcd, coordinator, cluster)
+    else:
+        _observe(etcd, coordinator, cluster, group_by, "live", watch_s, refresh_s)
+
+
+def _status_once(etcd: str | None, coordinator: str | None, cluster: str | None) -> None:
+    from services.observe.live import print_once
 
     async def go() -> tuple[Any, Any, str]:
         import grpc
@@ -729,17 +752,7 @@ def status(
             return status, None, f"the health monitor did not answer ({err.code().name})"
 
     s, h, why = _call(go())
-    console.print(f"leader     {s.leader_id or '-'} at {s.leader_endpoint or '-'}  term {s.term}")
-    for sb in s.standbys:
-        console.print(f"standby    {sb.instance_id} at {sb.endpoint}")
-    console.print(
-        f"agents     {s.agents_connected} connected   queue depth {s.queue_depth}   strategy {s.assignment_strategy}"
-    )
-    console.print(
-        "tasks      " + ("  ".join(f"{k} {v}" for k, v in sorted(s.task_counts.items())) or "-")
-    )
-    for svc in sorted(s.services, key=lambda x: (x.kind, x.instance_id)):
-        console.print(f"service    {svc.kind:<12} {svc.instance_id:<24} {svc.endpoint}")
+    print_once(console, s)
     if h is None:
         console.print(f"health     {why}")
         return
@@ -754,6 +767,93 @@ def status(
     for alert in h.open_alerts:
         kind = _alert_kind(alert.kind)
         console.print(f"  {kind:<13} {alert.agent_id:<24} {escape(alert.message)}")
+
+
+def _observe(
+    etcd: str | None,
+    coordinator: str | None,
+    cluster: str | None,
+    group_by: str,
+    mode: str,
+    watch_s: float,
+    refresh_s: float,
+) -> str:
+    """The live view (until Ctrl-C) or one JSON snapshot, read through a MeshReader."""
+    from services._common.clock import SystemClock
+    from services.health.feed import HealthFeed
+    from services.observe.collector import Collector, MeshReader
+    from services.observe.live import run_live, snapshot_json
+    from services.observe.model import SwarmModel
+
+    clock = SystemClock()
+
+    async def go() -> str:
+        reader = MeshReader(
+            etcd=None if coordinator else _etcd(etcd),
+            coordinator=coordinator,
+            cluster=_cluster(cluster),
+        )
+        model = SwarmModel(clock, cluster=_cluster(cluster), group_by=group_by)
+        collector = Collector(reader, model, clock, feeds=[HealthFeed()])
+        try:
+            if mode == "json":
+                return await snapshot_json(collector, clock, watch_s)
+            await run_live(collector, model, clock, console, refresh_s)
+            return ""
+        finally:
+            await collector.close()
+            await reader.close()
+
+    try:
+        return _run(go())
+    except KeyboardInterrupt:
+        return ""  # Ctrl-C is how the live view ends
+
+
+@app.command()
+def dashboard(
+    port: int = typer.Option(8089, help="HTTP port (0: a free one, printed)"),
+    host: str = typer.Option(
+        "127.0.0.1", help="bind address; anything but loopback exposes the cluster's data"
+    ),
+    group_by: str = typer.Option("pool", help="group agents by pool or role"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    coordinator: str = typer.Option(None, help=COORD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """A read-only web dashboard of the cluster (the live status, charts of throughput
+    and latency, agents, task search and pages, the dead-letter queue). Ctrl-C stops it."""
+    from services.observe.web import is_loopback, serve_dashboard
+
+    if group_by not in ("pool", "role"):
+        _fail(f"--group-by {group_by!r}: use pool or role", 2)
+    if not 0 <= port <= 65535:
+        _fail(f"--port {port} is out of range 0-65535", 2)
+    if not is_loopback(host):
+        err_console.print(
+            f"[yellow]warning:[/yellow] binding {host}, not loopback: anyone who can reach "
+            "this address sees every task's payload and result (the dashboard has no login)"
+        )
+
+    def ready(url: str) -> None:
+        console.print(f"dashboard at {url}  (read-only; Ctrl-C stops it)", highlight=False)
+
+    try:
+        _run(
+            serve_dashboard(
+                host=host,
+                port=port,
+                etcd=None if coordinator else _etcd(etcd),
+                coordinator=coordinator,
+                cluster=_cluster(cluster),
+                group_by=group_by,
+                on_ready=ready,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    except OSError as err:
+        _fail(f"cannot serve on {host}:{port}: {err}")
 
 
 _HEALTH_STATES = ("HEALTHY", "DEGRADED", "CRITICAL", "FAILED")

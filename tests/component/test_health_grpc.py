@@ -196,6 +196,32 @@ async def test_every_agent_reports_and_a_standby_points_to_the_active_monitor(
         assert (await hc.summary()).monitor_id == active.runner.node_id
 
 
+async def test_the_live_status_and_dashboard_feed_reads_the_active_monitor(
+    make_mesh: MeshFactory,
+) -> None:
+    from services._common.clock import SystemClock
+    from services.health.feed import HealthFeed
+    from services.observe.model import SwarmModel
+
+    mesh = await make_mesh()
+    ids = await spawn(mesh, 2)
+    await until(lambda: _true_async(summary(mesh), lambda s: s.reporting == 2))
+    standby = next(m for m in mesh.monitors if m is not mesh.active())
+    model = SwarmModel(SystemClock(), cluster="c")
+    # any registered monitor will do: a standby points to the active one
+    await HealthFeed().read([{"kind": "health", "endpoint": standby.endpoint}], model)
+    section = model.sections["health"]
+    assert section["status"] == "ok"
+    assert section["data"]["state_counts"]["HEALTHY"] == 2
+    assert set(model.agent_health) == set(ids)
+    assert model.agent_health[ids[0]]["state"] == "HEALTHY"
+    assert model.alerts == []
+
+
+async def _true_async(coro: Any, check: Callable[[Any], bool]) -> bool:
+    return check(await coro)
+
+
 async def test_a_hung_task_is_released_and_finishes_on_another_agent(
     make_mesh: MeshFactory,
 ) -> None:
