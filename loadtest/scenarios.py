@@ -11,6 +11,7 @@ fails on any lost or doubly-completed task, whatever its timings say.
               measures how fast the tasks its agents held are reassigned.
 - leader-kill: steady with two coordinators; the leader is SIGKILLed; measures
               the time until tasks complete again under the new term.
+- hang, flaky, monitor-kill: the health monitor's scenarios (see loadtest/health.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,17 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 
 log = logging.getLogger(__name__)
 
-SCENARIOS = ("steady", "burst", "spawn", "agent-kill", "leader-kill", "etcd-restart")
+SCENARIOS = (
+    "steady",
+    "burst",
+    "spawn",
+    "agent-kill",
+    "leader-kill",
+    "etcd-restart",
+    "hang",
+    "flaky",
+    "monitor-kill",
+)
 POOL_KIND = "agent-pool"
 TEMPLATE_KINDS = ("noop", "sleep")
 """Kinds a cold-spawned agent advertises (an explicit template bypasses the warm pool)."""
@@ -58,6 +69,14 @@ class ScenarioOptions:
     """agent-kill / leader-kill: seconds into the run (0: a third of the duration)."""
     ready_timeout_s: float = 60.0
     """Bound on waiting for agents to connect."""
+    stall_limit_s: float = 2.0
+    """hang: the monitor's stall limit (the cluster is started with it)."""
+    hang_every_s: float = 1.0
+    """hang: one SIMULATED hung task this often."""
+    block_s: float = 5.0
+    """hang: how long the SIMULATED blocking call freezes its pool."""
+    monitor_kill_every_s: float = 8.0
+    """monitor-kill: SIGKILL the active health monitor this often."""
 
 
 class Stopper:
@@ -452,6 +471,7 @@ async def run_agentmesh(
         raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
     client = CoordinatorClient(target.coordinator_targets)
     spawn_hist = LatencyRecorder("spawn")
+    health: Any = None
     try:
         if scenario == "spawn":
             setup = {"spawn_phases": await spawn_phases(client, target, options, spawn_hist)}
@@ -471,6 +491,21 @@ async def run_agentmesh(
             actions.append(Action(kill_at, "leader killed", leader_kill_action(client, target)))
         elif scenario == "etcd-restart":
             actions.append(Action(kill_at, "etcd restarted", etcd_restart_action(target, 3.0)))
+        elif scenario in ("hang", "flaky", "monitor-kill"):
+            from loadtest.health import HealthRun
+
+            health = HealthRun(
+                scenario,
+                client,
+                target,
+                agents=options.agents,
+                stall_limit_s=options.stall_limit_s,
+                hang_every_s=options.hang_every_s,
+                block_s=options.block_s,
+                monitor_kill_every_s=options.monitor_kill_every_s,
+            )
+            watch_all = scenario == "hang"  # to see the frozen pool's tasks move
+            actions.extend(health.actions(kill_at))
         driver = Driver(
             client,
             workload,
@@ -487,6 +522,8 @@ async def run_agentmesh(
         if spawn_hist.count:
             driver.metrics.latencies["spawn"] = spawn_hist
         result = await driver.run()
+        if health is not None:
+            result.extra["health"] = await health.finish(driver)
         result.extra.update(setup)
         if target.description:
             result.extra["cluster"] = target.description
@@ -499,4 +536,6 @@ async def run_agentmesh(
             )
         return result
     finally:
+        if health is not None:
+            await health.close()
         await client.close()

@@ -45,6 +45,11 @@ class PoolConfig:
     """Shutdown grace: agents finish held tasks for up to this long."""
     etcd_timeout_s: float = 3.0
     """Deadline of each etcd call."""
+    heartbeat_interval_s: float = 1.0
+    """How often each agent heartbeats to the health monitor (until the monitor says)."""
+    flaky_agents: int = 0
+    """SIMULATED fault for tests and the load test: the first N agents this pool starts
+    fail every task they get (the error says so). Their replacements do not."""
 
     def label_map(self) -> dict[str, str]:
         out = {}

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -129,6 +130,53 @@ class FailExecutor:
         )
 
 
+def _fault_payload(task: tpb.Task, kind: str) -> dict[str, float]:
+    if not task.spec.payload:
+        return {}
+    try:
+        doc = json.loads(task.spec.payload)
+        if not isinstance(doc, dict):
+            raise ValueError(doc)
+        return {k: float(v) for k, v in doc.items()}
+    except (ValueError, TypeError):
+        raise ExecutorError(
+            f'{kind} payload must be JSON numbers like {{"attempts": 1, "ms": 10}}', retryable=False
+        ) from None
+
+
+class HangExecutor:
+    """SIMULATED fault: an executor that hangs. On attempts up to payload "attempts"
+    (default 1) it awaits forever, a coroutine that never returns (cancellable, as a
+    stuck LLM call is); later attempts sleep payload "ms" (default 10) and succeed.
+    The output says {"simulated": true, "fault": "hang"}."""
+
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
+        doc = _fault_payload(task, "hang")
+        if task.attempts <= doc.get("attempts", 1):
+            await asyncio.Event().wait()
+        ms = doc.get("ms", 10.0)
+        await asyncio.sleep(max(0.0, ms) / 1000.0)
+        out = {"simulated": True, "fault": "hang", "attempt": task.attempts, "slept_ms": ms}
+        return Outcome(json.dumps(out).encode())
+
+
+class BlockExecutor:
+    """SIMULATED fault: an executor that blocks its whole pool. On attempts up to payload
+    "attempts" (default 1) it calls time.sleep(payload "block_s", default 15, at most 300):
+    a synchronous call that freezes the pool's event loop, so its streams, heartbeats and
+    lease refreshes all stop while its sockets stay open. Later attempts return at once.
+    The output says {"simulated": true, "fault": "block"}."""
+
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
+        doc = _fault_payload(task, "block")
+        blocked = 0.0
+        if task.attempts <= doc.get("attempts", 1):
+            blocked = min(max(doc.get("block_s", 15.0), 0.0), 300.0)
+            time.sleep(blocked)  # noqa: ASYNC251 - the point: a blocking call in a coroutine
+        out = {"simulated": True, "fault": "block", "attempt": task.attempts, "blocked_s": blocked}
+        return Outcome(json.dumps(out).encode())
+
+
 def build_executors(
     kinds: tuple[str, ...],
     sleep_ms: str,
@@ -142,6 +190,9 @@ def build_executors(
         "noop": NoopExecutor(),
         "sleep": SleepExecutor(sleep_ms),
         "fail": FailExecutor(),
+        # SIMULATED faults, for tests and the load test; never in a pool's default kinds
+        "hang": HangExecutor(),
+        "block": BlockExecutor(),
     }
     missing = [k for k in kinds if k not in known and k != "llm"]
     if missing:

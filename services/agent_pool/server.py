@@ -10,7 +10,8 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
 
@@ -37,6 +38,7 @@ from services._common.grpcserver import (
 from services.agent_pool.agent import A, Agent, PoolContext, leader_endpoint_of
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.executors import build_executors, etcd_context_source
+from services.agent_pool.heartbeat import Heartbeater, TaskTracker
 from services.coordinator import limits
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,10 @@ class PoolNode:
             cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
         )
         self.lease = KeptLease(self.etcd, cfg.lease_ttl_s, SystemClock())
-        self.executors = build_executors(
-            cfg.kinds, cfg.sleep_ms, context_source=etcd_context_source(self.etcd)
+        self.flaky: set[str] = set()
+        self.tracker = TaskTracker(cfg.task_timeout_s, flaky=self.flaky.__contains__)
+        self.executors = self.tracker.wrap(
+            build_executors(cfg.kinds, cfg.sleep_ms, context_source=etcd_context_source(self.etcd))
         )
         self.defaults = ppb.AgentTemplate(
             roles=cfg.roles, labels=cfg.label_map(), kinds=cfg.kinds, capacity=cfg.capacity
@@ -76,6 +80,15 @@ class PoolNode:
             on_redirect=self._redirect,
             max_result_bytes=cfg.max_result_bytes,
         )
+        self.heartbeats = Heartbeater(
+            self.etcd,
+            self.pool_id,
+            self.tracker,
+            lambda: self.agents,
+            self._on_health_directive,
+            cfg.heartbeat_interval_s,
+        )
+        self._chores: set[asyncio.Task[None]] = set()
         self.server, self.health = build_server([SERVICE])
         ppb_grpc.add_AgentPoolServicer_to_server(PoolServicer(self), self.server)
         self.port = bind(self.server, cfg.listen)
@@ -143,7 +156,11 @@ class PoolNode:
         return out
 
     def _new_agent(self, template: ppb.AgentTemplate) -> Agent:
-        return Agent(f"{self.pool_id}-a{next(self._seq):04d}", self.ctx, template)
+        seq = next(self._seq)
+        agent = Agent(f"{self.pool_id}-a{seq:04d}", self.ctx, template)
+        if seq <= self.cfg.flaky_agents:
+            self.flaky.add(agent.agent_id)
+        return agent
 
     async def _register_agents(self, agents: list[Agent]) -> None:
         for i in range(0, len(agents), 128):
@@ -256,6 +273,48 @@ class PoolNode:
                 return  # the next change, or the lease renewal, publishes it
             self._published = count
 
+    # ---- the health monitor's orders ----
+
+    def _on_health_directive(self, agent_id: str, directive: Any) -> None:
+        body = directive.WhichOneof("body")
+        if body == "replace":
+            self._chore(self.replace_agent(agent_id, directive.replace.reason))
+        elif body == "drain":
+            self._chore(self.retire_agent(agent_id, directive.drain.reason))
+
+    def _chore(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def replace_agent(self, agent_id: str, reason: str) -> None:
+        """Stop the agent now (the coordinator requeues what it held when its stream
+        closes) and start a fresh one like it: the pool keeps its size."""
+        held = self.agents.get(agent_id)
+        if held is None:
+            return
+        log.warning(
+            "replacing an agent on the health monitor's order",
+            extra={"agent": agent_id, "reason": reason},
+        )
+        template = held[0].template
+        await self.stop_agents([agent_id], 0, graceful=False)
+        new = self._new_agent(template)
+        self.heartbeats.replaces[new.agent_id] = agent_id
+        self.agents[new.agent_id] = (new, asyncio.ensure_future(new.run()))
+        await self._register_agents([new])
+
+    async def retire_agent(self, agent_id: str, reason: str) -> None:
+        """Drain the agent and stop it for good (it was replaced elsewhere)."""
+        if agent_id not in self.agents:
+            return
+        log.warning(
+            "retiring an agent on the health monitor's order",
+            extra={"agent": agent_id, "reason": reason},
+        )
+        with contextlib.suppress(InvalidArgumentError):
+            await self.stop_agents([agent_id], 0, graceful=True)
+
     # ---- lifecycle ----
 
     async def _keep_lease(self) -> None:
@@ -302,6 +361,7 @@ class PoolNode:
         background = [
             asyncio.ensure_future(self._follow_leader()),
             asyncio.ensure_future(self._keep_lease()),
+            asyncio.ensure_future(self.heartbeats.run()),
         ]
         try:
             if self.cfg.agents:
@@ -323,9 +383,12 @@ class PoolNode:
             await shutdown(self.server, self.health, self.cfg.grace_s, [self._drain_all])
             if self._publishing is not None:
                 background.append(self._publishing)
-            for task in background:
+            # stopping on purpose: the monitor hears goodbye rather than silence
+            await self.heartbeats.close()
+            leftover = (*background, *self._chores)
+            for task in leftover:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*leftover, return_exceptions=True)
             await self.lease.revoke()
             for channel in self._channels.values():
                 await channel.close()

@@ -54,6 +54,8 @@ TERMINAL = frozenset({SUCCEEDED, CANCELLED, DEAD_LETTER})
 HELD = frozenset({ASSIGNED, RUNNING})
 
 MAX_BATCH = limits.BATCH_ITEMS
+HAND_BACK_S = 1.0
+"""A task released as hung waits this long at most for an agent other than its own."""
 STRATEGIES = ("least-loaded", "round-robin", "weighted", "random")
 
 
@@ -147,9 +149,15 @@ class Agent:
     latency_ema_ms: float = 0.0
     draining: bool = False
     order: int = 0
+    admit: int = -1
+    """Tasks the health monitor lets it hold at once: -1 no limit, 1 (half-open
+    breaker), 0 (ejected or FAILED). From its `health/<agent>` record."""
 
     def free(self) -> int:
-        return 0 if self.draining else self.capacity - len(self.inflight)
+        if self.draining:
+            return 0
+        limit = self.capacity if self.admit < 0 else min(self.capacity, self.admit)
+        return limit - len(self.inflight)
 
     def can_run(self, spec: tpb.TaskSpec) -> bool:
         if spec.kind not in self.kinds:
@@ -173,6 +181,7 @@ class Agent:
             latency_ema_ms=self.latency_ema_ms,
             draining=self.draining,
             connected_at_us=self.connected_at_us,
+            health_admission={-1: "", 0: "none"}.get(self.admit, "one"),
         )
 
 
@@ -267,6 +276,8 @@ class CoordinatorCore:
         self.awaiting: dict[str, set[str]] = {}
         """agent id → claims loaded at takeover that the agent has not confirmed yet."""
         self.free: dict[str, Agent] = {}
+        self.admission: dict[str, int] = {}
+        """agent id → the health monitor's limit (see `Agent.admit`), kept across reconnects."""
         self.finished: collections.Counter[str] = collections.Counter()
         self.subscribers: set[Callable[[tpb.Task, int], None]] = set()
         self.on_progress: Callable[[tpb.Task, float, str], None] | None = None
@@ -528,6 +539,7 @@ class CoordinatorCore:
             send=send,
             connected_at_us=self.clock.wall_us(),
             order=self._order,
+            admit=self.admission.get(hello.agent_id, -1),
         )
         self.agents[agent.agent_id] = agent
         send(
@@ -582,6 +594,8 @@ class CoordinatorCore:
 
     def _reserve(self, agent: Agent, task_id: str) -> None:
         agent.inflight.add(task_id)
+        if agent.admit == 1:
+            agent.admit = 0  # half-open: its one trial task; the health monitor says what next
         if agent.free() <= 0:
             self.free.pop(agent.agent_id, None)
 
@@ -720,6 +734,100 @@ class CoordinatorCore:
         self.active.pop(new.task_id, None)
         self.finished[state_name(new.state)] += 1
         self._publish(new, previous)
+
+    # ---- the health monitor's orders ----
+
+    def admit(self, agent_id: str, limit: int) -> None:
+        """Apply the health monitor's admission for an agent (see `Agent.admit`)."""
+        if limit < 0:
+            self.admission.pop(agent_id, None)
+        else:
+            self.admission[agent_id] = limit
+        agent = self.agents.get(agent_id)
+        if agent is None or agent.admit == limit:
+            return
+        agent.admit = limit
+        if agent.free() > 0:
+            self.free[agent_id] = agent
+            self.wake.set()
+        else:
+            self.free.pop(agent_id, None)
+
+    async def release_claims(
+        self, agent_id: str, claims: Sequence[tuple[str, int]], reason: str
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """Requeue the tasks `agent_id` holds under these claims (all when empty), for the
+        health monitor. Returns (released, skipped). The work is owned by the core, so it
+        finishes even if the caller goes away; a late result is refused by the token."""
+        limits.check_id("agent_id", agent_id)
+        if len(claims) > limits.BATCH_ITEMS:
+            raise InvalidArgumentError(
+                f"claims has {len(claims)} entries; the limit is {limits.BATCH_ITEMS}"
+            )
+        limits.check_bytes("reason", reason, limits.REASON_BYTES)
+        wanted = list(claims) or [
+            (task_id, entry.task.claim_token)
+            for task_id, entry in self.active.items()
+            if entry.task.state in HELD and entry.task.agent_id == agent_id
+        ]
+        job = asyncio.ensure_future(
+            asyncio.gather(*(self._release_claim(agent_id, t, c, reason) for t, c in wanted))
+        )
+        self._background.add(job)  # type: ignore[arg-type]
+        job.add_done_callback(self._owned_done)
+        done = await asyncio.shield(job)
+        released = [claim for claim, ok in zip(wanted, done, strict=True) if ok]
+        skipped = [claim for claim, ok in zip(wanted, done, strict=True) if not ok]
+        return released, skipped
+
+    def _owned_done(self, job: asyncio.Future[Any]) -> None:
+        self._background.discard(job)  # type: ignore[arg-type]
+        if not job.cancelled():
+            # its caller may be gone; a write that failed (deposed, etcd down) is repaired
+            # by the next load of the claims, like any requeue's
+            job.exception()
+
+    async def _release_claim(self, agent_id: str, task_id: str, token: int, reason: str) -> bool:
+        entry = self.active.get(task_id)
+        while entry is not None and entry.busy:
+            await asyncio.sleep(0.001)
+            entry = self.active.get(task_id)
+        if (
+            entry is None
+            or entry.task.state not in HELD
+            or entry.task.agent_id != agent_id
+            or entry.task.claim_token != token
+        ):
+            return False
+        # No await between the check above and `_requeue`'s own: it requeues this claim.
+        await self._requeue(
+            task_id, agent_id, f"released by the health monitor: {reason}", count_attempt=True
+        )
+        now = self.active.get(task_id)
+        if now is not None and now.task.state in HELD and now.task.claim_token == token:
+            return False  # the write did not land (resynced from etcd instead)
+        agent = self.agents.get(agent_id)
+        if agent is not None:
+            agent.send(
+                cpb.CoordinatorMessage(
+                    cancel=cpb.CancelAssignment(task_id=task_id, reason=f"released: {reason}")
+                )
+            )
+            self.spawn(self._hand_back(agent, task_id))
+        return True
+
+    async def _hand_back(self, agent: Agent, task_id: str) -> None:
+        """Give the agent a released task hung on its slot back once the task runs
+        elsewhere, or after HAND_BACK_S if nobody else was free: it is not handed the
+        task it just hung on while another agent could take it."""
+        waited = 0.0
+        while waited < HAND_BACK_S:
+            entry = self.active.get(task_id)
+            if entry is None or entry.task.state != QUEUED:
+                break
+            await self.clock.sleep(0.01)
+            waited += 0.01
+        self._release(agent, task_id)
 
     # ---- requeue / claims lost ----
 

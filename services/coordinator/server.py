@@ -28,6 +28,7 @@ from services._common.grpcserver import (
     shutdown,
     stop_event,
 )
+from services.coordinator.admission import admissions
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
 from services.coordinator.limits import check_config
@@ -56,6 +57,7 @@ class CoordinatorNode:
         )
         check_config(cfg)
         self.servicer = CoordinatorServicer(self.status, cfg)
+        self.servicer.health_term = self._health_term
         self.server, self.health = build_server([SERVICE])
         cpb_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
         self.port = bind(self.server, cfg.listen)
@@ -240,6 +242,17 @@ class CoordinatorNode:
             },
         )
         core.requeue_orphans(orphans)
+        # the health monitor's ejections apply before the first dispatch (if etcd is
+        # slow, dispatch starts anyway and they apply as soon as they are read)
+        admitted = asyncio.Event()
+        follow_health = asyncio.ensure_future(self._follow_admissions(core, admitted))
+        try:
+            await asyncio.wait_for(admitted.wait(), 2.0)
+        except TimeoutError:
+            pass
+        except BaseException:
+            follow_health.cancel()
+            raise
         # agents reconnect within a second or two; what none reclaimed by then is requeued
         expiry = asyncio.get_running_loop().call_later(
             2 * cfg.lease_ttl_s + 1, core.expire_awaiting
@@ -249,10 +262,11 @@ class CoordinatorNode:
             asyncio.ensure_future(self._watch_claims(core, store, revision + 1)),
             asyncio.ensure_future(election.wait_lost()),
             asyncio.ensure_future(self._lease.lost.wait()),
+            follow_health,
         ]
         try:
             done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
-            names = ("dispatch", "claims watch", "election key watch", "lease")
+            names = ("dispatch", "claims watch", "election key watch", "lease", "health records")
             for job in done:
                 why = (
                     "finished"
@@ -279,6 +293,25 @@ class CoordinatorNode:
             self.term = 0
             with contextlib.suppress(Exception):
                 await election.resign()
+
+    async def _follow_admissions(self, core: CoordinatorCore, ready: asyncio.Event) -> None:
+        """Keep the core's admissions equal to the health monitor's records."""
+        while True:
+            try:
+                async for snapshot, limits in admissions(self.etcd):
+                    if snapshot:
+                        for agent_id in set(core.admission) - set(limits):
+                            core.admit(agent_id, -1)
+                    for agent_id, limit in limits.items():
+                        core.admit(agent_id, limit)
+                    ready.set()
+            except StoreUnavailableError:
+                await asyncio.sleep(0.5)
+
+    async def _health_term(self) -> int:
+        """The active health monitor's term now (0: none), read from etcd."""
+        leader = await current_leader(self.etcd, "health")
+        return leader.term if leader else 0
 
     async def _watch_claims(
         self, core: CoordinatorCore, store: EtcdTaskStore, start_revision: int

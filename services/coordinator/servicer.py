@@ -6,7 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -16,6 +16,7 @@ from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.errors import (
     DomainError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotLeaderError,
     ResourceExhaustedError,
@@ -219,6 +220,8 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         self.leader_endpoint = ""
         self.hub = Hub(self.cfg)
         self._status = status
+        self.health_term: Callable[[], Awaitable[int]] | None = None
+        """The active health monitor's term now (ReleaseClaims checks the caller's)."""
 
     def _core(self) -> CoordinatorCore:
         core = self.core
@@ -364,6 +367,25 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         # answered by standbys too: status is what an operator asks when things are wrong
         status: cpb.ClusterStatus = await self._status()
         return status
+
+    @rpc_errors
+    async def ReleaseClaims(
+        self, request: cpb.ReleaseClaimsRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.ReleaseClaimsResponse:
+        core = self._core()
+        current = await self.health_term() if self.health_term is not None else 0
+        if not request.health_term or request.health_term != current:
+            raise FailedPreconditionError(
+                f"health_term {request.health_term} is not the active health monitor's term "
+                f"({current or 'none is elected'}); only the active monitor releases claims"
+            )
+        released, skipped = await core.release_claims(
+            request.agent_id, [(c.task_id, c.claim_token) for c in request.claims], request.reason
+        )
+        return cpb.ReleaseClaimsResponse(
+            released=[cpb.ClaimRef(task_id=t, claim_token=c) for t, c in released],
+            skipped=[cpb.ClaimRef(task_id=t, claim_token=c) for t, c in skipped],
+        )
 
     async def Connect(
         self, request_iterator: AsyncIterator[cpb.AgentMessage], context: grpc.aio.ServicerContext

@@ -649,7 +649,9 @@ async def serve_dashboard(
     stop = stop_event()
     reader = MeshReader(etcd=etcd, coordinator=coordinator, cluster=cluster)
     model = SwarmModel(clock, cluster=cluster, group_by=group_by)
-    collector = Collector(reader, model, clock)
+    from services.health.feed import HealthFeed
+
+    collector = Collector(reader, model, clock, feeds=[HealthFeed()])
     app = DashboardApp(asyncio.get_running_loop(), reader, model)
     server = DashboardServer(app, host, port)
     app.allowed_hosts = allowed_hosts(host, server.port)

@@ -104,7 +104,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("agent_id", "pool_id", "roles", "labels", "kinds", "capacity", "inflight", "completed", "failed", "latency_ema_ms", "draining", "connected_at_us")
+    __slots__ = ("agent_id", "pool_id", "roles", "labels", "kinds", "capacity", "inflight", "completed", "failed", "latency_ema_ms", "draining", "connected_at_us", "health_admission")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class AgentStatus(_message.Message):
     LATENCY_EMA_MS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_AT_US_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_ADMISSION_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     pool_id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
@@ -136,7 +137,8 @@ class AgentStatus(_message.Message):
     latency_ema_ms: float
     draining: bool
     connected_at_us: int
-    def __init__(self, agent_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., kinds: _Optional[_Iterable[str]] = ..., capacity: _Optional[int] = ..., inflight: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., latency_ema_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., connected_at_us: _Optional[int] = ...) -> None: ...
+    health_admission: str
+    def __init__(self, agent_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., kinds: _Optional[_Iterable[str]] = ..., capacity: _Optional[int] = ..., inflight: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., latency_ema_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., connected_at_us: _Optional[int] = ..., health_admission: _Optional[str] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents", "next_page_token")
@@ -368,3 +370,23 @@ class ReportAck(_message.Message):
     accepted: bool
     reason: str
     def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseClaimsRequest(_message.Message):
+    __slots__ = ("agent_id", "claims", "reason", "health_term")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_TERM_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    claims: _containers.RepeatedCompositeFieldContainer[ClaimRef]
+    reason: str
+    health_term: int
+    def __init__(self, agent_id: _Optional[str] = ..., claims: _Optional[_Iterable[_Union[ClaimRef, _Mapping]]] = ..., reason: _Optional[str] = ..., health_term: _Optional[int] = ...) -> None: ...
+
+class ReleaseClaimsResponse(_message.Message):
+    __slots__ = ("released", "skipped")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    released: _containers.RepeatedCompositeFieldContainer[ClaimRef]
+    skipped: _containers.RepeatedCompositeFieldContainer[ClaimRef]
+    def __init__(self, released: _Optional[_Iterable[_Union[ClaimRef, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[ClaimRef, _Mapping]]] = ...) -> None: ...

@@ -88,6 +88,11 @@ class CoordinatorStub:
                 request_serializer=agentmesh_dot_v1_dot_coordinator__pb2.AgentMessage.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.CoordinatorMessage.FromString,
                 _registered_method=True)
+        self.ReleaseClaims = channel.unary_unary(
+                '/agentmesh.v1.Coordinator/ReleaseClaims',
+                request_serializer=agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -179,6 +184,18 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseClaims(self, request, context):
+        """For the active health monitor only: release claims of a hung or FAILED agent.
+        Each released task is requeued (the attempt counts) and the agent is sent
+        `cancel`; a late result under the released claim token is refused. Refused
+        with FAILED_PRECONDITION unless `health_term` is the term of the health
+        monitor etcd names active now. Safe to repeat: a claim released already is
+        listed in `skipped`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +248,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.AgentMessage.FromString,
                     response_serializer=agentmesh_dot_v1_dot_coordinator__pb2.CoordinatorMessage.SerializeToString,
+            ),
+            'ReleaseClaims': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseClaims,
+                    request_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -506,6 +528,33 @@ class Coordinator:
             '/agentmesh.v1.Coordinator/Connect',
             agentmesh_dot_v1_dot_coordinator__pb2.AgentMessage.SerializeToString,
             agentmesh_dot_v1_dot_coordinator__pb2.CoordinatorMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseClaims(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.Coordinator/ReleaseClaims',
+            agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsRequest.SerializeToString,
+            agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsResponse.FromString,
             options,
             channel_credentials,
             insecure,
