@@ -18,6 +18,7 @@ from protos.agentmesh.v1 import health_pb2 as hpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import FakeClock
 from services._common.errors import InvalidArgumentError
+from services.coordinator import limits
 from services.coordinator.admission import limit_of
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
@@ -238,7 +239,7 @@ async def test_the_admission_outlives_a_reconnect(core: CoordinatorCore) -> None
         ("", [], "x"),
         ("a/b", [], "x"),
         ("a", [("t", 1)] * 1001, "x"),
-        ("a", [], "r" * 257),
+        ("a", [], "r" * (limits.REASON_BYTES + 1)),
     ],
 )
 async def test_release_requests_over_a_limit_are_refused(

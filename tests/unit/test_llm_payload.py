@@ -210,5 +210,5 @@ def test_pool_without_a_key_says_why_llm_is_off() -> None:
     with pytest.raises(ValueError, match="ANTHROPIC_API_KEY is not set"):
         build_executors(("echo", "llm"), "fixed:1", environ={})
     assert set(build_executors(("echo",), "fixed:1", environ={})) == {"echo"}
-    with pytest.raises(ValueError, match="available: echo, noop, sleep, fail, llm"):
+    with pytest.raises(ValueError, match="available: echo, noop, sleep, fail, hang, block, llm"):
         build_executors(("gpu",), "fixed:1", environ={})
