@@ -54,6 +54,9 @@ class Scenario(StrEnum):
     leader_kill = "leader-kill"
     etcd_restart = "etcd-restart"
     etcd_kill = "etcd-kill"
+    hang = "hang"
+    flaky = "flaky"
+    monitor_kill = "monitor-kill"
 
 
 class ExecutorChoice(StrEnum):
@@ -208,16 +211,23 @@ async def _agentmesh(
             scenario, target, workload, options, progress=view, stopper=stopper
         )
     from loadtest.cluster import local_cluster
+    from loadtest.health import cluster_env, monitors_for
 
     warm = -(-options.agents // pools) if scenario == "spawn" else 0
     coordinators = 2 if scenario == "leader-kill" else 1
-    view.note(f"starting a local cluster: etcd, {coordinators} coordinator(s), {pools} agent pools")
+    monitors = monitors_for(scenario)
+    view.note(
+        f"starting a local cluster: etcd, {coordinators} coordinator(s), "
+        f"{monitors} health monitor(s), {pools} agent pools"
+    )
     async with local_cluster(
         pools=pools,
         coordinators=coordinators,
         capacity=capacity,
         warm_per_pool=warm,
         keep_data=keep_cluster_dir,
+        health_monitors=monitors,
+        env=cluster_env(scenario, options.stall_limit_s),
     ) as target:
         if keep_cluster_dir:
             view.note(f"cluster data and logs: {target.info.get('data_dir')}")
@@ -279,7 +289,18 @@ def main(
     burst_size: int = typer.Option(0, help="burst: tasks per burst (0: 10 per agent)"),
     burst_interval: float = typer.Option(5.0, help="burst: seconds between bursts"),
     kill_at: float = typer.Option(
-        0.0, help="agent-kill/leader-kill: seconds in (0: a third of --duration)"
+        0.0,
+        help="agent-kill/leader-kill/hang (the pool freeze): seconds in (0: a third of --duration)",
+    ),
+    stall_limit: float = typer.Option(
+        2.0, help="hang: the health monitor's stall limit in seconds"
+    ),
+    hang_every: float = typer.Option(1.0, help="hang: one SIMULATED hung task every this many s"),
+    block_s: float = typer.Option(
+        5.0, help="hang: seconds the SIMULATED blocking call freezes its pool (0: no freeze)"
+    ),
+    monitor_kill_every: float = typer.Option(
+        8.0, help="monitor-kill: SIGKILL the active health monitor every this many s"
     ),
     kills: int = typer.Option(10, help="etcd-kill: how many times etcd is SIGKILLed"),
     etcd_down: float = typer.Option(1.0, help="etcd-kill: seconds etcd stays down each time"),
@@ -312,6 +333,9 @@ def main(
         Scenario.leader_kill,
         Scenario.etcd_restart,
         Scenario.etcd_kill,
+        Scenario.hang,
+        Scenario.flaky,
+        Scenario.monitor_kill,
     ):
         raise typer.BadParameter(
             f"--scenario {scenario.value} kills processes: it needs the "
@@ -339,6 +363,10 @@ def main(
         kills=kills,
         etcd_down_s=etcd_down,
         kill_every_s=kill_every,
+        stall_limit_s=stall_limit,
+        hang_every_s=hang_every,
+        block_s=block_s,
+        monitor_kill_every_s=monitor_kill_every,
     )
     params: dict[str, Any] = {
         "scenario": scenario.value,

@@ -29,6 +29,8 @@ async def local_cluster(
     warm_per_pool: int = 0,
     data_dir: Path | None = None,
     keep_data: bool = False,
+    health_monitors: int = 1,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Target]:
     """Start etcd, coordinators and agent pools (0 agents each); yield their `Target`.
 
@@ -39,14 +41,24 @@ async def local_cluster(
         warm_per_pool: agents each pool keeps pre-started (for the spawn scenario).
         data_dir: etcd data and logs (default: a temporary directory).
         keep_data: keep the directory afterwards (logs for a post-mortem).
+        health_monitors: health monitor replicas (one active).
+        env: extra environment for every process (a scenario's SIMULATED faults).
     """
     from services.cluster import ClusterSpec, LocalCluster
 
     owned = data_dir is None
     root = data_dir or Path(tempfile.mkdtemp(prefix="agentmesh-loadtest-"))
-    env = {"AGENTMESH_WARM": str(warm_per_pool)} if warm_per_pool else {}
+    env = dict(env or {})
+    if warm_per_pool:
+        env["AGENTMESH_WARM"] = str(warm_per_pool)
     spec = ClusterSpec(
-        data_dir=root, agents=0, pools=pools, coordinators=coordinators, capacity=capacity, env=env
+        data_dir=root,
+        agents=0,
+        pools=pools,
+        coordinators=coordinators,
+        health_monitors=health_monitors,
+        capacity=capacity,
+        env=env,
     )
     cluster = LocalCluster(spec)
     loop = asyncio.get_running_loop()
@@ -101,7 +113,8 @@ async def local_cluster(
             process_rss=rss,
             process_cpu=cpu,
             description=(
-                f"local cluster: etcd, {coordinators} coordinator(s), {pools} agent pool(s), "
+                f"local cluster: etcd, {coordinators} coordinator(s), "
+                f"{health_monitors} health monitor(s), {pools} agent pool(s), "
                 f"agents of capacity {capacity}"
             ),
             info={

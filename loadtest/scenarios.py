@@ -17,6 +17,7 @@ fails on any lost or doubly-completed task, whatever its timings say.
               measures, per kill, the time from etcd's return to the last task that
               was in flight at the kill finishing, and the coordinator's CPU while
               etcd was down. No leader change is involved (one coordinator).
+- hang, flaky, monitor-kill: the health monitor's scenarios (see loadtest/health.py).
 """
 
 from __future__ import annotations
@@ -45,7 +46,18 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 
 log = logging.getLogger(__name__)
 
-SCENARIOS = ("steady", "burst", "spawn", "agent-kill", "leader-kill", "etcd-restart", "etcd-kill")
+SCENARIOS = (
+    "steady",
+    "burst",
+    "spawn",
+    "agent-kill",
+    "leader-kill",
+    "etcd-restart",
+    "etcd-kill",
+    "hang",
+    "flaky",
+    "monitor-kill",
+)
 POOL_KIND = "agent-pool"
 TEMPLATE_KINDS = ("noop", "sleep")
 """Kinds a cold-spawned agent advertises (an explicit template bypasses the warm pool)."""
@@ -71,6 +83,14 @@ class ScenarioOptions:
     """etcd-kill: how long etcd stays down each time (then it restarts, ~1 s more)."""
     kill_every_s: float = 0.0
     """etcd-kill: seconds from one kill to the next (0: spread over the rest of the run)."""
+    stall_limit_s: float = 2.0
+    """hang: the monitor's stall limit (the cluster is started with it)."""
+    hang_every_s: float = 1.0
+    """hang: one SIMULATED hung task this often."""
+    block_s: float = 5.0
+    """hang: how long the SIMULATED blocking call freezes its pool."""
+    monitor_kill_every_s: float = 8.0
+    """monitor-kill: SIGKILL the active health monitor this often."""
 
 
 class Stopper:
@@ -600,6 +620,7 @@ async def run_agentmesh(
         raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
     client = CoordinatorClient(target.coordinator_targets)
     spawn_hist = LatencyRecorder("spawn")
+    health: Any = None
     try:
         if scenario == "spawn":
             setup = {"spawn_phases": await spawn_phases(client, target, options, spawn_hist)}
@@ -633,6 +654,21 @@ async def run_agentmesh(
                     etcd_kill_action(client, target, options, interval, etcd_kills),
                 )
             )
+        elif scenario in ("hang", "flaky", "monitor-kill"):
+            from loadtest.health import HealthRun
+
+            health = HealthRun(
+                scenario,
+                client,
+                target,
+                agents=options.agents,
+                stall_limit_s=options.stall_limit_s,
+                hang_every_s=options.hang_every_s,
+                block_s=options.block_s,
+                monitor_kill_every_s=options.monitor_kill_every_s,
+            )
+            watch_all = scenario == "hang"  # to see the frozen pool's tasks move
+            actions.extend(health.actions(kill_at))
         driver = Driver(
             client,
             workload,
@@ -649,6 +685,8 @@ async def run_agentmesh(
         if spawn_hist.count:
             driver.metrics.latencies["spawn"] = spawn_hist
         result = await driver.run()
+        if health is not None:
+            result.extra["health"] = await health.finish(driver)
         result.extra.update(setup)
         if scenario == "etcd-kill":
             done_at = {tid: rec.done_at for tid, rec in driver.tasks.items() if rec.done_at}
@@ -679,4 +717,6 @@ async def run_agentmesh(
             )
         return result
     finally:
+        if health is not None:
+            await health.close()
         await client.close()

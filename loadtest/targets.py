@@ -112,7 +112,29 @@ def evaluate(runs: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[st
                 and kills.get("leader_term_unchanged", False),
             }
         )
-    if scenario in ("agent-kill", "leader-kill", "etcd-kill"):
+    health = am["extra"].get("health") or {}
+    hang = health.get("hang_to_elsewhere") or {}
+    if scenario == "hang" and hang.get("n"):
+        limit = float(health.get("stall_limit_s", 0.0)) + 0.5
+        out.append(
+            {
+                "name": "hung agent: its task running elsewhere",
+                "goal": f"≤ stall limit + 0.5 s = {limit:g} s",
+                "measured": f"P99 {hang['p99_s']:.3f} s, max {hang['max_s']:.3f} s over {hang['n']}",
+                "met": hang["max_s"] <= limit,
+            }
+        )
+    failed = health.get("failed_declared")
+    if isinstance(failed, dict):
+        out.append(
+            {
+                "name": "agents wrongly declared FAILED",
+                "goal": "0",
+                "measured": f"{failed['wrongly']} (of {failed['agents']} declared FAILED)",
+                "met": failed["wrongly"] == 0,
+            }
+        )
+    if scenario in ("agent-kill", "leader-kill", "etcd-kill", "hang", "flaky", "monitor-kill"):
         out.append(
             {
                 "name": "no lost, no doubly-completed task",

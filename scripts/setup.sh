@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine (Debian/Ubuntu, Python >= 3.11): etcd, redis and Node.js from
-# apt, then a virtualenv in .venv with agentmesh installed (editable, with dev extras),
+# Sets up a fresh machine (Debian/Ubuntu, Python >= 3.11): etcd, redis, Node.js and Chromium
+# from apt, then a virtualenv in .venv with agentmesh installed (editable, with dev extras),
 # then the Node client's modules (clients/node/node_modules, as package-lock.json pins them).
 #   bash scripts/setup.sh           all three
 #   bash scripts/setup.sh system    apt packages only
@@ -30,16 +30,26 @@ system_packages() {
   # which the client supports; a Node that is already on PATH (a newer one) is kept.
   command -v node >/dev/null || extra+=(nodejs)
   command -v npm >/dev/null || extra+=(npm)
-  if command -v etcd >/dev/null && command -v redis-server >/dev/null && [[ ${#extra[@]} -eq 0 ]]; then
-    echo "etcd, redis-server, node and npm already installed; skipping apt-get"
+  # Chromium (headless) runs the dashboard's browser test. Without recommends it is about
+  # 81 MB to download and 290 MB installed (Debian 12, chromium 156); the recommends add
+  # ~100 packages of desktop integration a headless test does not use.
+  local browser=()
+  command -v chromium >/dev/null || browser+=(chromium)
+  if command -v etcd >/dev/null && command -v redis-server >/dev/null && [[ ${#extra[@]} -eq 0 && ${#browser[@]} -eq 0 ]]; then
+    echo "etcd, redis-server, node, npm and chromium already installed; skipping apt-get"
   else
     as_root apt-get update
     # redis-server is only for `agentmesh loadtest --compare celery`
     as_root apt-get install -y etcd-server redis-server "${extra[@]}"
+    if [[ ${#browser[@]} -gt 0 ]]; then
+      as_root apt-get install -y --no-install-recommends chromium fonts-liberation
+    fi
   fi
   echo "python3: $(python3 --version 2>&1) at $(command -v python3)"
   echo "etcd:    $(etcd --version 2>&1 | head -n 1) at $(command -v etcd)"
   echo "node:    $(node --version) at $(command -v node), npm $(npm --version)"
+  # Debian's wrapper script prints a shell warning on some machines: keep only the version
+  echo "chromium: $(chromium --version 2>/dev/null | head -n 1) at $(command -v chromium)"
 }
 
 python_env() {

@@ -24,8 +24,13 @@ app = typer.Typer(
 )
 serve_app = typer.Typer(no_args_is_help=True, help="Run one service process.")
 task_app = typer.Typer(no_args_is_help=True, help="One task: get or cancel.")
+health_app = typer.Typer(
+    no_args_is_help=True,
+    help="Agents' health (from the active health monitor), and grpc.health.v1 checks.",
+)
 app.add_typer(serve_app, name="serve")
 app.add_typer(task_app, name="task")
+app.add_typer(health_app, name="health")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -79,6 +84,7 @@ def serve_coordinator(
     from services._common import logs
     from services.coordinator.config import CoordinatorConfig
     from services.coordinator.core import STRATEGIES
+    from services.coordinator.limits import check_config
     from services.coordinator.server import serve
 
     try:
@@ -95,6 +101,7 @@ def serve_coordinator(
                 metrics_port=metrics_port,
             ),
         )
+        check_config(cfg)
     except ValueError as err:
         _fail(str(err), 2)
     if cfg.strategy not in STRATEGIES:
@@ -181,6 +188,59 @@ def serve_agent_pool(
         _fail(str(err))
 
 
+@serve_app.command("health")
+def serve_health(
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    cluster: str = typer.Option(None, help="cluster name (key prefix) [env AGENTMESH_CLUSTER]"),
+    listen: str = typer.Option(
+        None, help="bind address host:port [env AGENTMESH_LISTEN; default 127.0.0.1:0]"
+    ),
+    advertise: str = typer.Option(None, help="address published in etcd [env AGENTMESH_ADVERTISE]"),
+    node_id: str = typer.Option(None, help="replica id [env AGENTMESH_NODE_ID]"),
+    lease_ttl_s: int = typer.Option(
+        None, help="session lease TTL in seconds [env AGENTMESH_LEASE_TTL_S; default 2]"
+    ),
+    metrics_port: int = typer.Option(
+        None, help="Prometheus /metrics port, 0 off [env AGENTMESH_METRICS_PORT]"
+    ),
+    stall_limit_s: float = typer.Option(
+        None,
+        help="a task without progress this long is hung and requeued [env AGENTMESH_STALL_LIMIT_S; default 60]",
+    ),
+    failed_after_s: float = typer.Option(
+        None, help="no heartbeat this long: FAILED [env AGENTMESH_FAILED_AFTER_S; default 10]"
+    ),
+) -> None:
+    """A health monitor: replicas elect one active monitor; the others stand by.
+    Every threshold is an AGENTMESH_<FIELD> variable (see services/health/config.py)."""
+    from services._common import logs
+    from services.health.config import HealthConfig
+    from services.health.server import serve
+
+    try:
+        cfg = configlib.load(
+            HealthConfig,
+            dict(
+                etcd=etcd,
+                cluster=cluster,
+                listen=listen,
+                advertise=advertise,
+                node_id=node_id,
+                lease_ttl_s=lease_ttl_s,
+                metrics_port=metrics_port,
+                stall_limit_s=stall_limit_s,
+                failed_after_s=failed_after_s,
+            ),
+        )
+    except (ValueError, TypeError) as err:
+        _fail(str(err), 2)
+    logs.setup("health", cfg.node_id or str(os.getpid()))
+    try:
+        _run(serve(cfg))
+    except OSError as err:
+        _fail(str(err))
+
+
 # ---------------------------------------------------------------- up
 
 
@@ -189,6 +249,7 @@ def up(
     agents: int = typer.Option(200, help="agents in all, split across the pools"),
     pools: int = typer.Option(2, help="agent pool processes"),
     coordinators: int = typer.Option(1, help="coordinator replicas (one leads)"),
+    health_monitors: int = typer.Option(1, help="health monitor replicas (one is active; 0: none)"),
     data_dir: Path = typer.Option(
         Path(".agentmesh"), help="etcd data and logs; reused across restarts"
     ),
@@ -212,7 +273,7 @@ def up(
     from registry.etcd_server import EtcdNotFoundError, find_etcd_binary
     from services.cluster import ClusterSpec, LocalCluster
 
-    if agents < 1 or pools < 1 or coordinators < 1:
+    if agents < 1 or pools < 1 or coordinators < 1 or health_monitors < 0:
         _fail("--agents, --pools and --coordinators must be at least 1", 2)
     if pools > agents:
         _fail(f"--pools {pools} is more than --agents {agents}", 2)
@@ -234,6 +295,7 @@ def up(
             agents=agents,
             pools=pools,
             coordinators=coordinators,
+            health_monitors=health_monitors,
             etcd_port=etcd_port,
             coordinator_port=port,
             capacity=capacity,
@@ -244,7 +306,7 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.monotonic()
     try:
-        with console.status("starting etcd, coordinators and agent pools ..."):
+        with console.status("starting etcd, coordinators, health monitors and agent pools ..."):
             cluster.start()
             ready_s = _run(cluster.wait_ready(timeout_s=90))
         console.print(
@@ -256,6 +318,10 @@ def up(
         )
         for ep in cluster.coordinator_endpoints:
             console.print(f"  coordinator  {ep}")
+        if health_monitors:
+            console.print(
+                f"  health       {health_monitors} monitor(s); `agentmesh health agents` lists the agents"
+            )
         console.print(f"  logs         {cluster.log_dir}")
         if backlog:
             _call(_backlog(cluster.etcd_endpoint, backlog))
@@ -639,32 +705,172 @@ def agents(
 
 @app.command()
 def status(
+    once: bool = typer.Option(
+        False, "--once", help="print once and exit (the plain lines scripts parse)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="the whole snapshot as JSON, once"),
+    watch_s: float = typer.Option(
+        0.0, help="with --json: follow the events stream this long first (throughput, latency)"
+    ),
+    group_by: str = typer.Option("pool", help="group agents by pool or role"),
+    refresh_s: float = typer.Option(0.5, help="seconds between redraws of the live view"),
     etcd: str = typer.Option(None, help=ETCD_HELP),
     coordinator: str = typer.Option(None, help=COORD_HELP),
     cluster: str = typer.Option(None, help="cluster name"),
 ) -> None:
-    """Leader, term, standbys, agents, queue depth and task counts."""
+    """Leader and term, services and their health, agents, queue by priority, throughput,
+    latency, the backlog's ETA, task counts and alerts, live until Ctrl-C. --once and
+    --json print once (so does a run whose output is not a terminal)."""
+    if group_by not in ("pool", "role"):
+        _fail(f"--group-by {group_by!r}: use pool or role", 2)
+    if not 0 <= watch_s <= 3600 or not 0.1 <= refresh_s <= 60:
+        _fail("--watch-s must be 0-3600 and --refresh-s 0.1-60", 2)
+    if as_json:
+        print(_observe(etcd, coordinator, cluster, group_by, "json", watch_s, refresh_s))
+    elif once or not console.is_terminal:
+        _status_once(etcd, coordinator, cluster)
+    else:
+        _observe(etcd, coordinator, cluster, group_by, "live", watch_s, refresh_s)
 
-    async def go() -> Any:
+
+def _status_once(etcd: str | None, coordinator: str | None, cluster: str | None) -> None:
+    from services.observe.live import print_once
+
+    async def go() -> tuple[Any, Any, str]:
+        import grpc
+
+        from services.health.client import HealthClient, NoMonitorError
+
         async with _client(etcd, coordinator, cluster) as client:
-            return await client.status()
+            status = await client.status()
+        monitors = [x.endpoint for x in status.services if x.kind == "health"]
+        if not monitors:
+            return status, None, "no health monitor runs (agentmesh serve health)"
+        where: dict[str, Any] = {"monitor": monitors[0]} if coordinator else {"etcd": _etcd(etcd)}
+        try:
+            async with HealthClient(cluster=_cluster(cluster), timeout_s=3.0, **where) as hc:
+                return status, await hc.summary(), ""
+        except NoMonitorError as err:
+            return status, None, str(err)
+        except grpc.aio.AioRpcError as err:
+            return status, None, f"the health monitor did not answer ({err.code().name})"
 
-    s = _call(go())
-    console.print(f"leader     {s.leader_id or '-'} at {s.leader_endpoint or '-'}  term {s.term}")
-    for sb in s.standbys:
-        console.print(f"standby    {sb.instance_id} at {sb.endpoint}")
+    s, h, why = _call(go())
+    print_once(console, s)
+    if h is None:
+        console.print(f"health     {why}")
+        return
+    counts = "  ".join(f"{k} {h.state_counts.get(k, 0)}" for k in _HEALTH_STATES)
     console.print(
-        f"agents     {s.agents_connected} connected   queue depth {s.queue_depth}   strategy {s.assignment_strategy}"
+        f"health     {counts}   ejected {h.ejected}   half-open {h.half_open}   "
+        f"(monitor {h.monitor_id}, term {h.term})"
     )
-    console.print(
-        "tasks      " + ("  ".join(f"{k} {v}" for k, v in sorted(s.task_counts.items())) or "-")
-    )
-    for svc in sorted(s.services, key=lambda x: (x.kind, x.instance_id)):
-        console.print(f"service    {svc.kind:<12} {svc.instance_id:<24} {svc.endpoint}")
+    console.print(f"alerts     {h.open_alert_count} open")
+    from rich.markup import escape
+
+    for alert in h.open_alerts:
+        kind = _alert_kind(alert.kind)
+        console.print(f"  {kind:<13} {alert.agent_id:<24} {escape(alert.message)}")
+
+
+def _observe(
+    etcd: str | None,
+    coordinator: str | None,
+    cluster: str | None,
+    group_by: str,
+    mode: str,
+    watch_s: float,
+    refresh_s: float,
+) -> str:
+    """The live view (until Ctrl-C) or one JSON snapshot, read through a MeshReader."""
+    from services._common.clock import SystemClock
+    from services.health.feed import HealthFeed
+    from services.observe.collector import Collector, MeshReader
+    from services.observe.live import run_live, snapshot_json
+    from services.observe.model import SwarmModel
+
+    clock = SystemClock()
+
+    async def go() -> str:
+        reader = MeshReader(
+            etcd=None if coordinator else _etcd(etcd),
+            coordinator=coordinator,
+            cluster=_cluster(cluster),
+        )
+        model = SwarmModel(clock, cluster=_cluster(cluster), group_by=group_by)
+        collector = Collector(reader, model, clock, feeds=[HealthFeed()])
+        try:
+            if mode == "json":
+                return await snapshot_json(collector, clock, watch_s)
+            await run_live(collector, model, clock, console, refresh_s)
+            return ""
+        finally:
+            await collector.close()
+            await reader.close()
+
+    try:
+        return _run(go())
+    except KeyboardInterrupt:
+        return ""  # Ctrl-C is how the live view ends
 
 
 @app.command()
-def health(
+def dashboard(
+    port: int = typer.Option(8089, help="HTTP port (0: a free one, printed)"),
+    host: str = typer.Option(
+        "127.0.0.1", help="bind address; anything but loopback exposes the cluster's data"
+    ),
+    group_by: str = typer.Option("pool", help="group agents by pool or role"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    coordinator: str = typer.Option(None, help=COORD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """A read-only web dashboard of the cluster (the live status, charts of throughput
+    and latency, agents, task search and pages, the dead-letter queue). Ctrl-C stops it."""
+    from services.observe.web import is_loopback, serve_dashboard
+
+    if group_by not in ("pool", "role"):
+        _fail(f"--group-by {group_by!r}: use pool or role", 2)
+    if not 0 <= port <= 65535:
+        _fail(f"--port {port} is out of range 0-65535", 2)
+    if not is_loopback(host):
+        err_console.print(
+            f"[yellow]warning:[/yellow] binding {host}, not loopback: anyone who can reach "
+            "this address sees every task's payload and result (the dashboard has no login)"
+        )
+
+    def ready(url: str) -> None:
+        console.print(f"dashboard at {url}  (read-only; Ctrl-C stops it)", highlight=False)
+
+    try:
+        _run(
+            serve_dashboard(
+                host=host,
+                port=port,
+                etcd=None if coordinator else _etcd(etcd),
+                coordinator=coordinator,
+                cluster=_cluster(cluster),
+                group_by=group_by,
+                on_ready=ready,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    except OSError as err:
+        _fail(f"cannot serve on {host}:{port}: {err}")
+
+
+_HEALTH_STATES = ("HEALTHY", "DEGRADED", "CRITICAL", "FAILED")
+
+
+def _alert_kind(kind: int) -> str:
+    from protos.agentmesh.v1 import health_pb2 as hpb
+
+    return str(hpb.AlertKind.Name(kind)).removeprefix("ALERT_KIND_").lower()
+
+
+@health_app.command("check")
+def health_check(
     target: str = typer.Argument(..., help="host:port of any agentmesh service"),
     service: str = typer.Option("", help="service name ('' = the whole process)"),
     timeout_s: float = typer.Option(3.0, help="deadline"),
@@ -684,6 +890,75 @@ def health(
     print(name)
     if resp.status != health_pb2.HealthCheckResponse.SERVING:
         raise typer.Exit(1)
+
+
+@health_app.command("agents")
+def health_agents(
+    state: list[str] = typer.Option(
+        [], help="only these states: HEALTHY, DEGRADED, CRITICAL, FAILED (repeatable)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="AgentHealth JSON lines instead of a table"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    monitor: str = typer.Option(None, help="a health monitor host:port (instead of etcd)"),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Every agent's health as the active monitor sees it: state, breaker, response,
+    latency baseline, tasks in flight, replacements."""
+    from google.protobuf import json_format
+
+    from protos.agentmesh.v1 import health_pb2 as hpb
+    from services.health.client import HealthClient, NoMonitorError
+
+    try:
+        states = [hpb.HealthState.Value("HEALTH_STATE_" + x.upper()) for x in state]
+    except ValueError:
+        _fail(f"unknown state in {state}; use {', '.join(_HEALTH_STATES)}", 2)
+
+    async def go() -> list[Any]:
+        where: dict[str, Any] = {"monitor": monitor} if monitor else {"etcd": _etcd(etcd)}
+        async with HealthClient(cluster=_cluster(cluster), **where) as hc:
+            return [a async for a in hc.agents(states)]
+
+    try:
+        agents = _call(go())
+    except NoMonitorError as err:
+        _fail(str(err))
+    if as_json:
+        for a in agents:
+            print(json_format.MessageToJson(a, indent=None))
+        return
+    table = Table(title=f"{len(agents)} agents")
+    for col in (
+        "agent",
+        "pool",
+        "state",
+        "breaker",
+        "response s",
+        "latency ms (base/recent)",
+        "tasks",
+        "done/failed",
+        "hung",
+        "replaces / by",
+        "reason",
+    ):
+        table.add_column(col)
+    for a in agents:
+        breaker = str(hpb.BreakerState.Name(a.breaker)).removeprefix("BREAKER_STATE_").lower()
+        table.add_row(
+            a.agent_id,
+            a.pool_id,
+            str(hpb.HealthState.Name(a.state)).removeprefix("HEALTH_STATE_"),
+            breaker + (f" x{a.ejections}" if a.ejections else ""),
+            f"{a.response_s:.1f}",
+            f"{a.baseline_latency_ms:.0f} / {a.recent_latency_ms:.0f}"
+            + (" !" if a.latency_alert else ""),
+            str(a.tasks_in_flight),
+            f"{a.completed}/{a.failed}",
+            str(a.hung_tasks or ""),
+            " / ".join(x for x in (a.replaces, a.replaced_by) if x),
+            a.reason[:60],
+        )
+    console.print(table)
 
 
 def _mount_loadtest() -> None:

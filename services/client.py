@@ -163,7 +163,15 @@ class MeshClient:
         return await self._call("ListTasks", cpb.ListTasksRequest(**filters))  # type: ignore[no-any-return]
 
     async def agents(self) -> cpb.ListAgentsResponse:
-        return await self._call("ListAgents", cpb.ListAgentsRequest())  # type: ignore[no-any-return]
+        """Every connected agent (ListAgents page by page)."""
+        out = cpb.ListAgentsResponse()
+        token = ""
+        while True:
+            page = await self._call("ListAgents", cpb.ListAgentsRequest(page_token=token))
+            out.agents.extend(page.agents)
+            token = page.next_page_token
+            if not token:
+                return out
 
     async def status(self) -> cpb.ClusterStatus:
         return await self._call("GetStatus", cpb.GetStatusRequest())  # type: ignore[no-any-return]

@@ -1,4 +1,5 @@
-"""A whole cluster on one machine, as real processes: etcd, coordinators, agent pools.
+"""A whole cluster on one machine, as real processes: etcd, coordinators, health
+monitors, agent pools.
 
 Used by `agentmesh up`, the integration tests and the load test.
 """
@@ -27,6 +28,8 @@ class ClusterSpec:
     """Agent pool processes (several, so both cores are used)."""
     coordinators: int = 1
     """Coordinator replicas: one leads, the others stand by."""
+    health_monitors: int = 1
+    """Health monitor replicas: one is active, the others stand by (0: none)."""
     cluster: str = "default"
     etcd_port: int = 0
     """etcd client port (0: a free one)."""
@@ -103,6 +106,13 @@ class LocalCluster:
                     self.spec.strategy,
                 ],
             )
+        for i in range(self.spec.health_monitors):
+            # port 0: the monitor binds a free port itself and publishes it in etcd (a
+            # port picked here could be taken before the process binds it)
+            self._spawn(
+                f"health-{i + 1}",
+                ["serve", "health", "--listen", "127.0.0.1:0", "--node-id", f"health-{i + 1}"],
+            )
         per_pool = [
             self.spec.agents // self.spec.pools
             + (1 if i < self.spec.agents % self.spec.pools else 0)
@@ -168,7 +178,8 @@ class LocalCluster:
         return [name for name, proc in self.procs.items() if proc.poll() is not None]
 
     async def wait_ready(self, timeout_s: float = 60.0, agents: int | None = None) -> float:
-        """Wait until a leader serves and `agents` (default: all) are connected; returns seconds waited."""
+        """Wait until a leader serves, `agents` (default: all) are connected and (with
+        health monitors) one monitor is active; returns seconds waited."""
         from services.client import MeshClient
 
         want = self.spec.agents if agents is None else agents
@@ -177,12 +188,16 @@ class LocalCluster:
             etcd=self.etcd.endpoint, cluster=self.spec.cluster, timeout_s=2.0, retry_s=1.0
         ) as client:
             while time.monotonic() - t0 < timeout_s:
-                dead = [n for n in self.dead() if n.startswith(("coordinator", "pool"))]
+                dead = [n for n in self.dead() if n.startswith(("coordinator", "pool", "health"))]
                 if dead:
                     raise RuntimeError(f"{', '.join(dead)} exited during start; see {self.log_dir}")
                 try:
                     status = await client.status()
-                    if status.leader_endpoint and status.agents_connected >= want:
+                    if (
+                        status.leader_endpoint
+                        and status.agents_connected >= want
+                        and (not self.spec.health_monitors or await self._monitor_active())
+                    ):
                         return time.monotonic() - t0
                 except Exception:  # noqa: BLE001 - not up yet
                     pass
@@ -190,3 +205,13 @@ class LocalCluster:
         raise TimeoutError(
             f"cluster not ready after {timeout_s}s (want {want} agents); see {self.log_dir}"
         )
+
+    async def _monitor_active(self) -> bool:
+        from registry.election import current_leader
+        from registry.etcd import Etcd
+
+        etcd = Etcd(self.etcd.endpoint, prefix=f"/agentmesh/{self.spec.cluster}/", timeout_s=2.0)
+        try:
+            return await current_leader(etcd, "health") is not None
+        finally:
+            await etcd.close()

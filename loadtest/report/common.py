@@ -105,6 +105,9 @@ def detail_lines(run: dict[str, Any]) -> list[str]:
     for key in sorted(k for k in extra if k.startswith("kill_")):
         facts = ", ".join(f"{k} {v}" for k, v in extra[key].items())
         lines.append(f"{key}: {facts}")
+    for name, value in (extra.get("health") or {}).items():
+        text = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
+        lines.append(f"health {name}: {text}")
     for example in extra.get("unfinished_examples", [])[:3]:
         lines.append(f"unfinished: {json.dumps(example)}")
     return lines

@@ -29,6 +29,14 @@ class InvalidArgumentError(AgentMeshError):
     """The request is malformed or out of range; the message names the field to fix."""
 
 
+class MalformedRequestError(InvalidArgumentError):
+    """The request's bytes are not a valid message of the method's request type."""
+
+
+class RecordTooLargeError(InvalidArgumentError):
+    """A write would not fit one etcd request (the store refuses it before sending)."""
+
+
 class NotFoundError(AgentMeshError):
     """The named thing does not exist (or expired)."""
 

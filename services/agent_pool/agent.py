@@ -48,6 +48,8 @@ class PoolContext:
     executors: dict[str, Executor]
     task_timeout_s: float
     on_redirect: Callable[[str], None]
+    max_result_bytes: int = 512 * 1024
+    """A larger output fails the task here: the coordinator would not store it."""
 
 
 @dataclass(eq=False)
@@ -265,7 +267,13 @@ class Agent:
                     f"this agent has no executor for kind {task.spec.kind!r}", retryable=True
                 )
             timeout = task.spec.timeout_s or self.ctx.task_timeout_s
-            outcome = await asyncio.wait_for(executor.run(task), timeout)
+            outcome = await asyncio.wait_for(executor.run(task, self._progress(task)), timeout)
+            if len(outcome.output) > self.ctx.max_result_bytes:
+                raise ExecutorError(
+                    f"the output is {len(outcome.output)} bytes; the limit is "
+                    f"{self.ctx.max_result_bytes} bytes (AGENTMESH_MAX_RESULT_BYTES)",
+                    retryable=False,  # the same input would give the same output
+                )
             report = cpb.AgentMessage(
                 result=cpb.TaskResult(
                     task_id=task.task_id,
@@ -285,7 +293,8 @@ class Agent:
             )
         except ExecutorError as err:
             self.failed += 1
-            report = _failure(task, str(err), err.retryable)
+            # a failed LLM attempt may still have been billed (a stream that broke mid-way)
+            report = _failure(task, str(err), err.retryable, getattr(err, "usage", None))
         except Exception as err:  # noqa: BLE001 - an executor bug fails the attempt, not the agent
             self.failed += 1
             log.exception("executor crashed", extra={"agent": self.agent_id, "task": task.task_id})
@@ -299,6 +308,23 @@ class Agent:
         self.unacked[task.task_id] = report
         self._send(report)
 
+    def _progress(self, task: tpb.Task) -> Callable[[float, str], None]:
+        """What an executor calls to report progress (a stream message, no etcd write)."""
+
+        def send(fraction: float, message: str) -> None:
+            self._send(
+                cpb.AgentMessage(
+                    progress=cpb.TaskProgress(
+                        task_id=task.task_id,
+                        claim_token=task.claim_token,
+                        fraction=fraction,
+                        message=message[:200],
+                    )
+                )
+            )
+
+        return send
+
     async def drain(self, timeout_s: float) -> None:
         """Take nothing new; wait (bounded) for what is held to finish and be reported."""
         self.draining = True
@@ -309,10 +335,16 @@ class Agent:
             await asyncio.sleep(0.02)
 
 
-def _failure(task: tpb.Task, error: str, retryable: bool) -> cpb.AgentMessage:
+def _failure(
+    task: tpb.Task, error: str, retryable: bool, usage: tpb.TokenUsage | None = None
+) -> cpb.AgentMessage:
     return cpb.AgentMessage(
         failure=cpb.TaskFailure(
-            task_id=task.task_id, claim_token=task.claim_token, error=error, retryable=retryable
+            task_id=task.task_id,
+            claim_token=task.claim_token,
+            error=error,
+            retryable=retryable,
+            usage=usage,
         )
     )
 

@@ -33,6 +33,9 @@ class PoolConfig:
     """key=value labels the agents advertise."""
     sleep_ms: str = "lognormal:50:0.5"
     """Simulated work of the `sleep` executor: fixed:MS, uniform:LO:HI or lognormal:MEDIAN:SIGMA."""
+    max_result_bytes: int = 512 * 1024
+    """An output larger than this fails the task (not retried) on the agent, with an error
+    saying so; keep it at or under the coordinator's (which fails it too)."""
     task_timeout_s: float = 300.0
     """Default per-attempt limit when a task sets none."""
     lease_ttl_s: int = 2
@@ -42,6 +45,11 @@ class PoolConfig:
     """Shutdown grace: agents finish held tasks for up to this long."""
     etcd_timeout_s: float = 3.0
     """Deadline of each etcd call."""
+    heartbeat_interval_s: float = 1.0
+    """How often each agent heartbeats to the health monitor (until the monitor says)."""
+    flaky_agents: int = 0
+    """SIMULATED fault for tests and the load test: the first N agents this pool starts
+    fail every task they get (the error says so). Their replacements do not."""
 
     def label_map(self) -> dict[str, str]:
         out = {}

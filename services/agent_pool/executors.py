@@ -1,4 +1,5 @@
-"""Executors run a task's payload. The local ones here stand in for an LLM and say so."""
+"""Executors run a task's payload. The local ones here stand in for an LLM and say so;
+`llm` (services/agent_pool/llm.py) calls Claude."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import contextlib
 import json
 import math
 import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from protos.agentmesh.v1 import task_pb2 as tpb
 
@@ -25,21 +28,42 @@ class Outcome:
     usage: tpb.TokenUsage = field(default_factory=tpb.TokenUsage)
 
 
+Progress = Callable[[float, str], None]
+"""progress(fraction 0..1, message): sent on the agent's stream as a TaskProgress."""
+
+
+ContextSource = Callable[[list[str]], Awaitable[dict[str, str | None]]]
+"""Reads shared-knowledge values (etcd `context/<key>`) by key; None for a missing key."""
+
+
+def etcd_context_source(etcd: Any) -> ContextSource:
+    """A ContextSource on a `registry.etcd.Etcd` client (keys under its cluster prefix)."""
+
+    async def read(keys: list[str]) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for key in keys:
+            kv = await etcd.get(etcd.key("context", key))
+            out[key] = None if kv is None else bytes(kv.value).decode("utf-8", "replace")
+        return out
+
+    return read
+
+
 class Executor(Protocol):
-    async def run(self, task: tpb.Task) -> Outcome: ...
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome: ...
 
 
 class EchoExecutor:
     """Returns the payload unchanged."""
 
-    async def run(self, task: tpb.Task) -> Outcome:
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         return Outcome(task.spec.payload)
 
 
 class NoopExecutor:
     """Returns at once with no output (measures the mesh, not the work)."""
 
-    async def run(self, task: tpb.Task) -> Outcome:
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         return Outcome(b"")
 
 
@@ -75,7 +99,7 @@ class SleepExecutor:
             return self.rng.uniform(self.a, self.b)
         return self.a * math.exp(self.rng.gauss(0.0, self.b))
 
-    async def run(self, task: tpb.Task) -> Outcome:
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         ms = self.draw_ms()
         if task.spec.payload:
             try:
@@ -96,7 +120,7 @@ class FailExecutor:
     Payload {"retryable": false} fails permanently.
     """
 
-    async def run(self, task: tpb.Task) -> Outcome:
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         retryable = True
         if task.spec.payload:
             with contextlib.suppress(ValueError, AttributeError):
@@ -106,14 +130,76 @@ class FailExecutor:
         )
 
 
-def build_executors(kinds: tuple[str, ...], sleep_ms: str) -> dict[str, Executor]:
+def _fault_payload(task: tpb.Task, kind: str) -> dict[str, float]:
+    if not task.spec.payload:
+        return {}
+    try:
+        doc = json.loads(task.spec.payload)
+        if not isinstance(doc, dict):
+            raise ValueError(doc)
+        return {k: float(v) for k, v in doc.items()}
+    except (ValueError, TypeError):
+        raise ExecutorError(
+            f'{kind} payload must be JSON numbers like {{"attempts": 1, "ms": 10}}', retryable=False
+        ) from None
+
+
+class HangExecutor:
+    """SIMULATED fault: an executor that hangs. On attempts up to payload "attempts"
+    (default 1) it awaits forever, a coroutine that never returns (cancellable, as a
+    stuck LLM call is); later attempts sleep payload "ms" (default 10) and succeed.
+    The output says {"simulated": true, "fault": "hang"}."""
+
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
+        doc = _fault_payload(task, "hang")
+        if task.attempts <= doc.get("attempts", 1):
+            await asyncio.Event().wait()
+        ms = doc.get("ms", 10.0)
+        await asyncio.sleep(max(0.0, ms) / 1000.0)
+        out = {"simulated": True, "fault": "hang", "attempt": task.attempts, "slept_ms": ms}
+        return Outcome(json.dumps(out).encode())
+
+
+class BlockExecutor:
+    """SIMULATED fault: an executor that blocks its whole pool. On attempts up to payload
+    "attempts" (default 1) it calls time.sleep(payload "block_s", default 15, at most 300):
+    a synchronous call that freezes the pool's event loop, so its streams, heartbeats and
+    lease refreshes all stop while its sockets stay open. Later attempts return at once.
+    The output says {"simulated": true, "fault": "block"}."""
+
+    async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
+        doc = _fault_payload(task, "block")
+        blocked = 0.0
+        if task.attempts <= doc.get("attempts", 1):
+            blocked = min(max(doc.get("block_s", 15.0), 0.0), 300.0)
+            time.sleep(blocked)  # noqa: ASYNC251 - the point: a blocking call in a coroutine
+        out = {"simulated": True, "fault": "block", "attempt": task.attempts, "blocked_s": blocked}
+        return Outcome(json.dumps(out).encode())
+
+
+def build_executors(
+    kinds: tuple[str, ...],
+    sleep_ms: str,
+    environ: Mapping[str, str] | None = None,
+    context_source: ContextSource | None = None,
+) -> dict[str, Executor]:
+    """The executors of `kinds`. `llm` is built only when asked for: it needs
+    ANTHROPIC_API_KEY (and reads AGENTMESH_LLM_* from `environ`, default os.environ)."""
     known: dict[str, Executor] = {
         "echo": EchoExecutor(),
         "noop": NoopExecutor(),
         "sleep": SleepExecutor(sleep_ms),
         "fail": FailExecutor(),
+        # SIMULATED faults, for tests and the load test; never in a pool's default kinds
+        "hang": HangExecutor(),
+        "block": BlockExecutor(),
     }
-    missing = [k for k in kinds if k not in known]
+    missing = [k for k in kinds if k not in known and k != "llm"]
     if missing:
-        raise ValueError(f"no executor for kinds {missing}; available: {', '.join(known)}")
+        raise ValueError(f"no executor for kinds {missing}; available: {', '.join(known)}, llm")
+    if "llm" in kinds:
+        # imported here: the SDK is only loaded by pools that run llm tasks
+        from services.agent_pool.llm import build_llm_executor
+
+        known["llm"] = build_llm_executor(environ, context_source)
     return {k: known[k] for k in kinds}

@@ -10,7 +10,8 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
 
@@ -20,7 +21,7 @@ from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from registry import discovery
 from registry.election import observe
-from registry.etcd import Etcd, cmp_create, op_get, op_put
+from registry.etcd import Etcd, cmp_create, op_delete, op_get, op_put
 from registry.lease import KeptLease
 from services._common.clock import SystemClock
 from services._common.errors import (
@@ -40,12 +41,14 @@ from services._common.grpcserver import (
 )
 from services.agent_pool.agent import A, Agent, PoolContext, leader_endpoint_of
 from services.agent_pool.config import PoolConfig
-from services.agent_pool.executors import build_executors
+from services.agent_pool.executors import build_executors, etcd_context_source
+from services.agent_pool.heartbeat import Heartbeater, TaskTracker
+from services.coordinator import limits
 
 log = logging.getLogger(__name__)
 
 SERVICE = ppb.DESCRIPTOR.services_by_name["AgentPool"].full_name
-MAX_SPAWN = 10_000
+MAX_SPAWN = limits.SPAWN_MAX
 
 
 class PoolNode:
@@ -56,7 +59,11 @@ class PoolNode:
             cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
         )
         self.lease = KeptLease(self.etcd, cfg.lease_ttl_s, SystemClock())
-        self.executors = build_executors(cfg.kinds, cfg.sleep_ms)
+        self.flaky: set[str] = set()
+        self.tracker = TaskTracker(cfg.task_timeout_s, flaky=self.flaky.__contains__)
+        self.executors = self.tracker.wrap(
+            build_executors(cfg.kinds, cfg.sleep_ms, context_source=etcd_context_source(self.etcd))
+        )
         self.defaults = ppb.AgentTemplate(
             roles=cfg.roles, labels=cfg.label_map(), kinds=cfg.kinds, capacity=cfg.capacity
         )
@@ -75,12 +82,24 @@ class PoolNode:
             executors=self.executors,  # type: ignore[arg-type]
             task_timeout_s=cfg.task_timeout_s,
             on_redirect=self._redirect,
+            max_result_bytes=cfg.max_result_bytes,
         )
+        self.heartbeats = Heartbeater(
+            self.etcd,
+            self.pool_id,
+            self.tracker,
+            lambda: self.agents,
+            self._on_health_directive,
+            cfg.heartbeat_interval_s,
+        )
+        self._chores: set[asyncio.Task[None]] = set()
         self.server, self.health = build_server([SERVICE])
         ppb_grpc.add_AgentPoolServicer_to_server(PoolServicer(self), self.server)
         self.port = bind(self.server, cfg.listen)
         self.endpoint = advertised(cfg.listen, self.port, cfg.advertise)
         self.stop = asyncio.Event()
+        self._published = -1
+        self._publishing: asyncio.Task[None] | None = None
 
     # ---- leader and channels ----
 
@@ -118,6 +137,8 @@ class PoolNode:
         out = ppb.AgentTemplate()
         out.CopyFrom(self.defaults)
         if t is not None:
+            # the template becomes each agent's hello: the coordinator's limits apply
+            limits.validate_template_fields("template", t.roles, t.labels, t.kinds)
             if t.roles:
                 del out.roles[:]
                 out.roles.extend(t.roles)
@@ -139,7 +160,11 @@ class PoolNode:
         return out
 
     def _new_agent(self, template: ppb.AgentTemplate) -> Agent:
-        return Agent(f"{self.pool_id}-a{next(self._seq):04d}", self.ctx, template)
+        seq = next(self._seq)
+        agent = Agent(f"{self.pool_id}-a{seq:04d}", self.ctx, template)
+        if seq <= self.cfg.flaky_agents:
+            self.flaky.add(agent.agent_id)
+        return agent
 
     async def _register_agents(self, agents: list[Agent]) -> None:
         for i in range(0, len(agents), 128):
@@ -168,8 +193,7 @@ class PoolNode:
         timeout_s: float = 30.0,
     ) -> tuple[list[Agent], int]:
         """Start `count` agents, `batch_size` at a time; wait until each is welcomed."""
-        if not 1 <= count <= MAX_SPAWN:
-            raise InvalidArgumentError(f"count {count} is out of range: use 1-{MAX_SPAWN}")
+        check_count(count)
         tmpl = self._template(template)
         batch = batch_size or count
         started: list[Agent] = []
@@ -192,6 +216,7 @@ class PoolNode:
                 )
             started.extend(wave)
         self._refill_warm()
+        self._publish_count()
         return started, from_warm
 
     def _refill_warm(self) -> None:
@@ -200,22 +225,99 @@ class PoolNode:
             self.warm[-1].state = A.AGENT_STATE_WARM
 
     async def stop_agents(self, agent_ids: list[str], count: int, graceful: bool) -> list[str]:
-        chosen = list(agent_ids) if agent_ids else list(self.agents)[-count:] if count else []
+        limits.check_items("agent_ids", agent_ids, MAX_SPAWN, limits.ID_BYTES)
+        if count > MAX_SPAWN:
+            raise InvalidArgumentError(f"count {count} is out of range: use 0-{MAX_SPAWN}")
+        if agent_ids:  # an id given twice stops its agent once, in its first place
+            chosen = list(dict.fromkeys(agent_ids))
+        else:
+            chosen = list(self.agents)[-count:] if count else []
         unknown = [a for a in chosen if a not in self.agents]
         if unknown:
-            raise InvalidArgumentError(f"unknown agent ids in this pool: {unknown[:5]}")
-        if graceful:
-            await asyncio.gather(*(self.agents[a][0].drain(self.cfg.grace_s) for a in chosen))
-        for agent_id in chosen:
-            agent, task = self.agents.pop(agent_id)
-            task.cancel()
-            for _, runner in agent.running.values():
-                runner.cancel()
-            agent.state = A.AGENT_STATE_STOPPED
-        with contextlib.suppress(StoreUnavailableError):
+            raise InvalidArgumentError(
+                f"{len(unknown)} agent ids are not in this pool, e.g. "
+                + ", ".join(limits.quote(a) for a in unknown[:3])
+            )
+        try:
+            if graceful:
+                await asyncio.gather(*(self.agents[a][0].drain(self.cfg.grace_s) for a in chosen))
+        finally:
+            # whatever happened above, every chosen agent stops and its key goes
             for agent_id in chosen:
-                await self.etcd.delete(self.etcd.key("agents", agent_id))
+                held = self.agents.pop(agent_id, None)
+                if held is None:
+                    continue
+                agent, task = held
+                task.cancel()
+                for _, runner in agent.running.values():
+                    runner.cancel()
+                agent.state = A.AGENT_STATE_STOPPED
+            with contextlib.suppress(StoreUnavailableError):
+                for i in range(0, len(chosen), 128):
+                    keys = [self.etcd.key("agents", a) for a in chosen[i : i + 128]]
+                    await self.etcd.txn([], [op_delete(k) for k in keys])
+            self._publish_count()
         return chosen
+
+    def _publish_count(self) -> None:
+        """Keep the registration's `agents` metadata (GetStatus shows it) current: one
+        update in flight at a time, repeated while the count moved meanwhile."""
+        if self._publishing is None or self._publishing.done():
+            self._publishing = asyncio.ensure_future(self._publish_loop())
+
+    async def _publish_loop(self) -> None:
+        while self._published != len(self.agents) and self.lease.id:
+            count = len(self.agents)
+            instance = discovery.Instance(
+                "agent-pool", self.pool_id, self.endpoint, {"agents": str(count)}
+            )
+            try:
+                await discovery.register(self.etcd, self.lease.id, instance)
+            except StoreUnavailableError:
+                return  # the next change, or the lease renewal, publishes it
+            self._published = count
+
+    # ---- the health monitor's orders ----
+
+    def _on_health_directive(self, agent_id: str, directive: Any) -> None:
+        body = directive.WhichOneof("body")
+        if body == "replace":
+            self._chore(self.replace_agent(agent_id, directive.replace.reason))
+        elif body == "drain":
+            self._chore(self.retire_agent(agent_id, directive.drain.reason))
+
+    def _chore(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def replace_agent(self, agent_id: str, reason: str) -> None:
+        """Stop the agent now (the coordinator requeues what it held when its stream
+        closes) and start a fresh one like it: the pool keeps its size."""
+        held = self.agents.get(agent_id)
+        if held is None:
+            return
+        log.warning(
+            "replacing an agent on the health monitor's order",
+            extra={"agent": agent_id, "reason": reason},
+        )
+        template = held[0].template
+        await self.stop_agents([agent_id], 0, graceful=False)
+        new = self._new_agent(template)
+        self.heartbeats.replaces[new.agent_id] = agent_id
+        self.agents[new.agent_id] = (new, asyncio.ensure_future(new.run()))
+        await self._register_agents([new])
+
+    async def retire_agent(self, agent_id: str, reason: str) -> None:
+        """Drain the agent and stop it for good (it was replaced elsewhere)."""
+        if agent_id not in self.agents:
+            return
+        log.warning(
+            "retiring an agent on the health monitor's order",
+            extra={"agent": agent_id, "reason": reason},
+        )
+        with contextlib.suppress(InvalidArgumentError):
+            await self.stop_agents([agent_id], 0, graceful=True)
 
     # ---- lifecycle ----
 
@@ -274,7 +376,9 @@ class PoolNode:
         )
 
     async def _register(self) -> None:
+        count = len(self.agents)
         await discovery.register(self.etcd, self.lease.id, self._instance())
+        self._published = count
         await self._register_agents([a for a, _ in self.agents.values()])
 
     async def run(self) -> None:
@@ -300,6 +404,7 @@ class PoolNode:
         background = [
             asyncio.ensure_future(self._follow_leader()),
             asyncio.ensure_future(self._keep_lease()),
+            asyncio.ensure_future(self.heartbeats.run()),
         ]
         try:
             if self.cfg.agents:
@@ -319,9 +424,14 @@ class PoolNode:
             await self.stop.wait()
         finally:
             await shutdown(self.server, self.health, self.cfg.grace_s, [self._drain_all])
-            for task in background:
+            if self._publishing is not None:
+                background.append(self._publishing)
+            # stopping on purpose: the monitor hears goodbye rather than silence
+            await self.heartbeats.close()
+            leftover = (*background, *self._chores)
+            for task in leftover:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*leftover, return_exceptions=True)
             await self.lease.revoke()
             for channel in self._channels.values():
                 await channel.close()
@@ -346,26 +456,27 @@ class PoolServicer(ppb_grpc.AgentPoolServicer):
             agents=[a.info() for a in agents], elapsed_s=time.monotonic() - t0, from_warm=from_warm
         )
 
+    @rpc_errors
     async def SpawnWaves(
         self, request: ppb.SpawnWavesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ppb.SpawnProgress]:
         node = self.node
-        if not 1 <= request.count <= MAX_SPAWN:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"count {request.count} is out of range: use 1-{MAX_SPAWN}",
+        # everything is checked before the first wave: a bad request spawns nothing
+        check_count(request.count)
+        if request.wave_size > request.count:
+            raise InvalidArgumentError(
+                f"wave_size {request.wave_size} is out of range: use 1-count ({request.count}); 0: 10"
             )
-        if request.wave_interval_s < 0 or request.wave_interval_s > 3600:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "wave_interval_s must be 0-3600")
-        wave_size = request.wave_size or 10
+        limits.check_finite(
+            "wave_interval_s", request.wave_interval_s, 0.0, limits.WAVE_INTERVAL_S_MAX
+        )
         template = request.template if request.HasField("template") else None
+        node._template(template)
+        wave_size = request.wave_size or 10
         t0 = time.monotonic()
         started = ready = failed = 0
         for wave, first in enumerate(range(0, request.count, wave_size), start=1):
-            try:
-                agents, _ = await node.spawn(min(wave_size, request.count - first), 0, template)
-            except InvalidArgumentError as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            agents, _ = await node.spawn(min(wave_size, request.count - first), 0, template)
             started += len(agents)
             ok = sum(a.welcomed.is_set() for a in agents)
             ready += ok
@@ -406,6 +517,7 @@ class PoolServicer(ppb_grpc.AgentPoolServicer):
     async def Drain(
         self, request: ppb.DrainPoolRequest, context: grpc.aio.ServicerContext
     ) -> ppb.DrainPoolResponse:
+        limits.check_bytes("reason", request.reason, limits.REASON_BYTES)
         agents = [a for a, _ in self.node.agents.values()]
         for agent in agents:
             agent.draining = True
@@ -414,6 +526,11 @@ class PoolServicer(ppb_grpc.AgentPoolServicer):
                 cpb.AgentMessage(draining=cpb.AgentDraining(reason=request.reason or "pool drain"))
             )
         return ppb.DrainPoolResponse(draining=len(agents))
+
+
+def check_count(count: int) -> None:
+    if not 1 <= count <= MAX_SPAWN:
+        raise InvalidArgumentError(f"count {count} is out of range: use 1-{MAX_SPAWN}")
 
 
 async def serve(cfg: PoolConfig) -> None:

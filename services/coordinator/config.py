@@ -24,8 +24,18 @@ class CoordinatorConfig:
     """Assignment strategy: least-loaded, round-robin, weighted or random."""
     task_kinds: tuple[str, ...] = ("echo", "sleep", "noop", "llm", "fail")
     """Kinds a task may have; anything else is refused with INVALID_ARGUMENT."""
-    max_payload_bytes: int = 1024 * 1024
-    """Largest accepted task payload."""
+    max_payload_bytes: int = 512 * 1024
+    """Largest accepted task payload. With max_result_bytes and the other fields it must
+    fit one etcd record (limits.check_config refuses to start otherwise)."""
+    max_result_bytes: int = 512 * 1024
+    """Largest result stored; a larger one fails the task (DEAD_LETTER) with an error
+    saying so."""
+    max_watchers: int = 64
+    """WatchTask and WatchEvents streams served at once; past it, RESOURCE_EXHAUSTED."""
+    watch_buffer_events: int = 10_000
+    """Events queued for one watcher before its stream ends with RESOURCE_EXHAUSTED."""
+    watch_buffer_bytes: int = 4 * 1024 * 1024
+    """Bytes of events queued for one watcher before its stream ends with RESOURCE_EXHAUSTED."""
     default_max_attempts: int = 3
     """Attempts before DEAD_LETTER when a task does not say."""
     retry_base_s: float = 0.5

@@ -38,7 +38,6 @@ import hashlib
 import heapq
 import logging
 import random
-import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,7 +53,9 @@ from services._common.errors import (
     NotLeaderError,
     StoreUnavailableError,
 )
+from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
+from services.coordinator.limits import validate_hello, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ SUCCEEDED, FAILED, CANCELLED, DEAD_LETTER = (
 TERMINAL = frozenset({SUCCEEDED, CANCELLED, DEAD_LETTER})
 HELD = frozenset({ASSIGNED, RUNNING})
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-MAX_BATCH = 1000
+MAX_BATCH = limits.BATCH_ITEMS
+HAND_BACK_S = 1.0
+"""A task released as hung waits this long at most for an agent other than its own."""
 STRATEGIES = ("least-loaded", "round-robin", "weighted", "random")
 
 # While etcd is unreachable, one probe at a time asks whether it is back, with
@@ -179,45 +181,8 @@ class Store(Protocol):
         ...
 
 
-# ---------------------------------------------------------------- validation
-
-
-def validate_spec(spec: tpb.TaskSpec, cfg: CoordinatorConfig, where: str = "spec") -> None:
-    """Raise InvalidArgumentError naming the field to fix."""
-    if not spec.kind:
-        raise InvalidArgumentError(
-            f"{where}.kind is required (one of: {', '.join(cfg.task_kinds)})"
-        )
-    if spec.kind not in cfg.task_kinds:
-        raise InvalidArgumentError(
-            f"{where}.kind {spec.kind!r} is unknown; use one of: {', '.join(cfg.task_kinds)}"
-        )
-    if spec.task_id and not _ID_RE.match(spec.task_id):
-        raise InvalidArgumentError(
-            f"{where}.task_id {spec.task_id[:40]!r} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ -"
-        )
-    if len(spec.idempotency_key) > 256:
-        raise InvalidArgumentError(f"{where}.idempotency_key is longer than 256 characters")
-    if len(spec.payload) > cfg.max_payload_bytes:
-        raise InvalidArgumentError(
-            f"{where}.payload is {len(spec.payload)} bytes; the limit is {cfg.max_payload_bytes} bytes"
-        )
-    if spec.priority > 9:
-        raise InvalidArgumentError(
-            f"{where}.priority {spec.priority} is out of range: use 0 (lowest) to 9"
-        )
-    if spec.max_attempts > 100:
-        raise InvalidArgumentError(
-            f"{where}.max_attempts {spec.max_attempts} is out of range: use 1-100 (0: default)"
-        )
-    if spec.timeout_s < 0 or spec.timeout_s != spec.timeout_s:
-        raise InvalidArgumentError(
-            f"{where}.timeout_s must be a positive number of seconds (0: default)"
-        )
-    if len(spec.metadata) > 64:
-        raise InvalidArgumentError(
-            f"{where}.metadata has {len(spec.metadata)} entries; the limit is 64"
-        )
+# ---------------------------------------------------------------- ids and backoff
+# (validation, with every limit, lives in limits.py)
 
 
 def task_id_for(spec: tpb.TaskSpec, wall_us: int, rng: random.Random) -> str:
@@ -258,9 +223,15 @@ class Agent:
     latency_ema_ms: float = 0.0
     draining: bool = False
     order: int = 0
+    admit: int = -1
+    """Tasks the health monitor lets it hold at once: -1 no limit, 1 (half-open
+    breaker), 0 (ejected or FAILED). From its `health/<agent>` record."""
 
     def free(self) -> int:
-        return 0 if self.draining else self.capacity - len(self.inflight)
+        if self.draining:
+            return 0
+        limit = self.capacity if self.admit < 0 else min(self.capacity, self.admit)
+        return limit - len(self.inflight)
 
     def can_run(self, spec: tpb.TaskSpec) -> bool:
         if spec.kind not in self.kinds:
@@ -284,20 +255,8 @@ class Agent:
             latency_ema_ms=self.latency_ema_ms,
             draining=self.draining,
             connected_at_us=self.connected_at_us,
+            health_admission={-1: "", 0: "none"}.get(self.admit, "one"),
         )
-
-
-def validate_hello(hello: cpb.AgentHello) -> None:
-    if not _ID_RE.match(hello.agent_id):
-        raise InvalidArgumentError(
-            "hello.agent_id is required: 1-128 characters of A-Z a-z 0-9 . _ -"
-        )
-    if hello.lease_id <= 0:
-        raise InvalidArgumentError("hello.lease_id must be the agent process's live etcd lease")
-    if not 1 <= hello.capacity <= 1000:
-        raise InvalidArgumentError(f"hello.capacity {hello.capacity} is out of range: use 1-1000")
-    if not hello.kinds:
-        raise InvalidArgumentError("hello.kinds must name at least one task kind the agent can run")
 
 
 class Strategy:
@@ -462,8 +421,12 @@ class CoordinatorCore:
         self.awaiting: dict[str, set[str]] = {}
         """agent id → claims loaded at takeover that the agent has not confirmed yet."""
         self.free: dict[str, Agent] = {}
+        self.admission: dict[str, int] = {}
+        """agent id → the health monitor's limit (see `Agent.admit`), kept across reconnects."""
         self.finished: collections.Counter[str] = collections.Counter()
         self.subscribers: set[Callable[[tpb.Task, int], None]] = set()
+        self.on_progress: Callable[[tpb.Task, float, str], None] | None = None
+        """Receives progress from the agent holding a task (fraction, message); not stored."""
         self.wake = asyncio.Event()
         self.deposed: NotLeaderError | None = None
         self.last_reconcile: ReconcileStats | None = None
@@ -976,6 +939,7 @@ class CoordinatorCore:
             send=send,
             connected_at_us=self.clock.wall_us(),
             order=self._order,
+            admit=self.admission.get(hello.agent_id, -1),
         )
         self.agents[agent.agent_id] = agent
         send(
@@ -1059,6 +1023,8 @@ class CoordinatorCore:
 
     def _reserve(self, agent: Agent, task_id: str) -> None:
         agent.inflight.add(task_id)
+        if agent.admit == 1:
+            agent.admit = 0  # half-open: its one trial task; the health monitor says what next
         if agent.free() <= 0:
             self.free.pop(agent.agent_id, None)
 
@@ -1105,9 +1071,16 @@ class CoordinatorCore:
             self._publish(new, prev)
 
     def progress(self, agent_id: str, msg: cpb.TaskProgress) -> None:
+        """Relay progress to watchers; only from the agent holding the task's current claim."""
         entry = self.active.get(msg.task_id)
-        if entry and entry.task.claim_token == msg.claim_token:
-            self._publish(entry.task, entry.task.state)
+        if (
+            entry
+            and entry.task.state in HELD
+            and entry.task.claim_token == msg.claim_token
+            and entry.task.agent_id == agent_id
+            and self.on_progress is not None
+        ):
+            self.on_progress(entry.task, msg.fraction, msg.message)
 
     async def report(self, agent_id: str, msg: cpb.TaskResult | cpb.TaskFailure) -> cpb.ReportAck:
         """A result or failure from an agent; the ack says whether it counted."""
@@ -1222,6 +1195,97 @@ class CoordinatorCore:
         self.finished[state_name(new.state)] += 1
         self._publish(new, previous)
 
+    # ---- the health monitor's orders ----
+
+    def admit(self, agent_id: str, limit: int) -> None:
+        """Apply the health monitor's admission for an agent (see `Agent.admit`)."""
+        if limit < 0:
+            self.admission.pop(agent_id, None)
+        else:
+            self.admission[agent_id] = limit
+        agent = self.agents.get(agent_id)
+        if agent is None or agent.admit == limit:
+            return
+        agent.admit = limit
+        if agent.free() > 0:
+            self.free[agent_id] = agent
+            self.wake.set()
+        else:
+            self.free.pop(agent_id, None)
+
+    async def release_claims(
+        self, agent_id: str, claims: Sequence[tuple[str, int]], reason: str
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """Requeue the tasks `agent_id` holds under these claims (all when empty), for the
+        health monitor. Returns (released, skipped). The work is owned by the core, so it
+        finishes even if the caller goes away; a late result is refused by the token."""
+        limits.check_id("agent_id", agent_id)
+        if len(claims) > limits.BATCH_ITEMS:
+            raise InvalidArgumentError(
+                f"claims has {len(claims)} entries; the limit is {limits.BATCH_ITEMS}"
+            )
+        limits.check_bytes("reason", reason, limits.REASON_BYTES)
+        wanted = list(claims) or [
+            (task_id, entry.task.claim_token)
+            for task_id, entry in self.active.items()
+            if entry.task.state in HELD and entry.task.agent_id == agent_id
+        ]
+        done = await self._owned(self._release_all(agent_id, wanted, reason))
+        released = [claim for claim, ok in zip(wanted, done, strict=True) if ok]
+        skipped = [claim for claim, ok in zip(wanted, done, strict=True) if not ok]
+        return released, skipped
+
+    async def _release_all(
+        self, agent_id: str, wanted: list[tuple[str, int]], reason: str
+    ) -> list[bool]:
+        return list(
+            await asyncio.gather(*(self._release_claim(agent_id, t, c, reason) for t, c in wanted))
+        )
+
+    async def _release_claim(self, agent_id: str, task_id: str, token: int, reason: str) -> bool:
+        entry = self.active.get(task_id)
+        if entry is None:
+            return False
+        await entry.take()
+        try:
+            task = entry.task
+            if (
+                self.active.get(task_id) is not entry
+                or task.state not in HELD
+                or task.agent_id != agent_id
+                or task.claim_token != token
+            ):
+                return False
+            why = f"released by the health monitor: {reason}"
+            if not await self._requeue_entry(entry, why, count_attempt=True):
+                return False  # someone else's change came first (a report, a cancel)
+        finally:
+            self._done_with(entry)
+        agent = self.agents.get(agent_id)
+        if agent is not None and task_id in agent.inflight:
+            agent.send(
+                cpb.CoordinatorMessage(
+                    cancel=cpb.CancelAssignment(task_id=task_id, reason=f"released: {reason}")
+                )
+            )
+            # its slot stays taken until the task runs elsewhere (plan() never hands a
+            # task to an agent that still lists it)
+            self.spawn(self._hand_back(agent, task_id))
+        return True
+
+    async def _hand_back(self, agent: Agent, task_id: str) -> None:
+        """Give the agent a released task hung on its slot back once the task runs
+        elsewhere, or after HAND_BACK_S if nobody else was free: it is not handed the
+        task it just hung on while another agent could take it."""
+        waited = 0.0
+        while waited < HAND_BACK_S:
+            entry = self.active.get(task_id)
+            if entry is None or entry.task.state != QUEUED:
+                break
+            await self.clock.sleep(0.01)
+            waited += 0.01
+        self._release(agent, task_id)
+
     # ---- requeue / claims lost ----
 
     async def _requeue(
@@ -1266,8 +1330,9 @@ class CoordinatorCore:
         finally:
             self._done_with(entry)
 
-    async def _requeue_entry(self, entry: Entry, why: str, *, count_attempt: bool) -> None:
-        """The write of a requeue; the caller has taken the entry."""
+    async def _requeue_entry(self, entry: Entry, why: str, *, count_attempt: bool) -> bool:
+        """The write of a requeue; the caller has taken the entry. False when someone
+        else's change came first (memory then follows etcd)."""
         task = entry.task
         new = _copy(task)
         new.last_error = why
@@ -1282,15 +1347,16 @@ class CoordinatorCore:
         (res,) = await self._write([Write(new, entry.mod, delete_claim=True)], persist=True)
         if not res.ok:
             await self._resync(entry)
-            return
+            return False
         if exhausted:
             self._finish(entry, new, task.state)
-            return
+            return True
         entry.task, entry.mod = new, res.revision
         # at the front: a requeued task was waiting longest, and its agent's death is
         # not its fault (it is re-dispatched within one dispatch pass)
         self._enqueue(entry, front=True)
         self._publish(new, task.state)
+        return True
 
     def claim_lost(self, task_id: str, token: int) -> None:
         """etcd deleted a claim. Our own writes delete claims too (a report, a cancel, a

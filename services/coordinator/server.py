@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import secrets
 from typing import Any
 
@@ -14,6 +15,7 @@ from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from registry import discovery
 from registry.election import Election, candidates, current_leader, observe
 from registry.etcd import Etcd
+from registry.leadership import BACKOFF_BASE_S, BACKOFF_CAP_S, STABLE_TERM_S
 from registry.lease import KeptLease
 from services._common import telemetry
 from services._common.clock import SystemClock
@@ -27,8 +29,10 @@ from services._common.grpcserver import (
     shutdown,
     stop_event,
 )
+from services.coordinator.admission import admissions
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
+from services.coordinator.limits import check_config
 from services.coordinator.servicer import (
     CoordinatorServicer,
     leader_value,
@@ -52,13 +56,18 @@ class CoordinatorNode:
         self.etcd = Etcd(
             cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
         )
-        self.servicer = CoordinatorServicer(self.status)
+        check_config(cfg)
+        self.servicer = CoordinatorServicer(self.status, cfg)
+        self.servicer.health_term = self._health_term
         self.server, self.health = build_server([SERVICE])
         cpb_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
         self.port = bind(self.server, cfg.listen)
         self.endpoint = advertised(cfg.listen, self.port, cfg.advertise)
         self.term = 0
         self.stop = asyncio.Event()
+        self.failures = 0
+        """Sessions or terms in a row that failed or ended within STABLE_TERM_S."""
+        self._rng = random.Random()
 
     async def status(self) -> cpb.ClusterStatus:
         leader = await current_leader(self.etcd, "coordinator")
@@ -119,16 +128,56 @@ class CoordinatorNode:
                 await asyncio.sleep(0.5)
 
     async def _terms(self) -> None:
-        """Campaign, lead until the term ends, campaign again: forever."""
+        """Campaign, lead until the term ends, campaign again: forever. Sessions that
+        keep failing back off (see `_after`) instead of churning terms."""
         self._lease = KeptLease(self.etcd, self.cfg.lease_ttl_s, self.clock)
         while True:
+            started = self.clock.monotonic()
+            error: BaseException | None = None
             try:
                 await self._one_session()
             except (StoreUnavailableError, NotLeaderError) as err:
+                error = err
                 log.warning("session ended; starting a new one", extra={"error": str(err)})
-            except Exception:  # a bug must not leave a replica that never campaigns again
+            except Exception as err:  # a bug must not leave a replica that never campaigns again
+                error = err
                 log.exception("session failed; starting a new one")
-            await asyncio.sleep(0.2)
+            await self._after(started, error)
+
+    async def _stable_after(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+        if self.failures:
+            self.failures = 0
+            log.info("this coordinator is healthy again")
+            await self.health.set("", SERVING)
+
+    async def _after(self, started: float, error: BaseException | None) -> None:
+        """After a session or a term: one that failed, or ended within STABLE_TERM_S,
+        counts as a failure. From the third in a row on, the replica says so (NOT_SERVING
+        for the Coordinator service and overall: it serves nothing useful) and logs an
+        error; each failure waits longer (jittered, doubling, capped) before campaigning
+        again, so a load that cannot finish does not churn terms."""
+        if error is None and self.clock.monotonic() - started >= STABLE_TERM_S:
+            if self.failures:
+                self.failures = 0
+                await self.health.set("", SERVING)
+            return
+        self.failures += 1
+        ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self.failures - 1))
+        delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        if self.failures >= 3:
+            await self.health.set("", NOT_SERVING)
+            await self.health.set(SERVICE, NOT_SERVING)
+            if self.failures == 3 or self.failures % 10 == 0:
+                log.error(
+                    "this coordinator keeps failing to lead; backing off",
+                    extra={
+                        "failures": self.failures,
+                        "error": repr(error) if error else "term ended within seconds",
+                        "retry_in_s": round(delay, 2),
+                    },
+                )
+        await self.clock.sleep(delay)
 
     async def _one_session(self) -> None:
         lease = self._lease
@@ -138,22 +187,33 @@ class CoordinatorNode:
         keeper = asyncio.ensure_future(lease.keep_alive())
         try:
             while not lease.lost.is_set():
-                election = Election(
-                    self.etcd, "coordinator", lease.id, leader_value(self.node_id, self.endpoint)
-                )
-                campaign = asyncio.ensure_future(election.campaign())
-                lost = asyncio.ensure_future(lease.lost.wait())
+                # a replica that stays up this long (standby or leader) is healthy again
+                stable = asyncio.ensure_future(self._stable_after(STABLE_TERM_S))
                 try:
-                    await asyncio.wait({campaign, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    election = Election(
+                        self.etcd,
+                        "coordinator",
+                        lease.id,
+                        leader_value(self.node_id, self.endpoint),
+                    )
+                    campaign = asyncio.ensure_future(election.campaign())
+                    lost = asyncio.ensure_future(lease.lost.wait())
+                    try:
+                        await asyncio.wait({campaign, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        # Reaped whatever happens, shutdown included: a campaign left
+                        # running fails with NotLeaderError once the lease is revoked, and
+                        # asyncio logs "Task exception was never retrieved".
+                        await _reap(lost, *(() if campaign.done() else (campaign,)))
+                    if campaign.cancelled():
+                        return  # the lease was lost before the campaign won
+                    term = campaign.result()
+                    started = self.clock.monotonic()
+                    await self._lead(election, term)  # an error here ends the session instead
                 finally:
-                    # Reaped whatever happens, shutdown included: a campaign left running
-                    # fails with NotLeaderError once the lease is revoked, and asyncio
-                    # logs "Task exception was never retrieved".
-                    await _reap(lost, *(() if campaign.done() else (campaign,)))
-                if campaign.cancelled():
-                    return  # the lease was lost before the campaign won
-                term = campaign.result()
-                await self._lead(election, term)
+                    stable.cancel()
+                if not lease.lost.is_set():  # else the session ends, and _terms counts it
+                    await self._after(started, None)
         finally:
             keeper.cancel()
             with contextlib.suppress(BaseException):
@@ -166,6 +226,7 @@ class CoordinatorNode:
         store = EtcdTaskStore(self.etcd, election, self.clock, cfg.retention_s)
         core = CoordinatorCore(store, self.clock, cfg, term=term, node_id=self.node_id)
         core.subscribers = self.servicer.hub.subscribers
+        core.on_progress = self.servicer.hub.progress
         counter = telemetry.watch_core(core)
         started = self.clock.monotonic()
         records, claims, revision = await store.load()
@@ -174,6 +235,7 @@ class CoordinatorNode:
         self.servicer.core = core
         self.servicer.leader_endpoint = self.endpoint
         await self.health.set(SERVICE, SERVING)
+        await self.health.set("", SERVING)  # serving again, even if recent terms failed
         telemetry.IS_LEADER.set(1)
         log.info(
             "elected root coordinator",
@@ -185,6 +247,17 @@ class CoordinatorNode:
             },
         )
         core.requeue_orphans(orphans)
+        # the health monitor's ejections apply before the first dispatch (if etcd is
+        # slow, dispatch starts anyway and they apply as soon as they are read)
+        admitted = asyncio.Event()
+        follow_health = asyncio.ensure_future(self._follow_admissions(core, admitted))
+        try:
+            await asyncio.wait_for(admitted.wait(), 2.0)
+        except TimeoutError:
+            pass
+        except BaseException:
+            follow_health.cancel()
+            raise
         # agents reconnect within a second or two; what none reclaimed by then is requeued
         expiry = asyncio.get_running_loop().call_later(
             2 * cfg.lease_ttl_s + 1, core.expire_awaiting
@@ -194,11 +267,19 @@ class CoordinatorNode:
             asyncio.ensure_future(self._watch_claims(core, store, revision + 1)),
             asyncio.ensure_future(election.wait_lost()),
             asyncio.ensure_future(self._lease.lost.wait()),
+            follow_health,
             asyncio.ensure_future(core.reconcile_loop()),
         ]
         try:
             done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
-            names = ("dispatch", "claims watch", "election key watch", "lease", "reconcile")
+            names = (
+                "dispatch",
+                "claims watch",
+                "election key watch",
+                "lease",
+                "health records",
+                "reconcile",
+            )
             for job in done:
                 why = (
                     "finished"
@@ -225,6 +306,25 @@ class CoordinatorNode:
             self.term = 0
             with contextlib.suppress(Exception):
                 await election.resign()
+
+    async def _follow_admissions(self, core: CoordinatorCore, ready: asyncio.Event) -> None:
+        """Keep the core's admissions equal to the health monitor's records."""
+        while True:
+            try:
+                async for snapshot, limits in admissions(self.etcd):
+                    if snapshot:
+                        for agent_id in set(core.admission) - set(limits):
+                            core.admit(agent_id, -1)
+                    for agent_id, limit in limits.items():
+                        core.admit(agent_id, limit)
+                    ready.set()
+            except StoreUnavailableError:
+                await asyncio.sleep(0.5)
+
+    async def _health_term(self) -> int:
+        """The active health monitor's term now (0: none), read from etcd."""
+        leader = await current_leader(self.etcd, "health")
+        return leader.term if leader else 0
 
     async def _watch_claims(
         self, core: CoordinatorCore, store: EtcdTaskStore, start_revision: int

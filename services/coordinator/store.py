@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from aetcd import rpc
 
 from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.election import Election
 from registry.errors import StoreRefusedError
-from registry.etcd import (
-    Etcd,
-    LeaseNotFoundError,
-    RequestOp,
-    prefix_end,
-)
+from registry.etcd import Etcd, LeaseNotFoundError, prefix_end
 from services._common.clock import Clock
+from services._common.errors import RecordTooLargeError
 from services._common.telemetry import COMMIT_SECONDS
+from services.coordinator import limits
 from services.coordinator.core import READ_CHUNK, TERMINAL, Committed, OpenTasks, Write
 
 log = logging.getLogger(__name__)
@@ -57,24 +54,58 @@ LOAD_PAGE_BYTES = 8 * 1024 * 1024
 # Record reads in flight at once at takeover (open tasks are read by id, in chunks).
 READ_PARALLEL = 4
 INDEX_MARKER = "open-index"
+LOOKAHEAD = 4 * MAX_OPS
+
+
+class Packable(Protocol):
+    """What the group commit needs to know of a write to pack it."""
+
+    @property
+    def size(self) -> int:
+        """Bytes it adds to the transaction (an estimate with margin)."""
+        ...
+
+    @property
+    def key(self) -> bytes:
+        """The record it writes: two writes of one key never share a transaction
+        (etcd refuses the whole transaction: "duplicate key given in txn request")."""
+        ...
+
+
+REFUSED = (StoreRefusedError, LeaseNotFoundError)
+"""What etcd answers when one write of a transaction is at fault: request too large,
+duplicate key, a claim on a dead lease. Nothing of the transaction was applied, so its
+writes are retried in halves until each fault is alone; everything else (unreachable,
+deposed) is every write's answer."""
 
 
 class GroupCommitter:
-    """Packs concurrent writes into few transactions.
+    """Packs concurrent writes into few transactions, by count and by bytes.
 
     A write goes out at once when fewer than `max_inflight` transactions are in
     flight (no added latency at light load); otherwise it waits for one to return
     and leaves with everything that queued up meanwhile (throughput under load).
+    A transaction holds at most `max_ops` writes and `max_bytes` bytes (one larger
+    write goes alone), never two writes of one key. When etcd refuses a transaction,
+    only the writes at fault fail: the rest are committed in smaller packs, so every
+    caller gets its own answer (a refused write's is its error, as its result).
     """
 
-    def __init__(self, flush: Any, max_ops: int = MAX_OPS, max_inflight: int = 4) -> None:
+    def __init__(
+        self,
+        flush: Callable[[list[Any]], Awaitable[list[Any]]],
+        max_ops: int = MAX_OPS,
+        max_inflight: int = 4,
+        max_bytes: int = limits.TXN_PACK_BYTES,
+    ) -> None:
         self._flush = flush
         self._max_ops = max_ops
+        self._max_bytes = max_bytes
         self._max_inflight = max_inflight
-        self._pending: list[tuple[RequestOp, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Packable, asyncio.Future[Any]]] = []
         self._inflight = 0
 
-    async def submit(self, ops: Sequence[RequestOp]) -> list[Any]:
+    async def submit(self, ops: Sequence[Packable]) -> list[Any]:
         loop = asyncio.get_running_loop()
         futures = []
         for op in ops:
@@ -84,15 +115,40 @@ class GroupCommitter:
         self._pump()
         return list(await asyncio.gather(*futures))
 
+    def _take(self) -> list[tuple[Packable, asyncio.Future[Any]]]:
+        """The next transaction's writes, in arrival order. What does not fit, or writes a
+        key already in it, keeps its place at the front for the next one. The scan looks
+        at most LOOKAHEAD writes ahead, so a long queue of large writes costs no more."""
+        pending = self._pending
+        batch: list[tuple[Packable, asyncio.Future[Any]]] = []
+        skipped: list[tuple[Packable, asyncio.Future[Any]]] = []
+        keys: set[bytes] = set()
+        used = 0
+        end = min(len(pending), LOOKAHEAD)
+        for i in range(end):
+            if len(batch) >= self._max_ops:
+                end = i
+                break
+            item = pending[i]
+            op = item[0]
+            if batch and (used + op.size > self._max_bytes or op.key in keys):
+                skipped.append(item)
+                continue
+            batch.append(item)
+            keys.add(op.key)
+            used += op.size
+        self._pending = skipped + pending[end:]
+        return batch
+
     def _pump(self) -> None:
         while self._pending and self._inflight < self._max_inflight:
-            batch, self._pending = self._pending[: self._max_ops], self._pending[self._max_ops :]
+            batch = self._take()
             self._inflight += 1
             asyncio.ensure_future(self._run(batch))
 
-    async def _run(self, batch: list[tuple[RequestOp, asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[tuple[Packable, asyncio.Future[Any]]]) -> None:
         try:
-            responses = await self._flush([op for op, _ in batch])
+            responses = await self._isolating([op for op, _ in batch])
             for (_, fut), resp in zip(batch, responses, strict=True):
                 if not fut.done():
                     fut.set_result(resp)
@@ -104,9 +160,28 @@ class GroupCommitter:
             self._inflight -= 1
             self._pump()
 
+    async def _isolating(self, ops: list[Packable]) -> list[Any]:
+        """`flush(ops)`; when etcd refuses it, the halves again, down to the writes at
+        fault, whose result is the refusal (about 2·log2(n) round trips for one bad write
+        among n, instead of n)."""
+        try:
+            return await self._flush(ops)
+        except REFUSED as err:
+            if len(ops) == 1:
+                return [err]
+            half = len(ops) // 2
+            return [*await self._isolating(ops[:half]), *await self._isolating(ops[half:])]
+
 
 class EtcdTaskStore:
-    def __init__(self, etcd: Etcd, election: Election, clock: Clock, retention_s: int) -> None:
+    def __init__(
+        self,
+        etcd: Etcd,
+        election: Election,
+        clock: Clock,
+        retention_s: int,
+        max_write_bytes: int = limits.WRITE_MAX_BYTES,
+    ) -> None:
         self.etcd = etcd
         self.election = election
         self.clock = clock
@@ -116,6 +191,7 @@ class EtcdTaskStore:
         self._open = etcd.key("open") + b"/"
         self._marker = etcd.key("meta", INDEX_MARKER)
         self._committer = GroupCommitter(self._flush)
+        self.max_write_bytes = max_write_bytes
         self._retention_lease = 0
         self._retention_granted = 0.0
 
@@ -137,20 +213,10 @@ class EtcdTaskStore:
         request = rpc.TxnRequest()
         for p in batch:
             p.fill(request.success.add().request_txn)
-        try:
-            with COMMIT_SECONDS.time():
-                resp = await self.election.fenced_request(request)
-            rev = int(resp.header.revision)
-            return [(rev, r) for r in resp.responses]
-        except LeaseNotFoundError as err:
-            if len(batch) == 1:
-                return [err]
-            # one claim names a dead lease and etcd refuses the whole transaction:
-            # retry each on its own so only that one fails
-            results: list[Any] = []
-            for p in batch:
-                results.extend(await self._flush([p]))
-            return results
+        with COMMIT_SECONDS.time():
+            resp = await self.election.fenced_request(request)
+        rev = int(resp.header.revision)
+        return [(rev, r) for r in resp.responses]
 
     async def _retention(self) -> int:
         """A lease shared by the terminal records of one period, renewed each tenth of
@@ -177,12 +243,26 @@ class EtcdTaskStore:
             )
             for w in writes
         ]
+        for p in prepared:
+            if p.size > self.max_write_bytes:
+                # a bug or a misconfiguration (limits.check_config): fail this caller only,
+                # clearly, instead of the transaction it would share with others
+                raise RecordTooLargeError(
+                    f"task {p.write.task.task_id!r} would be a {p.size}-byte etcd write; "
+                    f"the limit is {self.max_write_bytes} bytes (payload, result and "
+                    "other fields must fit one etcd request)"
+                )
         responses = await self._committer.submit(prepared)
         out = []
         for w, resp in zip(writes, responses, strict=True):
             if isinstance(resp, LeaseNotFoundError):
                 out.append(Committed(False, lease_missing=True))
                 continue
+            if isinstance(resp, StoreRefusedError):
+                # the writes that shared its transaction went through; this one cannot
+                raise StoreRefusedError(
+                    f"etcd refused the write of task {w.task.task_id!r}: {resp}"
+                )
             revision, op_resp = resp
             nested = op_resp.response_txn
             if nested.succeeded:
@@ -415,7 +495,7 @@ class EtcdTaskStore:
 class _Prepared:
     """One Write, ready to be filled into a nested transaction."""
 
-    __slots__ = ("claim_key", "open_key", "record", "record_lease", "task_key", "write")
+    __slots__ = ("claim_key", "open_key", "record", "record_lease", "size", "task_key", "write")
 
     def __init__(
         self, w: Write, task_key: bytes, claim_key: bytes, open_key: bytes, retention: int
@@ -435,6 +515,14 @@ class _Prepared:
         self.record = record.SerializeToString()
         w.sent = self.record  # what a read-back looks for if the reply is lost
         self.record_lease = retention if w.task.state in TERMINAL else 0
+        # the record, its key three times (compare, put, range on failure), the claim key
+        # twice and the agent id, the open-index key, plus tags, revisions and leases:
+        # an upper bound
+        self.size = len(self.record) + 3 * len(task_key) + 2 * len(claim_key) + len(open_key) + 256
+
+    @property
+    def key(self) -> bytes:
+        return self.task_key
 
     def fill(self, txn: Any) -> None:
         w = self.write

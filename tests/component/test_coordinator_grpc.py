@@ -165,8 +165,8 @@ async def error_of(call: Any) -> grpc.aio.AioRpcError:
         ),
         (cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", task_id="a b")), "spec.task_id"),
         (
-            cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"x" * (1024 * 1024 + 1))),
-            "spec.payload is 1048577 bytes; the limit is 1048576 bytes",
+            cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", payload=b"x" * (512 * 1024 + 1))),
+            "spec.payload is 524289 bytes; the limit is 524288 bytes",
         ),
     ],
 )

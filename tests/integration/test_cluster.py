@@ -533,9 +533,9 @@ async def test_dropped_stream_requeues_a_task_after_a_refused_report(cluster: An
 
 
 # Both watch tests below make the watcher lag for certain: the client reads nothing while a
-# task event of about 1 MB waits for HTTP/2 flow control (a 64 KiB stream window, with the
-# window auto-tuning off), so the coordinator's writer stays blocked on that event.
-BIG_PAYLOAD = b"x" * 1_000_000
+# task event of about 500 KB (the full view) waits for HTTP/2 flow control (a 64 KiB stream
+# window, with the window auto-tuning off), so the coordinator's writer stays blocked on it.
+BIG_PAYLOAD = b"x" * 500_000
 SLOW_READER = [("grpc.http2.bdp_probe", 0)]
 
 
@@ -578,7 +578,9 @@ async def test_watch_events_report_each_transition_as_it_happened(cluster: Any) 
     async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
         leader = (await client.status()).leader_endpoint
         async with grpc.aio.insecure_channel(leader, options=SLOW_READER) as channel:
-            call = cpb_grpc.CoordinatorStub(channel).WatchEvents(cpb.WatchEventsRequest())
+            call = cpb_grpc.CoordinatorStub(channel).WatchEvents(
+                cpb.WatchEventsRequest(view=cpb.TASK_VIEW_FULL)
+            )
             await read_until_probe(client, call)
             # from here on the watcher reads nothing until the task runs
             await client.submit(tpb.TaskSpec(task_id="lagged-1", kind="llm", payload=BIG_PAYLOAD))

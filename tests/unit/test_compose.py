@@ -226,7 +226,7 @@ def _copy_sources() -> Iterator[str]:
 def test_compose_has_etcd_and_agentmesh_services() -> None:
     assert ETCD in SERVICES
     kinds = {_serve_kind(name) for name in AGENTMESH_SERVICES}
-    assert {"coordinator", "agent-pool"} <= kinds
+    assert {"coordinator", "agent-pool", "health"} <= kinds
 
 
 @pytest.mark.parametrize("name", AGENTMESH_SERVICES)
@@ -266,18 +266,18 @@ def test_service_has_a_healthcheck(name: str) -> None:
         assert test[1].endswith("etcdctl"), f"etcd healthcheck {test!r}"
         assert test[-2:] == ["endpoint", "health"], f"etcd healthcheck {test!r}"
         return
-    # `agentmesh health HOST:PORT` asks grpc.health.v1 on the port the service listens on.
-    assert test[1:3] == ["agentmesh", "health"], f"{name}: healthcheck {test!r}"
-    assert len(test) == 4, f"{name}: healthcheck {test!r} should name one HOST:PORT"
+    # `agentmesh health check HOST:PORT` asks grpc.health.v1 on the port the service listens on.
+    assert test[1:4] == ["agentmesh", "health", "check"], f"{name}: healthcheck {test!r}"
+    assert len(test) == 5, f"{name}: healthcheck {test!r} should name one HOST:PORT"
     listen = _service_flags(name).get("--listen")
     assert listen, f"{name} does not say where it listens (--listen)"
-    assert test[3].rsplit(":", 1)[1] == listen.rsplit(":", 1)[1], (
-        f"{name} listens on {listen} but its healthcheck asks {test[3]}"
+    assert test[4].rsplit(":", 1)[1] == listen.rsplit(":", 1)[1], (
+        f"{name} listens on {listen} but its healthcheck asks {test[4]}"
     )
 
 
 def test_cli_has_the_health_command_healthchecks_use() -> None:
-    assert "Usage" in _cli_help("health")
+    assert "Usage" in _cli_help("health", "check")
 
 
 @pytest.mark.parametrize("name", AGENTMESH_SERVICES)

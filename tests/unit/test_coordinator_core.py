@@ -208,7 +208,7 @@ async def h(make_core: MakeCore) -> Harness:
     [
         (tpb.TaskSpec(), "spec.kind"),
         (spec("teleport"), "spec.kind 'teleport' is unknown"),
-        (spec(payload=b"x" * (1024 * 1024 + 1)), "spec.payload"),
+        (spec(payload=b"x" * (512 * 1024 + 1)), "spec.payload"),
         (spec(priority=10), "spec.priority 10"),
         (spec(task_id="has spaces!"), "spec.task_id"),
         (spec(task_id="x" * 129), "spec.task_id"),
@@ -227,7 +227,7 @@ async def test_bad_spec_is_refused_naming_the_field(
 
 
 async def test_payload_at_the_limit_is_accepted(h: Harness) -> None:
-    (task,) = await h.submit(spec(payload=b"x" * (1024 * 1024), priority=9))
+    (task,) = await h.submit(spec(payload=b"x" * (512 * 1024), priority=9))
     assert task.state == QUEUED
 
 

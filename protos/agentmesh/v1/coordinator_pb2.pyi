@@ -1,11 +1,21 @@
 from protos.agentmesh.v1 import task_pb2 as _task_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_VIEW_UNSPECIFIED: _ClassVar[TaskView]
+    TASK_VIEW_BASIC: _ClassVar[TaskView]
+    TASK_VIEW_FULL: _ClassVar[TaskView]
+TASK_VIEW_UNSPECIFIED: TaskView
+TASK_VIEW_BASIC: TaskView
+TASK_VIEW_FULL: TaskView
 
 class SubmitRequest(_message.Message):
     __slots__ = ("spec",)
@@ -48,18 +58,20 @@ class CancelTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
-    __slots__ = ("states", "kind", "agent_id", "page_size", "page_token")
+    __slots__ = ("states", "kind", "agent_id", "page_size", "page_token", "view")
     STATES_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[_task_pb2.TaskState]
     kind: str
     agent_id: str
     page_size: int
     page_token: str
-    def __init__(self, states: _Optional[_Iterable[_Union[_task_pb2.TaskState, str]]] = ..., kind: _Optional[str] = ..., agent_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    view: TaskView
+    def __init__(self, states: _Optional[_Iterable[_Union[_task_pb2.TaskState, str]]] = ..., kind: _Optional[str] = ..., agent_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[TaskView, str]] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
     __slots__ = ("tasks", "next_page_token")
@@ -76,17 +88,23 @@ class WatchTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
-    __slots__ = ("states",)
+    __slots__ = ("states", "view")
     STATES_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[_task_pb2.TaskState]
-    def __init__(self, states: _Optional[_Iterable[_Union[_task_pb2.TaskState, str]]] = ...) -> None: ...
+    view: TaskView
+    def __init__(self, states: _Optional[_Iterable[_Union[_task_pb2.TaskState, str]]] = ..., view: _Optional[_Union[TaskView, str]] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("agent_id", "pool_id", "roles", "labels", "kinds", "capacity", "inflight", "completed", "failed", "latency_ema_ms", "draining", "connected_at_us")
+    __slots__ = ("agent_id", "pool_id", "roles", "labels", "kinds", "capacity", "inflight", "completed", "failed", "latency_ema_ms", "draining", "connected_at_us", "health_admission")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +124,7 @@ class AgentStatus(_message.Message):
     LATENCY_EMA_MS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_AT_US_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_ADMISSION_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     pool_id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
@@ -118,13 +137,16 @@ class AgentStatus(_message.Message):
     latency_ema_ms: float
     draining: bool
     connected_at_us: int
-    def __init__(self, agent_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., kinds: _Optional[_Iterable[str]] = ..., capacity: _Optional[int] = ..., inflight: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., latency_ema_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., connected_at_us: _Optional[int] = ...) -> None: ...
+    health_admission: str
+    def __init__(self, agent_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., kinds: _Optional[_Iterable[str]] = ..., capacity: _Optional[int] = ..., inflight: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., latency_ema_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., connected_at_us: _Optional[int] = ..., health_admission: _Optional[str] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
-    __slots__ = ("agents",)
+    __slots__ = ("agents", "next_page_token")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -350,3 +372,23 @@ class ReportAck(_message.Message):
     accepted: bool
     reason: str
     def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseClaimsRequest(_message.Message):
+    __slots__ = ("agent_id", "claims", "reason", "health_term")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_TERM_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    claims: _containers.RepeatedCompositeFieldContainer[ClaimRef]
+    reason: str
+    health_term: int
+    def __init__(self, agent_id: _Optional[str] = ..., claims: _Optional[_Iterable[_Union[ClaimRef, _Mapping]]] = ..., reason: _Optional[str] = ..., health_term: _Optional[int] = ...) -> None: ...
+
+class ReleaseClaimsResponse(_message.Message):
+    __slots__ = ("released", "skipped")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    released: _containers.RepeatedCompositeFieldContainer[ClaimRef]
+    skipped: _containers.RepeatedCompositeFieldContainer[ClaimRef]
+    def __init__(self, released: _Optional[_Iterable[_Union[ClaimRef, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[ClaimRef, _Mapping]]] = ...) -> None: ...

@@ -88,6 +88,11 @@ class CoordinatorStub:
                 request_serializer=agentmesh_dot_v1_dot_coordinator__pb2.AgentMessage.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.CoordinatorMessage.FromString,
                 _registered_method=True)
+        self.ReleaseClaims = channel.unary_unary(
+                '/agentmesh.v1.Coordinator/ReleaseClaims',
+                request_serializer=agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -104,7 +109,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitBatch(self, request, context):
-        """Submit up to 1,000 tasks; written to etcd in as few transactions as fit.
+        """Submit up to 1,000 tasks (at most 8 MiB in all); written to etcd in as few
+        transactions as fit.
         All-or-nothing validation: one bad spec rejects the batch with
         INVALID_ARGUMENT naming its index.
         """
@@ -128,28 +134,35 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Tasks in etcd, filtered, in key order, paginated.
+        """Tasks in etcd, filtered, in key order, paginated. A page holds at most
+        page_size tasks and at most 3 MiB (under a default client's 4 MiB receive
+        limit): a shorter page still has a next_page_token when more follow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchTask(self, request, context):
-        """The task now, then every change until it is terminal.
+        """The task now, then every change (and progress) until it is terminal, with
+        the full task. Counts as a watcher (see WatchEvents).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Every task change the leader makes from now on (for dashboards and load tests).
+        """Every task change the leader makes from now on (for dashboards and load tests),
+        and progress reported by agents. At most 64 watchers (WatchTask and
+        WatchEvents streams) at once: past that RESOURCE_EXHAUSTED. A watcher that
+        falls 10,000 events or 4 MiB behind ends with RESOURCE_EXHAUSTED (events
+        already in flight on the connection, one HTTP/2 window, are not counted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """Agents connected to this leader.
+        """Agents connected to this leader, by agent id, paginated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +179,18 @@ class CoordinatorServicer:
 
     def Connect(self, request_iterator, context):
         """One stream per agent: hello first, then accepted/progress/result/failure.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseClaims(self, request, context):
+        """For the active health monitor only: release claims of a hung or FAILED agent.
+        Each released task is requeued (the attempt counts) and the agent is sent
+        `cancel`; a late result under the released claim token is refused. Refused
+        with FAILED_PRECONDITION unless `health_term` is the term of the health
+        monitor etcd names active now. Safe to repeat: a claim released already is
+        listed in `skipped`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,6 +248,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.AgentMessage.FromString,
                     response_serializer=agentmesh_dot_v1_dot_coordinator__pb2.CoordinatorMessage.SerializeToString,
+            ),
+            'ReleaseClaims': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseClaims,
+                    request_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -498,6 +528,33 @@ class Coordinator:
             '/agentmesh.v1.Coordinator/Connect',
             agentmesh_dot_v1_dot_coordinator__pb2.AgentMessage.SerializeToString,
             agentmesh_dot_v1_dot_coordinator__pb2.CoordinatorMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseClaims(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.Coordinator/ReleaseClaims',
+            agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsRequest.SerializeToString,
+            agentmesh_dot_v1_dot_coordinator__pb2.ReleaseClaimsResponse.FromString,
             options,
             channel_credentials,
             insecure,

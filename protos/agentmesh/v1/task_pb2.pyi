@@ -109,9 +109,19 @@ class Task(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., agent_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., result: _Optional[bytes] = ..., last_error: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., created_at_us: _Optional[int] = ..., assigned_at_us: _Optional[int] = ..., received_at_us: _Optional[int] = ..., finished_at_us: _Optional[int] = ..., not_before_us: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
-    __slots__ = ("task", "previous_state")
+    __slots__ = ("task", "previous_state", "progress")
     TASK_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     task: Task
     previous_state: TaskState
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., previous_state: _Optional[_Union[TaskState, str]] = ...) -> None: ...
+    progress: ProgressUpdate
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., previous_state: _Optional[_Union[TaskState, str]] = ..., progress: _Optional[_Union[ProgressUpdate, _Mapping]] = ...) -> None: ...
+
+class ProgressUpdate(_message.Message):
+    __slots__ = ("fraction", "message")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    message: str
+    def __init__(self, fraction: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...

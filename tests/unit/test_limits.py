@@ -1,0 +1,183 @@
+"""The limits table: every field is bounded, the largest task fits etcd, messages stay short."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common.errors import InvalidArgumentError
+from services._common.grpcserver import MAX_MESSAGE_BYTES, STATUS_MESSAGE_CHARS
+from services.coordinator import limits
+from services.coordinator.config import CoordinatorConfig
+from services.coordinator.core import Write
+from services.coordinator.store import _Prepared
+
+L = limits
+CFG = CoordinatorConfig()
+HUGE = 3 * 1024 * 1024
+
+
+def largest_task(cfg: CoordinatorConfig = CFG) -> tpb.Task:
+    """A SUCCEEDED task with every field at its limit (multi-byte characters where a
+    string's bytes could exceed its characters)."""
+    spec = tpb.TaskSpec(
+        task_id="t" * L.ID_BYTES,
+        idempotency_key="k" * L.IDEMPOTENCY_KEY_BYTES,
+        kind="echo",
+        payload=b"p" * cfg.max_payload_bytes,
+        priority=9,
+        role="r" * L.ROLE_BYTES,
+        max_attempts=100,
+        timeout_s=L.TIMEOUT_S_MAX,
+        required_labels={
+            f"{i:03d}".ljust(L.LABEL_KEY_BYTES, "k"): "v" * L.LABEL_VALUE_BYTES
+            for i in range(L.LABELS_ENTRIES)
+        },
+        metadata={
+            f"{i:03d}".ljust(L.METADATA_KEY_BYTES, "k"): "é" * (L.METADATA_VALUE_BYTES // 2)
+            for i in range(L.METADATA_ENTRIES)
+        },
+    )
+    return tpb.Task(
+        task_id=spec.task_id,
+        spec=spec,
+        state=tpb.TASK_STATE_SUCCEEDED,
+        attempts=100,
+        agent_id="a" * L.ID_BYTES,
+        claim_token=2**62,
+        result=b"r" * cfg.max_result_bytes,
+        last_error=L.clip("e" * 10_000, L.ERROR_BYTES),
+        usage=tpb.TokenUsage(input_tokens=2**63, output_tokens=2**63, cost_usd=1e300),
+        created_at_us=2**62,
+        assigned_at_us=2**62,
+        received_at_us=2**62,
+        finished_at_us=2**62,
+        not_before_us=2**62,
+        term=2**62,
+    )
+
+
+def test_the_largest_task_fits_one_etcd_request_with_room() -> None:
+    task = largest_task()
+    limits.validate_spec(task.spec, CFG)  # it is a legal task
+    assert task.ByteSize() <= L.RECORD_BUDGET_BYTES
+    prepared = _Prepared(
+        Write(task, expect_mod=7, expect_claim=9, delete_claim=True),
+        b"/agentmesh/" + b"c" * 64 + b"/tasks/" + task.task_id.encode(),
+        b"/agentmesh/" + b"c" * 64 + b"/claims/" + task.task_id.encode(),
+        b"/agentmesh/" + b"c" * 64 + b"/open/" + task.task_id.encode(),
+        retention=2**62,
+    )
+    assert prepared.size <= L.WRITE_MAX_BYTES < L.ETCD_REQUEST_BYTES
+    assert L.RECORD_BUDGET_BYTES + 64 * 1024 <= L.WRITE_MAX_BYTES
+
+
+def test_the_declared_field_budget_covers_the_fields() -> None:
+    task = largest_task()
+    task.spec.ClearField("payload")
+    task.ClearField("result")
+    assert task.spec.ByteSize() <= L.SPEC_FIELDS_MAX_BYTES
+    assert task.ByteSize() - task.spec.ByteSize() <= L.TASK_FIELDS_MAX_BYTES
+
+
+def test_a_configuration_whose_task_would_not_fit_is_refused() -> None:
+    limits.check_config(CFG)
+    with pytest.raises(ValueError, match="max_payload_bytes"):
+        limits.check_config(CoordinatorConfig(max_payload_bytes=1024 * 1024))
+    with pytest.raises(ValueError, match="max_watchers"):
+        limits.check_config(CoordinatorConfig(max_watchers=0))
+
+
+def test_the_server_message_limit_matches_the_table() -> None:
+    assert MAX_MESSAGE_BYTES == L.MAX_REQUEST_BYTES
+
+
+def spec(**fields: Any) -> tpb.TaskSpec:
+    return tpb.TaskSpec(**{"kind": "echo", **fields})
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "limit"),
+    [
+        (spec(role="r" * HUGE), "spec.role", "128 bytes"),
+        (spec(kind="k" * HUGE), "spec.kind", "unknown"),
+        (spec(idempotency_key="i" * HUGE), "spec.idempotency_key", "256 bytes"),
+        (spec(task_id="t" * HUGE), "spec.task_id", "1-128"),
+        (spec(required_labels={"k": "v" * HUGE}), "spec.required_labels['k']", "256 bytes"),
+        (spec(required_labels={"k" * HUGE: "v"}), "spec.required_labels key", "128 bytes"),
+        (spec(metadata={"m": "v" * HUGE}), "spec.metadata['m']", "1024 bytes"),
+        (spec(metadata={str(i): "" for i in range(65)}), "spec.metadata", "limit is 64"),
+        (spec(role="é" * 100), "spec.role", "128 bytes"),  # 200 bytes in 100 characters
+        (spec(timeout_s=float("inf")), "spec.timeout_s", "finite"),
+        (spec(timeout_s=float("nan")), "spec.timeout_s", "finite"),
+    ],
+)
+def test_an_oversized_spec_field_is_named_with_its_limit_and_never_echoed(
+    bad: tpb.TaskSpec, field: str, limit: str
+) -> None:
+    with pytest.raises(InvalidArgumentError) as err:
+        limits.validate_spec(bad, CFG)
+    message = str(err.value)
+    assert message.startswith(field)
+    assert limit in message
+    assert len(message) < 300
+
+
+@pytest.mark.parametrize(
+    ("hello", "field"),
+    [
+        (dict(labels={f"l{i}": "v" * (1024 * 1024) for i in range(4)}), "hello.labels"),
+        (dict(kinds=["echo"] * 100_000), "hello.kinds has 100000 items"),
+        (dict(kinds=["e" * 1000]), "hello.kinds[0]"),
+        (dict(roles=["r" * HUGE]), "hello.roles[0]"),
+        (dict(pool_id="p" * HUGE), "hello.pool_id"),
+        (dict(agent_id="a" * HUGE), "hello.agent_id"),
+        (
+            dict(held_claims=[cpb.ClaimRef(task_id="t")] * (L.HELD_CLAIMS_ITEMS + 1)),
+            "hello.held_claims",
+        ),
+    ],
+)
+def test_an_oversized_hello_is_refused(hello: dict[str, Any], field: str) -> None:
+    fields: dict[str, Any] = dict(agent_id="a-1", lease_id=1, kinds=["echo"], capacity=1)
+    fields.update(hello)
+    with pytest.raises(InvalidArgumentError) as err:
+        limits.validate_hello(cpb.AgentHello(**fields))
+    assert field in str(err.value)
+    assert len(str(err.value)) < 300
+
+
+def test_quote_shows_a_short_prefix_only() -> None:
+    assert limits.quote("short") == "'short'"
+    long = limits.quote("x" * 10_000)
+    assert long.startswith("'" + "x" * L.QUOTE_CHARS + "'")
+    assert len(long) < 50
+    assert limits.quote(b"\xff" * 100).count("\ufffd") == L.QUOTE_CHARS
+
+
+def test_clip_cuts_to_the_byte_limit_and_says_so() -> None:
+    assert limits.clip("ok", 10) == "ok"
+    cut = limits.clip("é" * 5000, L.ERROR_BYTES)
+    assert len(cut.encode()) <= L.ERROR_BYTES
+    assert cut.endswith("(cut from 10000 bytes)")
+
+
+def test_status_messages_are_capped() -> None:
+    assert STATUS_MESSAGE_CHARS <= 1024
+
+
+def test_the_readme_lists_every_limit() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Limits", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    table = "\n".join(rows)
+    for limit in L.LIMITS:
+        assert f"| {limit.what} | {limit.default} |" in table, limit.what
+        assert limit.past in table, limit.what
+    assert len(rows) - 1 == len(L.LIMITS)  # and nothing else (the header row aside)
+    assert not re.search(r"1 MiB payload|payload over 1 MiB", readme)
