@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Coroutine
@@ -176,6 +177,55 @@ def serve_agent_pool(
     try:
         _run(serve(cfg))
     except (OSError, ValueError) as err:
+        _fail(str(err))
+
+
+@serve_app.command("consensus")
+def serve_consensus(
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    cluster: str = typer.Option(None, help="cluster name (key prefix) [env AGENTMESH_CLUSTER]"),
+    listen: str = typer.Option(
+        None, help="bind address host:port [env AGENTMESH_LISTEN; default 127.0.0.1:0]"
+    ),
+    advertise: str = typer.Option(None, help="address published in etcd [env AGENTMESH_ADVERTISE]"),
+    node_id: str = typer.Option(None, help="instance id [env AGENTMESH_NODE_ID]"),
+    lease_ttl_s: int = typer.Option(
+        None, help="session lease TTL in seconds [env AGENTMESH_LEASE_TTL_S; default 2]"
+    ),
+    default_timeout_s: float = typer.Option(
+        None, help="timeout of a proposal that sets none [env AGENTMESH_DEFAULT_TIMEOUT_S; 30]"
+    ),
+    metrics_port: int = typer.Option(
+        None, help="Prometheus /metrics port, 0 off [env AGENTMESH_METRICS_PORT]"
+    ),
+) -> None:
+    """The consensus service: one elected active instance collects votes and commits decisions."""
+    from services._common import logs
+    from services.consensus.config import ConsensusConfig
+    from services.consensus.server import serve
+
+    try:
+        cfg = configlib.load(
+            ConsensusConfig,
+            dict(
+                etcd=etcd,
+                cluster=cluster,
+                listen=listen,
+                advertise=advertise,
+                node_id=node_id,
+                lease_ttl_s=lease_ttl_s,
+                default_timeout_s=default_timeout_s,
+                metrics_port=metrics_port,
+            ),
+        )
+    except ValueError as err:
+        _fail(str(err), 2)
+    if not 0 < cfg.default_timeout_s <= 3600:
+        _fail("--default-timeout-s must be more than 0 and at most 3600", 2)
+    logs.setup("consensus", cfg.node_id or str(os.getpid()))
+    try:
+        _run(serve(cfg))
+    except OSError as err:
         _fail(str(err))
 
 
@@ -684,6 +734,176 @@ def health(
     print(name)
     if resp.status != health_pb2.HealthCheckResponse.SERVING:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- consensus
+
+PROTOCOL_NAMES = ("quorum", "fast", "bft", "ordered")
+
+
+def _protocol(name: str) -> int:
+    from protos.agentmesh.v1 import consensus_pb2 as pb
+
+    if name.lower() not in PROTOCOL_NAMES:
+        _fail(f"--protocol {name!r} is unknown; use {', '.join(PROTOCOL_NAMES)}", 2)
+    return int(pb.Protocol.Value("PROTOCOL_" + name.upper()))
+
+
+def _decision_row(d: Any) -> list[str]:
+    from protos.agentmesh.v1 import consensus_pb2 as pb
+
+    outcome = pb.Outcome.Name(d.outcome).removeprefix("OUTCOME_")
+    if d.option:
+        outcome += f" {d.option}"
+    return [
+        d.proposal_id,
+        pb.Protocol.Name(d.protocol).removeprefix("PROTOCOL_"),
+        outcome,
+        str(d.round),
+        f"{d.votes_counted}/{d.eligible} (need {d.threshold})",
+        f"{d.participation:.0%}",
+        f"{d.latency_ms:.1f}",
+        ",".join(
+            f"{e.agent_id}:{pb.Fault.Name(e.fault).removeprefix('FAULT_')}" for e in d.excluded
+        )[:60]
+        or "-",
+        str(d.sequence or "-"),
+        d.topic[:40],
+    ]
+
+
+def _decision_table(decisions: list[Any], title: str = "") -> Table:
+    table = Table(title=title or None)
+    for col in (
+        "proposal",
+        "protocol",
+        "outcome",
+        "round",
+        "votes",
+        "participation",
+        "latency ms",
+        "excluded",
+        "seq",
+        "topic",
+    ):
+        table.add_column(col)
+    for d in decisions:
+        table.add_row(*_decision_row(d))
+    return table
+
+
+@app.command()
+def propose(
+    topic: str = typer.Argument(..., help="what is being decided (1-256 bytes)"),
+    payload: str = typer.Option("", help="context for the voters (at most 64 KiB)"),
+    option: list[str] = typer.Option([], help="a choice (repeat; none: approve or reject)"),
+    protocol: str = typer.Option("quorum", help="quorum | fast | bft | ordered"),
+    role: str = typer.Option("", help="only agents with this role vote"),
+    label: list[str] = typer.Option([], help="only agents with this label key=value (repeatable)"),
+    agent: list[str] = typer.Option([], help="exactly these agents vote (repeatable)"),
+    quorum: int = typer.Option(0, help="votes a choice needs (raises the protocol's threshold)"),
+    timeout_s: float = typer.Option(30.0, help="seconds until TIMED_OUT"),
+    max_faulty: int = typer.Option(0, help="BFT: faulty voters tolerated (0: the most n allows)"),
+    proposal_id: str = typer.Option(None, "--id", help="client-chosen id (makes retries safe)"),
+    wait: bool = typer.Option(True, help="wait for the decision (--no-wait returns at once)"),
+    as_json: bool = typer.Option(False, "--json", help="print the response as proto JSON"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Open a proposal for the agents to vote on, and (by default) wait for its decision."""
+    from google.protobuf import json_format
+
+    from protos.agentmesh.v1 import consensus_pb2 as pb
+    from services.consensus.client import ConsensusClient
+
+    if sum(bool(x) for x in (role, label, agent)) > 1:
+        _fail("give at most one of --role, --label, --agent", 2)
+    req = pb.ProposeRequest(
+        proposal_id=proposal_id or "",
+        topic=topic,
+        payload=payload.encode(),
+        options=option,
+        protocol=_protocol(protocol),  # type: ignore[arg-type]
+        quorum=quorum,
+        timeout_s=timeout_s,
+        max_faulty=max_faulty,
+        wait=wait,
+        proposer=f"cli:{os.environ.get('USER', '')}",
+    )
+    if role:
+        req.voters.role = role
+    elif label:
+        for item in label:
+            k, sep, v = item.partition("=")
+            if not sep:
+                _fail(f"--label {item!r} must be key=value", 2)
+            req.voters.labels.labels[k] = v
+    elif agent:
+        req.voters.agents.agent_ids.extend(agent)
+    else:
+        req.voters.all = True
+
+    async def go() -> Any:
+        async with ConsensusClient(_etcd(etcd), _cluster(cluster)) as client:
+            return await client.propose(req)
+
+    resp = _call(go())
+    if as_json:
+        print(json_format.MessageToJson(resp))
+        return
+    p = resp.proposal
+    console.print(
+        f"proposal {p.proposal_id} ({'created' if resp.created else 'exists'}): "
+        f"{len(p.voters)} voters, threshold {p.threshold}"
+    )
+    if resp.HasField("decision"):
+        console.print(_decision_table([resp.decision]))
+        for v in resp.decision.winning_votes[:5]:
+            console.print(f"  {v.agent_id}: {v.reason}", markup=False)
+
+
+@app.command()
+def decisions(
+    proposal_id: str = typer.Argument(None, help="show this one decision"),
+    protocol: str = typer.Option("", help="only this protocol"),
+    limit: int = typer.Option(50, help="rows to show (1-1000)"),
+    watch: bool = typer.Option(False, help="then follow new decisions as they are committed"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Decisions in commit order (the order every observer sees), or one by id."""
+    from google.protobuf import json_format
+
+    from services.consensus.client import ConsensusClient
+
+    proto = _protocol(protocol) if protocol else 0
+
+    def show(items: list[Any]) -> None:
+        if as_json:
+            for d in items:
+                print(json_format.MessageToJson(d, indent=None))
+        else:
+            console.print(_decision_table(items))
+
+    async def go() -> None:
+        async with ConsensusClient(_etcd(etcd), _cluster(cluster)) as client:
+            if proposal_id:
+                d = await client.decision(proposal_id)
+                show([d])
+                for v in d.winning_votes:
+                    console.print(f"  {v.agent_id}: {v.reason}", markup=False)
+                return
+            resp = await client.list_decisions(protocol=proto, page_size=limit)
+            show(list(resp.decisions))
+            if not watch:
+                return
+            after = resp.decisions[-1].revision if resp.decisions else 0
+            async for d in client.watch_decisions(proto, after):
+                show([d])
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _call(go())
 
 
 def _mount_loadtest() -> None:
