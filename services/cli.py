@@ -138,6 +138,16 @@ def serve_agent_pool(
     sleep_ms: str = typer.Option(
         None, help="simulated latency of `sleep`: fixed:MS | uniform:LO:HI | lognormal:MEDIAN:SIGMA"
     ),
+    vote_policy: str = typer.Option(
+        None,
+        help="how agents vote: always | never | abstain | silent | random:SEED[:P] | "
+        "field:NAME[=VALUE] [env AGENTMESH_VOTE_POLICY; default always]",
+    ),
+    byzantine: str = typer.Option(
+        None,
+        help="faulty voters among the first agents (tests, load tests): MODE:COUNT,... with "
+        "MODE forge | equivocate | unknown-proposal | impersonate | silent [env AGENTMESH_BYZANTINE]",
+    ),
 ) -> None:
     """An agent pool: hosts many agents, each with its own stream to the root coordinator."""
     from services._common import logs
@@ -165,10 +175,16 @@ def serve_agent_pool(
                 roles=split(roles),
                 labels=split(labels),
                 sleep_ms=sleep_ms,
+                vote_policy=vote_policy,
+                byzantine=split(byzantine),
             ),
         )
         cfg.label_map()
         parse_latency(cfg.sleep_ms)
+        from services.agent_pool.voter import Policy, parse_byzantine
+
+        Policy.parse(cfg.vote_policy)
+        parse_byzantine(cfg.byzantine)
     except ValueError as err:
         _fail(str(err), 2)
     if not 1 <= cfg.capacity <= 1000:
@@ -237,11 +253,15 @@ def up(
     agents: int = typer.Option(200, help="agents in all, split across the pools"),
     pools: int = typer.Option(2, help="agent pool processes"),
     coordinators: int = typer.Option(1, help="coordinator replicas (one leads)"),
+    consensus: int = typer.Option(1, help="consensus instances (one is active; 0: none)"),
     data_dir: Path = typer.Option(
         Path(".agentmesh"), help="etcd data and logs; reused across restarts"
     ),
     etcd_port: int = typer.Option(2379, help="etcd client port"),
     port: int = typer.Option(50051, help="first coordinator port (replicas take the next ones)"),
+    consensus_port: int = typer.Option(
+        50071, help="first consensus port (standbys take the next ones)"
+    ),
     capacity: int = typer.Option(1, help="tasks per agent at once"),
     sleep_ms: str = typer.Option(
         "lognormal:50:0.5", help="simulated latency of the `sleep` executor"
@@ -254,13 +274,14 @@ def up(
         False, "--exit", help="stop the cluster after the backlog finishes"
     ),
 ) -> None:
-    """Start a local cluster (etcd, coordinators, agent pools) as real processes. Ctrl-C stops it."""
+    """Start a local cluster (etcd, coordinators, consensus, agent pools) as real processes.
+    Ctrl-C stops it."""
     import signal
 
     from registry.etcd_server import EtcdNotFoundError, find_etcd_binary
     from services.cluster import ClusterSpec, LocalCluster
 
-    if agents < 1 or pools < 1 or coordinators < 1:
+    if agents < 1 or pools < 1 or coordinators < 1 or consensus < 0:
         _fail("--agents, --pools and --coordinators must be at least 1", 2)
     if pools > agents:
         _fail(f"--pools {pools} is more than --agents {agents}", 2)
@@ -270,7 +291,12 @@ def up(
         _fail(str(err))
     import socket
 
-    for p in [etcd_port, etcd_port + 1, *range(port, port + coordinators)]:
+    for p in [
+        etcd_port,
+        etcd_port + 1,
+        *range(port, port + coordinators),
+        *range(consensus_port, consensus_port + consensus),
+    ]:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", p)) == 0:
                 _fail(
@@ -282,6 +308,8 @@ def up(
             agents=agents,
             pools=pools,
             coordinators=coordinators,
+            consensus=consensus,
+            consensus_port=consensus_port,
             etcd_port=etcd_port,
             coordinator_port=port,
             capacity=capacity,
@@ -292,7 +320,7 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.monotonic()
     try:
-        with console.status("starting etcd, coordinators and agent pools ..."):
+        with console.status("starting etcd, coordinators, consensus and agent pools ..."):
             cluster.start()
             ready_s = _run(cluster.wait_ready(timeout_s=90))
         console.print(
@@ -304,6 +332,8 @@ def up(
         )
         for ep in cluster.coordinator_endpoints:
             console.print(f"  coordinator  {ep}")
+        for ep in cluster.consensus_endpoints:
+            console.print(f"  consensus    {ep}   (agentmesh propose …, agentmesh decisions)")
         console.print(f"  logs         {cluster.log_dir}")
         if backlog:
             _call(_backlog(cluster.etcd_endpoint, backlog))

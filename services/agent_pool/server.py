@@ -37,6 +37,13 @@ from services._common.grpcserver import (
 from services.agent_pool.agent import A, Agent, PoolContext, leader_endpoint_of
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.executors import build_executors
+from services.agent_pool.voter import (
+    Policy,
+    ProposeExecutor,
+    VoterInfo,
+    VoterPool,
+    parse_byzantine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,21 @@ class PoolNode:
             cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
         )
         self.lease = KeptLease(self.etcd, cfg.lease_ttl_s, SystemClock())
-        self.executors = build_executors(cfg.kinds, cfg.sleep_ms)
+        self.executors = build_executors(
+            tuple(k for k in cfg.kinds if k != "propose"), cfg.sleep_ms
+        )
+        # consensus: every agent votes on its own Participate stream (voter.py)
+        self.voters = VoterPool(
+            self.etcd,
+            self.pool_id,
+            lambda: self.lease.id,
+            Policy.parse(cfg.vote_policy),
+            parse_byzantine(cfg.byzantine),
+        )
+        if "propose" in cfg.kinds:
+            from services.consensus.client import ConsensusClient
+
+            self.executors["propose"] = ProposeExecutor(ConsensusClient(self.etcd))  # type: ignore[assignment]
         self.defaults = ppb.AgentTemplate(
             roles=cfg.roles, labels=cfg.label_map(), kinds=cfg.kinds, capacity=cfg.capacity
         )
@@ -155,6 +176,7 @@ class PoolNode:
             ]
             with contextlib.suppress(StoreUnavailableError):
                 await self.etcd.txn([], ops)
+        await self.voters.register([_voter_info(a) for a in agents])
 
     async def spawn(
         self,
@@ -182,6 +204,8 @@ class PoolNode:
                 wave.append(agent)
                 self.agents[agent.agent_id] = (agent, asyncio.ensure_future(agent.run()))
             await self._register_agents(wave)
+            for agent in wave:
+                self.voters.start(_voter_info(agent))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     asyncio.gather(*(a.welcomed.wait() for a in wave)), timeout_s
@@ -205,6 +229,7 @@ class PoolNode:
         for agent_id in chosen:
             agent, task = self.agents.pop(agent_id)
             task.cancel()
+            self.voters.stop(agent_id)
             for _, runner in agent.running.values():
                 runner.cancel()
             agent.state = A.AGENT_STATE_STOPPED
@@ -257,6 +282,7 @@ class PoolNode:
         background = [
             asyncio.ensure_future(self._follow_leader()),
             asyncio.ensure_future(self._keep_lease()),
+            asyncio.ensure_future(self.voters.follow()),
         ]
         try:
             if self.cfg.agents:
@@ -279,6 +305,7 @@ class PoolNode:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self.voters.close()
             await self.lease.revoke()
             for channel in self._channels.values():
                 await channel.close()
@@ -286,6 +313,11 @@ class PoolNode:
 
     async def _drain_all(self) -> None:
         await self.stop_agents(list(self.agents), 0, graceful=True)
+
+
+def _voter_info(agent: Agent) -> VoterInfo:
+    t = agent.template
+    return VoterInfo(agent.agent_id, tuple(t.roles), dict(t.labels))
 
 
 class PoolServicer(ppb_grpc.AgentPoolServicer):
