@@ -143,6 +143,11 @@ def serve_agent_pool(
         help="how agents vote: always | never | abstain | silent | random:SEED[:P] | "
         "field:NAME[=VALUE] [env AGENTMESH_VOTE_POLICY; default always]",
     ),
+    vote_delay_ms: str = typer.Option(
+        None,
+        help="SIMULATED think time before each vote: fixed:MS | uniform:LO:HI | "
+        "lognormal:MEDIAN:SIGMA [env AGENTMESH_VOTE_DELAY_MS; default 0]",
+    ),
     byzantine: str = typer.Option(
         None,
         help="faulty voters among the first agents (tests, load tests): MODE:COUNT,... with "
@@ -176,6 +181,7 @@ def serve_agent_pool(
                 labels=split(labels),
                 sleep_ms=sleep_ms,
                 vote_policy=vote_policy,
+                vote_delay_ms=vote_delay_ms,
                 byzantine=split(byzantine),
             ),
         )
@@ -185,6 +191,7 @@ def serve_agent_pool(
 
         Policy.parse(cfg.vote_policy)
         parse_byzantine(cfg.byzantine)
+        parse_latency(cfg.vote_delay_ms)
     except ValueError as err:
         _fail(str(err), 2)
     if not 1 <= cfg.capacity <= 1000:

@@ -38,6 +38,9 @@ class PoolConfig:
     vote_policy: str = "always"
     """How the agents vote on proposals: always, never, abstain, silent,
     random:SEED[:P_APPROVE] or field:NAME[=VALUE] (see services/agent_pool/voter.py)."""
+    vote_delay_ms: str = "0"
+    """Think time before each vote (SIMULATED, like `sleep`): fixed:MS, uniform:LO:HI or
+    lognormal:MEDIAN:SIGMA; 0 answers at once."""
     byzantine: tuple[str, ...] = ()
     """Faulty voters among the first agents, for tests and load tests: MODE:COUNT with
     MODE forge, equivocate, unknown-proposal, impersonate or silent."""

@@ -69,6 +69,7 @@ class PoolNode:
             lambda: self.lease.id,
             Policy.parse(cfg.vote_policy),
             parse_byzantine(cfg.byzantine),
+            cfg.vote_delay_ms,
         )
         if "propose" in cfg.kinds:
             from services.consensus.client import ConsensusClient

@@ -39,7 +39,7 @@ from registry.etcd import Etcd, op_put
 from registry.leadership import parse_leader_value
 from services._common.errors import StoreUnavailableError
 from services._common.grpcserver import OPTIONS
-from services.agent_pool.executors import ExecutorError, Outcome
+from services.agent_pool.executors import ExecutorError, Outcome, SleepExecutor
 from services.consensus import signing
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ class VoterPool:
         lease_id: the pool's lease now (keys live on it).
         policy: how honest agents vote.
         byzantine: modes for the first agents started (see `parse_byzantine`).
+        delay_ms: simulated think time before each vote (see executors.parse_latency).
     """
 
     def __init__(
@@ -168,6 +169,7 @@ class VoterPool:
         lease_id: Callable[[], int],
         policy: Policy,
         byzantine: list[str] | None = None,
+        delay_ms: str = "0",
     ) -> None:
         self.etcd = etcd
         self.pool_id = pool_id
@@ -182,6 +184,8 @@ class VoterPool:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cast: OrderedDict[tuple[str, str, int], pb.Vote] = OrderedDict()
         self.connected: set[str] = set()
+        think = SleepExecutor(delay_ms)
+        self._think = None if think.dist == "fixed" and think.a <= 0 else think
 
     # ---- pool hooks ----
 
@@ -269,6 +273,8 @@ class VoterPool:
         call = self._stub(endpoint).Participate()
         moved = asyncio.ensure_future(self._moved(endpoint, call))
         welcomed = False
+        thinking: set[asyncio.Future[None]] = set()
+        lock = asyncio.Lock()  # one write at a time on the stream
         try:
             await call.write(
                 pb.VoterMessage(
@@ -286,8 +292,15 @@ class VoterPool:
                     welcomed = True
                     self.connected.add(agent.agent_id)
                 elif body == "request":
-                    for vote in self._answer(agent.agent_id, msg.request):
-                        await call.write(pb.VoterMessage(vote=vote))
+                    if self._think is None:
+                        for vote in self._answer(agent.agent_id, msg.request):
+                            await call.write(pb.VoterMessage(vote=vote))
+                    else:
+                        thinking.add(
+                            asyncio.ensure_future(
+                                self._slow_answer(agent.agent_id, msg.request, call, lock)
+                            )
+                        )
                 elif body == "rejected" and not self.mode.get(agent.agent_id):
                     log.warning(
                         "vote rejected",
@@ -299,8 +312,20 @@ class VoterPool:
         finally:
             self.connected.discard(agent.agent_id)
             moved.cancel()
+            for task in thinking:
+                task.cancel()
             call.cancel()
         return welcomed
+
+    async def _slow_answer(
+        self, agent_id: str, req: pb.VoteRequest, call: Any, lock: asyncio.Lock
+    ) -> None:
+        assert self._think is not None
+        await asyncio.sleep(self._think.draw_ms() / 1000)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            for vote in self._answer(agent_id, req):
+                async with lock:
+                    await call.write(pb.VoterMessage(vote=vote))
 
     async def _moved(self, endpoint: str, call: Any) -> None:
         while True:

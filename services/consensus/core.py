@@ -512,7 +512,7 @@ class ConsensusCore:
         self._check(p)
 
     def _excluded(self, p: Open, agent: str) -> None:
-        if p.state == "deciding":
+        if p.state == "deciding" or agent in p.excluded:
             return
         p.excluded.add(agent)
         name = p.counted.pop(agent, None)
@@ -608,7 +608,11 @@ class ConsensusCore:
         record.excluded.CopyFrom(exclusion)
         # the evidence: the second vote of an equivocation, or the offending vote
         record.conflicting.CopyFrom(conflicting or vote)
-        self._write(p, agent, lambda: self._excluded(p, agent))
+        # Excluded at once, before the record is committed: an exclusion only takes
+        # votes away, so no decision can rest on it; and the vote it cancels (an
+        # equivocator's first, perhaps still being committed) never counts.
+        self._excluded(p, agent)
+        self._write(p, agent, lambda: None)
 
     def _outsider(self, p: Open, voter: Voter, vote: pb.Vote, detail: str) -> None:
         exclusion = self._exclusion(voter.agent_id, vote, pb.FAULT_UNKNOWN_AGENT, detail)
