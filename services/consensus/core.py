@@ -40,8 +40,14 @@ log = logging.getLogger(__name__)
 RECENT_DECISIONS = 10_000
 """Decided ids remembered, so a late vote is ignored rather than reported as a fault."""
 RECENT_FAULTS = 100
+FINISHED_KEPT = 1000
+"""Decided proposals whose votes stay in memory, for faults that show after a decision."""
 OUTSIDERS_PER_PROPOSAL = 100
 WINNING_VOTES_SHOWN = 16
+CARRIED_RECORDS = 100
+"""Vote records a decision's transaction carries at most (etcd: 128 ops a transaction)."""
+CARRIED_BYTES = 768 * 1024
+"""... and their bytes at most (etcd refuses requests over 1.5 MiB)."""
 TIMER_IDLE_S = 3600.0
 
 Send = Callable[[pb.ConsensusMessage | None], None]
@@ -56,7 +62,9 @@ class Store(Protocol):
 
     async def update_proposal(self, proposal: pb.Proposal) -> None: ...
 
-    async def commit_decision(self, decision: pb.Decision) -> pb.Decision: ...
+    async def commit_decision(
+        self, decision: pb.Decision, records: list[pb.VoteRecord] = ...
+    ) -> pb.Decision: ...
 
     async def load_open(self) -> list[tuple[pb.Proposal, list[pb.VoteRecord]]]: ...
 
@@ -92,16 +100,23 @@ class Open:
     records: dict[str, pb.VoteRecord] = field(default_factory=dict)
     """Each agent's record as this instance wants it in etcd (may be ahead of etcd)."""
     counted: dict[str, str] = field(default_factory=dict)
-    """Agents whose vote in the current round is committed → its choice name."""
+    """Agents with a valid vote in the current round → its choice name. A vote counts
+    from the moment it is validated; the decision that rests on it is committed in
+    one transaction with every record not yet in etcd, so a decision never rests on
+    a vote etcd does not have."""
     counts: Counter[str] = field(default_factory=Counter)
     excluded: set[str] = field(default_factory=set)
-    """Agents whose exclusion is committed."""
     outsiders: list[pb.Exclusion] = field(default_factory=list)
     writing: dict[str, asyncio.Future[None]] = field(default_factory=dict)
-    callbacks: dict[str, list[Callable[[], None]]] = field(default_factory=dict)
+    again: set[str] = field(default_factory=set)
+    """Agents whose record changed while a write of it was in flight."""
+    version: Counter[str] = field(default_factory=Counter)
+    dirty: set[str] = field(default_factory=set)
+    """Agents whose latest record is not known to be in etcd."""
+    cleaned: asyncio.Event = field(default_factory=asyncio.Event)
     previous_tally: dict[str, int] = field(default_factory=dict)
     state: str = "open"
-    """open → (advancing → open) → deciding."""
+    """open → (advancing → open) → deciding → decided."""
 
     @property
     def n(self) -> int:
@@ -158,6 +173,7 @@ class ConsensusCore:
         self.voters: dict[str, Voter] = {}
         self.open: dict[str, Open] = {}
         self.recent: OrderedDict[str, pb.Decision] = OrderedDict()
+        self.finished: OrderedDict[str, Open] = OrderedDict()
         self.faults: deque[pb.Exclusion] = deque(maxlen=RECENT_FAULTS)
         self.loaded = asyncio.Event()
         self.failed: BaseException | None = None
@@ -259,7 +275,7 @@ class ConsensusCore:
         self.voters[voter.agent_id] = voter
         send(pb.ConsensusMessage(welcome=pb.VoterWelcome(instance_id=self.node_id, term=self.term)))
         for p in self.open.values():
-            if p.state != "advancing" and self._owes(p, voter.agent_id):
+            if p.state == "open" and self._owes(p, voter.agent_id):
                 send(self._request(p))
         return voter
 
@@ -435,7 +451,7 @@ class ConsensusCore:
         """A vote arrived on `voter`'s stream. It counts once committed; a fault is
         reported (and, for an eligible voter, excludes it)."""
         pid = vote.proposal_id
-        p = self.open.get(pid)
+        p = self.open.get(pid) or self.finished.get(pid)
         if p is None:
             if pid in self.recent:
                 return  # a late vote on a decided proposal: harmless
@@ -456,7 +472,7 @@ class ConsensusCore:
             return
         if agent in p.excluded or (agent in p.records and p.records[agent].HasField("excluded")):
             return  # already excluded: nothing it sends counts
-        if p.state != "open" or vote.round != p.proposal.round:
+        if vote.round != p.proposal.round:
             self._reject(voter, vote, "not the current round of this proposal")
             return
         problem = limits.vote_problem(vote, tuple(p.proposal.options))
@@ -496,23 +512,18 @@ class ConsensusCore:
             record = pb.VoteRecord(proposal_id=pid, agent_id=agent)
             p.records[agent] = record
         record.votes.append(stored)
-        name = rules.choice_name(vote.choice, vote.option)
-        self._write(p, agent, lambda: self._counted(p, agent, vote.round, name))
-
-    def _counted(self, p: Open, agent: str, round_: int, name: str) -> None:
-        if (
-            p.state == "deciding"
-            or round_ != p.proposal.round
-            or agent in p.excluded
-            or agent in p.counted
-        ):
+        if p.state != "open":
+            # decided (or changing rounds): too late to count, but kept in memory, so
+            # a conflicting second vote is still caught as equivocation
             return
+        name = rules.choice_name(vote.choice, vote.option)
         p.counted[agent] = name
         p.counts[name] += 1
+        self._write(p, agent)
         self._check(p)
 
     def _excluded(self, p: Open, agent: str) -> None:
-        if p.state == "deciding" or agent in p.excluded:
+        if p.state in ("deciding", "decided") or agent in p.excluded:
             return
         p.excluded.add(agent)
         name = p.counted.pop(agent, None)
@@ -520,17 +531,21 @@ class ConsensusCore:
             p.counts[name] -= 1
         self._check(p)
 
-    def _write(self, p: Open, agent: str, on_commit: Callable[[], None]) -> None:
-        """Commit the agent's record as it is now; one write per agent at a time, so
-        etcd ends with the latest state whatever order transactions land in."""
-        p.callbacks.setdefault(agent, []).append(on_commit)
-        if agent not in p.writing:
+    def _write(self, p: Open, agent: str) -> None:
+        """Commit the agent's record as it is now (group-committed); one write per
+        agent at a time, so etcd ends with the latest state whatever order
+        transactions land in."""
+        p.version[agent] += 1
+        p.dirty.add(agent)
+        if agent in p.writing:
+            p.again.add(agent)
+        else:
             self._flush_agent(p, agent)
 
     def _flush_agent(self, p: Open, agent: str) -> None:
-        callbacks = p.callbacks.pop(agent, [])
         record = pb.VoteRecord()
         record.CopyFrom(p.records[agent])
+        version = p.version[agent]
         fut = self.store.put_vote(record)
         p.writing[agent] = fut
 
@@ -542,9 +557,11 @@ class ConsensusCore:
             if err is not None:
                 self._fail(err)
                 return
-            for callback in callbacks:
-                callback()
-            if agent in p.callbacks and not self.closed:
+            if p.version[agent] == version:
+                p.dirty.discard(agent)
+                p.cleaned.set()
+            if agent in p.again and not self.closed:
+                p.again.discard(agent)
                 self._flush_agent(p, agent)
 
         fut.add_done_callback(written)
@@ -597,7 +614,7 @@ class ConsensusCore:
         agent = voter.agent_id
         exclusion = self._exclusion(agent, vote, fault, detail)
         self._report(voter, vote, exclusion)
-        if p is None or p.state == "deciding":
+        if p is None:
             return
         record = p.records.get(agent)
         if record is None:
@@ -612,7 +629,7 @@ class ConsensusCore:
         # votes away, so no decision can rest on it; and the vote it cancels (an
         # equivocator's first, perhaps still being committed) never counts.
         self._excluded(p, agent)
-        self._write(p, agent, lambda: None)
+        self._write(p, agent)
 
     def _outsider(self, p: Open, voter: Voter, vote: pb.Vote, detail: str) -> None:
         exclusion = self._exclusion(voter.agent_id, vote, pb.FAULT_UNKNOWN_AGENT, detail)
@@ -720,9 +737,36 @@ class ConsensusCore:
         return decision
 
     async def _commit(self, p: Open, decision: pb.Decision) -> None:
-        stored = await self.store.commit_decision(decision)
+        # The records the decision rests on that etcd may not have yet go in the
+        # decision's own transaction (as many as fit; the rest are waited for).
+        carried: list[pb.VoteRecord] = []
+        versions: dict[str, int] = {}
+        size = 0
+        for agent in sorted(p.dirty):
+            versions[agent] = p.version[agent]
+            record = pb.VoteRecord()
+            record.CopyFrom(p.records[agent])
+            size += record.ByteSize()
+            if len(carried) >= CARRIED_RECORDS or size > CARRIED_BYTES:
+                break
+            carried.append(record)
+        left = p.dirty - {r.agent_id for r in carried}
+        while left & p.dirty:
+            p.cleaned.clear()
+            await p.cleaned.wait()
+        stored = await self.store.commit_decision(decision, carried)
+        for record in carried:
+            agent = record.agent_id
+            if p.version[agent] != versions[agent]:
+                self._write(p, agent)  # changed meanwhile (a late fault): etcd gets the latest
         pid = p.proposal.proposal_id
         self.open.pop(pid, None)
+        p.state = "decided"
+        # kept a while: an equivocation that shows after the decision is still
+        # detected, recorded and reported
+        self.finished[pid] = p
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
         self.recent[pid] = stored
         while len(self.recent) > RECENT_DECISIONS:
             self.recent.popitem(last=False)

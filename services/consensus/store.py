@@ -225,17 +225,26 @@ class ConsensusStore:
         request.success.append(op_put(key, proposal.SerializeToString()))
         await self._retry(lambda: self._txn(request))
 
-    async def commit_decision(self, decision: pb.Decision) -> pb.Decision:
-        """Write decisions/<id> exactly once and close the proposal; return the stored one.
+    async def commit_decision(
+        self,
+        decision: pb.Decision,
+        records: list[pb.VoteRecord] = (),  # type: ignore[assignment]
+    ) -> pb.Decision:
+        """Write decisions/<id> exactly once, with the vote `records` it rests on that
+        etcd may not have yet, and close the proposal; return the stored decision.
 
         Create-only: if a decision is already there (this write's own, whose reply
         was lost), that one is returned. ORDERED decisions also take the next
         sequence number in the log, one at a time, so the log has no gaps.
         """
+        votes = [
+            op_put(self.key("votes", r.proposal_id, r.agent_id), r.SerializeToString())
+            for r in records
+        ]
         if decision.protocol == pb.PROTOCOL_ORDERED:
             async with self._log_lock:
-                return await self._commit_ordered(decision)
-        stored: pb.Decision = await self._retry(lambda: self._commit_once(decision, []))
+                return await self._commit_ordered(decision, votes)
+        stored: pb.Decision = await self._retry(lambda: self._commit_once(decision, votes))
         return stored
 
     def _decision_ops(self, decision: pb.Decision, extra: list[Any]) -> tuple[list[Any], ...]:
@@ -272,7 +281,7 @@ class ConsensusStore:
         kv = await self.etcd.get(self.key("log-head"))
         return int(kv.value) if kv is not None else 0
 
-    async def _commit_ordered(self, decision: pb.Decision) -> pb.Decision:
+    async def _commit_ordered(self, decision: pb.Decision, votes: list[Any]) -> pb.Decision:
         while True:
             if self._log_head is None:
                 self._log_head = await self._retry(self._read_head)
@@ -282,6 +291,7 @@ class ConsensusStore:
             head_key = self.key("log-head")
             guard = cmp_value(head_key, str(head).encode()) if head else cmp_create(head_key, 0)
             extra = [
+                *votes,
                 op_put(self.key("log", f"{seq:020d}"), decision.proposal_id.encode()),
                 op_put(head_key, str(seq).encode()),
             ]

@@ -163,8 +163,11 @@ async def test_byzantine_voters_are_excluded_under_bft(cluster: ClusterFactory) 
                 d = resp.decision
                 assert d.outcome == pb.OUTCOME_APPROVED
                 assert resp.proposal.max_faulty == 33
-                assert d.votes_counted == honest
-                assert not {v.agent_id for v in d.winning_votes} & set(expected)
+                assert d.votes_counted >= honest
+                # a forged or impersonated vote never counts; an equivocator's first vote
+                # counts until its second arrives (within the f the threshold tolerates)
+                never = {a for a, f in expected.items() if f != pb.FAULT_EQUIVOCATION}
+                assert not {v.agent_id for v in d.winning_votes} & never
                 assert {e.agent_id for e in d.excluded} <= set(expected), "no honest exclusion"
                 records = {r.agent_id: r for r in await store.votes_of(d.proposal_id)}
                 found = {a: r.excluded.fault for a, r in records.items() if r.HasField("excluded")}

@@ -21,6 +21,8 @@ class MemoryConsensusStore:
     deposed: bool = False
     decision_writes: int = 0
     vote_writes: int = 0
+    carried: int = 0
+    """Vote records written in a decision's own transaction."""
     hold_votes: bool = False
     """Votes stay uncommitted until `release()` (a slow etcd)."""
     _held: list[tuple[pb.VoteRecord, asyncio.Future[None]]] = field(default_factory=list)
@@ -75,13 +77,20 @@ class MemoryConsensusStore:
         self._check()
         self.proposals[proposal.proposal_id] = proposal.SerializeToString()
 
-    async def commit_decision(self, decision: pb.Decision) -> pb.Decision:
+    async def commit_decision(
+        self,
+        decision: pb.Decision,
+        records: list[pb.VoteRecord] = (),  # type: ignore[assignment]
+    ) -> pb.Decision:
         await asyncio.sleep(0)
         self._check()
         pid = decision.proposal_id
         if pid in self.decisions:
             return pb.Decision.FromString(self.decisions[pid])
         self.decision_writes += 1
+        for record in records:
+            self.votes[(record.proposal_id, record.agent_id)] = record.SerializeToString()
+        self.carried += len(records)
         self.revision += 1
         out = pb.Decision()
         out.CopyFrom(decision)

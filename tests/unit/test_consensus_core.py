@@ -148,24 +148,42 @@ def all_vote(agents: list[Agent], pid: str, choice: int = pb.CHOICE_APPROVE, **k
 # ---- QUORUM ----
 
 
-async def test_quorum_decides_at_a_majority_of_committed_votes(world: World) -> None:
+async def test_quorum_decides_at_a_majority_and_its_votes_are_in_etcd_with_it(
+    world: World,
+) -> None:
     agents = await world.connect(10)
     done = await propose(world)
     assert all(len(a.requests("p1")) == 1 for a in agents)
-    world.store.hold_votes = True
-    all_vote(agents[:6], "p1")
+    world.store.hold_votes = True  # etcd slow: the grouped vote writes have not landed
+    all_vote(agents[:5], "p1")
     await world.settle()
-    assert not done.done(), "votes not yet in etcd must not decide"
-    world.store.hold_votes = False
-    world.store.release()
+    assert not done.done(), "5 of 10 is not a majority"
+    agents[5].vote("p1")
     await world.settle()
     decision = done.result()
+    # the decision did not wait for the vote writes: it carried the six records in
+    # its own transaction, so etcd never holds a decision without its votes
+    assert world.store.carried == 6
+    assert {a for (pid, a) in world.store.votes if pid == "p1"} == {a.agent_id for a in agents[:6]}
+    world.store.hold_votes = False
+    world.store.release()
     assert decision.outcome == pb.OUTCOME_APPROVED
     assert (decision.eligible, decision.threshold, decision.votes_counted) == (10, 6, 6)
     assert decision.participation == pytest.approx(0.6)
     assert decision.tally["APPROVE"] == 6
     assert world.store.decision_writes == 1
     assert decision.winning_votes[0].reason == "because"
+
+
+async def test_a_vote_already_in_etcd_is_not_carried_again(world: World) -> None:
+    agents = await world.connect(4)
+    done = await propose(world)
+    all_vote(agents[:2], "p1")
+    await world.settle()  # these two are committed by the grouped writes
+    agents[2].vote("p1")
+    await world.settle()
+    assert done.result().votes_counted == 3
+    assert world.store.carried <= 1
 
 
 async def test_quorum_one_vote_short_stays_open_until_it_times_out(world: World) -> None:
@@ -571,3 +589,22 @@ async def test_a_lost_vote_commit_is_sent_again_and_a_refused_fence_fails_the_wa
     batcher = VoteBatcher(refused, max_ops=120, max_bytes=10_000, max_inflight=4, sleep=no_sleep)
     with pytest.raises(NotLeaderError):
         await batcher.put(b"k", b"v")
+
+
+async def test_an_equivocation_after_the_decision_is_still_recorded_and_reported(
+    world: World,
+) -> None:
+    agents = await world.connect(4)
+    done = await propose(world, protocol=pb.PROTOCOL_BFT)
+    all_vote(agents[:3], "p1")
+    await world.settle()
+    assert done.result().outcome == pb.OUTCOME_APPROVED
+    late = agents[3]
+    late.vote("p1")
+    late.vote("p1", pb.CHOICE_REJECT)
+    await world.settle()
+    stored = pb.VoteRecord.FromString(world.store.votes[("p1", late.agent_id)])
+    assert stored.excluded.fault == pb.FAULT_EQUIVOCATION
+    assert (late.agent_id, pb.FAULT_EQUIVOCATION) in {
+        (f.agent_id, f.fault) for f in world.core.faults
+    }
