@@ -18,5 +18,8 @@ class ConsensusConfig(ServiceConfig):
     """Votes per etcd transaction at most (etcd's default --max-txn-ops is 128)."""
     vote_batch_bytes: int = 1024 * 1024
     """Bytes of votes per etcd transaction at most (etcd refuses requests over 1.5 MiB)."""
-    vote_inflight: int = 4
-    """Vote transactions in flight at once; more votes wait and leave together."""
+    vote_inflight: int = 1
+    """Vote transactions in flight at once; more votes wait and leave together. One is
+    enough: a decision carries the records it rests on in its own transaction, so
+    no decision waits for these writes, and fewer, fuller transactions cost etcd and
+    this process less CPU (measured: 9.4 → see README)."""
