@@ -306,7 +306,14 @@ def main(
         return
     if scenario == Scenario.consensus:
         _consensus(
-            agents, pools, proposals, concurrency or 4, byzantine, dead_voters, out, keep_cluster_dir
+            agents,
+            pools,
+            proposals,
+            concurrency or 4,
+            byzantine,
+            dead_voters,
+            out,
+            keep_cluster_dir,
         )
         return
     if agents < 1 or pools < 1 or duration <= 0:

@@ -45,8 +45,16 @@ async def local_cluster(
     owned = data_dir is None
     root = data_dir or Path(tempfile.mkdtemp(prefix="agentmesh-loadtest-"))
     env = {"AGENTMESH_WARM": str(warm_per_pool)} if warm_per_pool else {}
+    # the task scenarios measure the coordinator path: no consensus process competes
+    # for the CPU (the `consensus` scenario starts its own cluster, loadtest/consensus.py)
     spec = ClusterSpec(
-        data_dir=root, agents=0, pools=pools, coordinators=coordinators, capacity=capacity, env=env
+        data_dir=root,
+        agents=0,
+        pools=pools,
+        coordinators=coordinators,
+        consensus=0,
+        capacity=capacity,
+        env=env,
     )
     cluster = LocalCluster(spec)
     loop = asyncio.get_running_loop()

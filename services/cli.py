@@ -330,6 +330,8 @@ def up(
         with console.status("starting etcd, coordinators, consensus and agent pools ..."):
             cluster.start()
             ready_s = _run(cluster.wait_ready(timeout_s=90))
+            if consensus:
+                _run(cluster.wait_voters(agents, timeout_s=60))
         console.print(
             f"[green]cluster up[/green]: {agents} agents in {pools} pools ready in {time.monotonic() - t0:.2f} s "
             f"(agents connected {ready_s:.2f} s after the processes started)"
@@ -350,6 +352,11 @@ def up(
         while True:
             time.sleep(1)
             dead = [n for n in cluster.dead() if n.startswith("coordinator")]
+            if (
+                consensus
+                and len([n for n in cluster.dead() if n.startswith("consensus")]) == consensus
+            ):
+                _fail(f"every consensus instance exited; see {cluster.log_dir}")
             if dead and len(dead) == len(cluster.coordinator_endpoints):
                 _fail(f"every coordinator exited; see {cluster.log_dir}")
     except KeyboardInterrupt:
