@@ -22,20 +22,24 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Consensus"].full_name
 ROLE = "consensus"
 
 
-async def serve(cfg: ConsensusConfig) -> None:
-    runner = Runner("consensus", cfg, [SERVICE])
+class ConsensusNode:
+    """One consensus process: the Runner, the servicer, and the leadership loop."""
 
-    async def leader() -> tuple[str, str, int]:
-        found = await current_leader(runner.etcd, ROLE)
+    def __init__(self, cfg: ConsensusConfig) -> None:
+        self.cfg = cfg
+        self.runner = Runner("consensus", cfg, [SERVICE])
+        self.servicer = ConsensusServicer(ConsensusStore(self.runner.etcd), self._leader)
+        pb_grpc.add_ConsensusServicer_to_server(self.servicer, self.runner.server)
+
+    async def _leader(self) -> tuple[str, str, int]:
+        found = await current_leader(self.runner.etcd, ROLE)
         if found is None:
             return "", "", 0
         node, endpoint = parse_leader_value(found.value)
         return node, endpoint, found.term
 
-    servicer = ConsensusServicer(ConsensusStore(runner.etcd), leader)
-    pb_grpc.add_ConsensusServicer_to_server(servicer, runner.server)
-
-    async def lead(term: Term) -> None:
+    async def lead(self, term: Term) -> None:
+        runner, cfg, servicer = self.runner, self.cfg, self.servicer
         store = ConsensusStore(
             runner.etcd,
             term.fenced,
@@ -59,14 +63,20 @@ async def serve(cfg: ConsensusConfig) -> None:
             store.votes.close()
             await core.close()
 
-    async def follow() -> None:
+    async def follow(self) -> None:
         """Keep the active instance's address at hand for the standby's redirects."""
         while True:
             try:
-                async for found in observe(runner.etcd, ROLE):
-                    servicer.leader_endpoint = parse_leader_value(found.value)[1] if found else ""
+                async for found in observe(self.runner.etcd, ROLE):
+                    endpoint = parse_leader_value(found.value)[1] if found else ""
+                    self.servicer.leader_endpoint = endpoint
             except StoreUnavailableError:
                 await asyncio.sleep(0.5)
 
-    leadership = runner.leadership(ROLE)
-    await runner.run(lambda: leadership.serve(lead), follow)
+    async def run(self) -> None:
+        leadership = self.runner.leadership(ROLE)
+        await self.runner.run(lambda: leadership.serve(self.lead), self.follow)
+
+
+async def serve(cfg: ConsensusConfig) -> None:
+    await ConsensusNode(cfg).run()
