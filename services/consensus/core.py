@@ -300,10 +300,18 @@ class ConsensusCore:
 
     def _ask(self, p: Open) -> None:
         msg = self._request(p)
+        by_pool: dict[str, list[Voter]] = {}
         for agent_id in p.voters:
             voter = self.voters.get(agent_id)
             if voter is not None and self._owes(p, agent_id):
-                voter.send(msg)
+                by_pool.setdefault(voter.pool_id, []).append(voter)
+        # Round-robin over the pools: every pool process starts answering at once,
+        # instead of the second waiting until the first pool's agents were all asked
+        # (measured: it shortens the time to a quorum when the pools share the CPU).
+        for group in itertools.zip_longest(*by_pool.values()):
+            for voter in group:
+                if voter is not None:
+                    voter.send(msg)
 
     # ---- proposals ----
 
