@@ -36,24 +36,20 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
         self.leader_endpoint = ""
         self._leader = leader
 
-    def _core(self) -> ConsensusCore:
+    async def _core(self) -> ConsensusCore:
         core = self.core
         if core is None or core.closed or core.failed is not None:
-            hint = (
-                f"; the active instance is {self.leader_endpoint}"
-                if self.leader_endpoint
-                else "; none is elected yet"
-            )
-            raise NotLeaderError(
-                f"this consensus instance is a standby{hint}", self.leader_endpoint
-            )
+            # the follower may lag an election by a moment: ask etcd before answering
+            endpoint = self.leader_endpoint or (await self._leader())[1]
+            hint = f"; the active instance is {endpoint}" if endpoint else "; none is elected yet"
+            raise NotLeaderError(f"this consensus instance is a standby{hint}", endpoint)
         return core
 
     @rpc_errors
     async def Propose(
         self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProposeResponse:
-        core = self._core()
+        core = await self._core()
         proposal, decision, created, pending = await core.propose(request)
         if decision is None and pending is not None and request.wait:
             # shielded: a caller that goes away leaves the proposal to be decided
@@ -154,7 +150,7 @@ async def _participate(
     request_iterator: AsyncIterator[pb.VoterMessage],
     context: grpc.aio.ServicerContext,
 ) -> AsyncIterator[pb.ConsensusMessage]:
-    core = self._core()
+    core = await self._core()
     try:
         first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT_S)
     except (StopAsyncIteration, TimeoutError):
