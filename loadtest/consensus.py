@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -66,6 +67,8 @@ class PhaseResult:
     wall_s: float = 0.0
     revisions: int = 0
     errors: int = 0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds each server process used during the phase (from /proc)."""
 
     def doc(self) -> dict[str, Any]:
         n = self.client.count
@@ -82,6 +85,9 @@ class PhaseResult:
             "decisions_per_s": round(n / self.wall_s, 1) if self.wall_s else 0.0,
             "etcd_revisions_per_proposal": round(self.revisions / n, 2) if n else 0.0,
             "errors": self.errors,
+            "cpu_ms_per_proposal": {k: round(v * 1000 / n, 2) for k, v in self.cpu_s.items()}
+            if n
+            else {},
         }
 
 
@@ -92,8 +98,23 @@ def _env(load: ConsensusLoad) -> dict[str, str]:
     return {"AGENTMESH_BYZANTINE": ",".join(faulty)} if faulty else {}
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _phase(
-    client: Any, etcd: Any, load: ConsensusLoad, protocol: int, run: str
+    client: Any,
+    etcd: Any,
+    load: ConsensusLoad,
+    protocol: int,
+    run: str,
+    pids: dict[str, int] | None = None,
 ) -> PhaseResult:
     name = PROTOCOLS[protocol]
     result = PhaseResult(
@@ -132,9 +153,11 @@ async def _phase(
             for e in d.excluded:
                 result.excluded[pb.Fault.Name(e.fault).removeprefix("FAULT_")] += 1
 
+    cpu0 = {name: cpu_seconds(pid) for name, pid in (pids or {}).items()}
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(load.concurrency)))
     result.wall_s = time.perf_counter() - t0
+    result.cpu_s = {name: cpu_seconds(pid) - cpu0[name] for name, pid in (pids or {}).items()}
     result.revisions = int((await etcd.status()).header.revision) - rev0
     return result
 
@@ -170,11 +193,15 @@ async def run_consensus(
                 pb.PROTOCOL_QUORUM,
                 run + "-warm",
             )
+            pids = {name: proc.pid for name, proc in cluster.procs.items()}
+            if cluster.etcd.proc is not None:
+                pids["etcd"] = cluster.etcd.proc.pid
             for protocol in load.protocols:
                 console.print(
-                    f"  {PROTOCOLS[protocol]}: {load.proposals} proposals, {load.concurrency} in flight"
+                    f"  {PROTOCOLS[protocol]}: {load.proposals} proposals, "
+                    f"{load.concurrency} in flight"
                 )
-                phases.append(await _phase(client, client.etcd, load, protocol, run))
+                phases.append(await _phase(client, client.etcd, load, protocol, run, pids))
     finally:
         await asyncio.to_thread(cluster.stop)
         if keep:
@@ -244,6 +271,13 @@ def _print(doc: dict[str, Any], console: Console) -> None:
             " ".join(f"{k} {v}" for k, v in p["excluded"].items()) or "-",
         )
     console.print(table)
+    for p in doc["phases"]:
+        cpu = p.get("cpu_ms_per_proposal") or {}
+        if cpu:
+            console.print(
+                f"  {p['protocol']} CPU ms per proposal: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items()) if v)
+            )
     console.print(
         "[green]every proposal APPROVED[/]"
         if doc["ok"]
