@@ -302,7 +302,11 @@ class VoterPool:
                             )
                         )
                 elif body == "rejected" and not self.mode.get(agent.agent_id):
-                    log.warning(
+                    # a fault against an honest agent is worth a warning; a vote that
+                    # merely came late (a FAST round already over) is not
+                    level = logging.WARNING if msg.rejected.fault else logging.INFO
+                    log.log(
+                        level,
                         "vote rejected",
                         extra={"agent": agent.agent_id, "reason": msg.rejected.reason},
                     )
