@@ -54,7 +54,9 @@ Send = Callable[[pb.ConsensusMessage | None], None]
 
 
 class Store(Protocol):
-    def put_vote(self, record: pb.VoteRecord) -> asyncio.Future[None]: ...
+    def put_vote(self, record: pb.VoteRecord) -> asyncio.Future[None]:
+        """Queue the record's current state (serialized at once) for a grouped write."""
+        ...
 
     async def create_proposal(
         self, proposal: pb.Proposal
@@ -515,14 +517,12 @@ class ConsensusCore:
                     conflicting=vote,
                 )
             return  # the same vote again (a resend after reconnect): already recorded
-        stored = pb.Vote()
-        stored.CopyFrom(vote)
-        stored.received_at_us = self.clock.wall_us()
+        vote.received_at_us = self.clock.wall_us()
         record = p.records.get(agent)
         if record is None:
             record = pb.VoteRecord(proposal_id=pid, agent_id=agent)
             p.records[agent] = record
-        record.votes.append(stored)
+        record.votes.append(vote)  # appending copies it into the record
         if p.state != "open":
             # decided (or changing rounds): too late to count, but kept in memory, so
             # a conflicting second vote is still caught as equivocation
@@ -554,10 +554,8 @@ class ConsensusCore:
             self._flush_agent(p, agent)
 
     def _flush_agent(self, p: Open, agent: str) -> None:
-        record = pb.VoteRecord()
-        record.CopyFrom(p.records[agent])
         version = p.version[agent]
-        fut = self.store.put_vote(record)
+        fut = self.store.put_vote(p.records[agent])  # serialized now: a snapshot
         p.writing[agent] = fut
 
         def written(f: asyncio.Future[None]) -> None:
