@@ -456,10 +456,14 @@ async def _submit_and_wait(client: Any, specs: list[Any], wait: bool) -> None:
 def _summary(tasks: list[Any], wall_s: float) -> None:
     from collections import Counter
 
+    from loadtest.metrics import LatencyRecorder
     from protos.agentmesh.v1 import task_pb2 as tpb
 
     states = Counter(tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") for t in tasks)
-    e2e = sorted((t.finished_at_us - t.created_at_us) / 1000 for t in tasks if t.finished_at_us)
+    e2e = LatencyRecorder("end_to_end")
+    for t in tasks:
+        if t.finished_at_us:
+            e2e.record_us(t.finished_at_us - t.created_at_us)
     retried = sum(1 for t in tasks if t.attempts > 1)
     agents = len({t.agent_id for t in tasks})
     table = Table(title="summary")
@@ -470,15 +474,9 @@ def _summary(tasks: list[Any], wall_s: float) -> None:
         table.add_row(f"  {name}", str(n))
     table.add_row("wall time", f"{wall_s:.2f} s")
     table.add_row("throughput", f"{len(tasks) / wall_s:.1f} tasks/s" if wall_s else "-")
-    if e2e:
-
-        def pick(q: float) -> float:
-            return float(e2e[min(len(e2e) - 1, int(q * len(e2e)))])
-
-        table.add_row(
-            "submit→done P50 / P95 / P99",
-            f"{pick(0.5):.1f} / {pick(0.95):.1f} / {pick(0.99):.1f} ms",
-        )
+    if e2e.count:
+        p50, p95, p99 = (e2e.percentile_ms(q) for q in (50, 95, 99))
+        table.add_row("submit→done P50 / P95 / P99", f"{p50:.1f} / {p95:.1f} / {p99:.1f} ms")
     table.add_row("tasks retried (agent lost or failure)", str(retried))
     table.add_row("agents that ran tasks", str(agents))
     console.print(table)

@@ -1,0 +1,127 @@
+"""What the report's renderers share: metric names and titles, colours, number formats."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+JSON_NAME = "report.json"
+HTML_NAME = "report.html"
+
+SYSTEM_COLORS = {"agentmesh": "#2563eb", "celery": "#ea580c"}
+EXTRA_COLORS = ("#16a34a", "#9333ea", "#db2777", "#0891b2")
+
+METRIC_TITLES = {
+    "dispatch": "Dispatch latency (submit acknowledged → assignment received)",
+    "submit_to_receive": "Submit sent → assignment received (upper bound of dispatch)",
+    "end_to_end": "End-to-end latency (submit → terminal state)",
+    "submit_ack": "Submit round trip (request sent → acknowledged), per RPC",
+    "reassign": "Reassignment after an agent process was killed",
+    "spawn": "Agent spawn (requested → welcomed)",
+}
+METRIC_ORDER = ("dispatch", "submit_to_receive", "end_to_end", "submit_ack", "reassign", "spawn")
+
+SUMMARY_COLUMNS = ("count", "p50_ms", "p95_ms", "p99_ms", "p999_ms", "max_ms", "mean_ms")
+SUMMARY_HEADERS = ("count", "P50 ms", "P95 ms", "P99 ms", "P99.9 ms", "max ms", "mean ms")
+
+
+def color(system: str, idx: int) -> str:
+    return SYSTEM_COLORS.get(system, EXTRA_COLORS[idx % len(EXTRA_COLORS)])
+
+
+def metric_names(doc: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for run in doc["runs"]:
+        for name in run["latencies"]:
+            if name not in names:
+                names.append(name)
+    known = [n for n in METRIC_ORDER if n in names]
+    return known + sorted(n for n in names if n not in METRIC_ORDER)
+
+
+def run_label(run: dict[str, Any]) -> str:
+    label = f"{run['system']} · {run['scenario']}"
+    if run.get("simulated"):
+        label += " · simulated work"
+    return label
+
+
+def fmt_ms(v: float) -> str:
+    if v == 0:
+        return "0"
+    if v < 1:
+        return f"{v:.3f}"
+    if v < 100:
+        return f"{v:.2f}"
+    return f"{v:,.0f}"
+
+
+def ratio_text(comparison: dict[str, Any], key: str, value: float | None) -> str:
+    if value is not None:
+        return f"{value:.2f}×"
+    why = comparison.get("omitted", {}).get(key)
+    return f"n/a ({why})" if why else "n/a"
+
+
+COMPARISON_CLOSED_LOOP_NOTE = (
+    "closed loop: each system runs at its own saturation, so its queue sets the latencies; "
+    "compare latencies at one open-loop rate (--rate)"
+)
+
+
+def detail_lines(run: dict[str, Any]) -> list[str]:
+    """Scenario figures worth a line: agents ready, spawn phases, faults and recovery."""
+    extra = run.get("extra", {})
+    lines: list[str] = clamp_notes(run)
+    spawn = extra.get("spawn")
+    if isinstance(spawn, dict) and "all_ready_s" in spawn:
+        lines.append(
+            f"agents: {spawn['agents']} spawned and connected in {spawn['all_ready_s']:.3f} s"
+            + _memory_text(spawn)
+        )
+    for name, phase in (extra.get("spawn_phases") or {}).items():
+        if isinstance(phase, dict) and "all_ready_s" in phase:
+            warm = f", {phase['from_warm']} from the warm pool" if phase.get("from_warm") else ""
+            lines.append(
+                f"spawn {name}: {phase['agents']} agents ready in {phase['all_ready_s']:.3f} s"
+                f"{warm}{_memory_text(phase)}"
+            )
+    for action in extra.get("actions", []):
+        facts = ", ".join(f"{k} {v}" for k, v in action.items() if k != "label")
+        lines.append(f"{action.get('label', 'action')}: {facts}")
+    for key in sorted(k for k in extra if k.startswith("kill_")):
+        facts = ", ".join(f"{k} {v}" for k, v in extra[key].items())
+        lines.append(f"{key}: {facts}")
+    for example in extra.get("unfinished_examples", [])[:3]:
+        lines.append(f"unfinished: {json.dumps(example)}")
+    return lines
+
+
+def _memory_text(info: dict[str, Any]) -> str:
+    if "pool_rss_per_agent_kb" not in info:
+        return ""
+    return (
+        f" (memory per agent: pools {info['pool_rss_per_agent_kb']} kB, "
+        f"coordinator {info['coordinator_rss_per_agent_kb']} kB)"
+    )
+
+
+def clamp_notes(run: dict[str, Any]) -> list[str]:
+    """Say how many samples sat outside the histogram's range (never silently)."""
+    out = []
+    for name, lat in run["latencies"].items():
+        low, high, count = lat.get("clamped_low", 0), lat.get("clamped_high", 0), lat["count"]
+        if low and count:
+            why = (
+                " (the agent had the task before the client had the acknowledgement; "
+                "see submit_to_receive for a bound that is never negative)"
+                if name == "dispatch"
+                else ""
+            )
+            out.append(
+                f"{name}: {low} of {count} samples ({100 * low / count:.1f} %) were ≤ 0 "
+                f"and count as 1 µs{why}"
+            )
+        if high and count:
+            out.append(f"{name}: {high} samples above 60 s count as 60 s")
+    return out
