@@ -311,8 +311,7 @@ class ConsensusCore:
             if voter is not None and self._owes(p, agent_id):
                 by_pool.setdefault(voter.pool_id, []).append(voter)
         # Round-robin over the pools: every pool process starts answering at once,
-        # instead of the second waiting until the first pool's agents were all asked
-        # (measured: it shortens the time to a quorum when the pools share the CPU).
+        # instead of the second idling until all of the first pool's agents were asked.
         for group in itertools.zip_longest(*by_pool.values()):
             for voter in group:
                 if voter is not None:
