@@ -57,6 +57,7 @@ class Scenario(StrEnum):
     hang = "hang"
     flaky = "flaky"
     monitor_kill = "monitor-kill"
+    consensus = "consensus"
 
 
 class ExecutorChoice(StrEnum):
@@ -318,9 +319,29 @@ def main(
     ),
     keep_cluster_dir: bool = typer.Option(False, help="keep the local cluster's data and logs"),
     progress: bool = typer.Option(True, help="live progress view (on a terminal)"),
+    proposals: int = typer.Option(
+        200, help="consensus: proposals per protocol (in flight at once: --concurrency, 0 = 4)"
+    ),
+    byzantine: str = typer.Option(
+        "forge:1,equivocate:1,impersonate:1,unknown-proposal:1",
+        help="consensus: faulty voters per pool, MODE:COUNT,...",
+    ),
+    dead_voters: int = typer.Option(2, help="consensus: voters per pool that never answer"),
 ) -> None:
     """Run a load-test scenario and report P50/P95/P99, throughput and the exactly-once check."""
     if ctx.invoked_subcommand:
+        return
+    if scenario == Scenario.consensus:
+        _consensus(
+            agents,
+            pools,
+            proposals,
+            concurrency or 4,
+            byzantine,
+            dead_voters,
+            out,
+            keep_cluster_dir,
+        )
         return
     if agents < 1 or pools < 1 or duration <= 0:
         raise typer.BadParameter("--agents and --pools must be at least 1, --duration positive")
@@ -450,6 +471,38 @@ def main(
         json_path, html_path = write_all(doc, out)
         console.print(f"wrote {json_path} and {html_path}")
     raise typer.Exit(0 if doc["verdict"]["ok"] else 1)
+
+
+def _consensus(
+    voters: int,
+    pools: int,
+    proposals: int,
+    concurrency: int,
+    byzantine: str,
+    dead: int,
+    out: Path | None,
+    keep: bool,
+) -> None:
+    from loadtest.consensus import ConsensusLoad, run_consensus, write
+
+    if voters < 4 or pools < 1 or proposals < 1 or concurrency < 1:
+        raise typer.BadParameter("consensus needs --agents >= 4, --pools, --proposals >= 1")
+    load = ConsensusLoad(
+        voters=voters,
+        pools=pools,
+        proposals=proposals,
+        concurrency=concurrency,
+        byzantine=byzantine,
+        dead=dead,
+    )
+    try:
+        doc = _run_async(lambda: run_consensus(load, console, keep), Stopper())
+    except (TimeoutError, RuntimeError) as err:
+        console.print(f"[red]load test failed[/]: {err}")
+        raise typer.Exit(2) from None
+    if out is not None:
+        console.print(f"wrote {write(doc, out)}")
+    raise typer.Exit(0 if doc["ok"] else 1)
 
 
 @app.command()

@@ -51,12 +51,15 @@ async def local_cluster(
     env = dict(env or {})
     if warm_per_pool:
         env["AGENTMESH_WARM"] = str(warm_per_pool)
+    # the task scenarios measure the coordinator path: no consensus process competes
+    # for the CPU (the `consensus` scenario starts its own cluster, loadtest/consensus.py)
     spec = ClusterSpec(
         data_dir=root,
         agents=0,
         pools=pools,
         coordinators=coordinators,
         health_monitors=health_monitors,
+        consensus=0,
         capacity=capacity,
         env=env,
     )

@@ -173,6 +173,7 @@ class Etcd:
         limit: int = 0,
         keys_only: bool = False,
         max_create_revision: int = 0,
+        min_create_revision: int = 0,
         by_create: str = "",
         count_only: bool = False,
     ) -> Any:
@@ -186,6 +187,7 @@ class Etcd:
             limit=limit,
             keys_only=keys_only,
             max_create_revision=max_create_revision,
+            min_create_revision=min_create_revision,
             count_only=count_only,
         )
         if by_create:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Coroutine
@@ -144,6 +145,21 @@ def serve_agent_pool(
     sleep_ms: str = typer.Option(
         None, help="simulated latency of `sleep`: fixed:MS | uniform:LO:HI | lognormal:MEDIAN:SIGMA"
     ),
+    vote_policy: str = typer.Option(
+        None,
+        help="how agents vote: always | never | abstain | silent | random:SEED[:P] | "
+        "field:NAME[=VALUE] [env AGENTMESH_VOTE_POLICY; default always]",
+    ),
+    vote_delay_ms: str = typer.Option(
+        None,
+        help="SIMULATED think time before each vote: fixed:MS | uniform:LO:HI | "
+        "lognormal:MEDIAN:SIGMA [env AGENTMESH_VOTE_DELAY_MS; default 0]",
+    ),
+    byzantine: str = typer.Option(
+        None,
+        help="faulty voters among the first agents (tests, load tests): MODE:COUNT,... with "
+        "MODE forge | equivocate | unknown-proposal | impersonate | silent [env AGENTMESH_BYZANTINE]",
+    ),
 ) -> None:
     """An agent pool: hosts many agents, each with its own stream to the root coordinator."""
     from services._common import logs
@@ -171,10 +187,18 @@ def serve_agent_pool(
                 roles=split(roles),
                 labels=split(labels),
                 sleep_ms=sleep_ms,
+                vote_policy=vote_policy,
+                vote_delay_ms=vote_delay_ms,
+                byzantine=split(byzantine),
             ),
         )
         cfg.label_map()
         parse_latency(cfg.sleep_ms)
+        from services.agent_pool.voter import Policy, parse_byzantine
+
+        Policy.parse(cfg.vote_policy)
+        parse_byzantine(cfg.byzantine)
+        parse_latency(cfg.vote_delay_ms)
     except ValueError as err:
         _fail(str(err), 2)
     if not 1 <= cfg.capacity <= 1000:
@@ -241,6 +265,55 @@ def serve_health(
         _fail(str(err))
 
 
+@serve_app.command("consensus")
+def serve_consensus(
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    cluster: str = typer.Option(None, help="cluster name (key prefix) [env AGENTMESH_CLUSTER]"),
+    listen: str = typer.Option(
+        None, help="bind address host:port [env AGENTMESH_LISTEN; default 127.0.0.1:0]"
+    ),
+    advertise: str = typer.Option(None, help="address published in etcd [env AGENTMESH_ADVERTISE]"),
+    node_id: str = typer.Option(None, help="instance id [env AGENTMESH_NODE_ID]"),
+    lease_ttl_s: int = typer.Option(
+        None, help="session lease TTL in seconds [env AGENTMESH_LEASE_TTL_S; default 2]"
+    ),
+    default_timeout_s: float = typer.Option(
+        None, help="timeout of a proposal that sets none [env AGENTMESH_DEFAULT_TIMEOUT_S; 30]"
+    ),
+    metrics_port: int = typer.Option(
+        None, help="Prometheus /metrics port, 0 off [env AGENTMESH_METRICS_PORT]"
+    ),
+) -> None:
+    """The consensus service: one elected active instance collects votes and commits decisions."""
+    from services._common import logs
+    from services.consensus.config import ConsensusConfig
+    from services.consensus.server import serve
+
+    try:
+        cfg = configlib.load(
+            ConsensusConfig,
+            dict(
+                etcd=etcd,
+                cluster=cluster,
+                listen=listen,
+                advertise=advertise,
+                node_id=node_id,
+                lease_ttl_s=lease_ttl_s,
+                default_timeout_s=default_timeout_s,
+                metrics_port=metrics_port,
+            ),
+        )
+    except ValueError as err:
+        _fail(str(err), 2)
+    if not 0 < cfg.default_timeout_s <= 3600:
+        _fail("--default-timeout-s must be more than 0 and at most 3600", 2)
+    logs.setup("consensus", cfg.node_id or str(os.getpid()))
+    try:
+        _run(serve(cfg))
+    except OSError as err:
+        _fail(str(err))
+
+
 # ---------------------------------------------------------------- up
 
 
@@ -250,11 +323,15 @@ def up(
     pools: int = typer.Option(2, help="agent pool processes"),
     coordinators: int = typer.Option(1, help="coordinator replicas (one leads)"),
     health_monitors: int = typer.Option(1, help="health monitor replicas (one is active; 0: none)"),
+    consensus: int = typer.Option(1, help="consensus instances (one is active; 0: none)"),
     data_dir: Path = typer.Option(
         Path(".agentmesh"), help="etcd data and logs; reused across restarts"
     ),
     etcd_port: int = typer.Option(2379, help="etcd client port"),
     port: int = typer.Option(50051, help="first coordinator port (replicas take the next ones)"),
+    consensus_port: int = typer.Option(
+        50071, help="first consensus port (standbys take the next ones)"
+    ),
     capacity: int = typer.Option(1, help="tasks per agent at once"),
     sleep_ms: str = typer.Option(
         "lognormal:50:0.5", help="simulated latency of the `sleep` executor"
@@ -267,13 +344,14 @@ def up(
         False, "--exit", help="stop the cluster after the backlog finishes"
     ),
 ) -> None:
-    """Start a local cluster (etcd, coordinators, agent pools) as real processes. Ctrl-C stops it."""
+    """Start a local cluster (etcd, coordinators, health monitor, consensus, agent pools)
+    as real processes. Ctrl-C stops it."""
     import signal
 
     from registry.etcd_server import EtcdNotFoundError, find_etcd_binary
     from services.cluster import ClusterSpec, LocalCluster
 
-    if agents < 1 or pools < 1 or coordinators < 1 or health_monitors < 0:
+    if agents < 1 or pools < 1 or coordinators < 1 or health_monitors < 0 or consensus < 0:
         _fail("--agents, --pools and --coordinators must be at least 1", 2)
     if pools > agents:
         _fail(f"--pools {pools} is more than --agents {agents}", 2)
@@ -283,7 +361,12 @@ def up(
         _fail(str(err))
     import socket
 
-    for p in [etcd_port, etcd_port + 1, *range(port, port + coordinators)]:
+    for p in [
+        etcd_port,
+        etcd_port + 1,
+        *range(port, port + coordinators),
+        *range(consensus_port, consensus_port + consensus),
+    ]:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", p)) == 0:
                 _fail(
@@ -295,6 +378,8 @@ def up(
             agents=agents,
             pools=pools,
             coordinators=coordinators,
+            consensus=consensus,
+            consensus_port=consensus_port,
             health_monitors=health_monitors,
             etcd_port=etcd_port,
             coordinator_port=port,
@@ -306,9 +391,13 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.monotonic()
     try:
-        with console.status("starting etcd, coordinators, health monitors and agent pools ..."):
+        with console.status(
+            "starting etcd, coordinators, health monitors, consensus and agent pools ..."
+        ):
             cluster.start()
             ready_s = _run(cluster.wait_ready(timeout_s=90))
+            if consensus:
+                _run(cluster.wait_voters(agents, timeout_s=60))
         console.print(
             f"[green]cluster up[/green]: {agents} agents in {pools} pools ready in {time.monotonic() - t0:.2f} s "
             f"(agents connected {ready_s:.2f} s after the processes started)"
@@ -322,6 +411,8 @@ def up(
             console.print(
                 f"  health       {health_monitors} monitor(s); `agentmesh health agents` lists the agents"
             )
+        for ep in cluster.consensus_endpoints:
+            console.print(f"  consensus    {ep}   (agentmesh propose …, agentmesh decisions)")
         console.print(f"  logs         {cluster.log_dir}")
         if backlog:
             _call(_backlog(cluster.etcd_endpoint, backlog))
@@ -331,6 +422,11 @@ def up(
         while True:
             time.sleep(1)
             dead = [n for n in cluster.dead() if n.startswith("coordinator")]
+            if (
+                consensus
+                and len([n for n in cluster.dead() if n.startswith("consensus")]) == consensus
+            ):
+                _fail(f"every consensus instance exited; see {cluster.log_dir}")
             if dead and len(dead) == len(cluster.coordinator_endpoints):
                 _fail(f"every coordinator exited; see {cluster.log_dir}")
     except KeyboardInterrupt:
@@ -959,6 +1055,176 @@ def health_agents(
             a.reason[:60],
         )
     console.print(table)
+
+
+# ---------------------------------------------------------------- consensus
+
+PROTOCOL_NAMES = ("quorum", "fast", "bft", "ordered")
+
+
+def _protocol(name: str) -> int:
+    from protos.agentmesh.v1 import consensus_pb2 as pb
+
+    if name.lower() not in PROTOCOL_NAMES:
+        _fail(f"--protocol {name!r} is unknown; use {', '.join(PROTOCOL_NAMES)}", 2)
+    return int(pb.Protocol.Value("PROTOCOL_" + name.upper()))
+
+
+def _decision_row(d: Any) -> list[str]:
+    from protos.agentmesh.v1 import consensus_pb2 as pb
+
+    outcome = pb.Outcome.Name(d.outcome).removeprefix("OUTCOME_")
+    if d.option:
+        outcome += f" {d.option}"
+    return [
+        d.proposal_id,
+        pb.Protocol.Name(d.protocol).removeprefix("PROTOCOL_"),
+        outcome,
+        str(d.round),
+        f"{d.votes_counted}/{d.eligible} (need {d.threshold})",
+        f"{d.participation:.0%}",
+        f"{d.latency_ms:.1f}",
+        ",".join(
+            f"{e.agent_id}:{pb.Fault.Name(e.fault).removeprefix('FAULT_')}" for e in d.excluded
+        )[:60]
+        or "-",
+        str(d.sequence or "-"),
+        d.topic[:40],
+    ]
+
+
+def _decision_table(decisions: list[Any], title: str = "") -> Table:
+    table = Table(title=title or None)
+    for col in (
+        "proposal",
+        "protocol",
+        "outcome",
+        "round",
+        "votes",
+        "participation",
+        "latency ms",
+        "excluded",
+        "seq",
+        "topic",
+    ):
+        table.add_column(col)
+    for d in decisions:
+        table.add_row(*_decision_row(d))
+    return table
+
+
+@app.command()
+def propose(
+    topic: str = typer.Argument(..., help="what is being decided (1-256 bytes)"),
+    payload: str = typer.Option("", help="context for the voters (at most 64 KiB)"),
+    option: list[str] = typer.Option([], help="a choice (repeat; none: approve or reject)"),
+    protocol: str = typer.Option("quorum", help="quorum | fast | bft | ordered"),
+    role: str = typer.Option("", help="only agents with this role vote"),
+    label: list[str] = typer.Option([], help="only agents with this label key=value (repeatable)"),
+    agent: list[str] = typer.Option([], help="exactly these agents vote (repeatable)"),
+    quorum: int = typer.Option(0, help="votes a choice needs (raises the protocol's threshold)"),
+    timeout_s: float = typer.Option(30.0, help="seconds until TIMED_OUT"),
+    max_faulty: int = typer.Option(0, help="BFT: faulty voters tolerated (0: the most n allows)"),
+    proposal_id: str = typer.Option(None, "--id", help="client-chosen id (makes retries safe)"),
+    wait: bool = typer.Option(True, help="wait for the decision (--no-wait returns at once)"),
+    as_json: bool = typer.Option(False, "--json", help="print the response as proto JSON"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Open a proposal for the agents to vote on, and (by default) wait for its decision."""
+    from google.protobuf import json_format
+
+    from protos.agentmesh.v1 import consensus_pb2 as pb
+    from services.consensus.client import ConsensusClient
+
+    if sum(bool(x) for x in (role, label, agent)) > 1:
+        _fail("give at most one of --role, --label, --agent", 2)
+    req = pb.ProposeRequest(
+        proposal_id=proposal_id or "",
+        topic=topic,
+        payload=payload.encode(),
+        options=option,
+        protocol=_protocol(protocol),  # type: ignore[arg-type]
+        quorum=quorum,
+        timeout_s=timeout_s,
+        max_faulty=max_faulty,
+        wait=wait,
+        proposer=f"cli:{os.environ.get('USER', '')}",
+    )
+    if role:
+        req.voters.role = role
+    elif label:
+        for item in label:
+            k, sep, v = item.partition("=")
+            if not sep:
+                _fail(f"--label {item!r} must be key=value", 2)
+            req.voters.labels.labels[k] = v
+    elif agent:
+        req.voters.agents.agent_ids.extend(agent)
+    else:
+        req.voters.all = True
+
+    async def go() -> Any:
+        async with ConsensusClient(_etcd(etcd), _cluster(cluster)) as client:
+            return await client.propose(req)
+
+    resp = _call(go())
+    if as_json:
+        print(json_format.MessageToJson(resp))
+        return
+    p = resp.proposal
+    console.print(
+        f"proposal {p.proposal_id} ({'created' if resp.created else 'exists'}): "
+        f"{len(p.voters)} voters, threshold {p.threshold}"
+    )
+    if resp.HasField("decision"):
+        console.print(_decision_table([resp.decision]))
+        for v in resp.decision.winning_votes[:5]:
+            console.print(f"  {v.agent_id}: {v.reason}", markup=False)
+
+
+@app.command()
+def decisions(
+    proposal_id: str = typer.Argument(None, help="show this one decision"),
+    protocol: str = typer.Option("", help="only this protocol"),
+    limit: int = typer.Option(50, help="rows to show (1-1000)"),
+    watch: bool = typer.Option(False, help="then follow new decisions as they are committed"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
+    etcd: str = typer.Option(None, help=ETCD_HELP),
+    cluster: str = typer.Option(None, help="cluster name"),
+) -> None:
+    """Decisions in commit order (the order every observer sees), or one by id."""
+    from google.protobuf import json_format
+
+    from services.consensus.client import ConsensusClient
+
+    proto = _protocol(protocol) if protocol else 0
+
+    def show(items: list[Any]) -> None:
+        if as_json:
+            for d in items:
+                print(json_format.MessageToJson(d, indent=None))
+        else:
+            console.print(_decision_table(items))
+
+    async def go() -> None:
+        async with ConsensusClient(_etcd(etcd), _cluster(cluster)) as client:
+            if proposal_id:
+                d = await client.decision(proposal_id)
+                show([d])
+                for v in d.winning_votes:
+                    console.print(f"  {v.agent_id}: {v.reason}", markup=False)
+                return
+            resp = await client.list_decisions(protocol=proto, page_size=limit)
+            show(list(resp.decisions))
+            if not watch:
+                return
+            after = resp.decisions[-1].revision if resp.decisions else 0
+            async for d in client.watch_decisions(proto, after):
+                show([d])
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _call(go())
 
 
 def _mount_loadtest() -> None:

@@ -1,5 +1,5 @@
 """A whole cluster on one machine, as real processes: etcd, coordinators, health
-monitors, agent pools.
+monitors, consensus instances, agent pools.
 
 Used by `agentmesh up`, the integration tests and the load test.
 """
@@ -30,6 +30,10 @@ class ClusterSpec:
     """Coordinator replicas: one leads, the others stand by."""
     health_monitors: int = 1
     """Health monitor replicas: one is active, the others stand by (0: none)."""
+    consensus: int = 1
+    """Consensus instances: one is active, the others stand by (0: none)."""
+    consensus_port: int = 0
+    """First consensus instance's port; the others take the next ones (0: free ports)."""
     cluster: str = "default"
     etcd_port: int = 0
     """etcd client port (0: a free one)."""
@@ -62,6 +66,10 @@ class LocalCluster:
         first = spec.coordinator_port
         self.coordinator_endpoints = [
             f"127.0.0.1:{first + i if first else free_port()}" for i in range(spec.coordinators)
+        ]
+        first = spec.consensus_port
+        self.consensus_endpoints = [
+            f"127.0.0.1:{first + i if first else free_port()}" for i in range(spec.consensus)
         ]
 
     @property
@@ -112,6 +120,11 @@ class LocalCluster:
             self._spawn(
                 f"health-{i + 1}",
                 ["serve", "health", "--listen", "127.0.0.1:0", "--node-id", f"health-{i + 1}"],
+            )
+        for i, endpoint in enumerate(self.consensus_endpoints):
+            self._spawn(
+                f"consensus-{i + 1}",
+                ["serve", "consensus", "--listen", endpoint, "--node-id", f"consensus-{i + 1}"],
             )
         per_pool = [
             self.spec.agents // self.spec.pools
@@ -188,7 +201,11 @@ class LocalCluster:
             etcd=self.etcd.endpoint, cluster=self.spec.cluster, timeout_s=2.0, retry_s=1.0
         ) as client:
             while time.monotonic() - t0 < timeout_s:
-                dead = [n for n in self.dead() if n.startswith(("coordinator", "pool", "health"))]
+                dead = [
+                    n
+                    for n in self.dead()
+                    if n.startswith(("coordinator", "pool", "health", "consensus"))
+                ]
                 if dead:
                     raise RuntimeError(f"{', '.join(dead)} exited during start; see {self.log_dir}")
                 try:
@@ -215,3 +232,23 @@ class LocalCluster:
             return await current_leader(etcd, "health") is not None
         finally:
             await etcd.close()
+
+    async def wait_voters(self, voters: int, timeout_s: float = 60.0) -> float:
+        """Wait until a consensus instance is active with `voters` agents connected to it."""
+        from services.consensus.client import ConsensusClient
+
+        t0 = time.monotonic()
+        async with ConsensusClient(
+            self.etcd.endpoint, self.spec.cluster, timeout_s=2.0, retry_s=1.0
+        ) as client:
+            while time.monotonic() - t0 < timeout_s:
+                try:
+                    status = await client.status()
+                    if status.leader_endpoint and len(status.voters) >= voters:
+                        return time.monotonic() - t0
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError(
+            f"{voters} voters not connected to consensus after {timeout_s}s; see {self.log_dir}"
+        )

@@ -25,7 +25,7 @@ class PoolConfig:
     """Agents kept pre-started (channel open, not taking work) for fast spawns and replacements."""
     capacity: int = 1
     """Tasks each agent runs at once."""
-    kinds: tuple[str, ...] = ("echo", "sleep", "noop", "fail")
+    kinds: tuple[str, ...] = ("echo", "sleep", "noop", "fail", "propose")
     """Task kinds the agents advertise (each needs an executor)."""
     roles: tuple[str, ...] = ()
     """Roles the agents advertise (tasks may require one)."""
@@ -38,6 +38,15 @@ class PoolConfig:
     saying so; keep it at or under the coordinator's (which fails it too)."""
     task_timeout_s: float = 300.0
     """Default per-attempt limit when a task sets none."""
+    vote_policy: str = "always"
+    """How the agents vote on proposals: always, never, abstain, silent,
+    random:SEED[:P_APPROVE] or field:NAME[=VALUE] (see services/agent_pool/voter.py)."""
+    vote_delay_ms: str = "0"
+    """Think time before each vote (SIMULATED, like `sleep`): fixed:MS, uniform:LO:HI or
+    lognormal:MEDIAN:SIGMA; 0 answers at once."""
+    byzantine: tuple[str, ...] = ()
+    """Faulty voters among the first agents, for tests and load tests: MODE:COUNT with
+    MODE forge, equivocate, unknown-proposal, impersonate or silent."""
     lease_ttl_s: int = 2
     """The pool's etcd lease TTL; claims die with it, so a dead pool's tasks are requeued
     within this long even if no coordinator saw its streams drop."""

@@ -43,6 +43,13 @@ from services.agent_pool.agent import A, Agent, PoolContext, leader_endpoint_of
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.executors import build_executors, etcd_context_source
 from services.agent_pool.heartbeat import Heartbeater, TaskTracker
+from services.agent_pool.voter import (
+    Policy,
+    ProposeExecutor,
+    VoterInfo,
+    VoterPool,
+    parse_byzantine,
+)
 from services.coordinator import limits
 
 log = logging.getLogger(__name__)
@@ -61,9 +68,25 @@ class PoolNode:
         self.lease = KeptLease(self.etcd, cfg.lease_ttl_s, SystemClock())
         self.flaky: set[str] = set()
         self.tracker = TaskTracker(cfg.task_timeout_s, flaky=self.flaky.__contains__)
-        self.executors = self.tracker.wrap(
-            build_executors(cfg.kinds, cfg.sleep_ms, context_source=etcd_context_source(self.etcd))
+        executors = build_executors(
+            tuple(k for k in cfg.kinds if k != "propose"),
+            cfg.sleep_ms,
+            context_source=etcd_context_source(self.etcd),
         )
+        # consensus: every agent votes on its own Participate stream (voter.py)
+        self.voters = VoterPool(
+            self.etcd,
+            self.pool_id,
+            lambda: self.lease.id,
+            Policy.parse(cfg.vote_policy),
+            parse_byzantine(cfg.byzantine),
+            cfg.vote_delay_ms,
+        )
+        if "propose" in cfg.kinds:
+            from services.consensus.client import ConsensusClient
+
+            executors["propose"] = ProposeExecutor(ConsensusClient(self.etcd))
+        self.executors = self.tracker.wrap(executors)
         self.defaults = ppb.AgentTemplate(
             roles=cfg.roles, labels=cfg.label_map(), kinds=cfg.kinds, capacity=cfg.capacity
         )
@@ -184,6 +207,7 @@ class PoolNode:
             ]
             with contextlib.suppress(StoreUnavailableError):
                 await self.etcd.txn([], ops)
+        await self.voters.register([_voter_info(a) for a in agents])
 
     async def spawn(
         self,
@@ -210,6 +234,8 @@ class PoolNode:
                 wave.append(agent)
                 self.agents[agent.agent_id] = (agent, asyncio.ensure_future(agent.run()))
             await self._register_agents(wave)
+            for agent in wave:
+                self.voters.start(_voter_info(agent))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     asyncio.gather(*(a.welcomed.wait() for a in wave)), timeout_s
@@ -249,6 +275,7 @@ class PoolNode:
                     continue
                 agent, task = held
                 task.cancel()
+                self.voters.stop(agent_id)
                 for _, runner in agent.running.values():
                     runner.cancel()
                 agent.state = A.AGENT_STATE_STOPPED
@@ -405,6 +432,7 @@ class PoolNode:
             asyncio.ensure_future(self._follow_leader()),
             asyncio.ensure_future(self._keep_lease()),
             asyncio.ensure_future(self.heartbeats.run()),
+            asyncio.ensure_future(self.voters.follow()),
         ]
         try:
             if self.cfg.agents:
@@ -432,6 +460,7 @@ class PoolNode:
             for task in leftover:
                 task.cancel()
             await asyncio.gather(*leftover, return_exceptions=True)
+            await self.voters.close()
             await self.lease.revoke()
             for channel in self._channels.values():
                 await channel.close()
@@ -439,6 +468,11 @@ class PoolNode:
 
     async def _drain_all(self) -> None:
         await self.stop_agents(list(self.agents), 0, graceful=True)
+
+
+def _voter_info(agent: Agent) -> VoterInfo:
+    t = agent.template
+    return VoterInfo(agent.agent_id, tuple(t.roles), dict(t.labels))
 
 
 class PoolServicer(ppb_grpc.AgentPoolServicer):

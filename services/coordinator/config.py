@@ -22,7 +22,7 @@ class CoordinatorConfig:
     plus one campaign round trip; 2 s is etcd's minimum with default timings."""
     strategy: str = "least-loaded"
     """Assignment strategy: least-loaded, round-robin, weighted or random."""
-    task_kinds: tuple[str, ...] = ("echo", "sleep", "noop", "llm", "fail")
+    task_kinds: tuple[str, ...] = ("echo", "sleep", "noop", "llm", "fail", "propose")
     """Kinds a task may have; anything else is refused with INVALID_ARGUMENT."""
     max_payload_bytes: int = 512 * 1024
     """Largest accepted task payload. With max_result_bytes and the other fields it must

@@ -1,0 +1,170 @@
+"""A Python client of the Consensus service: finds the active instance through etcd,
+follows a standby's pointer, and retries what is safe to retry.
+
+Propose is safe to retry only with a proposal_id: the client sets one when the
+caller did not, so a Propose whose reply was lost (a failover) is sent again to
+the next active instance and returns the same proposal and, in time, its decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from protos.agentmesh.v1 import consensus_pb2 as pb
+from protos.agentmesh.v1 import consensus_pb2_grpc as pb_grpc
+from registry.election import current_leader
+from registry.etcd import Etcd
+from registry.leadership import parse_leader_value
+from services._common.errors import LEADER_METADATA_KEY, StoreUnavailableError
+
+RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+WAIT_MARGIN_S = 5.0
+"""A waiting Propose's deadline: the proposal's timeout plus this (the decision
+commit and a failover fit in it)."""
+
+
+class ConsensusClient:
+    """Args:
+    etcd: etcd endpoints (a string) or an open `Etcd` client to share.
+    cluster: the cluster name (key prefix); ignored with an `Etcd` client.
+    timeout_s: deadline of each call that does not wait for a decision.
+    retry_s: how long to keep retrying while no active instance answers.
+    """
+
+    def __init__(
+        self,
+        etcd: str | Etcd,
+        cluster: str = "default",
+        timeout_s: float = 10.0,
+        retry_s: float = 15.0,
+    ) -> None:
+        if isinstance(etcd, Etcd):
+            self.etcd, self._own_etcd = etcd, False
+        else:
+            self.etcd = Etcd(etcd, prefix=f"/agentmesh/{cluster}/", timeout_s=3.0)
+            self._own_etcd = True
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self._endpoint = ""
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.ConsensusStub | None = None
+
+    async def __aenter__(self) -> ConsensusClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        if self._own_etcd:
+            await self.etcd.close()
+
+    async def leader(self) -> str:
+        """The active instance's endpoint ('' when none is elected or etcd is down)."""
+        try:
+            found = await current_leader(self.etcd, "consensus")
+        except StoreUnavailableError:
+            return ""
+        return parse_leader_value(found.value)[1] if found else ""
+
+    def _use(self, endpoint: str) -> pb_grpc.ConsensusStub:
+        if endpoint != self._endpoint or self._stub is None:
+            if self._channel is not None:
+                asyncio.ensure_future(self._channel.close(grace=1.0))
+            self._endpoint = endpoint
+            self._channel = grpc.aio.insecure_channel(endpoint)
+            self._stub = pb_grpc.ConsensusStub(self._channel)
+        return self._stub
+
+    async def _stub_now(self) -> pb_grpc.ConsensusStub:
+        if self._stub is not None:
+            return self._stub
+        endpoint = await self.leader()
+        if not endpoint:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "no active consensus instance is elected yet",
+            )
+        return self._use(endpoint)
+
+    def _follow(self, err: grpc.aio.AioRpcError) -> None:
+        pointed = ""
+        for key, value in err.trailing_metadata() or ():
+            if key == LEADER_METADATA_KEY:
+                pointed = str(value)
+        if pointed and pointed != self._endpoint:
+            self._use(pointed)
+        else:
+            self._stub = None  # look the active instance up again
+
+    async def _call(self, name: str, request: Any, timeout_s: float | None = None) -> Any:
+        deadline = asyncio.get_running_loop().time() + self.retry_s + (timeout_s or 0)
+        backoff = 0.05
+        while True:
+            try:
+                stub = await self._stub_now()
+                return await getattr(stub, name)(request, timeout=timeout_s or self.timeout_s)
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RETRY_CODES:
+                    raise
+                self._follow(err)
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+            backoff = min(backoff * 2, 1.0)
+
+    async def propose(self, request: pb.ProposeRequest) -> pb.ProposeResponse:
+        """Open a proposal; with `request.wait`, return once it is decided."""
+        if not request.proposal_id:
+            request.proposal_id = f"p-{secrets.token_hex(8)}"
+        timeout = (request.timeout_s or 30.0) + WAIT_MARGIN_S if request.wait else None
+        return await self._call("Propose", request, timeout)  # type: ignore[no-any-return]
+
+    async def decision(self, proposal_id: str) -> pb.Decision:
+        return await self._call(  # type: ignore[no-any-return]
+            "GetDecision", pb.GetDecisionRequest(proposal_id=proposal_id)
+        )
+
+    async def list_decisions(self, **fields: Any) -> pb.ListDecisionsResponse:
+        return await self._call("ListDecisions", pb.ListDecisionsRequest(**fields))  # type: ignore[no-any-return]
+
+    async def status(self) -> pb.ConsensusStatus:
+        return await self._call("GetStatus", pb.GetConsensusStatusRequest())  # type: ignore[no-any-return]
+
+    async def watch_decisions(
+        self, protocol: int = 0, after_revision: int = 0
+    ) -> AsyncIterator[pb.Decision]:
+        """Every decision after `after_revision` (0: from now), in etcd revision order,
+        resuming after the last one seen across reconnects: nothing is missed."""
+        after = after_revision
+        backoff = 0.05
+        while True:
+            try:
+                stub = await self._stub_now()
+                call = stub.WatchDecisions(
+                    pb.WatchDecisionsRequest(protocol=protocol, after_revision=after)  # type: ignore[arg-type]
+                )
+                try:
+                    async for decision in call:
+                        backoff = 0.05
+                        after = decision.revision
+                        yield decision
+                finally:
+                    call.cancel()
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RETRY_CODES:
+                    raise
+                self._follow(err)
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+            backoff = min(backoff * 2, 1.0)

@@ -1,0 +1,802 @@
+"""The consensus core: proposals, vote intake, decisions and timeouts. No gRPC here.
+
+One core per term of the active instance. It counts a vote only once the vote is
+committed to etcd, and commits a decision only from counted votes, so a new
+active instance that loads the same records reaches the same verdict: an open
+proposal is finished by whoever holds the term, or times out, never left open.
+Time comes from the injected Clock (deadlines are wall-clock microseconds, stored
+with the proposal, so they hold across failover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import secrets
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from protos.agentmesh.v1 import consensus_pb2 as pb
+from services._common.clock import Clock
+from services._common.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotLeaderError,
+    ResourceExhaustedError,
+)
+from services.consensus import limits, rules, signing
+from services.consensus.config import ConsensusConfig
+
+log = logging.getLogger(__name__)
+
+RECENT_DECISIONS = 10_000
+"""Decided ids remembered, so a late vote is ignored rather than reported as a fault."""
+RECENT_FAULTS = 100
+FINISHED_KEPT = 1000
+"""Decided proposals whose votes stay in memory, for faults that show after a decision."""
+OUTSIDERS_PER_PROPOSAL = 100
+WINNING_VOTES_SHOWN = 16
+CARRIED_RECORDS = 100
+"""Vote records a decision's transaction carries at most (etcd: 128 ops a transaction)."""
+CARRIED_BYTES = 768 * 1024
+"""... and their bytes at most (etcd refuses requests over 1.5 MiB)."""
+TIMER_IDLE_S = 3600.0
+
+Send = Callable[[pb.ConsensusMessage | None], None]
+
+
+class Store(Protocol):
+    def put_vote(self, record: pb.VoteRecord) -> asyncio.Future[None]:
+        """Queue the record's current state (serialized at once) for a grouped write."""
+        ...
+
+    async def create_proposal(
+        self, proposal: pb.Proposal
+    ) -> tuple[pb.Proposal, pb.Decision | None, bool]: ...
+
+    async def update_proposal(self, proposal: pb.Proposal) -> None: ...
+
+    async def commit_decision(
+        self, decision: pb.Decision, records: list[pb.VoteRecord] = ...
+    ) -> pb.Decision: ...
+
+    async def load_open(self) -> list[tuple[pb.Proposal, list[pb.VoteRecord]]]: ...
+
+    async def public_key(self, agent_id: str) -> bytes | None: ...
+
+    async def get_proposal(self, proposal_id: str) -> pb.Proposal | None: ...
+
+    async def get_decision(self, proposal_id: str) -> pb.Decision | None: ...
+
+    async def votes_of(self, proposal_id: str) -> list[pb.VoteRecord]: ...
+
+
+@dataclass(eq=False)
+class Voter:
+    """An agent with an open Participate stream."""
+
+    agent_id: str
+    pool_id: str
+    roles: frozenset[str]
+    labels: dict[str, str]
+    send: Send
+    key: Ed25519PublicKey | None = None
+
+
+@dataclass(eq=False)
+class Open:
+    """An undecided proposal and what is known of its votes."""
+
+    proposal: pb.Proposal
+    voters: frozenset[str]
+    choices: tuple[str, ...]
+    done: asyncio.Future[pb.Decision]
+    records: dict[str, pb.VoteRecord] = field(default_factory=dict)
+    """Each agent's record as this instance wants it in etcd (may be ahead of etcd)."""
+    counted: dict[str, str] = field(default_factory=dict)
+    """Agents with a valid vote in the current round → its choice name. A vote counts
+    from the moment it is validated; the decision that rests on it is committed in
+    one transaction with every record not yet in etcd, so a decision never rests on
+    a vote etcd does not have."""
+    counts: Counter[str] = field(default_factory=Counter)
+    excluded: set[str] = field(default_factory=set)
+    outsiders: list[pb.Exclusion] = field(default_factory=list)
+    writing: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    again: set[str] = field(default_factory=set)
+    """Agents whose record changed while a write of it was in flight."""
+    version: Counter[str] = field(default_factory=Counter)
+    dirty: set[str] = field(default_factory=set)
+    """Agents whose latest record is not known to be in etcd."""
+    cleaned: asyncio.Event = field(default_factory=asyncio.Event)
+    previous_tally: dict[str, int] = field(default_factory=dict)
+    state: str = "open"
+    """open → (advancing → open) → deciding → decided."""
+
+    @property
+    def n(self) -> int:
+        return len(self.voters)
+
+    def vote_in_round(self, agent_id: str, round_: int) -> pb.Vote | None:
+        record = self.records.get(agent_id)
+        if record is None:
+            return None
+        for vote in record.votes:
+            if vote.round == round_:
+                return vote
+        return None
+
+
+def same_content(stored: pb.Proposal, req: pb.ProposeRequest) -> bool:
+    """A replayed Propose (same id) must ask the same question."""
+    return (
+        stored.topic == req.topic
+        and stored.payload == req.payload
+        and list(stored.options) == list(req.options)
+        and stored.protocol == (req.protocol or pb.PROTOCOL_QUORUM)
+    )
+
+
+def _same_vote(a: pb.Vote, b: pb.Vote) -> bool:
+    return (
+        a.choice == b.choice
+        and a.option == b.option
+        and a.reason == b.reason
+        and a.signature == b.signature
+    )
+
+
+class ConsensusCore:
+    """The active instance's state for one term.
+
+    Args:
+        store: fenced etcd writes (ConsensusStore) or a fake.
+        clock: injected time.
+        cfg: limits and defaults.
+        term: this instance's fencing token (recorded in proposals and decisions).
+        node_id: this instance's id (in welcomes).
+    """
+
+    def __init__(
+        self, store: Store, clock: Clock, cfg: ConsensusConfig, *, term: int, node_id: str = ""
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.cfg = cfg
+        self.term = term
+        self.node_id = node_id
+        self.voters: dict[str, Voter] = {}
+        self.open: dict[str, Open] = {}
+        self.recent: OrderedDict[str, pb.Decision] = OrderedDict()
+        self.finished: OrderedDict[str, Open] = OrderedDict()
+        self.faults: deque[pb.Exclusion] = deque(maxlen=RECENT_FAULTS)
+        self.loaded = asyncio.Event()
+        self.failed: BaseException | None = None
+        self._timers: list[tuple[int, int, str, str]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._creating: dict[str, asyncio.Future[None]] = {}
+        self.closed = False
+
+    # ---- lifecycle ----
+
+    async def run(self) -> None:
+        """Load the open proposals, then fire deadlines until the term ends; raises
+        the error that ended it (NotLeaderError when a fenced write was refused)."""
+        for proposal, records in await self.store.load_open():
+            self._adopt(proposal, records)
+        self.loaded.set()
+        log.info("consensus core ready", extra={"term": self.term, "open": len(self.open)})
+        while True:
+            if self.failed is not None:
+                raise self.failed
+            now = self.clock.wall_us()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, pid, kind = heapq.heappop(self._timers)
+                self._fire(pid, kind)
+            delay = (self._timers[0][0] - now) / 1e6 if self._timers else TIMER_IDLE_S
+            self._wake.clear()
+            sleeper = asyncio.ensure_future(self.clock.sleep(max(0.0, delay)))
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                waker.cancel()
+
+    async def close(self) -> None:
+        """End the term: close every stream, fail every waiter (its client retries on
+        the next active instance, which finishes the proposal)."""
+        self.closed = True
+        for voter in tuple(self.voters.values()):
+            voter.send(None)
+        self.voters.clear()
+        for task in tuple(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for p in self.open.values():
+            if not p.done.done():
+                p.done.set_exception(
+                    NotLeaderError("the consensus term ended; the next active instance decides")
+                )
+                p.done.exception()  # retrieved: a waiter may be gone
+
+    def _fail(self, err: BaseException) -> None:
+        if self.failed is None:
+            self.failed = err if isinstance(err, NotLeaderError) else NotLeaderError(str(err))
+            log.warning("consensus term failing", extra={"error": repr(err)})
+        self._wake.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is not None:
+            if not isinstance(err, NotLeaderError):
+                log.error("consensus background write failed", exc_info=err)
+            self._fail(err)
+
+    def _timer(self, at_us: int, pid: str, kind: str) -> None:
+        heapq.heappush(self._timers, (at_us, next(self._seq), pid, kind))
+        if self._timers[0][2] == pid:
+            self._wake.set()
+
+    # ---- voters ----
+
+    async def connect(self, hello: pb.VoterHello, send: Send) -> Voter:
+        """An agent's Participate stream said hello; it gets the open requests it owes."""
+        limits.check_hello(hello)
+        await self.loaded.wait()
+        raw = await self.store.public_key(hello.agent_id)
+        voter = Voter(
+            hello.agent_id,
+            hello.pool_id,
+            frozenset(hello.roles),
+            dict(hello.labels),
+            send,
+            signing.load_public(raw) if raw else None,
+        )
+        old = self.voters.get(voter.agent_id)
+        if old is not None:
+            old.send(None)  # a reconnect replaces the older stream
+        self.voters[voter.agent_id] = voter
+        send(pb.ConsensusMessage(welcome=pb.VoterWelcome(instance_id=self.node_id, term=self.term)))
+        for p in self.open.values():
+            if p.state == "open" and self._owes(p, voter.agent_id):
+                send(self._request(p))
+        return voter
+
+    def disconnect(self, voter: Voter) -> None:
+        if self.voters.get(voter.agent_id) is voter:
+            del self.voters[voter.agent_id]
+
+    def _owes(self, p: Open, agent_id: str) -> bool:
+        return (
+            agent_id in p.voters
+            and agent_id not in p.excluded
+            and p.vote_in_round(agent_id, p.proposal.round) is None
+        )
+
+    def _request(self, p: Open) -> pb.ConsensusMessage:
+        msg = pb.ConsensusMessage()
+        req = msg.request
+        req.proposal.CopyFrom(p.proposal)
+        # the eligible list is for the service: sent to every voter it would cost
+        # each proposal n × n ids (100 voters: 130 KB serialized and parsed)
+        del req.proposal.voters[:]
+        req.round = p.proposal.round
+        req.previous_tally.update(p.previous_tally)
+        return msg
+
+    def _ask(self, p: Open) -> None:
+        msg = self._request(p)
+        by_pool: dict[str, list[Voter]] = {}
+        for agent_id in p.voters:
+            voter = self.voters.get(agent_id)
+            if voter is not None and self._owes(p, agent_id):
+                by_pool.setdefault(voter.pool_id, []).append(voter)
+        # Round-robin over the pools: every pool process starts answering at once,
+        # instead of the second idling until all of the first pool's agents were asked.
+        for group in itertools.zip_longest(*by_pool.values()):
+            for voter in group:
+                if voter is not None:
+                    voter.send(msg)
+
+    # ---- proposals ----
+
+    def resolve(self, selector: pb.VoterSelector) -> list[str]:
+        which = selector.WhichOneof("selector")
+        if which == "agents":
+            return sorted(set(selector.agents.agent_ids))
+        voters = self.voters.values()
+        if which == "role":
+            return sorted(v.agent_id for v in voters if selector.role in v.roles)
+        if which == "labels":
+            want = dict(selector.labels.labels)
+            return sorted(
+                v.agent_id for v in voters if all(v.labels.get(k) == x for k, x in want.items())
+            )
+        return sorted(v.agent_id for v in voters)
+
+    async def propose(
+        self, req: pb.ProposeRequest
+    ) -> tuple[pb.Proposal, pb.Decision | None, bool, asyncio.Future[pb.Decision] | None]:
+        """Open a proposal (or find the one with this id).
+
+        Returns (proposal, decision if already decided, created, a future of the
+        decision while it is open)."""
+        limits.check_propose(req)
+        await self.loaded.wait()
+        pid = req.proposal_id or f"p-{self.clock.wall_us():x}-{secrets.token_hex(4)}"
+        while pid in self._creating:  # the same id being created by a concurrent call
+            await asyncio.shield(self._creating[pid])
+        existing = self.open.get(pid)
+        if existing is not None:
+            if not same_content(existing.proposal, req):
+                raise AlreadyExistsError(f"proposal {pid} exists with other content")
+            return existing.proposal, None, False, existing.done
+        if pid in self.recent and req.proposal_id:
+            stored = await self.store.get_proposal(pid)
+            if stored is not None and not same_content(stored, req):
+                raise AlreadyExistsError(f"proposal {pid} exists with other content")
+            return stored or pb.Proposal(proposal_id=pid), self.recent[pid], False, None
+        if len(self.open) >= self.cfg.max_open_proposals:
+            raise ResourceExhaustedError(
+                f"{len(self.open)} proposals are open (the limit); retry when some are decided"
+            )
+        proposal = self._new_proposal(pid, req)
+        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._creating[pid] = marker
+        try:
+            stored, decision, created = await self.store.create_proposal(proposal)
+            if not created and not same_content(stored, req):
+                raise AlreadyExistsError(f"proposal {pid} exists with other content")
+            if decision is not None:
+                return stored, decision, False, None
+            p = self.open.get(pid)
+            if p is None:
+                # created now, or open in etcd from before and not yet here
+                records = [] if created else await self.store.votes_of(pid)
+                p = self._adopt(stored, records)
+            return stored, None, created, p.done
+        finally:
+            del self._creating[pid]
+            marker.set_result(None)
+
+    def _new_proposal(self, pid: str, req: pb.ProposeRequest) -> pb.Proposal:
+        protocol = req.protocol or pb.PROTOCOL_QUORUM
+        voters = self.resolve(req.voters)
+        n = len(voters)
+        if not n:
+            raise FailedPreconditionError(
+                "no eligible voters: no connected agent matches the voters selector"
+            )
+        if req.quorum > n:
+            raise InvalidArgumentError(f"quorum {req.quorum} is more than the {n} eligible voters")
+        try:
+            f = rules.bft_faulty(n, req.max_faulty) if protocol == pb.PROTOCOL_BFT else 0
+            thr = rules.threshold(protocol, n, 1, req.quorum, f)
+        except rules.RuleError as err:
+            raise FailedPreconditionError(str(err)) from err
+        now = self.clock.wall_us()
+        timeout_us = int((req.timeout_s or self.cfg.default_timeout_s) * 1e6)
+        return pb.Proposal(
+            proposal_id=pid,
+            topic=req.topic,
+            payload=req.payload,
+            options=req.options,
+            protocol=protocol,  # type: ignore[arg-type]
+            voters=voters,
+            threshold=thr,
+            max_faulty=f,
+            round=1,
+            created_at_us=now,
+            deadline_at_us=now + timeout_us,
+            round1_deadline_at_us=now + timeout_us // 2 if protocol == pb.PROTOCOL_FAST else 0,
+            proposer=req.proposer,
+            term=self.term,
+            quorum=req.quorum,
+        )
+
+    def _adopt(self, proposal: pb.Proposal, records: list[pb.VoteRecord]) -> Open:
+        """Take charge of an open proposal: count its committed votes, arm its timers,
+        ask the voters who owe a vote, and decide at once if the votes already do."""
+        done: asyncio.Future[pb.Decision] = asyncio.get_running_loop().create_future()
+        p = Open(
+            proposal=proposal,
+            voters=frozenset(proposal.voters),
+            choices=rules.choices_of(list(proposal.options)),
+            done=done,
+        )
+        for record in records:
+            p.records[record.agent_id] = record
+            if record.agent_id not in p.voters:
+                continue
+            if record.HasField("excluded"):
+                p.excluded.add(record.agent_id)
+                continue
+            vote = p.vote_in_round(record.agent_id, proposal.round)
+            if vote is not None:
+                name = rules.choice_name(vote.choice, vote.option)
+                p.counted[record.agent_id] = name
+                p.counts[name] += 1
+        self.open[proposal.proposal_id] = p
+        self._timer(proposal.deadline_at_us, proposal.proposal_id, "deadline")
+        if proposal.protocol == pb.PROTOCOL_FAST and proposal.round == 1:
+            self._timer(proposal.round1_deadline_at_us, proposal.proposal_id, "round1")
+        self._ask(p)
+        self._check(p)
+        return p
+
+    def _fire(self, pid: str, kind: str) -> None:
+        p = self.open.get(pid)
+        if p is None or p.state == "deciding":
+            return
+        if p.state == "advancing":
+            # a round change is being written; look again right after
+            self._timer(self.clock.wall_us() + 10_000, pid, kind)
+            return
+        if kind == "round1":
+            if p.proposal.round == 1:
+                self._next_round(p)
+        else:
+            self._decide(p, pb.OUTCOME_TIMED_OUT, "")
+
+    # ---- votes ----
+
+    def on_vote(self, voter: Voter, vote: pb.Vote) -> None:
+        """A vote arrived on `voter`'s stream. It counts once committed; a fault is
+        reported (and, for an eligible voter, excludes it)."""
+        pid = vote.proposal_id
+        p = self.open.get(pid) or self.finished.get(pid)
+        if p is None:
+            if pid in self.recent:
+                return  # a late vote on a decided proposal: harmless
+            self._spawn(self._unknown_proposal(voter, vote))
+            return
+        agent = voter.agent_id
+        if vote.agent_id != agent:
+            self._fault(
+                voter,
+                vote,
+                pb.FAULT_UNKNOWN_AGENT,
+                f"vote names agent {vote.agent_id[:64]!r} on the stream of {agent!r}",
+                p if agent in p.voters else None,
+            )
+            return
+        if agent not in p.voters:
+            self._outsider(p, voter, vote, "not an eligible voter of this proposal")
+            return
+        if agent in p.excluded or (agent in p.records and p.records[agent].HasField("excluded")):
+            return  # already excluded: nothing it sends counts
+        if vote.round != p.proposal.round:
+            self._reject(voter, vote, "not the current round of this proposal")
+            return
+        problem = limits.vote_problem(vote, tuple(p.proposal.options))
+        if problem:
+            self._reject(voter, vote, problem)
+            return
+        if p.proposal.protocol == pb.PROTOCOL_BFT:
+            if voter.key is None:
+                self._fault(
+                    voter,
+                    vote,
+                    pb.FAULT_UNKNOWN_AGENT,
+                    "no public key registered under keys/<agent id>",
+                    p,
+                )
+                return
+            if not signing.verify(voter.key, vote):
+                self._fault(voter, vote, pb.FAULT_FORGED_SIGNATURE, "signature does not verify", p)
+                return
+        earlier = p.vote_in_round(agent, vote.round)
+        if earlier is not None:
+            if not _same_vote(earlier, vote):
+                self._fault(
+                    voter,
+                    vote,
+                    pb.FAULT_EQUIVOCATION,
+                    f"two different votes in round {vote.round}",
+                    p,
+                    conflicting=vote,
+                )
+            return  # the same vote again (a resend after reconnect): already recorded
+        vote.received_at_us = self.clock.wall_us()
+        record = p.records.get(agent)
+        if record is None:
+            record = pb.VoteRecord(proposal_id=pid, agent_id=agent)
+            p.records[agent] = record
+        record.votes.append(vote)  # appending copies it into the record
+        if p.state != "open":
+            # decided (or changing rounds): too late to count, but kept in memory, so
+            # a conflicting second vote is still caught as equivocation
+            return
+        name = rules.choice_name(vote.choice, vote.option)
+        p.counted[agent] = name
+        p.counts[name] += 1
+        self._write(p, agent)
+        self._check(p)
+
+    def _excluded(self, p: Open, agent: str) -> None:
+        if p.state in ("deciding", "decided") or agent in p.excluded:
+            return
+        p.excluded.add(agent)
+        name = p.counted.pop(agent, None)
+        if name is not None:
+            p.counts[name] -= 1
+        self._check(p)
+
+    def _write(self, p: Open, agent: str) -> None:
+        """Commit the agent's record as it is now (group-committed); one write per
+        agent at a time, so etcd ends with the latest state whatever order
+        transactions land in."""
+        p.version[agent] += 1
+        p.dirty.add(agent)
+        if agent in p.writing:
+            p.again.add(agent)
+        else:
+            self._flush_agent(p, agent)
+
+    def _flush_agent(self, p: Open, agent: str) -> None:
+        version = p.version[agent]
+        fut = self.store.put_vote(p.records[agent])  # serialized now: a snapshot
+        p.writing[agent] = fut
+
+        def written(f: asyncio.Future[None]) -> None:
+            p.writing.pop(agent, None)
+            if f.cancelled():
+                return
+            err = f.exception()
+            if err is not None:
+                self._fail(err)
+                return
+            if p.version[agent] == version:
+                p.dirty.discard(agent)
+                p.cleaned.set()
+            if agent in p.again and not self.closed:
+                p.again.discard(agent)
+                self._flush_agent(p, agent)
+
+        fut.add_done_callback(written)
+
+    # ---- faults ----
+
+    def _exclusion(self, agent: str, vote: pb.Vote, fault: int, detail: str) -> pb.Exclusion:
+        return pb.Exclusion(
+            agent_id=agent,
+            fault=fault,  # type: ignore[arg-type]
+            detail=detail,
+            proposal_id=vote.proposal_id[: limits.MAX_ID],
+            round=vote.round,
+            at_us=self.clock.wall_us(),
+        )
+
+    def _report(self, voter: Voter, vote: pb.Vote, exclusion: pb.Exclusion) -> None:
+        self.faults.append(exclusion)
+        log.warning(
+            "voter fault",
+            extra={
+                "agent": exclusion.agent_id,
+                "fault": pb.Fault.Name(exclusion.fault),
+                "proposal": exclusion.proposal_id,
+                "detail": exclusion.detail,
+            },
+        )
+        voter.send(
+            pb.ConsensusMessage(
+                rejected=pb.VoteRejected(
+                    proposal_id=exclusion.proposal_id,
+                    round=vote.round,
+                    fault=exclusion.fault,
+                    reason=exclusion.detail,
+                )
+            )
+        )
+
+    def _fault(
+        self,
+        voter: Voter,
+        vote: pb.Vote,
+        fault: int,
+        detail: str,
+        p: Open | None,
+        *,
+        conflicting: pb.Vote | None = None,
+    ) -> None:
+        """Report a fault; an eligible voter of `p` is excluded from it, durably."""
+        agent = voter.agent_id
+        exclusion = self._exclusion(agent, vote, fault, detail)
+        self._report(voter, vote, exclusion)
+        if p is None:
+            return
+        record = p.records.get(agent)
+        if record is None:
+            record = pb.VoteRecord(proposal_id=p.proposal.proposal_id, agent_id=agent)
+            p.records[agent] = record
+        if record.HasField("excluded"):
+            return
+        record.excluded.CopyFrom(exclusion)
+        # the evidence: the second vote of an equivocation, or the offending vote
+        record.conflicting.CopyFrom(conflicting or vote)
+        # Excluded at once, before the record is committed: an exclusion only takes
+        # votes away, so no decision can rest on it; and the vote it cancels (an
+        # equivocator's first, perhaps still being committed) never counts.
+        self._excluded(p, agent)
+        self._write(p, agent)
+
+    def _outsider(self, p: Open, voter: Voter, vote: pb.Vote, detail: str) -> None:
+        exclusion = self._exclusion(voter.agent_id, vote, pb.FAULT_UNKNOWN_AGENT, detail)
+        self._report(voter, vote, exclusion)
+        if len(p.outsiders) < OUTSIDERS_PER_PROPOSAL and not any(
+            o.agent_id == voter.agent_id for o in p.outsiders
+        ):
+            p.outsiders.append(exclusion)
+
+    def _reject(self, voter: Voter, vote: pb.Vote, reason: str) -> None:
+        voter.send(
+            pb.ConsensusMessage(
+                rejected=pb.VoteRejected(
+                    proposal_id=vote.proposal_id[: limits.MAX_ID], round=vote.round, reason=reason
+                )
+            )
+        )
+
+    async def _unknown_proposal(self, voter: Voter, vote: pb.Vote) -> None:
+        pid = vote.proposal_id
+        known = False
+        with contextlib.suppress(InvalidArgumentError):
+            limits.check_id(pid, "proposal_id")
+            # decided by an earlier term: a late vote, not a fault
+            known = await self.store.get_proposal(pid) is not None
+        if not known:
+            exclusion = self._exclusion(
+                voter.agent_id, vote, pb.FAULT_UNKNOWN_PROPOSAL, "no such proposal"
+            )
+            self._report(voter, vote, exclusion)
+
+    # ---- deciding ----
+
+    def _check(self, p: Open) -> None:
+        if p.state != "open":
+            return
+        verdict = rules.evaluate(
+            protocol=p.proposal.protocol,
+            round_=p.proposal.round,
+            threshold_=p.proposal.threshold,
+            choices=p.choices,
+            counts=p.counts,
+            pending=p.n - len(p.counted) - len(p.excluded),
+        )
+        if verdict.kind is rules.Kind.DECIDED:
+            outcome, option = rules.outcome_of(verdict.choice)
+            self._decide(p, outcome, option, verdict.choice)
+        elif verdict.kind is rules.Kind.NO_QUORUM:
+            self._decide(p, pb.OUTCOME_NO_QUORUM, "")
+        elif verdict.kind is rules.Kind.NEXT_ROUND:
+            self._next_round(p)
+
+    def _next_round(self, p: Open) -> None:
+        p.state = "advancing"
+        self._spawn(self._advance(p))
+
+    async def _advance(self, p: Open) -> None:
+        nxt = pb.Proposal()
+        nxt.CopyFrom(p.proposal)
+        nxt.round = 2
+        nxt.threshold = rules.threshold(nxt.protocol, p.n, 2, nxt.quorum, nxt.max_faulty)
+        await self.store.update_proposal(nxt)
+        p.previous_tally = dict(p.counts)
+        p.proposal = nxt
+        p.counted.clear()
+        p.counts.clear()
+        p.state = "open"
+        self._ask(p)
+        self._check(p)
+
+    def _decide(self, p: Open, outcome: int, option: str, winner: str = "") -> None:
+        p.state = "deciding"
+        self._spawn(self._commit(p, self._decision(p, outcome, option, winner)))
+
+    def _decision(self, p: Open, outcome: int, option: str, winner: str) -> pb.Decision:
+        prop = p.proposal
+        now = self.clock.wall_us()
+        counted = len(p.counted)
+        decision = pb.Decision(
+            proposal_id=prop.proposal_id,
+            outcome=outcome,  # type: ignore[arg-type]
+            option=option,
+            protocol=prop.protocol,
+            topic=prop.topic,
+            round=prop.round,
+            eligible=p.n,
+            threshold=prop.threshold,
+            votes_counted=counted,
+            participation=counted / p.n if p.n else 0.0,
+            created_at_us=prop.created_at_us,
+            decided_at_us=now,
+            latency_ms=(now - prop.created_at_us) / 1000,
+            term=self.term,
+        )
+        decision.tally.update({k: v for k, v in p.counts.items() if v})
+        for agent in sorted(p.excluded):
+            decision.excluded.append(p.records[agent].excluded)
+        decision.excluded.extend(p.outsiders)
+        if winner:
+            for agent, name in p.counted.items():
+                if name == winner and len(decision.winning_votes) < WINNING_VOTES_SHOWN:
+                    vote = p.vote_in_round(agent, prop.round)
+                    if vote is not None:
+                        decision.winning_votes.append(vote)
+        return decision
+
+    async def _commit(self, p: Open, decision: pb.Decision) -> None:
+        # The records the decision rests on that etcd may not have yet go in the
+        # decision's own transaction (as many as fit; the rest are waited for).
+        carried: list[pb.VoteRecord] = []
+        versions: dict[str, int] = {}
+        size = 0
+        for agent in sorted(p.dirty):
+            versions[agent] = p.version[agent]
+            record = pb.VoteRecord()
+            record.CopyFrom(p.records[agent])
+            size += record.ByteSize()
+            if len(carried) >= CARRIED_RECORDS or size > CARRIED_BYTES:
+                break
+            carried.append(record)
+        left = p.dirty - {r.agent_id for r in carried}
+        while left & p.dirty:
+            p.cleaned.clear()
+            await p.cleaned.wait()
+        stored = await self.store.commit_decision(decision, carried)
+        for record in carried:
+            agent = record.agent_id
+            if p.version[agent] != versions[agent]:
+                self._write(p, agent)  # changed meanwhile (a late fault): etcd gets the latest
+        pid = p.proposal.proposal_id
+        self.open.pop(pid, None)
+        p.state = "decided"
+        # kept a while: an equivocation that shows after the decision is still
+        # detected, recorded and reported
+        self.finished[pid] = p
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+        self.recent[pid] = stored
+        while len(self.recent) > RECENT_DECISIONS:
+            self.recent.popitem(last=False)
+        if not p.done.done():
+            p.done.set_result(stored)
+        log.info(
+            "decided",
+            extra={
+                "proposal": pid,
+                "outcome": pb.Outcome.Name(stored.outcome),
+                "protocol": rules.PROTOCOLS.get(stored.protocol, "?"),
+                "latency_ms": round(stored.latency_ms, 2),
+                "participation": round(stored.participation, 3),
+            },
+        )
+
+    # ---- status ----
+
+    def status(self) -> pb.ConsensusStatus:
+        return pb.ConsensusStatus(
+            term=self.term,
+            voters=sorted(self.voters),
+            open_proposals=len(self.open),
+            recent_faults=list(self.faults),
+        )

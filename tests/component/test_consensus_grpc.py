@@ -1,0 +1,215 @@
+"""The Consensus service in-process on port 0 against a real etcd: two instances (one
+active), and voters written with nothing but the generated stubs, as an agent in
+any language would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.agentmesh.v1 import consensus_pb2 as pb
+from protos.agentmesh.v1 import consensus_pb2_grpc as pb_grpc
+from registry.etcd import Etcd
+from registry.etcd_server import EtcdServer
+from services._common.errors import LEADER_METADATA_KEY
+from services.consensus import signing
+from services.consensus.config import ConsensusConfig
+from services.consensus.server import SERVICE, ConsensusNode
+
+HANG_S = 10.0
+
+
+@contextlib.asynccontextmanager
+async def instances(endpoint: str, count: int = 2) -> AsyncIterator[list[ConsensusNode]]:
+    cluster = f"test-{uuid.uuid4().hex}"
+    nodes = [
+        ConsensusNode(ConsensusConfig(etcd=endpoint, cluster=cluster, grace_s=0.5, node_id=f"c{i}"))
+        for i in range(count)
+    ]
+    tasks = [asyncio.ensure_future(n.run()) for n in nodes]
+    try:
+        yield nodes
+    finally:
+        for n in nodes:
+            n.runner.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+
+
+async def active_of(nodes: list[ConsensusNode]) -> ConsensusNode:
+    async with asyncio.timeout(HANG_S):
+        while True:
+            for n in nodes:
+                core = n.servicer.core
+                if core is not None and core.loaded.is_set():
+                    return n
+            await asyncio.sleep(0.02)
+
+
+class StubVoter:
+    """An agent using only the stubs: hello, then answer every request."""
+
+    def __init__(self, endpoint: str, agent_id: str, etcd: Etcd, choice: int) -> None:
+        self.channel = grpc.aio.insecure_channel(endpoint)
+        self.agent_id = agent_id
+        self.etcd = etcd
+        self.choice = choice
+        self.key = signing.new_key()
+        self.welcomed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.etcd.put(self.etcd.key("keys", self.agent_id), signing.public_bytes(self.key))
+        self.task = asyncio.ensure_future(self._run())
+        await asyncio.wait_for(self.welcomed.wait(), HANG_S)
+
+    async def _run(self) -> None:
+        call = pb_grpc.ConsensusStub(self.channel).Participate()
+        await call.write(pb.VoterMessage(hello=pb.VoterHello(agent_id=self.agent_id)))
+        async for msg in call:
+            if msg.HasField("welcome"):
+                self.welcomed.set()
+            elif msg.HasField("request"):
+                req = msg.request
+                vote = pb.Vote(
+                    proposal_id=req.proposal.proposal_id,
+                    agent_id=self.agent_id,
+                    round=req.round,
+                    choice=self.choice,  # type: ignore[arg-type]
+                    reason="stub voter",
+                )
+                vote.signature = signing.sign(self.key, vote)
+                await call.write(pb.VoterMessage(vote=vote))
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+        await self.channel.close()
+
+
+async def health(endpoint: str, service: str) -> int:
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        resp = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=2
+        )
+        return int(resp.status)
+
+
+async def call(endpoint: str, method: str, request: Any) -> Any:
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        return await getattr(pb_grpc.ConsensusStub(channel), method)(request, timeout=HANG_S)
+
+
+async def test_active_instance_decides_and_the_standby_points_to_it(
+    etcd_server: EtcdServer,
+) -> None:
+    async with instances(etcd_server.endpoint) as nodes:
+        active = await active_of(nodes)
+        standby = next(n for n in nodes if n is not active)
+        ep, sb = active.runner.endpoint, standby.runner.endpoint
+        assert await health(ep, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+        assert await health(sb, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+        etcd = Etcd(etcd_server.endpoint, prefix=active.runner.etcd.prefix.decode())
+        voters = [
+            StubVoter(ep, f"v{i}", etcd, pb.CHOICE_APPROVE if i < 3 else pb.CHOICE_REJECT)
+            for i in range(4)
+        ]
+        try:
+            for v in voters:
+                await v.start()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(sb, "Propose", pb.ProposeRequest(topic="t"))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert (LEADER_METADATA_KEY, ep) in tuple(info.value.trailing_metadata() or ())
+            resp = await call(
+                ep,
+                "Propose",
+                pb.ProposeRequest(proposal_id="c1", topic="t", protocol=pb.PROTOCOL_BFT, wait=True),
+            )
+            assert resp.created
+            assert resp.decision.outcome == pb.OUTCOME_APPROVED
+            assert (resp.decision.eligible, resp.decision.threshold) == (4, 3)
+            # reads are served by the standby too, from etcd
+            got = await call(sb, "GetDecision", pb.GetDecisionRequest(proposal_id="c1"))
+            assert got.outcome == pb.OUTCOME_APPROVED
+            assert got.revision == resp.decision.revision
+            await call(ep, "Propose", pb.ProposeRequest(proposal_id="c2", topic="t", wait=True))
+            page = await call(sb, "ListDecisions", pb.ListDecisionsRequest(page_size=1))
+            assert [d.proposal_id for d in page.decisions] == ["c1"]
+            nxt = await call(
+                sb, "ListDecisions", pb.ListDecisionsRequest(page_token=page.next_page_token)
+            )
+            assert [d.proposal_id for d in nxt.decisions] == ["c2"]
+            assert not nxt.next_page_token
+            status = await call(ep, "GetStatus", pb.GetConsensusStatusRequest())
+            assert list(status.voters) == ["v0", "v1", "v2", "v3"]
+            assert status.leader_endpoint == ep
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(ep, "GetDecision", pb.GetDecisionRequest(proposal_id="nope"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            for v in voters:
+                await v.close()
+            await etcd.close()
+
+
+async def test_watch_decisions_resumes_after_a_revision_without_a_gap(
+    etcd_server: EtcdServer,
+) -> None:
+    async with instances(etcd_server.endpoint, 1) as nodes:
+        active = await active_of(nodes)
+        ep = active.runner.endpoint
+        etcd = Etcd(etcd_server.endpoint, prefix=active.runner.etcd.prefix.decode())
+        voter = StubVoter(ep, "w0", etcd, pb.CHOICE_APPROVE)
+        try:
+            await voter.start()
+            first = await call(
+                ep, "Propose", pb.ProposeRequest(proposal_id="w1", topic="t", wait=True)
+            )
+            for pid in ("w2", "w3"):
+                await call(ep, "Propose", pb.ProposeRequest(proposal_id=pid, topic="t", wait=True))
+            async with grpc.aio.insecure_channel(ep) as channel:
+                stream = pb_grpc.ConsensusStub(channel).WatchDecisions(
+                    pb.WatchDecisionsRequest(after_revision=first.decision.revision)
+                )
+                seen = []
+                async for d in stream:
+                    seen.append(d.proposal_id)
+                    if len(seen) == 2:
+                        await call(ep, "Propose", pb.ProposeRequest(proposal_id="w4", topic="t"))
+                    if len(seen) == 3:
+                        break
+                stream.cancel()
+            assert seen == ["w2", "w3", "w4"]
+        finally:
+            await voter.close()
+            await etcd.close()
+
+
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [
+        (pb.VoterMessage(vote=pb.Vote(proposal_id="x")), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.VoterMessage(hello=pb.VoterHello(agent_id="bad id")), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_participate_needs_a_valid_hello_first(
+    etcd_server: EtcdServer, first: pb.VoterMessage, code: grpc.StatusCode
+) -> None:
+    async with instances(etcd_server.endpoint, 1) as nodes:
+        active = await active_of(nodes)
+        async with grpc.aio.insecure_channel(active.runner.endpoint) as channel:
+            stream = pb_grpc.ConsensusStub(channel).Participate()
+            await stream.write(first)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in stream:
+                    pass
+            assert info.value.code() == code
