@@ -5,7 +5,16 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Timer(Protocol):
+    """What `Clock.call_later` returns: a pending call that can be called off."""
+
+    def cancel(self) -> object: ...
 
 
 class Clock(Protocol):
@@ -19,6 +28,15 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
+        """`awaitable`'s result; TimeoutError (and `awaitable` cancelled) once `timeout_s`
+        has passed first (None: no limit). asyncio.wait_for on this clock's time."""
+        ...
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
+        """Call `callback` after `delay_s` unless the returned timer is cancelled first."""
+        ...
+
 
 class SystemClock:
     def monotonic(self) -> float:
@@ -29,6 +47,14 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
+        # the event loop keeps this clock's time: its own timers are the cheap way (an
+        # agent runs every task under one)
+        return await asyncio.wait_for(awaitable, timeout_s)
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay_s, callback)
 
 
 class FakeClock:
@@ -50,6 +76,33 @@ class FakeClock:
         self._seq += 1
         heapq.heappush(self._sleepers, (self._now + max(0.0, seconds), self._seq, fut))
         await fut
+
+    async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
+        job = asyncio.ensure_future(awaitable)
+        if timeout_s is None:
+            return await job
+        timer = asyncio.ensure_future(self.sleep(timeout_s))
+        try:
+            await asyncio.wait({job, timer}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled: so is the work
+            timer.cancel()
+            job.cancel()
+            raise
+        timer.cancel()
+        if job.done():
+            return job.result()
+        job.cancel()
+        await asyncio.wait({job})  # it unwinds before the caller goes on, as in asyncio's
+        if not job.cancelled():
+            job.exception()  # retrieved: the timeout is what the caller hears of
+        raise TimeoutError
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
+        async def later() -> None:
+            await self.sleep(delay_s)
+            callback()
+
+        return asyncio.ensure_future(later())
 
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking every sleeper due on the way, in order."""
