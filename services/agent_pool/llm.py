@@ -30,7 +30,7 @@ from services._common.clock import Clock, SystemClock
 from services._common.llm_cost import PriceTable
 from services._common.ratelimit import ratelimit_headers_of
 from services.agent_pool.executors import ContextSource, ExecutorError, Outcome, Progress
-from services.agent_pool.llm_config import LlmConfig, Role, load_llm_config
+from services.agent_pool.llm_config import LlmConfig, Role
 from services.agent_pool.llm_payload import (
     LlmRequest,
     PayloadError,
@@ -324,8 +324,13 @@ def llm_unavailable(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def build_llm_executor(
-    environ: Mapping[str, str] | None = None, context_source: ContextSource | None = None
+    cfg: LlmConfig,
+    environ: Mapping[str, str] | None = None,
+    context_source: ContextSource | None = None,
+    clock: Clock | None = None,
 ) -> LlmExecutor:
+    """The pool's `llm` executor (its row in executors.EXECUTORS); ValueError if the
+    credentials are missing."""
     env = os.environ if environ is None else environ
     reason = llm_unavailable(env)
     if reason is not None:
@@ -334,8 +339,9 @@ def build_llm_executor(
     # each costs CPU the agents need; our own log line per failed attempt says more
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     return LlmExecutor(
-        load_llm_config(environ=env),
+        cfg,
         api_key=env["ANTHROPIC_API_KEY"],
         base_url=env.get("ANTHROPIC_BASE_URL") or None,
         context_source=context_source,
+        clock=clock,
     )

@@ -10,6 +10,7 @@ import pytest
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services.agent_pool.executors import (
     EchoExecutor,
+    ExecutorContext,
     ExecutorError,
     FailExecutor,
     NoopExecutor,
@@ -117,7 +118,7 @@ async def test_echo_returns_the_payload_and_noop_nothing() -> None:
 
 
 def test_build_executors_for_the_kinds_asked() -> None:
-    executors = build_executors(("echo", "sleep"), "fixed:1")
+    executors = build_executors(("echo", "sleep"), ExecutorContext(sleep_ms="fixed:1"))
     assert sorted(executors) == ["echo", "sleep"]
     assert isinstance(executors["sleep"], SleepExecutor)
 
@@ -126,9 +127,9 @@ def test_build_executors_names_an_unknown_kind() -> None:
     with pytest.raises(
         ValueError, match=r"no executor for kinds \['llm-x'\]; available: echo, noop, sleep, fail"
     ):
-        build_executors(("echo", "llm-x"), "fixed:1")
+        build_executors(("echo", "llm-x"), ExecutorContext())
 
 
 def test_build_executors_refuses_a_bad_latency() -> None:
     with pytest.raises(ValueError, match="fixed:MS"):
-        build_executors(("sleep",), "fast")
+        build_executors(("sleep",), ExecutorContext(sleep_ms="fast"))
