@@ -105,15 +105,16 @@ class AgentRecord:
     @staticmethod
     def decode(agent_id: str, raw: bytes) -> AgentRecord:
         """ValueError if `raw` is not a record."""
-        doc = json.loads(raw)
-        if not isinstance(doc, dict):
-            raise ValueError(f"agent record of {agent_id!r} is not a JSON object")
-        return AgentRecord(
-            agent_id,
-            str(doc.get("pool", "")),
-            tuple(str(k) for k in doc.get("kinds", ())),
-            tuple(str(r) for r in doc.get("roles", ())),
-        )
+        try:
+            doc = json.loads(raw)
+            return AgentRecord(
+                agent_id,
+                str(doc.get("pool", "")),
+                tuple(str(k) for k in doc.get("kinds", ())),
+                tuple(str(r) for r in doc.get("roles", ())),
+            )
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"agents/{agent_id} does not hold an agent record") from None
 
 
 def agent_key(etcd: Etcd, agent_id: str) -> bytes:
@@ -147,7 +148,7 @@ async def resolve_agents(etcd: Etcd, page: int = 1000) -> list[AgentRecord]:
             agent_id = kv.key[len(prefix) :].decode(errors="replace")
             try:
                 out.append(AgentRecord.decode(agent_id, kv.value))
-            except (ValueError, TypeError):
+            except ValueError:
                 out.append(AgentRecord(agent_id, ""))
         if not resp.more:
             return out

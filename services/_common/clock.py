@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -71,19 +71,25 @@ class FakeClock:
     def wall_us(self) -> int:
         return int(self._now * 1_000_000)
 
-    async def sleep(self, seconds: float) -> None:
+    def _timer(self, seconds: float) -> asyncio.Future[None]:
+        """A future that `advance` resolves once `seconds` have passed (registered now,
+        so a sleeper is due from the moment it asks, not from when its task next runs)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._seq += 1
         heapq.heappush(self._sleepers, (self._now + max(0.0, seconds), self._seq, fut))
-        await fut
+        return fut
+
+    async def sleep(self, seconds: float) -> None:
+        await self._timer(seconds)
 
     async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
         job = asyncio.ensure_future(awaitable)
         if timeout_s is None:
             return await job
-        timer = asyncio.ensure_future(self.sleep(timeout_s))
+        timer = self._timer(timeout_s)
+        either: set[asyncio.Future[Any]] = {job, timer}
         try:
-            await asyncio.wait({job, timer}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # the caller was cancelled: so is the work
             timer.cancel()
             job.cancel()
@@ -98,11 +104,9 @@ class FakeClock:
         raise TimeoutError
 
     def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
-        async def later() -> None:
-            await self.sleep(delay_s)
-            callback()
-
-        return asyncio.ensure_future(later())
+        timer = self._timer(delay_s)
+        timer.add_done_callback(lambda fut: None if fut.cancelled() else callback())
+        return timer
 
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking every sleeper due on the way, in order."""

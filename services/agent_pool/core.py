@@ -361,9 +361,9 @@ class AgentPool:
 
     async def close(self) -> None:
         """Cancel whatever still runs (after `drain_all`, only what started meanwhile)."""
+        leftover = [*self._chores, *self._runs.values()]
         for agent_id in list(self.agents):
             self._forget(agent_id)
-        leftover = [*self._chores, *self._runs.values()]
         for task in leftover:
             task.cancel()
         await asyncio.gather(*leftover, return_exceptions=True)

@@ -269,3 +269,40 @@ async def test_a_pool_restarted_after_a_crash_takes_its_id_back(etcd_server: Etc
             await until(registered)
     finally:
         await etcd.close()
+
+
+async def test_a_lost_pool_lease_is_replaced_and_every_agent_rejoins_on_the_new_one(
+    mesh: Mesh,
+) -> None:
+    resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=3)))
+    ids = sorted(a.agent_id for a in resp.agents)
+    runner = mesh.pool_node.runner
+    etcd = runner.etcd
+    before = {a: s.connected_at_us for a, s in (await coordinator_agents(mesh)).items()}
+    old = runner.session.id
+    # etcd forgets the pool (as after a long partition): every key and claim on it goes
+    await etcd.revoke(old)
+
+    async def rejoined() -> bool:
+        lease = runner.session.id
+        if lease == old:
+            return False
+        records = await discovery.resolve_agents(etcd)
+        if sorted(r.agent_id for r in records) != ids:
+            return False
+        held = [await etcd.get(discovery.agent_key(etcd, a)) for a in ids]
+        if {int(kv.lease) for kv in held if kv is not None} != {lease}:
+            return False
+        now = await coordinator_agents(mesh)
+        # each agent connected again, so its hello carries the new lease
+        return all(a in now and now[a].connected_at_us > before[a] for a in ids)
+
+    await until(rejoined)
+    records = await discovery.resolve_agents(etcd)
+    assert {r.pool_id for r in records} == {mesh.pool_node.pool_id}
+    (pool,) = await discovery.resolve(etcd, "agent-pool")
+    assert (pool.instance_id, pool.metadata) == (mesh.pool_node.pool_id, {"agents": "3"})
+    async with MeshClient(coordinator=mesh.coordinator.endpoint) as client:
+        sub = await client.submit(tpb.TaskSpec(kind="echo", payload=b"after"))
+        events = [e async for e in client.watch_task(sub.task.task_id)]
+        assert events[-1].task.state == tpb.TASK_STATE_SUCCEEDED
