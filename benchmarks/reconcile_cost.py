@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from registry.election import Election  # noqa: E402
 from registry.etcd import Etcd  # noqa: E402
 from registry.etcd_server import EtcdServer  # noqa: E402
 from services._common.clock import SystemClock  # noqa: E402
+from services._common.latency import LatencyRecorder  # noqa: E402
 from services.coordinator.config import CoordinatorConfig  # noqa: E402
 from services.coordinator.core import CoordinatorCore, Write  # noqa: E402
 from services.coordinator.store import EtcdTaskStore  # noqa: E402
@@ -71,12 +71,13 @@ async def measure(endpoint: str, n_open: int, retained: int, passes: int) -> dic
         core = CoordinatorCore(store, SystemClock(), CoordinatorConfig(), term=term, node_id="b")
         core.load(records, claims)
 
-        walls, cpus, sizes = [], [], []
+        walls, cpus = LatencyRecorder("reconcile"), LatencyRecorder("reconcile_cpu")
+        sizes = []
         for _ in range(passes):
             t0, c0 = time.perf_counter(), time.process_time()
             stats = await core.reconcile()
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
+            walls.record_s(time.perf_counter() - t0)
+            cpus.record_s(time.process_time() - c0)
             sizes.append(stats.bytes_read)
             assert stats.open_tasks == n_open, stats
             assert stats.repairs() == 0, stats
@@ -88,9 +89,9 @@ async def measure(endpoint: str, n_open: int, retained: int, passes: int) -> dic
             "load_ms": round(load_s * 1000, 1),
             "load_cpu_ms": round(load_cpu * 1000, 1),
             "reconcile_passes": passes,
-            "reconcile_ms_p50": round(statistics.median(walls) * 1000, 2),
-            "reconcile_ms_max": round(max(walls) * 1000, 2),
-            "reconcile_cpu_ms_p50": round(statistics.median(cpus) * 1000, 2),
+            "reconcile_ms_p50": round(walls.percentile_ms(50), 2),
+            "reconcile_ms_max": round(walls.max_ms(), 2),
+            "reconcile_cpu_ms_p50": round(cpus.percentile_ms(50), 2),
             "reconcile_bytes": max(sizes),
             "bytes_per_open_task": round(max(sizes) / max(1, n_open), 1),
         }

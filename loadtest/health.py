@@ -27,13 +27,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
+from loadtest.audit import HELD, TERMINAL
 from loadtest.client import CHANNEL_OPTIONS, CoordinatorClient, RpcFailed
 from loadtest.driver import Action, Driver
 from loadtest.target import Target, TargetError
@@ -41,6 +41,7 @@ from protos.agentmesh.v1 import health_pb2 as hpb
 from protos.agentmesh.v1 import health_pb2_grpc as hpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.errors import LEADER_METADATA_KEY
+from services._common.latency import HOUR_US, LatencyRecorder
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ HEALTH_SCENARIOS = ("hang", "flaky", "monitor-kill")
 FAULT_KINDS = "echo,sleep,noop,fail,hang,block"
 FAILED_AFTER_S = 10.0
 """The monitor's default `failed_after_s` (the scenarios leave it as it is)."""
-HELD = (tpb.TASK_STATE_ASSIGNED, tpb.TASK_STATE_RUNNING)
-TERMINAL = (tpb.TASK_STATE_SUCCEEDED, tpb.TASK_STATE_CANCELLED, tpb.TASK_STATE_DEAD_LETTER)
 SETTLE_TIMEOUT_S = 60.0
 
 
@@ -72,20 +71,22 @@ def monitors_for(scenario: str) -> int:
 
 
 def percentiles(values: Sequence[float]) -> dict[str, Any]:
-    """Count, P50, P99 and max (nearest rank), in seconds rounded to the millisecond."""
+    """Count, P50, P99 and max of `values` (seconds) from an HdrHistogram (exact to 0.1 %,
+    up to an hour), rounded to the millisecond. Values under 1 µs (a negative lateness)
+    count at 1 µs, and how many there were is said."""
     if not values:
         return {"n": 0}
-    ordered = sorted(values)
-
-    def rank(q: float) -> float:
-        return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-    return {
-        "n": len(ordered),
-        "p50_s": round(rank(50), 3),
-        "p99_s": round(rank(99), 3),
-        "max_s": round(ordered[-1], 3),
+    rec = LatencyRecorder.of_seconds("", values, highest_us=HOUR_US)
+    p = rec.percentiles_ms((50.0, 99.0))
+    out: dict[str, Any] = {
+        "n": rec.count,
+        "p50_s": round(p[50.0] / 1000, 3),
+        "p99_s": round(p[99.0] / 1000, 3),
+        "max_s": round(rec.max_ms() / 1000, 3),
     }
+    if rec.clamped_low or rec.clamped_high:
+        out["clamped"] = rec.clamped_low + rec.clamped_high
+    return out
 
 
 class HealthWatch:

@@ -4,8 +4,9 @@ Inputs are the public protos (ClusterStatus, AgentStatus, Task, TaskEvent) and p
 values; time comes from an injected Clock; nothing here does I/O or imports grpc. The
 collector feeds it; the live view, `status --json` and the dashboard read `snapshot()`.
 
-Memory stays bounded whatever the cluster does: a ring of time buckets, log-spaced
-latency histograms, and capped maps for held tasks and task histories.
+Memory stays bounded whatever the cluster does: a ring of time buckets (latency
+HdrHistograms for the last `rate_window_s` only, figures for the older ones), and
+capped maps for held tasks and task histories.
 
 Every count says what it covers (`covers`), because the sources differ: GetStatus
 gives what the leader holds now plus what it finished in its current term; the events
@@ -16,7 +17,6 @@ stream was down (`gaps` counts those outages).
 from __future__ import annotations
 
 import collections
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import Clock
+from services._common.latency import LatencyRecorder
 
 S = tpb.TaskState
 QUEUED = S.TASK_STATE_QUEUED
@@ -79,51 +80,59 @@ class Limits:
     (its end event was missed); younger ones may just have raced ListAgents."""
 
 
-class LogHistogram:
-    """Counts of values (milliseconds) in log-spaced bins, each about 9 % wide: bounded
-    memory whatever the count, and a percentile is off by at most one bin's width."""
+class BucketLatency:
+    """One latency (milliseconds) of one time bucket, or merged over several: an
+    HdrHistogram (services/_common/latency.py, 1 % precision up to a day) made on the
+    first sample, plus the exact largest sample, which caps the percentiles."""
 
-    STEPS = 8  # bins per doubling: 2 ** (1/8) ≈ 1.09
-    FLOOR_MS = 0.001
+    HIGHEST_US = 86_400_000_000
+    """A day: queue waits and retries can take minutes; longer samples are clamped."""
+    DIGITS = 2
+    """1 %: about 30 kB a histogram, so a ring of them stays small (3 digits: 140 kB)."""
 
-    __slots__ = ("bins", "count", "max_ms")
+    __slots__ = ("max_ms", "rec")
 
     def __init__(self) -> None:
-        self.bins: dict[int, int] = {}
-        self.count = 0
+        self.rec: LatencyRecorder | None = None
         self.max_ms = 0.0
 
+    @property
+    def count(self) -> int:
+        return self.rec.count if self.rec is not None else 0
+
+    def _recorder(self) -> LatencyRecorder:
+        if self.rec is None:
+            self.rec = LatencyRecorder(
+                "", highest_us=self.HIGHEST_US, significant_digits=self.DIGITS
+            )
+        return self.rec
+
     def add(self, ms: float) -> None:
-        ms = max(ms, self.FLOOR_MS)
-        index = math.floor(math.log2(ms) * self.STEPS)
-        self.bins[index] = self.bins.get(index, 0) + 1
-        self.count += 1
+        self._recorder().record_ms(ms)
         self.max_ms = max(self.max_ms, ms)
 
-    def merge(self, other: LogHistogram) -> None:
-        for index, n in other.bins.items():
-            self.bins[index] = self.bins.get(index, 0) + n
-        self.count += other.count
-        self.max_ms = max(self.max_ms, other.max_ms)
+    def merge(self, other: BucketLatency) -> None:
+        if other.rec is not None:
+            self._recorder().merge(other.rec)
+            self.max_ms = max(self.max_ms, other.max_ms)
+
+    def percentiles(self, *qs: float) -> list[float | None]:
+        """The q-th percentiles (None when empty), never above the largest sample."""
+        if self.rec is None or not self.rec.count:
+            return [None] * len(qs)
+        found = self.rec.percentiles_ms(qs)
+        return [min(found[q], self.max_ms) for q in qs]
 
     def percentile(self, q: float) -> float | None:
-        """The upper edge of the bin holding the q-th percentile (capped at the max seen)."""
-        if not self.count:
-            return None
-        rank = max(1, math.ceil(q / 100 * self.count))
-        seen = 0
-        for index in sorted(self.bins):
-            seen += self.bins[index]
-            if seen >= rank:
-                return min(2 ** ((index + 1) / self.STEPS), self.max_ms)
-        return self.max_ms
+        return self.percentiles(q)[0]
 
     def summary(self) -> dict[str, float | int | None]:
+        p50, p95, p99 = self.percentiles(50, 95, 99)
         return {
             "n": self.count,
-            "p50_ms": _round(self.percentile(50)),
-            "p95_ms": _round(self.percentile(95)),
-            "p99_ms": _round(self.percentile(99)),
+            "p50_ms": _round(p50),
+            "p95_ms": _round(p95),
+            "p99_ms": _round(p99),
             "max_ms": _round(self.max_ms) if self.count else None,
         }
 
@@ -136,6 +145,7 @@ class _Bucket:
         "e2e",
         "failed_attempts",
         "index",
+        "point",
         "run",
         "submitted",
         "succeeded",
@@ -148,13 +158,40 @@ class _Bucket:
         self.dead_letter = 0
         self.cancelled = 0
         self.failed_attempts = 0
-        self.e2e = LogHistogram()
-        self.dispatch = LogHistogram()
-        self.run = LogHistogram()
+        self.e2e = BucketLatency()
+        self.dispatch = BucketLatency()
+        self.run = BucketLatency()
+        self.point: dict[str, Any] | None = None
+        """The latency figures, fixed once the bucket is complete (samples only go to the
+        newest bucket)."""
 
     @property
     def finished(self) -> int:
         return self.succeeded + self.dead_letter + self.cancelled
+
+    def latency_point(self, t_us: int) -> dict[str, Any]:
+        if self.point is not None:
+            return self.point
+        e2e = self.e2e.percentiles(50, 95, 99)
+        dispatch = self.dispatch.percentiles(50, 95)
+        run = self.run.percentiles(50, 95)
+        return {
+            "t_us": t_us,
+            "n": self.e2e.count,
+            "e2e_p50_ms": _round(e2e[0]),
+            "e2e_p95_ms": _round(e2e[1]),
+            "e2e_p99_ms": _round(e2e[2]),
+            "dispatch_p50_ms": _round(dispatch[0]),
+            "dispatch_p95_ms": _round(dispatch[1]),
+            "run_p50_ms": _round(run[0]),
+            "run_p95_ms": _round(run[1]),
+        }
+
+    def close(self, t_us: int) -> None:
+        """Fix the figures of a complete bucket, and free its histograms."""
+        if self.point is None:
+            self.point = self.latency_point(t_us)
+            self.e2e, self.dispatch, self.run = BucketLatency(), BucketLatency(), BucketLatency()
 
 
 @dataclass
@@ -472,7 +509,19 @@ class SwarmModel:
         first = max(first, index - self.limits.history + 1)
         for i in range(first, index + 1):
             buckets.append(_Bucket(i))
+        # histograms are kept for the recent-latency window only: the older buckets keep
+        # their figures, so memory stays a few MB at most whatever the history
+        keep = self._latency_window()
+        for i in range(len(buckets) - keep - 1, -1, -1):
+            old = buckets[i]
+            if old.point is not None:
+                break
+            old.close(int(old.index * self.limits.bucket_s * 1e6))
         return buckets[-1]
+
+    def _latency_window(self) -> int:
+        """Buckets the recent latency figures cover (the newest included)."""
+        return max(1, round(self.limits.rate_window_s / self.limits.bucket_s))
 
     def _hold(self, task: tpb.Task, now: float) -> None:
         held = self.held.get(task.task_id)
@@ -640,24 +689,13 @@ class SwarmModel:
             },
             "latency": {
                 "series": [
-                    {
-                        "t_us": int(b.index * self.limits.bucket_s * 1e6),
-                        "n": b.e2e.count,
-                        "e2e_p50_ms": _round(b.e2e.percentile(50)),
-                        "e2e_p95_ms": _round(b.e2e.percentile(95)),
-                        "e2e_p99_ms": _round(b.e2e.percentile(99)),
-                        "dispatch_p50_ms": _round(b.dispatch.percentile(50)),
-                        "dispatch_p95_ms": _round(b.dispatch.percentile(95)),
-                        "run_p50_ms": _round(b.run.percentile(50)),
-                        "run_p95_ms": _round(b.run.percentile(95)),
-                    }
-                    for b in series
+                    b.latency_point(int(b.index * self.limits.bucket_s * 1e6)) for b in series
                 ],
                 "recent": recent,
                 "covers": (
                     "SUCCEEDED tasks seen, from their records: end to end = created → finished, "
                     "dispatch = created → assigned (queue wait included), run = assigned → "
-                    "finished (the last attempt); percentiles within ~9 %"
+                    "finished (the last attempt); percentiles within 1 %"
                 ),
             },
             "eta": {
@@ -837,8 +875,8 @@ class SwarmModel:
 
     def _recent_latency(self) -> dict[str, Any]:
         """Latency percentiles over the rate window."""
-        window = max(1, round(self.limits.rate_window_s / self.limits.bucket_s))
-        e2e, dispatch, run = LogHistogram(), LogHistogram(), LogHistogram()
+        window = self._latency_window()
+        e2e, dispatch, run = BucketLatency(), BucketLatency(), BucketLatency()
         for b in list(self.buckets)[-window:]:
             e2e.merge(b.e2e)
             dispatch.merge(b.dispatch)

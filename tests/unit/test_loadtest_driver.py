@@ -387,9 +387,9 @@ async def test_a_non_retryable_error_is_raised_at_once() -> None:
 async def test_no_agent_taking_the_warm_up_task_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import loadtest.driver as driver_mod
+    import loadtest.submit
 
-    monkeypatch.setattr(driver_mod, "WARMUP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(loadtest.submit, "WARMUP_TIMEOUT_S", 0.2)
     fake = FakeCoordinator(delay_s=3600)  # queued forever: no agent
     with pytest.raises(RuntimeError, match="are agents connected"):
         await Driver(client_for(fake), workload(), run_id="t13").run()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from loadtest.health import HealthWatch, cluster_env, monitors_for, percentiles
 from loadtest.report import detail_lines
 from loadtest.scenarios import SCENARIOS
@@ -12,11 +14,17 @@ from loadtest.targets import evaluate
 from protos.agentmesh.v1 import health_pb2 as hpb
 
 
-def test_percentiles_are_nearest_rank() -> None:
+def test_percentiles_come_from_a_histogram_exact_to_a_thousandth() -> None:
     assert percentiles([]) == {"n": 0}
     got = percentiles([float(i) for i in range(1, 101)])
-    assert got == {"n": 100, "p50_s": 50.0, "p99_s": 99.0, "max_s": 100.0}
-    assert percentiles([2.0]) == {"n": 1, "p50_s": 2.0, "p99_s": 2.0, "max_s": 2.0}
+    assert got.keys() == {"n", "p50_s", "p99_s", "max_s"}
+    assert got["n"] == 100
+    for key, exact in (("p50_s", 50.0), ("p99_s", 99.0), ("max_s", 100.0)):
+        assert got[key] == pytest.approx(exact, rel=1e-3)
+    one = percentiles([2.0])
+    assert one["p50_s"] == one["p99_s"] == one["max_s"] == pytest.approx(2.0, rel=1e-3)
+    # a negative lateness is not hidden: it counts at the floor and is said
+    assert percentiles([-0.5, 1.0])["clamped"] == 1
 
 
 def test_each_scenario_starts_the_cluster_it_needs() -> None:

@@ -11,7 +11,7 @@ import pytest
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import FakeClock
-from services.observe.model import Limits, LogHistogram, SwarmModel
+from services.observe.model import BucketLatency, Limits, SwarmModel
 
 S = tpb.TaskState
 T0 = 1_795_900_000.0  # seconds since the epoch: the fake clock's start
@@ -541,17 +541,35 @@ def test_snapshot_is_plain_json() -> None:
     assert m.snapshot(points=0)["throughput"]["series"] == []
 
 
-def test_log_histogram_percentiles_are_within_a_bin() -> None:
+def test_bucket_latency_percentiles_are_within_one_percent() -> None:
     rng = random.Random(7)
     values = sorted(rng.lognormvariate(3, 1) for _ in range(5000))
-    h = LogHistogram()
+    h = BucketLatency()
     for v in values:
         h.add(v)
     for q in (50, 90, 95, 99):
         exact = values[int(q / 100 * len(values)) - 1]
-        assert h.percentile(q) == pytest.approx(exact, rel=0.1)
+        assert h.percentile(q) == pytest.approx(exact, rel=0.01)
     assert h.percentile(100) == pytest.approx(values[-1])
-    assert LogHistogram().percentile(50) is None
-    tiny = LogHistogram()
+    assert BucketLatency().percentile(50) is None
+    tiny = BucketLatency()
     tiny.add(0.0)  # a zero is counted at the floor, not lost
     assert tiny.count == 1
+
+
+async def test_only_the_recent_window_keeps_histograms() -> None:
+    c = clock()
+    m = SwarmModel(c, Limits(bucket_s=1.0, history=100, rate_window_s=5.0))
+    m.stream_opened()
+    for second in range(20):
+        for i in range(10):
+            finish(m, f"t{second}-{i}", e2e_ms=100.0 + second)
+        await c.advance(1)
+    snap = m.snapshot()
+    kept = [b for b in m.buckets if b.e2e.rec is not None]
+    assert 0 < len(kept) <= 5  # the older buckets dropped theirs ...
+    series = snap["latency"]["series"]
+    # ... but still show the figures they had
+    assert [p["n"] for p in series[:20]] == [10] * 20
+    assert series[0]["e2e_p50_ms"] == pytest.approx(100, rel=0.01)
+    assert series[19]["e2e_p50_ms"] == pytest.approx(119, rel=0.01)
