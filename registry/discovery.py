@@ -1,12 +1,17 @@
-"""Service discovery: instances register under services/<kind>/<id> on their lease."""
+"""Service discovery: instances register under services/<kind>/<id> on their lease, and
+the agents a pool hosts under agents/<agent id> on the pool's lease."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from registry.etcd import Etcd, WatchCompactedError
+from registry.errors import RegistryError
+from registry.etcd import Etcd, RequestOp, WatchCompactedError, op_delete, op_put
+
+MAX_TXN_OPS = 128
+"""etcd's default limit of operations per transaction (--max-txn-ops)."""
 
 
 @dataclass(frozen=True)
@@ -74,3 +79,88 @@ async def watch(etcd: Etcd, kind: str) -> AsyncIterator[list[Instance]]:
             # A watch that broke after a quiet spell resumes from a revision etcd's
             # auto-compaction may have dropped: list afresh instead of failing.
             continue
+
+
+# ---------------------------------------------------------------- agents
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """What agents/<agent id> holds: the agent's pool, and the kinds and roles it takes.
+
+    The value is JSON {"pool", "kinds", "roles"}; agents in any language write it (the
+    Node agent in clients/node does), so its fields only ever grow.
+    """
+
+    agent_id: str
+    pool_id: str
+    kinds: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"pool": self.pool_id, "kinds": list(self.kinds), "roles": list(self.roles)}
+        ).encode()
+
+    @staticmethod
+    def decode(agent_id: str, raw: bytes) -> AgentRecord:
+        """ValueError if `raw` is not a record."""
+        try:
+            doc = json.loads(raw)
+            return AgentRecord(
+                agent_id,
+                str(doc.get("pool", "")),
+                tuple(str(k) for k in doc.get("kinds", ())),
+                tuple(str(r) for r in doc.get("roles", ())),
+            )
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"agents/{agent_id} does not hold an agent record") from None
+
+
+def agent_key(etcd: Etcd, agent_id: str) -> bytes:
+    return etcd.key("agents", agent_id)
+
+
+async def put_all(etcd: Etcd, lease_id: int, items: Sequence[tuple[bytes, bytes]]) -> None:
+    """Put every (key, value) on `lease_id`, MAX_TXN_OPS to a transaction. Every batch is
+    tried; the first error is raised after the last batch."""
+    await _in_batches(etcd, [op_put(k, v, lease_id) for k, v in items])
+
+
+async def register_agents(etcd: Etcd, lease_id: int, records: Iterable[AgentRecord]) -> None:
+    """Publish agents on their pool's lease (they disappear with it)."""
+    await put_all(etcd, lease_id, [(agent_key(etcd, r.agent_id), r.encode()) for r in records])
+
+
+async def deregister_agents(etcd: Etcd, agent_ids: Iterable[str]) -> None:
+    await _in_batches(etcd, [op_delete(agent_key(etcd, a)) for a in agent_ids])
+
+
+async def resolve_agents(etcd: Etcd, page: int = 1000) -> list[AgentRecord]:
+    """Every registered agent, read `page` keys at a time; a record that cannot be read
+    counts with an empty pool."""
+    prefix = etcd.key("agents") + b"/"
+    out: list[AgentRecord] = []
+    start = None
+    while True:
+        resp = await etcd.range(prefix, start=start, limit=page)
+        for kv in resp.kvs:
+            agent_id = kv.key[len(prefix) :].decode(errors="replace")
+            try:
+                out.append(AgentRecord.decode(agent_id, kv.value))
+            except ValueError:
+                out.append(AgentRecord(agent_id, ""))
+        if not resp.more:
+            return out
+        start = resp.kvs[-1].key + b"\0"
+
+
+async def _in_batches(etcd: Etcd, ops: Sequence[RequestOp]) -> None:
+    failed: RegistryError | None = None
+    for i in range(0, len(ops), MAX_TXN_OPS):
+        try:
+            await etcd.txn([], ops[i : i + MAX_TXN_OPS])
+        except RegistryError as err:  # the other batches still go out
+            failed = failed or err
+    if failed is not None:
+        raise failed

@@ -5,7 +5,16 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Timer(Protocol):
+    """What `Clock.call_later` returns: a pending call that can be called off."""
+
+    def cancel(self) -> object: ...
 
 
 class Clock(Protocol):
@@ -19,6 +28,15 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
+        """`awaitable`'s result; TimeoutError (and `awaitable` cancelled) once `timeout_s`
+        has passed first (None: no limit). asyncio.wait_for on this clock's time."""
+        ...
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
+        """Call `callback` after `delay_s` unless the returned timer is cancelled first."""
+        ...
+
 
 class SystemClock:
     def monotonic(self) -> float:
@@ -29,6 +47,14 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
+        # the event loop keeps this clock's time: its own timers are the cheap way (an
+        # agent runs every task under one)
+        return await asyncio.wait_for(awaitable, timeout_s)
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay_s, callback)
 
 
 class FakeClock:
@@ -45,11 +71,42 @@ class FakeClock:
     def wall_us(self) -> int:
         return int(self._now * 1_000_000)
 
-    async def sleep(self, seconds: float) -> None:
+    def _timer(self, seconds: float) -> asyncio.Future[None]:
+        """A future that `advance` resolves once `seconds` have passed (registered now,
+        so a sleeper is due from the moment it asks, not from when its task next runs)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._seq += 1
         heapq.heappush(self._sleepers, (self._now + max(0.0, seconds), self._seq, fut))
-        await fut
+        return fut
+
+    async def sleep(self, seconds: float) -> None:
+        await self._timer(seconds)
+
+    async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
+        job = asyncio.ensure_future(awaitable)
+        if timeout_s is None:
+            return await job
+        timer = self._timer(timeout_s)
+        either: set[asyncio.Future[Any]] = {job, timer}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled: so is the work
+            timer.cancel()
+            job.cancel()
+            raise
+        timer.cancel()
+        if job.done():
+            return job.result()
+        job.cancel()
+        await asyncio.wait({job})  # it unwinds before the caller goes on, as in asyncio's
+        if not job.cancelled():
+            job.exception()  # retrieved: the timeout is what the caller hears of
+        raise TimeoutError
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
+        timer = self._timer(delay_s)
+        timer.add_done_callback(lambda fut: None if fut.cancelled() else callback())
+        return timer
 
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking every sleeper due on the way, in order."""

@@ -1,4 +1,7 @@
-"""Fill a frozen config dataclass from AGENTMESH_<FIELD> variables and overrides."""
+"""Fill a frozen config dataclass from AGENTMESH_<FIELD> variables and overrides.
+
+A section (an executor's own settings, say) reads AGENTMESH_<SECTION>_<FIELD> instead.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _parse(raw: str, hint: Any, name: str) -> Any:
+def _parse(raw: str, hint: Any, variable: str) -> Any:
     try:
         if hint is bool:
             low = raw.strip().lower()
@@ -27,7 +30,7 @@ def _parse(raw: str, hint: Any, name: str) -> Any:
         return raw
     except ValueError:
         raise ValueError(
-            f"AGENTMESH_{name.upper()}={raw!r} is not a valid {getattr(hint, '__name__', hint)}"
+            f"{variable}={raw!r} is not a valid {getattr(hint, '__name__', hint)}"
         ) from None
 
 
@@ -35,15 +38,20 @@ def load(
     cls: type[T],
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    section: str = "",
 ) -> T:
-    """Build `cls` from defaults, then AGENTMESH_<FIELD> variables, then non-None overrides."""
+    """Build `cls` from defaults, then AGENTMESH_[<SECTION>_]<FIELD> variables, then
+    non-None overrides."""
     env = os.environ if environ is None else environ
+    prefix = f"AGENTMESH_{section.upper()}_" if section else "AGENTMESH_"
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        raw = env.get(f"AGENTMESH_{field.name.upper()}")
+        variable = prefix + field.name.upper()
+        raw = env.get(variable)
         if raw is not None:
-            values[field.name] = _parse(raw, hints[field.name], field.name)
+            values[field.name] = _parse(raw, hints[field.name], variable)
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value

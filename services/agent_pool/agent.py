@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
@@ -22,12 +20,14 @@ from protos.agentmesh.v1 import agent_pool_pb2 as ppb
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common.clock import Clock
 from services.agent_pool.executors import Executor, ExecutorError
+from services.agent_pool.follow import Leader
 
 log = logging.getLogger(__name__)
 
-A = ppb.AgentState
 ACCEPTED_AFTER_S = 0.02
+DRAIN_POLL_S = 0.02
 
 
 class Reconnect(Exception):
@@ -40,14 +40,12 @@ class PoolContext:
 
     pool_id: str
     lease_id: Callable[[], int]
-    leader: Callable[[], str]
-    """The coordinator endpoint to use now ('' while no leader is known)."""
-    leader_changed: Callable[[], asyncio.Event]
-    """An event set at the next change of leader."""
-    stub: Callable[[str], cpb_grpc.CoordinatorStub]
+    """The pool's etcd lease now: each hello carries it, so claims die with the pool."""
+    coordinator: Leader
+    """The root coordinator (etcd's word, or a redirect's)."""
     executors: dict[str, Executor]
     task_timeout_s: float
-    on_redirect: Callable[[str], None]
+    clock: Clock
     max_result_bytes: int = 512 * 1024
     """A larger output fails the task here: the coordinator would not store it."""
 
@@ -57,8 +55,9 @@ class Agent:
     agent_id: str
     ctx: PoolContext
     template: ppb.AgentTemplate
-    requested_at: float = field(default_factory=time.monotonic)
-    state: int = A.AGENT_STATE_STARTING
+    requested_at: float = -1.0
+    """When the agent was asked for (clock time; default: when it was made)."""
+    state: int = ppb.AGENT_STATE_STARTING
     spawn_ms: float = 0.0
     completed: int = 0
     failed: int = 0
@@ -68,6 +67,10 @@ class Agent:
     draining: bool = False
     _outbox: asyncio.Queue[cpb.AgentMessage | None] | None = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        if self.requested_at < 0:
+            self.requested_at = self.ctx.clock.monotonic()
 
     def info(self) -> ppb.PoolAgent:
         return ppb.PoolAgent(
@@ -100,7 +103,7 @@ class Agent:
 
     async def _backoff_sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ctx.leader_changed().wait(), seconds)
+            await self.ctx.clock.wait_for(self.ctx.coordinator.changed().wait(), seconds)
 
     def _hello(self) -> cpb.AgentHello:
         t = self.template
@@ -121,12 +124,13 @@ class Agent:
         return hello
 
     async def _session(self) -> None:
-        endpoint = self.ctx.leader()
+        coordinator = self.ctx.coordinator
+        endpoint = coordinator.endpoint
         if not endpoint:
             raise Reconnect("no leader known yet")
-        if self.state != A.AGENT_STATE_STARTING:
-            self.state = A.AGENT_STATE_RECONNECTING
-        call = self.ctx.stub(endpoint).Connect()
+        if self.state != ppb.AGENT_STATE_STARTING:
+            self.state = ppb.AGENT_STATE_RECONNECTING
+        call = cpb_grpc.CoordinatorStub(coordinator.channel(endpoint)).Connect()
         outbox: asyncio.Queue[cpb.AgentMessage | None] = asyncio.Queue()
         self._outbox = outbox
         outbox.put_nowait(cpb.AgentMessage(hello=self._hello()))
@@ -142,7 +146,8 @@ class Agent:
 
         write_task = asyncio.ensure_future(writer())
         # a paused leader keeps our stream open but silent: leave when etcd names another
-        moved = asyncio.ensure_future(self._leader_moved(endpoint, call))
+        moved = asyncio.ensure_future(coordinator.moved_from(endpoint, to_none=False))
+        moved.add_done_callback(lambda _: call.cancel())
         welcomed = False
         try:
             try:
@@ -170,20 +175,12 @@ class Agent:
         finally:
             moved.cancel()
             self._outbox = None
-            if self.state == A.AGENT_STATE_READY:
-                self.state = A.AGENT_STATE_RECONNECTING
+            if self.state == ppb.AGENT_STATE_READY:
+                self.state = ppb.AGENT_STATE_RECONNECTING
             write_task.cancel()
             with contextlib.suppress(BaseException):
                 await write_task
             call.cancel()
-
-    async def _leader_moved(self, endpoint: str, call: Any) -> None:
-        while True:
-            await self.ctx.leader_changed().wait()
-            leader = self.ctx.leader()
-            if leader and leader != endpoint:
-                call.cancel()
-                return
 
     def _send(self, msg: cpb.AgentMessage) -> None:
         if self._outbox is not None:
@@ -212,15 +209,15 @@ class Agent:
                 self.unacked[task.task_id] = report
                 self._send(report)
                 return
-            received = time.time_ns() // 1000
+            received = self.ctx.clock.wall_us()
             runner = asyncio.ensure_future(self._execute(task, received))
             self.running[task.task_id] = (task.claim_token, runner)
             self._idle.clear()
         elif body == "welcome":
             if not self.welcomed.is_set():
-                self.spawn_ms = (time.monotonic() - self.requested_at) * 1000
+                self.spawn_ms = (self.ctx.clock.monotonic() - self.requested_at) * 1000
                 self.welcomed.set()
-            self.state = A.AGENT_STATE_DRAINING if self.draining else A.AGENT_STATE_READY
+            self.state = ppb.AGENT_STATE_DRAINING if self.draining else ppb.AGENT_STATE_READY
         elif body == "ack":
             self._on_ack(msg.ack)
         elif body == "cancel":
@@ -229,7 +226,8 @@ class Agent:
                 held[1].cancel()
             self.unacked.pop(msg.cancel.task_id, None)
         elif body == "redirect":
-            self.ctx.on_redirect(msg.redirect.leader_endpoint)
+            if msg.redirect.leader_endpoint:
+                self.ctx.coordinator.set(msg.redirect.leader_endpoint)
         elif body == "drain":
             log.info(
                 "coordinator asked the agent to drain",
@@ -258,7 +256,8 @@ class Agent:
                 task_id=task.task_id, claim_token=token, received_at_us=received_at_us
             )
         )
-        announce = asyncio.get_running_loop().call_later(ACCEPTED_AFTER_S, self._send, accepted)
+        clock = self.ctx.clock
+        announce = clock.call_later(ACCEPTED_AFTER_S, lambda: self._send(accepted))
         executor = self.ctx.executors.get(task.spec.kind)
         report: cpb.AgentMessage
         try:
@@ -267,7 +266,7 @@ class Agent:
                     f"this agent has no executor for kind {task.spec.kind!r}", retryable=True
                 )
             timeout = task.spec.timeout_s or self.ctx.task_timeout_s
-            outcome = await asyncio.wait_for(executor.run(task, self._progress(task)), timeout)
+            outcome = await clock.wait_for(executor.run(task, self._progress(task)), timeout)
             if len(outcome.output) > self.ctx.max_result_bytes:
                 raise ExecutorError(
                     f"the output is {len(outcome.output)} bytes; the limit is "
@@ -325,14 +324,19 @@ class Agent:
 
         return send
 
+    def start_draining(self, reason: str) -> None:
+        """Take nothing new from now on, and tell the coordinator so."""
+        self.draining = True
+        self.state = ppb.AGENT_STATE_DRAINING
+        self._send(cpb.AgentMessage(draining=cpb.AgentDraining(reason=reason)))
+
     async def drain(self, timeout_s: float) -> None:
         """Take nothing new; wait (bounded) for what is held to finish and be reported."""
-        self.draining = True
-        self.state = A.AGENT_STATE_DRAINING
-        self._send(cpb.AgentMessage(draining=cpb.AgentDraining(reason="stopping")))
-        deadline = time.monotonic() + timeout_s
-        while (self.running or self.unacked) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        self.start_draining("stopping")
+        clock = self.ctx.clock
+        deadline = clock.monotonic() + timeout_s
+        while (self.running or self.unacked) and clock.monotonic() < deadline:
+            await clock.sleep(DRAIN_POLL_S)
 
 
 def _failure(
@@ -347,7 +351,3 @@ def _failure(
             usage=usage,
         )
     )
-
-
-def leader_endpoint_of(raw: Any) -> str:
-    return bytes(raw).decode().partition(" ")[2]

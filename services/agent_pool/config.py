@@ -1,22 +1,20 @@
-"""Agent pool configuration (AGENTMESH_<FIELD> variables and CLI flags)."""
+"""Agent pool configuration (AGENTMESH_<FIELD> variables and CLI flags).
+
+An executor's own settings are its section (executors.EXECUTORS), not fields here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services._common.config import ServiceConfig
+
 
 @dataclass(frozen=True, kw_only=True)
-class PoolConfig:
-    etcd: str = "127.0.0.1:2379"
-    """etcd endpoints, comma-separated host:port."""
-    cluster: str = "default"
-    """Cluster name; every key lives under /agentmesh/<cluster>/."""
-    listen: str = "127.0.0.1:0"
-    """Address the AgentPool gRPC server binds (port 0 picks a free one)."""
-    advertise: str = ""
-    """Address published in etcd (default: the bound listen address)."""
+class PoolConfig(ServiceConfig):
     pool_id: str = ""
-    """Unique id of this pool (default: pool-<pid>-<random>); agents are <pool_id>-a<n>."""
+    """Unique id of this pool (default: node_id, else pool-<pid>-<random>); agents are
+    <pool_id>-a<n>."""
     agents: int = 0
     """Agents to start at boot."""
     batch_size: int = 50
@@ -26,7 +24,7 @@ class PoolConfig:
     capacity: int = 1
     """Tasks each agent runs at once."""
     kinds: tuple[str, ...] = ("echo", "sleep", "noop", "fail", "propose")
-    """Task kinds the agents advertise (each needs an executor)."""
+    """Task kinds the agents advertise (each needs a row in executors.EXECUTORS)."""
     roles: tuple[str, ...] = ()
     """Roles the agents advertise (tasks may require one)."""
     labels: tuple[str, ...] = ()
@@ -47,13 +45,6 @@ class PoolConfig:
     byzantine: tuple[str, ...] = ()
     """Faulty voters among the first agents, for tests and load tests: MODE:COUNT with
     MODE forge, equivocate, unknown-proposal, impersonate or silent."""
-    lease_ttl_s: int = 2
-    """The pool's etcd lease TTL; claims die with it, so a dead pool's tasks are requeued
-    within this long even if no coordinator saw its streams drop."""
-    grace_s: float = 10.0
-    """Shutdown grace: agents finish held tasks for up to this long."""
-    etcd_timeout_s: float = 3.0
-    """Deadline of each etcd call."""
     heartbeat_interval_s: float = 1.0
     """How often each agent heartbeats to the health monitor (until the monitor says)."""
     flaky_agents: int = 0

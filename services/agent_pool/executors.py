@@ -1,5 +1,10 @@
 """Executors run a task's payload. The local ones here stand in for an LLM and say so;
-`llm` (services/agent_pool/llm.py) calls Claude."""
+`llm` (services/agent_pool/llm.py) calls Claude, `propose` opens a vote (voter.py).
+
+`EXECUTORS` is the table of kinds a pool can run: adding an executor is one row. A row
+may bring its own config section, a frozen dataclass filled from
+AGENTMESH_<KIND>_<FIELD> variables (the `llm` row's `LlmConfig`, for instance).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -14,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common import config
+from services._common.clock import Clock, SystemClock
+from services.agent_pool.llm_config import LlmConfig
 
 
 class ExecutorError(Exception):
@@ -88,9 +97,12 @@ class SleepExecutor:
     A payload {"ms": N} sleeps exactly N ms. The output says "simulated": true.
     """
 
-    def __init__(self, latency: str, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, latency: str, rng: random.Random | None = None, clock: Clock | None = None
+    ) -> None:
         self.dist, self.a, self.b = parse_latency(latency)
         self.rng = rng or random.Random()
+        self.clock: Clock = clock or SystemClock()
 
     def draw_ms(self) -> float:
         if self.dist == "fixed":
@@ -110,7 +122,7 @@ class SleepExecutor:
                 raise ExecutorError(
                     'sleep payload must be JSON like {"ms": 50}', retryable=False
                 ) from None
-        await asyncio.sleep(max(0.0, ms) / 1000.0)
+        await self.clock.sleep(max(0.0, ms) / 1000.0)
         return Outcome(json.dumps({"simulated": True, "slept_ms": round(ms, 3)}).encode())
 
 
@@ -150,12 +162,15 @@ class HangExecutor:
     stuck LLM call is); later attempts sleep payload "ms" (default 10) and succeed.
     The output says {"simulated": true, "fault": "hang"}."""
 
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or SystemClock()
+
     async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         doc = _fault_payload(task, "hang")
         if task.attempts <= doc.get("attempts", 1):
             await asyncio.Event().wait()
         ms = doc.get("ms", 10.0)
-        await asyncio.sleep(max(0.0, ms) / 1000.0)
+        await self.clock.sleep(max(0.0, ms) / 1000.0)
         out = {"simulated": True, "fault": "hang", "attempt": task.attempts, "slept_ms": ms}
         return Outcome(json.dumps(out).encode())
 
@@ -177,29 +192,75 @@ class BlockExecutor:
         return Outcome(json.dumps(out).encode())
 
 
-def build_executors(
-    kinds: tuple[str, ...],
-    sleep_ms: str,
-    environ: Mapping[str, str] | None = None,
-    context_source: ContextSource | None = None,
-) -> dict[str, Executor]:
-    """The executors of `kinds`. `llm` is built only when asked for: it needs
-    ANTHROPIC_API_KEY (and reads AGENTMESH_LLM_* from `environ`, default os.environ)."""
-    known: dict[str, Executor] = {
-        "echo": EchoExecutor(),
-        "noop": NoopExecutor(),
-        "sleep": SleepExecutor(sleep_ms),
-        "fail": FailExecutor(),
-        # SIMULATED faults, for tests and the load test; never in a pool's default kinds
-        "hang": HangExecutor(),
-        "block": BlockExecutor(),
-    }
-    missing = [k for k in kinds if k not in known and k != "llm"]
-    if missing:
-        raise ValueError(f"no executor for kinds {missing}; available: {', '.join(known)}, llm")
-    if "llm" in kinds:
-        # imported here: the SDK is only loaded by pools that run llm tasks
-        from services.agent_pool.llm import build_llm_executor
+# ---------------------------------------------------------------- the table
 
-        known["llm"] = build_llm_executor(environ, context_source)
-    return {k: known[k] for k in kinds}
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorContext:
+    """What a pool offers the executors it builds."""
+
+    sleep_ms: str = "fixed:0"
+    """The `sleep` executor's simulated latency (the pool's --sleep-ms)."""
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    """Where config sections and credentials (ANTHROPIC_API_KEY) are read."""
+    etcd: Any = None
+    """The pool's `registry.etcd.Etcd` client: shared context reads, proposals."""
+    clock: Clock = field(default_factory=SystemClock)
+
+
+@dataclass(frozen=True)
+class ExecutorKind:
+    """One row of `EXECUTORS`: how a kind's executor is built, and its own settings."""
+
+    build: Callable[[ExecutorContext, Any], Executor]
+    """(what the pool offers, the section's config or None) → the executor."""
+    config: type[Any] | None = None
+    """A frozen dataclass of the kind's settings, filled from AGENTMESH_<KIND>_<FIELD>."""
+
+
+def _llm(ctx: ExecutorContext, cfg: LlmConfig) -> Executor:
+    # imported here: the SDK is only loaded by pools that run llm tasks
+    from services.agent_pool.llm import build_llm_executor
+
+    source = None if ctx.etcd is None else etcd_context_source(ctx.etcd)
+    return build_llm_executor(cfg, ctx.environ, source, ctx.clock)
+
+
+def _propose(ctx: ExecutorContext, _: None) -> Executor:
+    from services.agent_pool.voter import ProposeExecutor
+    from services.consensus.client import ConsensusClient
+
+    if ctx.etcd is None:
+        raise ValueError("the propose executor needs the pool's etcd (to find consensus)")
+    return ProposeExecutor(ConsensusClient(ctx.etcd))
+
+
+EXECUTORS: dict[str, ExecutorKind] = {
+    "echo": ExecutorKind(lambda ctx, _: EchoExecutor()),
+    "noop": ExecutorKind(lambda ctx, _: NoopExecutor()),
+    "sleep": ExecutorKind(lambda ctx, _: SleepExecutor(ctx.sleep_ms, clock=ctx.clock)),
+    "fail": ExecutorKind(lambda ctx, _: FailExecutor()),
+    # SIMULATED faults, for tests and the load test; never in a pool's default kinds
+    "hang": ExecutorKind(lambda ctx, _: HangExecutor(ctx.clock)),
+    "block": ExecutorKind(lambda ctx, _: BlockExecutor()),
+    "llm": ExecutorKind(_llm, LlmConfig),
+    "propose": ExecutorKind(_propose),
+}
+
+
+def section_config(kind: str, environ: Mapping[str, str] | None = None) -> Any:
+    """The config section of `kind` from AGENTMESH_<KIND>_<FIELD> variables (None if the
+    kind has none); ValueError naming the variable when one is wrong."""
+    row = EXECUTORS[kind]
+    if row.config is None:
+        return None
+    return config.load(row.config, environ=environ, section=kind.replace("-", "_"))
+
+
+def build_executors(kinds: tuple[str, ...], ctx: ExecutorContext) -> dict[str, Executor]:
+    """The executors of `kinds`, each with its config section; ValueError saying what is
+    wrong (an unknown kind, a bad setting, a missing credential)."""
+    missing = [k for k in kinds if k not in EXECUTORS]
+    if missing:
+        raise ValueError(f"no executor for kinds {missing}; available: {', '.join(EXECUTORS)}")
+    return {k: EXECUTORS[k].build(ctx, section_config(k, ctx.environ)) for k in kinds}

@@ -18,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import os
-import random
 import secrets
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +31,11 @@ import grpc
 from protos.agentmesh.v1 import health_pb2 as hpb
 from protos.agentmesh.v1 import health_pb2_grpc as hpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
-from registry.election import current_leader, observe
-from registry.errors import StoreUnavailableError
 from registry.etcd import Etcd
-from registry.leadership import parse_leader_value
+from services._common.clock import Clock
 from services._common.grpcserver import OPTIONS
 from services.agent_pool.executors import Executor, ExecutorError, Outcome, Progress
+from services.agent_pool.follow import Leader, reconnecting
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +54,6 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
 
 
 # ---------------------------------------------------------------- what agents run
@@ -84,10 +78,10 @@ class AgentTrack:
     urgent: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a task failed: the next heartbeat leaves at once."""
 
-    def progress(self, task_id: str) -> None:
+    def progress(self, task_id: str, now_us: int) -> None:
         run = self.running.get(task_id)
         if run is not None:
-            run.progress_us = _now_us()
+            run.progress_us = now_us
 
     def take_outcomes(self) -> list[hpb.TaskOutcome]:
         out = list(self.outcomes)
@@ -100,13 +94,18 @@ class TaskTracker:
 
     Args:
         default_timeout_s: the pool's deadline for a task that sets none.
+        clock: injected time.
         flaky: agent id → True if that agent must fail every task (a SIMULATED fault).
     """
 
     def __init__(
-        self, default_timeout_s: float, flaky: Callable[[str], bool] = lambda _: False
+        self,
+        default_timeout_s: float,
+        clock: Clock,
+        flaky: Callable[[str], bool] = lambda _: False,
     ) -> None:
         self.default_timeout_s = default_timeout_s
+        self.clock = clock
         self.flaky = flaky
         self.agents: dict[str, AgentTrack] = {}
 
@@ -132,13 +131,14 @@ class _Tracked:
 
     async def run(self, task: tpb.Task, progress: Progress | None = None) -> Outcome:
         tracker = self.tracker
+        clock = tracker.clock
         track = tracker.track(task.agent_id)
         timeout_s = task.spec.timeout_s or tracker.default_timeout_s
-        t0 = time.monotonic()
-        track.running[task.task_id] = _Running(task.claim_token, _now_us(), timeout_s)
+        t0 = clock.monotonic()
+        track.running[task.task_id] = _Running(task.claim_token, clock.wall_us(), timeout_s)
 
         def moved(fraction: float, message: str) -> None:
-            track.progress(task.task_id)
+            track.progress(task.task_id, clock.wall_us())
             if progress is not None:
                 progress(fraction, message)
 
@@ -153,7 +153,7 @@ class _Tracked:
             ok = True
             return out
         except asyncio.CancelledError:
-            if time.monotonic() - t0 < timeout_s * 0.99:
+            if clock.monotonic() - t0 < timeout_s * 0.99:
                 error = ""  # cancelled (released, stopped): not the agent's failure
             else:
                 error = f"timed out after {timeout_s:g} s"
@@ -175,7 +175,7 @@ class _Tracked:
                     hpb.TaskOutcome(
                         task_id=task.task_id,
                         ok=ok,
-                        latency_ms=(time.monotonic() - t0) * 1000.0,
+                        latency_ms=(clock.monotonic() - t0) * 1000.0,
                         error=_cut(error),
                         retryable=retryable,
                     )
@@ -217,10 +217,11 @@ class Heartbeater:
         etcd: the pool's etcd client (to follow the monitor's election).
         pool_id: the pool's id.
         tracker: what each agent runs.
-        agents: the pool's agents now (agent id → (Agent, task)); an agent that leaves
-            this mapping says goodbye on its stream (a `leaving` heartbeat).
+        agents: the pool's agents now (agent id → Agent); an agent that leaves this
+            mapping says goodbye on its stream (a `leaving` heartbeat).
         on_directive: the pool's handler of drain and replace (pause and resume are
             kept here and reported in the heartbeats).
+        clock: injected time.
         interval_s: heartbeat period until the monitor's welcome says otherwise.
     """
 
@@ -231,57 +232,61 @@ class Heartbeater:
         tracker: TaskTracker,
         agents: Callable[[], Mapping[str, Any]],
         on_directive: Callable[[str, hpb.HealthDirective], None],
+        clock: Clock,
         interval_s: float = 1.0,
     ) -> None:
-        self.etcd = etcd
         self.pool_id = pool_id
         self.tracker = tracker
         self.agents = agents
         self.on_directive = on_directive
+        self.clock = clock
         self.interval_s = interval_s
+        # the check on top of the watch: a watch that died quietly must cost seconds,
+        # not every agent's FAILED
+        self.monitor = Leader(
+            etcd,
+            "health",
+            clock,
+            options=CHANNEL_OPTIONS,
+            recheck_s=FOLLOW_CHECK_S,
+            close_stale=True,
+        )
         self.incarnation = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.paused: set[str] = set()
         self.replaces: dict[str, str] = {}
         """A replacement's agent id → the agent it replaced (told to the monitor)."""
-        self._leader = ""
-        self._leader_changed = asyncio.Event()
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._closing_channels: set[asyncio.Task[None]] = set()
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._sent: dict[str, float] = {}
-        """agent id → when its last heartbeat went out (monotonic)."""
+        """agent id → when its last heartbeat went out (clock time)."""
         self._last_error = ""
         self._warned = False
         self._closing = asyncio.Event()
         self._stats = (0, 0.0)
-        self._stats_at = 0.0
+        self._stats_at = -float("inf")
 
     async def run(self) -> None:
         """Follow the monitor and keep one stream per agent; until cancelled."""
-        follow = asyncio.ensure_future(self._follow())
+        follow = asyncio.ensure_future(self.monitor.follow())
         try:
             while not self._closing.is_set():
-                for agent_id, held in tuple(self.agents().items()):
+                for agent_id, agent in tuple(self.agents().items()):
                     stream = self._streams.get(agent_id)
                     if stream is None or stream.done():
-                        agent = held[0] if isinstance(held, tuple) else held
                         self._streams[agent_id] = asyncio.ensure_future(self._agent_loop(agent))
                 self._warn_if_silent()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), self.interval_s)
+                    await self.clock.wait_for(self._closing.wait(), self.interval_s)
         finally:
             follow.cancel()
             for task in self._streams.values():
                 task.cancel()
             await asyncio.gather(follow, *self._streams.values(), return_exceptions=True)
-            for channel in self._channels.values():
-                await channel.close()
-            await asyncio.gather(*self._closing_channels, return_exceptions=True)
+            await self.monitor.close()
 
     def _warn_if_silent(self) -> None:
         """Once per episode: agents whose heartbeats have not gone out for SILENT_WARN_S
         (a monitor that stays out of reach must show in the pool's log)."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         silent = [a for a, t in self._sent.items() if now - t > SILENT_WARN_S]
         if silent and not self._warned:
             self._warned = True
@@ -290,7 +295,7 @@ class Heartbeater:
                 extra={
                     "agents": len(silent),
                     "example": silent[0],
-                    "monitor": self._leader or "none known",
+                    "monitor": self.monitor.endpoint or "none known",
                     "error": self._last_error,
                 },
             )
@@ -303,81 +308,31 @@ class Heartbeater:
         self._closing.set()
         streams = [t for t in self._streams.values() if not t.done()]
         if streams:
-            await asyncio.wait(streams, timeout=timeout_s)
-
-    # ---- the monitor ----
-
-    async def _follow(self) -> None:
-        """Follow the monitor's election, and read it again every FOLLOW_CHECK_S: a
-        watch that died quietly must cost seconds, not every agent's FAILED."""
-        check = asyncio.ensure_future(self._check_leader())
-        try:
-            while True:
-                try:
-                    async for leader in observe(self.etcd, "health"):
-                        self._set_leader(parse_leader_value(leader.value)[1] if leader else "")
-                except StoreUnavailableError:
-                    await asyncio.sleep(0.5)
-                except Exception:  # noqa: BLE001 - following must never stop
-                    log.warning("following the health monitor failed; again", exc_info=True)
-                    await asyncio.sleep(0.5)
-        finally:
-            check.cancel()
-
-    async def _check_leader(self) -> None:
-        while True:
-            await asyncio.sleep(FOLLOW_CHECK_S)
-            try:
-                leader = await current_leader(self.etcd, "health")
-            except Exception:  # noqa: BLE001 - the watch is the main path; try again later
-                continue
-            self._set_leader(parse_leader_value(leader.value)[1] if leader else "")
-
-    def _set_leader(self, endpoint: str) -> None:
-        if endpoint != self._leader:
-            self._leader = endpoint
-            log.info("health monitor", extra={"monitor": endpoint or "none"})
-            self._leader_changed.set()
-            self._leader_changed = asyncio.Event()
-            # the streams move to the new monitor; a fresh channel for whatever comes next
-            for old in [e for e in self._channels if e != endpoint]:
-                channel = self._channels.pop(old)
-                task = asyncio.ensure_future(channel.close(grace=1.0))
-                self._closing_channels.add(task)
-                task.add_done_callback(self._closing_channels.discard)
-
-    def _stub(self, endpoint: str) -> hpb_grpc.HealthMonitorStub:
-        channel = self._channels.get(endpoint)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-            self._channels[endpoint] = channel
-        return hpb_grpc.HealthMonitorStub(channel)
+            with contextlib.suppress(TimeoutError):
+                await self.clock.wait_for(asyncio.wait(streams), timeout_s)
 
     # ---- one agent ----
 
     async def _agent_loop(self, agent: Any) -> None:
         agent_id = agent.agent_id
-        delay = 0.05
-        seq = 0
-        self._sent[agent_id] = time.monotonic()
+        seqs = itertools.count(1)
+        self._sent[agent_id] = self.clock.monotonic()
+
+        async def session(endpoint: str) -> bool:
+            await self._session(agent, endpoint, seqs)
+            return True
+
+        def failed(err: Exception) -> None:
+            self._last_error = repr(err)
+            log.debug("report stream ended", extra={"agent": agent_id, "error": repr(err)})
+
         try:
-            while agent_id in self.agents() and not self._closing.is_set():
-                endpoint = self._leader
-                changed = self._leader_changed
-                if endpoint:
-                    try:
-                        seq = await self._session(agent, endpoint, seq)
-                        delay = 0.05
-                    except Exception as err:  # noqa: BLE001 - any failed stream: reconnect
-                        self._last_error = repr(err)
-                        log.debug(
-                            "report stream ended", extra={"agent": agent_id, "error": repr(err)}
-                        )
-                # jittered backoff; a new monitor ends it at once
-                wait = delay / 2 + random.uniform(0, delay / 2)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), wait if endpoint else None)
-                delay = min(delay * 2, 1.0)
+            await reconnecting(
+                self.monitor,
+                session,
+                alive=lambda: agent_id in self.agents() and not self._closing.is_set(),
+                on_error=failed,
+            )
         finally:
             if agent_id not in self.agents():
                 self._sent.pop(agent_id, None)
@@ -385,25 +340,25 @@ class Heartbeater:
                 self.paused.discard(agent_id)
                 self.replaces.pop(agent_id, None)
 
-    async def _session(self, agent: Any, endpoint: str, seq: int) -> int:
+    async def _session(self, agent: Any, endpoint: str, seqs: Iterator[int]) -> None:
         """One stream: heartbeats every interval until the monitor ends it, another
         monitor is elected, or the agent leaves (then a last `leaving` heartbeat)."""
         agent_id = agent.agent_id
-        call = self._stub(endpoint).Report()
+        clock = self.clock
+        call = hpb_grpc.HealthMonitorStub(self.monitor.channel(endpoint)).Report()
         reader = asyncio.ensure_future(self._read(agent_id, call))
         closing = asyncio.ensure_future(self._closing.wait())
-        moved = asyncio.ensure_future(self._leader_changed.wait())
+        moved = asyncio.ensure_future(self.monitor.moved_from(endpoint))
         try:
-            seq += 1
-            await call.write(self._heartbeat(agent, seq, 0.0, first=True))
-            self._sent[agent_id] = time.monotonic()
-            next_at = time.monotonic()
+            await call.write(self._heartbeat(agent, next(seqs), 0.0, first=True))
+            self._sent[agent_id] = clock.monotonic()
+            next_at = clock.monotonic()
             track = self.tracker.track(agent_id)
             while True:
                 next_at += self.interval_s
                 while True:  # until the next heartbeat is due, sending early ones on failures
                     sleep = asyncio.ensure_future(
-                        asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                        clock.sleep(max(0.0, next_at - clock.monotonic()))
                     )
                     urgent = asyncio.ensure_future(track.urgent.wait())
                     done, _ = await asyncio.wait(
@@ -414,31 +369,27 @@ class Heartbeater:
                     urgent.cancel()
                     if reader in done:
                         reader.result()  # the monitor ended the stream: raise why
-                        return seq
+                        return
                     if moved in done:
-                        if self._leader != endpoint:
-                            return seq  # a new active monitor: reconnect there at once
-                        moved = asyncio.ensure_future(self._leader_changed.wait())
+                        return  # a new active monitor: reconnect there at once
                     if sleep in done or closing in done:
                         break
                     if urgent in done:
                         # a task failed: say so now, not up to an interval later, or an agent
                         # that fails fast burns through the queue before the breaker can act
                         track.urgent.clear()
-                        seq += 1
-                        await call.write(self._heartbeat(agent, seq, 0.0))
-                        await asyncio.sleep(URGENT_GAP_S)
-                lag = max(0.0, time.monotonic() - next_at)
+                        await call.write(self._heartbeat(agent, next(seqs), 0.0))
+                        await clock.sleep(URGENT_GAP_S)
+                lag = max(0.0, clock.monotonic() - next_at)
                 if lag > self.interval_s:
-                    next_at = time.monotonic()  # after a frozen loop: no burst to catch up
-                seq += 1
+                    next_at = clock.monotonic()  # after a frozen loop: no burst to catch up
                 leaving = agent_id not in self.agents() or self._closing.is_set()
-                await call.write(self._heartbeat(agent, seq, lag, leaving=leaving))
-                self._sent[agent_id] = time.monotonic()
+                await call.write(self._heartbeat(agent, next(seqs), lag, leaving=leaving))
+                self._sent[agent_id] = clock.monotonic()
                 if leaving:
                     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                         await call.done_writing()
-                    return seq
+                    return
         finally:
             for task in (reader, closing, moved):
                 task.cancel()
@@ -452,7 +403,7 @@ class Heartbeater:
                     self.interval_s = directive.welcome.heartbeat_interval_s
             elif body == "redirect":
                 if directive.redirect.monitor_endpoint:
-                    self._set_leader(directive.redirect.monitor_endpoint)
+                    self.monitor.set(directive.redirect.monitor_endpoint)
             elif body == "pause":
                 self.paused.add(agent_id)
                 log.warning(
@@ -471,13 +422,13 @@ class Heartbeater:
     def _heartbeat(
         self, agent: Any, seq: int, lag_s: float, *, first: bool = False, leaving: bool = False
     ) -> hpb.Heartbeat:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._stats_at >= PROCESS_STATS_EVERY_S:
             self._stats, self._stats_at = read_process_stats(), now
         track = self.tracker.track(agent.agent_id)
         hb = hpb.Heartbeat(
             agent_id=agent.agent_id,
-            sent_at_us=_now_us(),
+            sent_at_us=self.clock.wall_us(),
             seq=seq,
             tasks=[
                 hpb.TaskInFlight(

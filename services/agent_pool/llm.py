@@ -3,7 +3,7 @@
 One `AsyncAnthropic` client per pool carries every agent's calls (one connection pool, one
 place for limits). The SDK's own retries are off; `llm_retry.RetryPolicy` retries instead,
 so each HTTP attempt is counted once and 429s honour `retry-after`. A task's deadline is
-the agent's `asyncio.wait_for` around `run`: its cancellation reaches the HTTP request,
+the agent's `clock.wait_for` around `run`: its cancellation reaches the HTTP request,
 which closes the connection (the server sees the client go away).
 
 Seams for the leader (phase 2):
@@ -30,7 +30,7 @@ from services._common.clock import Clock, SystemClock
 from services._common.llm_cost import PriceTable
 from services._common.ratelimit import ratelimit_headers_of
 from services.agent_pool.executors import ContextSource, ExecutorError, Outcome, Progress
-from services.agent_pool.llm_config import LlmConfig, Role, load_llm_config
+from services.agent_pool.llm_config import LlmConfig, Role
 from services.agent_pool.llm_payload import (
     LlmRequest,
     PayloadError,
@@ -157,7 +157,8 @@ class LlmExecutor:
 
         message: Any = None
         try:
-            async for attempt in self.policy.retrying(self.clock.sleep, self.rng, on_retry):
+            retries = self.policy.retrying(self.clock.sleep, self.rng, on_retry, self._wall_s)
+            async for attempt in retries:
                 with attempt:
                     call.attempts += 1
                     message = await self._attempt(request, kwargs, call, progress)
@@ -238,6 +239,9 @@ class LlmExecutor:
             except Exception:  # noqa: BLE001 - an observer's bug must not fail the task
                 log.exception("rate-limit observer failed")
 
+    def _wall_s(self) -> float:
+        return self.clock.wall_us() / 1_000_000
+
     def _usage(
         self, model: str, input_tokens: int, output_tokens: int
     ) -> tuple[tpb.TokenUsage, bool]:
@@ -250,7 +254,7 @@ class LlmExecutor:
     def _failure(self, err: BaseException, call: _Call) -> LlmError:
         if isinstance(err, LlmError):
             return err
-        verdict = classify(err)
+        verdict = classify(err, self._wall_s())
         usage, _ = self._usage(call.model, call.failed_input_tokens, call.failed_output_tokens)
         if (
             verdict.retry
@@ -324,8 +328,13 @@ def llm_unavailable(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def build_llm_executor(
-    environ: Mapping[str, str] | None = None, context_source: ContextSource | None = None
+    cfg: LlmConfig,
+    environ: Mapping[str, str] | None = None,
+    context_source: ContextSource | None = None,
+    clock: Clock | None = None,
 ) -> LlmExecutor:
+    """The pool's `llm` executor (its row in executors.EXECUTORS); ValueError if the
+    credentials are missing."""
     env = os.environ if environ is None else environ
     reason = llm_unavailable(env)
     if reason is not None:
@@ -334,8 +343,9 @@ def build_llm_executor(
     # each costs CPU the agents need; our own log line per failed attempt says more
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     return LlmExecutor(
-        load_llm_config(environ=env),
+        cfg,
         api_key=env["ANTHROPIC_API_KEY"],
         base_url=env.get("ANTHROPIC_BASE_URL") or None,
         context_source=context_source,
+        clock=clock,
     )

@@ -1,6 +1,7 @@
 """The `llm` section: the Claude executor, its roles, model table, prices, limits and budgets.
 
-Filled from `AGENTMESH_LLM_<FIELD>` variables (e.g. AGENTMESH_LLM_MAX_ATTEMPTS=6). The
+Filled from `AGENTMESH_LLM_<FIELD>` variables (e.g. AGENTMESH_LLM_MAX_ATTEMPTS=6) by the
+executor table (`executors.section_config("llm")`). The
 credentials are the SDK's own: `ANTHROPIC_API_KEY`, and `ANTHROPIC_BASE_URL` to talk to
 another server (the local one in `loadtest/fake_anthropic.py`, for instance).
 The leader reads the same section for admission control and budgets (phase 2).
@@ -9,17 +10,14 @@ The leader reads the same section for admission control and budgets (phase 2).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services._common import config
 from services._common.llm_cost import PriceTable, parse_budget_specs
 from services._common.ratelimit import ModelLimits, parse_limit_specs
 
-ENV_PREFIX = "AGENTMESH_LLM_"
 COMPLEXITIES = ("simple", "moderate", "complex")
 
 
@@ -213,20 +211,3 @@ def _pairs(items: tuple[str, ...], name: str, shape: str) -> dict[str, str]:
             raise ValueError(f"{name}: {item!r} must look like {shape}")
         out[key.strip()] = value.strip()
     return out
-
-
-def load_llm_config(
-    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-) -> LlmConfig:
-    """LlmConfig from AGENTMESH_LLM_<FIELD> variables, then `overrides`.
-
-    `config.load` reads AGENTMESH_<FIELD>; this section's variables carry one more word,
-    so they are renamed for it (and a pool's own AGENTMESH_<FIELD> never leaks in).
-    """
-    env = os.environ if environ is None else environ
-    section = {
-        "AGENTMESH_" + key.removeprefix(ENV_PREFIX): value
-        for key, value in env.items()
-        if key.startswith(ENV_PREFIX)
-    }
-    return config.load(LlmConfig, overrides, environ=section)

@@ -68,8 +68,9 @@ def retry_after_s(
     return max(0.0, email.utils.mktime_tz(parsed) - now)
 
 
-def classify(err: BaseException) -> Verdict:
-    """Whether another attempt may succeed, and what to tell the task's owner."""
+def classify(err: BaseException, now_wall_s: float | None = None) -> Verdict:
+    """Whether another attempt may succeed, and what to tell the task's owner
+    (`now_wall_s`: the time a retry-after date counts from; default: now)."""
     if isinstance(err, anthropic.APIStatusError):
         headers = dict(err.response.headers)
         status = err.status_code
@@ -84,7 +85,7 @@ def classify(err: BaseException) -> Verdict:
             what = f"stream error {etype}: {message}"
         else:
             retry = status in RETRYABLE_STATUS or status >= 500
-        return Verdict(retry, what, status, retry_after_s(headers), headers)
+        return Verdict(retry, what, status, retry_after_s(headers, now_wall_s), headers)
     if isinstance(err, anthropic.APITimeoutError | httpx2.TimeoutException):
         return Verdict(True, "the API did not answer in time (read timeout)")
     if isinstance(err, anthropic.APIConnectionError | httpx2.TransportError):
@@ -140,15 +141,20 @@ class RetryPolicy:
         sleep: Callable[[float], Awaitable[None]],
         rng: random.Random,
         on_retry: Callable[[int, Verdict, float], None] | None = None,
+        wall_s: Callable[[], float] | None = None,
     ) -> AsyncRetrying:
         """A tenacity loop: `async for attempt in policy.retrying(...): with attempt: ...`.
 
         Gives up (re-raising the last error) after max_attempts, on an error not worth
         retrying, or when the server asks for a wait longer than retry_after_max_s.
+        `wall_s` is the clock a retry-after date is read against (default: the system's).
         """
 
+        def classified(err: BaseException) -> Verdict:
+            return classify(err, None if wall_s is None else wall_s())
+
         def should_retry(err: BaseException) -> bool:
-            verdict = classify(err)
+            verdict = classified(err)
             if not verdict.retry:
                 return False
             ra = verdict.retry_after_s
@@ -156,7 +162,7 @@ class RetryPolicy:
 
         def wait(state: RetryCallState) -> float:
             err = state.outcome.exception() if state.outcome else None
-            verdict = classify(err) if err else Verdict(True, "")
+            verdict = classified(err) if err else Verdict(True, "")
             seconds = self.wait_s(state.attempt_number, verdict, rng)
             if on_retry is not None:
                 on_retry(state.attempt_number, verdict, seconds)

@@ -34,12 +34,12 @@ from google.protobuf import json_format
 from protos.agentmesh.v1 import consensus_pb2 as pb
 from protos.agentmesh.v1 import consensus_pb2_grpc as pb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
-from registry.election import observe
-from registry.etcd import Etcd, op_put
-from registry.leadership import parse_leader_value
+from registry import discovery
+from registry.etcd import Etcd
+from services._common.clock import Clock
 from services._common.errors import StoreUnavailableError
-from services._common.grpcserver import OPTIONS
 from services.agent_pool.executors import ExecutorError, Outcome, Progress, SleepExecutor
+from services.agent_pool.follow import Leader, reconnecting
 from services.consensus import signing
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ class VoterPool:
         pool_id: the pool's id.
         lease_id: the pool's lease now (keys live on it).
         policy: how honest agents vote.
+        clock: injected time.
         byzantine: modes for the first agents started (see `parse_byzantine`).
         delay_ms: simulated think time before each vote (see executors.parse_latency).
     """
@@ -168,6 +169,7 @@ class VoterPool:
         pool_id: str,
         lease_id: Callable[[], int],
         policy: Policy,
+        clock: Clock,
         byzantine: list[str] | None = None,
         delay_ms: str = "0",
     ) -> None:
@@ -175,13 +177,13 @@ class VoterPool:
         self.pool_id = pool_id
         self.lease_id = lease_id
         self.policy = policy
+        self.clock = clock
         self._modes = list(byzantine or [])
         self.mode: dict[str, str] = {}
         self.keys: dict[str, Ed25519PrivateKey] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.leader = ""
-        self._changed = asyncio.Event()
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.consensus = Leader(etcd, "consensus", clock)
+        """The active consensus instance; the streams move when it changes."""
         self._cast: OrderedDict[tuple[str, str, int], pb.Vote] = OrderedDict()
         self.connected: set[str] = set()
         think = SleepExecutor(delay_ms)
@@ -197,17 +199,12 @@ class VoterPool:
                 self.keys[agent.agent_id] = signing.new_key()
                 if self._modes:
                     self.mode[agent.agent_id] = self._modes.pop(0)
-        for i in range(0, len(agents), 120):
-            ops = [
-                op_put(
-                    self.etcd.key("keys", a.agent_id),
-                    signing.public_bytes(self.keys[a.agent_id]),
-                    self.lease_id(),
-                )
-                for a in agents[i : i + 120]
-            ]
-            with contextlib.suppress(StoreUnavailableError):
-                await self.etcd.txn([], ops)
+        keys = [
+            (self.etcd.key("keys", a.agent_id), signing.public_bytes(self.keys[a.agent_id]))
+            for a in agents
+        ]
+        with contextlib.suppress(StoreUnavailableError):
+            await discovery.put_all(self.etcd, self.lease_id(), keys)
 
     def start(self, agent: VoterInfo) -> None:
         if agent.agent_id not in self.tasks:
@@ -224,54 +221,29 @@ class VoterPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for channel in self._channels.values():
-            await channel.close()
+        await self.consensus.close()
 
     async def follow(self) -> None:
-        """Follow the active consensus instance; streams move when it changes."""
-        while True:
-            try:
-                async for found in observe(self.etcd, "consensus"):
-                    endpoint = parse_leader_value(found.value)[1] if found else ""
-                    if endpoint != self.leader:
-                        self.leader = endpoint
-                        self._changed.set()
-                        self._changed = asyncio.Event()
-                        log.info("consensus leader", extra={"leader": endpoint or "none"})
-            except StoreUnavailableError:
-                await asyncio.sleep(0.5)
+        """Follow the active consensus instance; until cancelled."""
+        await self.consensus.follow()
 
     # ---- one agent ----
 
-    def _stub(self, endpoint: str) -> pb_grpc.ConsensusStub:
-        channel = self._channels.get(endpoint)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=OPTIONS)
-            self._channels[endpoint] = channel
-        return pb_grpc.ConsensusStub(channel)
-
     async def _run(self, agent: VoterInfo) -> None:
-        delay = 0.05
-        while True:
-            endpoint = self.leader
-            if endpoint:
-                try:
-                    welcomed = await self._session(agent, endpoint)
-                    if welcomed:
-                        delay = 0.05
-                except (grpc.aio.AioRpcError, OSError) as err:
-                    log.debug(
-                        "participate stream ended",
-                        extra={"agent": agent.agent_id, "error": str(err)},
-                    )
-            # jittered backoff, cut short when the consensus leader changes
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), random.uniform(delay / 2, delay))
-            delay = min(delay * 2, 1.0)
+        def failed(err: Exception) -> None:
+            log.debug(
+                "participate stream ended", extra={"agent": agent.agent_id, "error": str(err)}
+            )
+
+        await reconnecting(
+            self.consensus, lambda endpoint: self._session(agent, endpoint), on_error=failed
+        )
 
     async def _session(self, agent: VoterInfo, endpoint: str) -> bool:
-        call = self._stub(endpoint).Participate()
-        moved = asyncio.ensure_future(self._moved(endpoint, call))
+        """One Participate stream; True if the instance welcomed the agent."""
+        call = pb_grpc.ConsensusStub(self.consensus.channel(endpoint)).Participate()
+        moved = asyncio.ensure_future(self.consensus.moved_from(endpoint))
+        moved.add_done_callback(lambda _: call.cancel())
         welcomed = False
         thinking: set[asyncio.Future[None]] = set()
         lock = asyncio.Lock()  # one write at a time on the stream
@@ -325,18 +297,11 @@ class VoterPool:
         self, agent_id: str, req: pb.VoteRequest, call: Any, lock: asyncio.Lock
     ) -> None:
         assert self._think is not None
-        await asyncio.sleep(self._think.draw_ms() / 1000)
+        await self.clock.sleep(self._think.draw_ms() / 1000)
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             for vote in self._answer(agent_id, req):
                 async with lock:
                     await call.write(pb.VoterMessage(vote=vote))
-
-    async def _moved(self, endpoint: str, call: Any) -> None:
-        while True:
-            await self._changed.wait()
-            if self.leader != endpoint:
-                call.cancel()
-                return
 
     def _vote(self, agent_id: str, req: pb.VoteRequest, decided: tuple[int, str, str]) -> pb.Vote:
         choice, option, reason = decided

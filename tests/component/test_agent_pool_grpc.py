@@ -28,8 +28,6 @@ from services.client import MeshClient
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.server import CoordinatorNode
 
-A = ppb.AgentState
-S = tpb.TaskState
 # Bounds that only catch a hang: each awaited step normally takes milliseconds.
 HANG_S = 20.0
 
@@ -54,7 +52,7 @@ class Mesh:
 
 
 @contextlib.asynccontextmanager
-async def running(node: Any, ready: Any) -> AsyncIterator[None]:
+async def running(node: Any, ready: Any, stop: Any = None) -> AsyncIterator[None]:
     runner = asyncio.ensure_future(node.run())
     try:
         async with asyncio.timeout(HANG_S):
@@ -64,7 +62,7 @@ async def running(node: Any, ready: Any) -> AsyncIterator[None]:
                 await asyncio.sleep(0.01)
         yield
     finally:
-        node.stop.set()
+        (stop or node.stop.set)()
         await within(runner, 30)
 
 
@@ -87,7 +85,7 @@ async def mesh(etcd_server: EtcdServer) -> AsyncIterator[Mesh]:
     )
     async with (
         running(coordinator, lambda: coordinator.servicer.core is not None),
-        running(pool_node, lambda: pool_node.lease.id != 0),
+        running(pool_node, lambda: pool_node.runner.session.id, pool_node.runner.stop),
         grpc.aio.insecure_channel(pool_node.endpoint) as pool_channel,
         grpc.aio.insecure_channel(coordinator.endpoint) as coord_channel,
     ):
@@ -108,7 +106,7 @@ async def test_spawn_in_batches_makes_every_agent_ready(mesh: Mesh) -> None:
     resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=20, batch_size=5)))
     assert len(resp.agents) == 20
     assert len({a.agent_id for a in resp.agents}) == 20
-    assert all(a.state == A.AGENT_STATE_READY for a in resp.agents)
+    assert all(a.state == ppb.AGENT_STATE_READY for a in resp.agents)
     assert all(a.spawn_ms > 0 for a in resp.agents)
     assert all(a.pool_id == mesh.pool_node.pool_id for a in resp.agents)
     assert resp.elapsed_s > 0
@@ -202,7 +200,7 @@ async def test_echo_tasks_through_the_client_all_succeed(mesh: Mesh) -> None:
 
         async def all_done() -> bool:
             tasks = [await client.get(tid) for tid in ids]
-            return all(t.state == S.TASK_STATE_SUCCEEDED for t in tasks)
+            return all(t.state == tpb.TASK_STATE_SUCCEEDED for t in tasks)
 
         await until(all_done)
         for tid, payload in zip(ids, payloads, strict=True):
@@ -221,7 +219,7 @@ async def test_sleep_tasks_report_simulated_work(mesh: Mesh) -> None:
         sub = await client.submit(tpb.TaskSpec(kind="sleep"))
         events = [e async for e in client.watch_task(sub.task.task_id)]
         last = events[-1].task
-        assert last.state == S.TASK_STATE_SUCCEEDED
+        assert last.state == tpb.TASK_STATE_SUCCEEDED
         assert b'"simulated": true' in last.result
 
 
@@ -241,7 +239,7 @@ async def test_a_second_pool_with_a_live_pools_id_is_refused_at_start(
     )
     with pytest.raises(AlreadyExistsError, match=f"{first.pool_id!r} is in use by a live pool"):
         await within(twin.run())
-    assert first.lease.id != 0
+    assert first.runner.session.id != 0
     status = await within(mesh.coord.GetStatus(cpb.GetStatusRequest()))
     pools = [s for s in status.services if s.kind == "agent-pool"]
     assert [(p.instance_id, p.endpoint) for p in pools] == [(first.pool_id, first.endpoint)]
@@ -262,7 +260,7 @@ async def test_a_pool_restarted_after_a_crash_takes_its_id_back(etcd_server: Etc
                 etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", pool_id="pool-x"
             )
         )
-        async with running(node, lambda: node.lease.id != 0):
+        async with running(node, lambda: node.runner.session.id, node.runner.stop):
 
             async def registered() -> bool:
                 found = await discovery.resolve(etcd, "agent-pool")
@@ -271,3 +269,40 @@ async def test_a_pool_restarted_after_a_crash_takes_its_id_back(etcd_server: Etc
             await until(registered)
     finally:
         await etcd.close()
+
+
+async def test_a_lost_pool_lease_is_replaced_and_every_agent_rejoins_on_the_new_one(
+    mesh: Mesh,
+) -> None:
+    resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=3)))
+    ids = sorted(a.agent_id for a in resp.agents)
+    runner = mesh.pool_node.runner
+    etcd = runner.etcd
+    before = {a: s.connected_at_us for a, s in (await coordinator_agents(mesh)).items()}
+    old = runner.session.id
+    # etcd forgets the pool (as after a long partition): every key and claim on it goes
+    await etcd.revoke(old)
+
+    async def rejoined() -> bool:
+        lease = runner.session.id
+        if lease == old:
+            return False
+        records = await discovery.resolve_agents(etcd)
+        if sorted(r.agent_id for r in records) != ids:
+            return False
+        held = [await etcd.get(discovery.agent_key(etcd, a)) for a in ids]
+        if {int(kv.lease) for kv in held if kv is not None} != {lease}:
+            return False
+        now = await coordinator_agents(mesh)
+        # each agent connected again, so its hello carries the new lease
+        return all(a in now and now[a].connected_at_us > before[a] for a in ids)
+
+    await until(rejoined)
+    records = await discovery.resolve_agents(etcd)
+    assert {r.pool_id for r in records} == {mesh.pool_node.pool_id}
+    (pool,) = await discovery.resolve(etcd, "agent-pool")
+    assert (pool.instance_id, pool.metadata) == (mesh.pool_node.pool_id, {"agents": "3"})
+    async with MeshClient(coordinator=mesh.coordinator.endpoint) as client:
+        sub = await client.submit(tpb.TaskSpec(kind="echo", payload=b"after"))
+        events = [e async for e in client.watch_task(sub.task.task_id)]
+        assert events[-1].task.state == tpb.TASK_STATE_SUCCEEDED

@@ -126,7 +126,7 @@ async def make_mesh(etcd_server: EtcdServer) -> AsyncIterator[MeshFactory]:
         for m in monitors:
             await stack.enter_async_context(running(m.run, m.runner.stop, lambda: True))
         await stack.enter_async_context(
-            running(pool_node.run, pool_node.stop.set, lambda: pool_node.lease.id != 0)
+            running(pool_node.run, pool_node.runner.stop, lambda: pool_node.runner.session.id)
         )
         pool_channel = await stack.enter_async_context(
             grpc.aio.insecure_channel(pool_node.endpoint)
@@ -280,7 +280,7 @@ async def test_a_flaky_agent_is_ejected_and_let_back_in_half_open(
     mesh = await make_mesh(flaky_agents=1, ejection_base_s=2.0)
     ids = await spawn(mesh, 4)
     flaky = ids[0]
-    assert flaky in mesh.pool_node.flaky
+    assert flaky in mesh.pool_node.core.flaky
 
     async def admission() -> str:
         resp = await mesh.coord.ListAgents(cpb.ListAgentsRequest(), timeout=5)

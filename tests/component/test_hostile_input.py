@@ -123,7 +123,7 @@ class Servers:
                 while coordinator.servicer.core is None:
                     await asyncio.sleep(0.01)
                 runs.append(asyncio.ensure_future(pool.run()))
-                while not pool.lease.id:
+                while not pool.runner.session.id:
                     await asyncio.sleep(0.01)
             self.coordinator_endpoint = coordinator.endpoint
             self.pool_endpoint = pool.endpoint
@@ -132,7 +132,7 @@ class Servers:
             await self._stop.wait()
         finally:
             coordinator.stop.set()
-            pool.stop.set()
+            pool.runner.stop()
             await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 30)
 
 

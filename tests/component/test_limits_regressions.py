@@ -57,7 +57,7 @@ async def error_of(call: Any) -> grpc.aio.AioRpcError:
 
 
 @contextlib.asynccontextmanager
-async def running(node: Any, ready: Any) -> AsyncIterator[None]:
+async def running(node: Any, ready: Any, stop: Any = None) -> AsyncIterator[None]:
     runner = asyncio.ensure_future(node.run())
     try:
         async with asyncio.timeout(HANG_S):
@@ -67,7 +67,7 @@ async def running(node: Any, ready: Any) -> AsyncIterator[None]:
                 await asyncio.sleep(0.01)
         yield
     finally:
-        node.stop.set()
+        (stop or node.stop.set)()
         await within(runner, 30)
 
 
@@ -108,7 +108,7 @@ async def mesh_of(etcd_endpoint: str, pool: bool = False) -> AsyncIterator[Mesh]
             )
         )
         async with (
-            running(pool_node, lambda: pool_node.lease.id != 0),
+            running(pool_node, lambda: pool_node.runner.session.id, pool_node.runner.stop),
             grpc.aio.insecure_channel(pool_node.endpoint) as pool_channel,
         ):
             mesh.pool_node = pool_node
@@ -585,7 +585,7 @@ async def test_9_spawn_waves_with_a_nan_interval_spawns_nothing(pooled: Mesh) ->
         )
         err = await error_of(call.read())
         assert_names(err, "wave_interval_s")
-    assert pooled.pool_node.agents == {}
+    assert pooled.pool_node.core.agents == {}
 
 
 async def test_9_stop_agents_with_a_duplicate_id_stops_it_once_and_deletes_its_key(
@@ -599,7 +599,7 @@ async def test_9_stop_agents_with_a_duplicate_id_stops_it_once_and_deletes_its_k
         pooled.pool.StopAgents(ppb.StopAgentsRequest(agent_ids=[victim, victim]))
     )
     assert list(stopped.stopped) == [victim]
-    etcd = pooled.pool_node.etcd
+    etcd = pooled.pool_node.runner.etcd
     assert await etcd.get(etcd.key("agents", victim)) is None
     assert await etcd.get(etcd.key("agents", spawned.agents[1].agent_id)) is not None
 
@@ -621,7 +621,7 @@ async def test_9_pool_agent_count_in_status_is_live(pooled: Mesh) -> None:
     await until(count_is(3))
     await within(pooled.pool.StopAgents(ppb.StopAgentsRequest(count=1)))
     await until(count_is(2))
-    found = await discovery.resolve(pooled.pool_node.etcd, "agent-pool")
+    found = await discovery.resolve(pooled.pool_node.runner.etcd, "agent-pool")
     assert [i.metadata["agents"] for i in found] == ["2"]
 
 

@@ -33,7 +33,6 @@ from registry.etcd import (
 from registry.lease import KeptLease
 from services._common.clock import FakeClock
 from services._common.errors import NotLeaderError, StoreUnavailableError
-from services.agent_pool.agent import leader_endpoint_of
 from services.coordinator.core import Write
 from services.coordinator.servicer import leader_value, parse_leader_value
 from services.coordinator.store import EtcdTaskStore
@@ -561,5 +560,4 @@ async def test_lease_reported_gone_by_etcd_is_lost_at_once() -> None:
 def test_leader_value_round_trips_and_every_reader_finds_the_endpoint(endpoint: str) -> None:
     raw = leader_value("coordinator-2", endpoint)
     assert parse_leader_value(raw) == ("coordinator-2", endpoint)
-    assert leader_endpoint_of(raw) == endpoint  # what agent pools read
     assert raw.decode().partition(" ")[2] == endpoint  # what MeshClient.leader reads

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from protos.agentmesh.v1 import task_pb2 as tpb
+from registry.etcd import Etcd
 from services.agent_pool.executors import (
+    EXECUTORS,
     EchoExecutor,
+    ExecutorContext,
     ExecutorError,
+    ExecutorKind,
     FailExecutor,
     NoopExecutor,
+    Outcome,
     SleepExecutor,
     build_executors,
     parse_latency,
+    section_config,
 )
+from services.agent_pool.llm_config import LlmConfig
 
 
 def task(kind: str, payload: bytes = b"", attempts: int = 1) -> tpb.Task:
@@ -117,7 +126,7 @@ async def test_echo_returns_the_payload_and_noop_nothing() -> None:
 
 
 def test_build_executors_for_the_kinds_asked() -> None:
-    executors = build_executors(("echo", "sleep"), "fixed:1")
+    executors = build_executors(("echo", "sleep"), ExecutorContext(sleep_ms="fixed:1"))
     assert sorted(executors) == ["echo", "sleep"]
     assert isinstance(executors["sleep"], SleepExecutor)
 
@@ -126,9 +135,54 @@ def test_build_executors_names_an_unknown_kind() -> None:
     with pytest.raises(
         ValueError, match=r"no executor for kinds \['llm-x'\]; available: echo, noop, sleep, fail"
     ):
-        build_executors(("echo", "llm-x"), "fixed:1")
+        build_executors(("echo", "llm-x"), ExecutorContext())
 
 
 def test_build_executors_refuses_a_bad_latency() -> None:
     with pytest.raises(ValueError, match="fixed:MS"):
-        build_executors(("sleep",), "fast")
+        build_executors(("sleep",), ExecutorContext(sleep_ms="fast"))
+
+
+# ---- the table ----
+
+
+async def test_every_row_of_the_table_builds_with_what_a_pool_offers() -> None:
+    # llm needs its credentials, propose the pool's etcd: each says so when missing
+    etcd = Etcd("127.0.0.1:1", prefix="/agentmesh/t/")  # never called here
+    try:
+        offer = ExecutorContext(sleep_ms="fixed:1", environ={"ANTHROPIC_API_KEY": "k"}, etcd=etcd)
+        built = build_executors(tuple(EXECUTORS), offer)
+        assert list(built) == list(EXECUTORS)
+    finally:
+        await etcd.close()
+    with pytest.raises(ValueError, match="needs the pool's etcd"):
+        build_executors(("propose",), ExecutorContext())
+
+
+def test_a_row_may_bring_its_own_config_section() -> None:
+    assert section_config("echo", {}) is None
+    cfg = section_config("llm", {"AGENTMESH_LLM_MAX_ATTEMPTS": "7", "AGENTMESH_MAX_ATTEMPTS": "1"})
+    assert isinstance(cfg, LlmConfig)
+    assert cfg.max_attempts == 7
+    # a bad value names the section's variable, not the field's bare name
+    with pytest.raises(ValueError, match=r"^AGENTMESH_LLM_STREAM='maybe' is not a valid bool"):
+        section_config("llm", {"AGENTMESH_LLM_STREAM": "maybe"})
+
+
+def test_adding_an_executor_is_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    @dataclass(frozen=True, kw_only=True)
+    class ShoutConfig:
+        suffix: str = "!"
+
+    class Shout:
+        def __init__(self, suffix: str) -> None:
+            self.suffix = suffix
+
+        async def run(self, task: tpb.Task, progress: Any = None) -> Outcome:
+            return Outcome(task.spec.payload.upper() + self.suffix.encode())
+
+    row = ExecutorKind(lambda ctx, cfg: Shout(cfg.suffix), ShoutConfig)
+    monkeypatch.setitem(EXECUTORS, "shout", row)
+    built = build_executors(("shout",), ExecutorContext(environ={"AGENTMESH_SHOUT_SUFFIX": "?!"}))
+    assert isinstance(built["shout"], Shout)
+    assert built["shout"].suffix == "?!"

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from loadtest.fake_anthropic import count_input_tokens
-from services.agent_pool.executors import build_executors
-from services.agent_pool.llm_config import COMPLEXITIES, ROLES, LlmConfig, load_llm_config
+from services.agent_pool.executors import ExecutorContext, build_executors, section_config
+from services.agent_pool.llm_config import COMPLEXITIES, ROLES, LlmConfig
 from services.agent_pool.llm_payload import (
     FIELDS,
     PayloadError,
@@ -151,14 +151,15 @@ def test_context_goes_in_front_of_the_system_prompt() -> None:
 
 
 def test_config_from_agentmesh_llm_variables_only() -> None:
-    cfg = load_llm_config(
-        environ={
+    cfg = section_config(
+        "llm",
+        {
             "AGENTMESH_LLM_MAX_ATTEMPTS": "6",
             "AGENTMESH_LLM_STREAM": "false",
             "AGENTMESH_LLM_MODELS": "simple=a,moderate=b,complex=c",
             "AGENTMESH_LLM_LIMITS": "a=1/2/3",
             "AGENTMESH_MAX_ATTEMPTS": "99",  # another section's: not ours
-        }
+        },
     )
     assert cfg.max_attempts == 6
     assert cfg.stream is False
@@ -174,13 +175,13 @@ def test_config_from_agentmesh_llm_variables_only() -> None:
         ({"AGENTMESH_LLM_LIMITS": "m=1/2"}, "RPM/ITPM/OTPM"),
         ({"AGENTMESH_LLM_PROJECT_BUDGETS": "p"}, "PROJECT=USD"),
         ({"AGENTMESH_LLM_DEFAULT_COMPLEXITY": "hard"}, "DEFAULT_COMPLEXITY"),
-        ({"AGENTMESH_LLM_MAX_ATTEMPTS": "x"}, "not a valid int"),
+        ({"AGENTMESH_LLM_MAX_ATTEMPTS": "x"}, "AGENTMESH_LLM_MAX_ATTEMPTS=.x. is not a valid int"),
         ({"AGENTMESH_LLM_ROLE_MODELS": "coder"}, "ROLE=MODEL"),
     ],
 )
 def test_config_errors_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        load_llm_config(environ=env).roles()
+        section_config("llm", env).roles()
 
 
 def test_roles_are_overridable(tmp_path: Path) -> None:
@@ -207,8 +208,9 @@ def test_every_issue_role_exists() -> None:
 
 
 def test_pool_without_a_key_says_why_llm_is_off() -> None:
+    nothing = ExecutorContext(environ={})
     with pytest.raises(ValueError, match="ANTHROPIC_API_KEY is not set"):
-        build_executors(("echo", "llm"), "fixed:1", environ={})
-    assert set(build_executors(("echo",), "fixed:1", environ={})) == {"echo"}
+        build_executors(("echo", "llm"), nothing)
+    assert set(build_executors(("echo",), nothing)) == {"echo"}
     with pytest.raises(ValueError, match="available: echo, noop, sleep, fail, hang, block, llm"):
-        build_executors(("gpu",), "fixed:1", environ={})
+        build_executors(("gpu",), nothing)

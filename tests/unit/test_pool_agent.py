@@ -7,19 +7,20 @@ import asyncio
 from protos.agentmesh.v1 import agent_pool_pb2 as ppb
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common.clock import FakeClock
 from services.agent_pool.agent import Agent, PoolContext
+from services.agent_pool.follow import Leader
 
 
 def agent() -> Agent:
+    clock = FakeClock()
     ctx = PoolContext(
         pool_id="p",
         lease_id=lambda: 1,
-        leader=lambda: "",
-        leader_changed=asyncio.Event,
-        stub=lambda _: None,  # type: ignore[arg-type,return-value]
+        coordinator=Leader(None, "coordinator", clock),  # type: ignore[arg-type]  # no etcd
         executors={},
         task_timeout_s=1.0,
-        on_redirect=lambda _: None,
+        clock=clock,
     )
     a = Agent("p-a0001", ctx, ppb.AgentTemplate(kinds=["echo"], capacity=1))
     a._outbox = asyncio.Queue()

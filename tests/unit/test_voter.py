@@ -7,6 +7,7 @@ import json
 import pytest
 
 from protos.agentmesh.v1 import consensus_pb2 as pb
+from services._common.clock import FakeClock
 from services.agent_pool.voter import Policy, VoterPool, parse_byzantine
 from services.consensus import signing
 
@@ -103,6 +104,7 @@ async def test_honest_agents_repeat_their_vote_and_byzantine_ones_misbehave() ->
         "pool",
         lambda: 0,
         Policy.parse("random:3"),
+        FakeClock(),
         ["forge", "equivocate", "impersonate", "unknown-proposal", "silent"],
     )
     # register() makes keys and hands out modes (and writes etcd): done by hand here

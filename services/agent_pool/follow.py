@@ -1,0 +1,169 @@
+"""Following an elected service from the pool: its leader's endpoint, the channels to it,
+and the reconnect loop of a per-agent stream.
+
+A pool's agents each hold a stream to three elected services: the coordinator
+(agent.py), the active health monitor (heartbeat.py) and the active consensus
+instance (voter.py). Each is found the same way (etcd names the leader; a redirect
+may name it first), and each agent's stream moves when the leader changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from registry.election import current_leader, observe
+from registry.errors import StoreUnavailableError
+from registry.etcd import Etcd
+from registry.leadership import parse_leader_value
+from services._common.clock import Clock
+from services._common.grpcserver import OPTIONS
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 0.5
+"""Pause before following again after etcd failed us."""
+FIRST_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 1.0
+
+
+class Leader:
+    """The leader of `role` as etcd names it (`follow()` keeps it current), and one
+    channel per endpoint, which every agent's stream to it shares.
+
+    Args:
+        etcd: the pool's etcd client.
+        role: the election followed ("coordinator", "health", "consensus").
+        clock: injected time.
+        options: channel options.
+        recheck_s: also read the leader every this long (None: the watch alone). A watch
+            that died quietly then costs seconds, not every stream.
+        close_stale: close the channel of a former leader when the leader changes (its
+            streams are moving anyway), so a later leader on the same address starts fresh.
+    """
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        role: str,
+        clock: Clock,
+        *,
+        options: Sequence[tuple[str, Any]] = OPTIONS,
+        recheck_s: float | None = None,
+        close_stale: bool = False,
+    ) -> None:
+        self.etcd = etcd
+        self.role = role
+        self.clock = clock
+        self.options = list(options)
+        self.recheck_s = recheck_s
+        self.close_stale = close_stale
+        self.endpoint = ""
+        """The leader's endpoint now ('' while none is known)."""
+        self._changed = asyncio.Event()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next change of leader."""
+        return self._changed
+
+    def set(self, endpoint: str) -> None:
+        """The leader is now at `endpoint` (from etcd, or a redirect that knew first)."""
+        if endpoint == self.endpoint:
+            return
+        self.endpoint = endpoint
+        log.info("leader", extra={"role": self.role, "leader": endpoint or "none"})
+        # wake every stream waiting on a change; later waiters wait for the next one
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self.close_stale:
+            for old in [e for e in self._channels if e != endpoint]:
+                task = asyncio.ensure_future(self._channels.pop(old).close(grace=1.0))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    def channel(self, endpoint: str) -> grpc.aio.Channel:
+        """The channel to `endpoint`: one HTTP/2 connection carries every agent's stream."""
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(endpoint, options=self.options)
+            self._channels[endpoint] = channel
+        return channel
+
+    async def moved_from(self, endpoint: str, *, to_none: bool = True) -> None:
+        """Return once the leader is no longer `endpoint` (with `to_none` False: once
+        another leader is known, so a stream to a leader etcd stopped naming stays until
+        there is somewhere to go)."""
+        while self.endpoint == endpoint or (not to_none and not self.endpoint):
+            await self._changed.wait()
+
+    async def follow(self) -> None:
+        """Keep `endpoint` current from etcd; until cancelled, whatever etcd does."""
+        recheck = None if self.recheck_s is None else asyncio.ensure_future(self._recheck())
+        try:
+            while True:
+                try:
+                    async for found in observe(self.etcd, self.role):
+                        self.set(parse_leader_value(found.value)[1] if found else "")
+                except StoreUnavailableError:
+                    pass  # etcd is away: the streams keep their leader meanwhile
+                except Exception:  # noqa: BLE001 - following must never stop
+                    log.warning("following the leader failed; again", exc_info=True)
+                await self.clock.sleep(RETRY_S)
+        finally:
+            if recheck is not None:
+                recheck.cancel()
+
+    async def _recheck(self) -> None:
+        assert self.recheck_s is not None
+        while True:
+            await self.clock.sleep(self.recheck_s)
+            try:
+                found = await current_leader(self.etcd, self.role)
+            except Exception:  # noqa: BLE001 - the watch is the main path; try again later
+                continue
+            self.set(parse_leader_value(found.value)[1] if found else "")
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def reconnecting(
+    leader: Leader,
+    session: Callable[[str], Awaitable[bool]],
+    *,
+    alive: Callable[[], bool] = lambda: True,
+    on_error: Callable[[Exception], None] = lambda _: None,
+    rng: random.Random | None = None,
+) -> None:
+    """Run `session(endpoint)` against the leader for as long as `alive()`.
+
+    Between sessions: a jittered backoff (50 ms doubling to 1 s) that a new leader cuts
+    short, or, while no leader is known, a wait for one. A session that returns True
+    (it got through) starts the backoff afresh; one that raises is passed to `on_error`.
+    """
+    uniform = (rng or random).uniform
+    delay = FIRST_BACKOFF_S
+    while alive():
+        endpoint = leader.endpoint
+        changed = leader.changed()
+        if endpoint:
+            try:
+                if await session(endpoint):
+                    delay = FIRST_BACKOFF_S
+            except Exception as err:  # noqa: BLE001 - any failed stream: reconnect
+                on_error(err)
+        with contextlib.suppress(TimeoutError):
+            wait = uniform(delay / 2, delay) if endpoint else None
+            await leader.clock.wait_for(changed.wait(), wait)
+        delay = min(delay * 2, MAX_BACKOFF_S)

@@ -1,0 +1,135 @@
+"""How a pool's agents follow an elected service (follow.py), with a fake clock: when a
+stream must move, and the reconnect loop's backoff, which a new leader cuts short."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from services._common.clock import FakeClock
+from services.agent_pool.follow import Leader, reconnecting
+
+
+def leader(clock: FakeClock) -> Leader:
+    return Leader(None, "health", clock)  # type: ignore[arg-type]  # etcd is not followed here
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_change_wakes_waiters_once_and_later_waiters_wait_for_the_next() -> None:
+    followed = leader(FakeClock())
+    first = followed.changed()
+    followed.set("a:1")
+    assert first.is_set()
+    assert followed.endpoint == "a:1"
+    second = followed.changed()
+    assert not second.is_set()
+    followed.set("a:1")  # the same leader again: no change
+    assert not second.is_set()
+
+
+async def test_a_stream_moves_when_the_leader_does_or_when_there_is_none() -> None:
+    followed = leader(FakeClock())
+    followed.set("a:1")
+    moved = asyncio.ensure_future(followed.moved_from("a:1"))
+    await settle()
+    assert not moved.done()
+    followed.set("")
+    await asyncio.wait_for(moved, 1)
+
+
+async def test_a_coordinator_stream_stays_until_another_leader_is_known() -> None:
+    # a paused leader keeps its stream open but silent: leave it only for somewhere to go
+    followed = leader(FakeClock())
+    followed.set("a:1")
+    moved = asyncio.ensure_future(followed.moved_from("a:1", to_none=False))
+    followed.set("")
+    await settle()
+    assert not moved.done()
+    followed.set("b:2")
+    await asyncio.wait_for(moved, 1)
+
+
+async def test_reconnects_back_off_and_a_new_leader_cuts_the_wait_short() -> None:
+    clock = FakeClock(start=0.0)
+    followed = leader(clock)
+    followed.set("a:1")
+    tried: list[tuple[float, str]] = []
+    errors: list[Exception] = []
+
+    async def session(endpoint: str) -> bool:
+        tried.append((clock.monotonic(), endpoint))
+        raise ConnectionError("refused")
+
+    loop = asyncio.ensure_future(
+        reconnecting(followed, session, on_error=errors.append, rng=random.Random(1))
+    )
+    try:
+        await settle()
+        await clock.advance(3.0)
+        gaps = [b[0] - a[0] for a, b in zip(tried, tried[1:], strict=False)]
+        # 25-50 ms first, then doubling up to a 1 s ceiling (each gap jittered in [d/2, d])
+        assert 0.025 <= gaps[0] <= 0.05
+        assert all(0.5 <= g <= 1.0 for g in gaps[5:])
+        assert len(errors) == len(tried)
+        count = len(tried)
+        followed.set("b:2")  # mid-backoff: the next try is at once, at the new leader
+        await settle()
+        assert len(tried) == count + 1
+        assert tried[-1] == (3.0, "b:2")
+    finally:
+        loop.cancel()
+
+
+async def test_a_session_that_got_through_starts_the_backoff_afresh() -> None:
+    clock = FakeClock(start=0.0)
+    followed = leader(clock)
+    followed.set("a:1")
+    tried: list[float] = []
+
+    async def session(endpoint: str) -> bool:
+        tried.append(clock.monotonic())
+        return len(tried) % 4 == 0  # every fourth one is welcomed
+
+    loop = asyncio.ensure_future(reconnecting(followed, session, rng=random.Random(2)))
+    try:
+        await settle()
+        await clock.advance(5.0)
+        gaps = [b - a for a, b in zip(tried, tried[1:], strict=False)]
+        assert 0.025 <= gaps[3] <= 0.05  # right after the fourth: back to the first step
+        assert gaps[2] > 0.05
+    finally:
+        loop.cancel()
+
+
+async def test_without_a_leader_nothing_is_tried_until_one_is_known() -> None:
+    clock = FakeClock()
+    followed = leader(clock)
+    tried: list[str] = []
+
+    async def session(endpoint: str) -> bool:
+        tried.append(endpoint)
+        return True
+
+    alive = True
+    loop = asyncio.ensure_future(reconnecting(followed, session, alive=lambda: alive))
+    await clock.advance(60.0)
+    assert tried == []
+    followed.set("a:1")
+    await settle()
+    assert tried == ["a:1"]
+    alive = False
+    await clock.advance(1.0)
+    await asyncio.wait_for(loop, 1)
+
+
+@pytest.mark.parametrize("to_none", [True, False])
+async def test_moved_from_returns_at_once_if_the_leader_already_changed(to_none: bool) -> None:
+    followed = leader(FakeClock())
+    followed.set("b:2")
+    await asyncio.wait_for(followed.moved_from("a:1", to_none=to_none), 1)
