@@ -84,9 +84,9 @@ def serve_coordinator(
     """The coordinator: campaigns for root; the leader serves the API and dispatches."""
     from services._common import logs
     from services.coordinator.config import CoordinatorConfig
-    from services.coordinator.core import STRATEGIES
     from services.coordinator.limits import check_config
     from services.coordinator.server import serve
+    from services.coordinator.sessions import STRATEGIES
 
     try:
         cfg = configlib.load(
