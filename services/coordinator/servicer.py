@@ -22,7 +22,7 @@ from services._common.errors import (
     ResourceExhaustedError,
     StoreUnavailableError,
 )
-from services._common.grpcserver import abort, rpc_errors
+from services._common.grpcserver import rpc_errors
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
@@ -285,9 +285,8 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         used = 0
         # the page ends after the last record looked at, whether it matched or not
         consumed = cursor = request.page_token
-        store = core.store
         for _ in range(LIST_MAX_READS):
-            tasks, last = await store.page(cursor, limits.LIST_READ_RECORDS)  # type: ignore[attr-defined]
+            tasks, last = await core.store.page(cursor, limits.LIST_READ_RECORDS)
             for task in tasks:
                 live = core.active.get(task.task_id)
                 shared = live is not None
@@ -388,6 +387,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             skipped=[cpb.ClaimRef(task_id=t, claim_token=c) for t, c in skipped],
         )
 
+    @rpc_errors
     async def Connect(
         self, request_iterator: AsyncIterator[cpb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> None:
@@ -395,18 +395,17 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         not hold up the agent's next message; the stream's end requeues its claims."""
         try:
             core = self._core()
-            first = await anext(request_iterator, None)
-            if first is None or not first.HasField("hello"):
-                raise InvalidArgumentError("the first message on Connect must be hello")
-        except DomainError as err:
-            if isinstance(err, NotLeaderError) and self.leader_endpoint:
+        except NotLeaderError:
+            if self.leader_endpoint:  # an agent follows a redirect without a new lookup
                 await context.write(
                     cpb.CoordinatorMessage(
                         redirect=cpb.Redirect(leader_endpoint=self.leader_endpoint)
                     )
                 )
-            await abort(context, err)
-            return
+            raise
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("hello"):
+            raise InvalidArgumentError("the first message on Connect must be hello")
         outbox: asyncio.Queue[cpb.CoordinatorMessage | None] = asyncio.Queue()
         overflow = asyncio.Event()
 
@@ -428,12 +427,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                             return
                         await context.write(msg)
 
-        hello = first.hello
-        try:
-            agent = core.connect(hello, send)
-        except DomainError as err:
-            await abort(context, err)
-            return
+        agent = core.connect(first.hello, send)
         agent_id = agent.agent_id
         max_result = self.cfg.max_result_bytes
 
@@ -538,7 +532,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         if read_task.done() and not read_task.cancelled():
             failure = read_task.exception()
             if isinstance(failure, DomainError):
-                raise failure  # an undecodable message: the interceptor answers it
+                raise failure  # an undecodable message: answered through the error table
 
     def end_term(self, redirect_to: str) -> None:
         """Tell every agent of the ended term where to go, and close the watchers."""
