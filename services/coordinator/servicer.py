@@ -573,15 +573,6 @@ def _fold_acks(
     return [carrier, *rest]
 
 
-def leader_value(node_id: str, endpoint: str) -> bytes:
-    return f"{node_id} {endpoint}".encode()
-
-
-def parse_leader_value(raw: bytes) -> tuple[str, str]:
-    node, _, endpoint = raw.decode().partition(" ")
-    return node, endpoint
-
-
 def split_services(instances: Sequence[Any]) -> list[cpb.ServiceInstance]:
     return [
         cpb.ServiceInstance(
