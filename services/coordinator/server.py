@@ -52,7 +52,7 @@ class CoordinatorNode:
         self.runner = Runner(ROLE, cfg, [SERVICE], clock=clock)
         self.clock = self.runner.clock
         self.etcd = self.runner.etcd
-        self.servicer = CoordinatorServicer(self.status, cfg)
+        self.servicer = CoordinatorServicer(self.status, cfg, self.clock)
         self.servicer.health_term = self._health_term
         cpb_grpc.add_CoordinatorServicer_to_server(self.servicer, self.runner.server)
         self.leadership: Leadership | None = None

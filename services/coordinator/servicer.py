@@ -14,6 +14,7 @@ import grpc
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common.clock import Clock, SystemClock, Timer
 from services._common.errors import (
     DomainError,
     FailedPreconditionError,
@@ -89,8 +90,9 @@ class Hub:
     the watchers are `subscriptions`, at most `max_watchers` at once.
     """
 
-    def __init__(self, cfg: CoordinatorConfig | None = None) -> None:
+    def __init__(self, cfg: CoordinatorConfig | None = None, clock: Clock | None = None) -> None:
         self.cfg = cfg or CoordinatorConfig()
+        self.clock: Clock = clock or SystemClock()
         self.subscribers: set[Callable[[tpb.Task, int], None]] = {self.publish}
         self.subscriptions: set[Subscription] = set()
         self.watchers = 0
@@ -144,7 +146,7 @@ class Subscription:
         self.ready = asyncio.Event()
         self.overflow = False
         self._handler = asyncio.current_task()
-        self._cancel: asyncio.TimerHandle | None = None
+        self._cancel: Timer | None = None
 
     def offer(self, published: _Published) -> None:
         if self.overflow or not self.accept(published.task):
@@ -170,7 +172,7 @@ class Subscription:
         self.hub.subscriptions.discard(self)
         handler = self._handler
         if handler is not None:
-            self._cancel = asyncio.get_running_loop().call_later(OVERFLOW_GRACE_S, handler.cancel)
+            self._cancel = self.hub.clock.call_later(OVERFLOW_GRACE_S, handler.cancel)
 
     def __enter__(self) -> Subscription:
         self.hub.watchers += 1
@@ -215,11 +217,17 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
 
     Every request is checked against limits.py before it reaches the core."""
 
-    def __init__(self, status: Callable[[], Any], cfg: CoordinatorConfig | None = None) -> None:
+    def __init__(
+        self,
+        status: Callable[[], Any],
+        cfg: CoordinatorConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.cfg = cfg or CoordinatorConfig()
+        self.clock: Clock = clock or SystemClock()
         self.core: CoordinatorCore | None = None
         self.leader_endpoint = ""
-        self.hub = Hub(self.cfg)
+        self.hub = Hub(self.cfg, self.clock)
         self._status = status
         self.health_term: Callable[[], Awaitable[int]] | None = None
         """The active health monitor's term now (ReleaseClaims checks the caller's)."""
@@ -525,10 +533,11 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             raise asyncio.CancelledError
         # the call's status cannot go out while a write is pending (grpc refuses the batch
         # and the caller never hears back): let the writer finish, within a bound
-        done, _ = await asyncio.wait({write_task}, timeout=WRITER_DRAIN_S)
-        if not done:
+        try:
+            await self.clock.wait_for(asyncio.wait({write_task}), WRITER_DRAIN_S)
+        except TimeoutError:
             write_task.cancel()
-            raise asyncio.CancelledError
+            raise asyncio.CancelledError from None
         if read_task.done() and not read_task.cancelled():
             failure = read_task.exception()
             if isinstance(failure, DomainError):
