@@ -9,7 +9,7 @@ import random
 import pytest
 
 from services._common.clock import FakeClock
-from services.agent_pool.follow import Leader, reconnecting
+from services._common.follow import Leader, reconnecting
 
 
 def leader(clock: FakeClock) -> Leader:

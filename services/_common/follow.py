@@ -1,10 +1,11 @@
-"""Following an elected service from the pool: its leader's endpoint, the channels to it,
-and the reconnect loop of a per-agent stream.
+"""Following an elected service: its leader's endpoint, the channels to it, the
+reconnect loop of a stream to it, and the leader's own side of a term.
 
 A pool's agents each hold a stream to three elected services: the coordinator
-(agent.py), the active health monitor (heartbeat.py) and the active consensus
-instance (voter.py). Each is found the same way (etcd names the leader; a redirect
-may name it first), and each agent's stream moves when the leader changes.
+(agent_pool/agent.py), the active health monitor (heartbeat.py) and the active
+consensus instance (voter.py). The health monitor calls the coordinator, and every
+elected service follows its own role so that a standby can redirect callers. Each is
+found the same way (etcd names the leader; a redirect may name it first).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import grpc
 
@@ -24,6 +25,7 @@ from registry.etcd import Etcd
 from registry.leadership import parse_leader_value
 from services._common.clock import Clock
 from services._common.grpcserver import OPTIONS
+from services._common.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,12 @@ RETRY_S = 0.5
 """Pause before following again after etcd failed us."""
 FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
+
+
+class Redirecting(Protocol):
+    """A servicer whose standby answers name the leader (`NotLeaderError`'s endpoint)."""
+
+    leader_endpoint: str
 
 
 class Leader:
@@ -46,6 +54,8 @@ class Leader:
             that died quietly then costs seconds, not every stream.
         close_stale: close the channel of a former leader when the leader changes (its
             streams are moving anyway), so a later leader on the same address starts fresh.
+        servicer: a servicer of this role's own service, whose `leader_endpoint` is kept
+            equal to `endpoint` (what its standby answers redirect to).
     """
 
     def __init__(
@@ -57,6 +67,7 @@ class Leader:
         options: Sequence[tuple[str, Any]] = OPTIONS,
         recheck_s: float | None = None,
         close_stale: bool = False,
+        servicer: Redirecting | None = None,
     ) -> None:
         self.etcd = etcd
         self.role = role
@@ -64,6 +75,7 @@ class Leader:
         self.options = list(options)
         self.recheck_s = recheck_s
         self.close_stale = close_stale
+        self.servicer = servicer
         self.endpoint = ""
         """The leader's endpoint now ('' while none is known)."""
         self._changed = asyncio.Event()
@@ -79,6 +91,8 @@ class Leader:
         if endpoint == self.endpoint:
             return
         self.endpoint = endpoint
+        if self.servicer is not None:
+            self.servicer.leader_endpoint = endpoint
         log.info("leader", extra={"role": self.role, "leader": endpoint or "none"})
         # wake every stream waiting on a change; later waiters wait for the next one
         self._changed.set()
@@ -121,6 +135,15 @@ class Leader:
             if recheck is not None:
                 recheck.cancel()
 
+    async def current(self) -> tuple[str, str, int]:
+        """Ask etcd now: the leader's node id, endpoint and term (empty and 0 while none
+        is elected). For the moment a watch may lag an election."""
+        found = await current_leader(self.etcd, self.role)
+        if found is None:
+            return "", "", 0
+        node, endpoint = parse_leader_value(found.value)
+        return node, endpoint, found.term
+
     async def _recheck(self) -> None:
         assert self.recheck_s is not None
         while True:
@@ -136,6 +159,21 @@ class Leader:
             await channel.close()
         self._channels.clear()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def leading(runner: Runner, leader: Leader) -> AsyncIterator[None]:
+    """One term of an elected service, on the leader's side: this process names itself
+    the leader (before etcd's watch says so) and serves; after, it stops serving and
+    stops naming itself (the watch names the next leader)."""
+    leader.set(runner.endpoint)
+    await runner.serving(True)
+    try:
+        yield
+    finally:
+        if leader.endpoint == runner.endpoint:
+            leader.set("")
+        await runner.serving(False)
 
 
 async def reconnecting(
