@@ -9,7 +9,7 @@ import random
 import pytest
 
 from services._common.clock import FakeClock
-from services._common.follow import Leader, reconnecting
+from services._common.follow import Leader, leading, reconnecting
 
 
 def leader(clock: FakeClock) -> Leader:
@@ -133,3 +133,53 @@ async def test_moved_from_returns_at_once_if_the_leader_already_changed(to_none:
     followed = leader(FakeClock())
     followed.set("b:2")
     await asyncio.wait_for(followed.moved_from("a:1", to_none=to_none), 1)
+
+
+class _Servicer:
+    leader_endpoint = ""
+
+
+class _Runner:
+    """What `leading` uses of a Runner: its endpoint and its serving flag."""
+
+    endpoint = "me:1"
+
+    def __init__(self) -> None:
+        self.served: list[bool] = []
+
+    async def serving(self, ok: bool) -> None:
+        self.served.append(ok)
+
+
+async def test_a_servicer_redirects_to_the_leader_its_follower_knows() -> None:
+    servicer = _Servicer()
+    followed = Leader(None, "health", FakeClock(), servicer=servicer)  # type: ignore[arg-type]
+    followed.set("a:1")
+    assert servicer.leader_endpoint == "a:1"
+    followed.set("")
+    assert servicer.leader_endpoint == ""
+
+
+async def test_a_term_names_this_process_until_it_ends() -> None:
+    runner, servicer = _Runner(), _Servicer()
+    followed = Leader(None, "health", FakeClock(), servicer=servicer)  # type: ignore[arg-type]
+    async with leading(runner, followed):  # type: ignore[arg-type]
+        assert servicer.leader_endpoint == "me:1"  # before etcd's watch says so
+        assert runner.served == [True]
+    assert servicer.leader_endpoint == ""  # not us now; the watch names the next one
+    assert runner.served == [True, False]
+
+
+async def test_a_term_that_ends_after_another_leader_is_known_keeps_pointing_there() -> None:
+    runner = _Runner()
+    followed = leader(FakeClock())
+
+    async def term() -> None:
+        async with leading(runner, followed):  # type: ignore[arg-type]
+            followed.set("next:2")  # the watch saw the next leader first
+            raise RuntimeError("term over")
+
+    with pytest.raises(RuntimeError):
+        await term()
+    assert followed.endpoint == "next:2"
+    assert runner.served == [True, False]
