@@ -15,7 +15,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import grpc
 
@@ -24,8 +24,11 @@ from registry.errors import StoreUnavailableError
 from registry.etcd import Etcd
 from registry.leadership import parse_leader_value
 from services._common.clock import Clock
+from services._common.errors import LEADER_METADATA_KEY
 from services._common.grpcserver import OPTIONS
-from services._common.runner import Runner
+
+if TYPE_CHECKING:  # clients import this module; only the leader's side runs a Runner
+    from services._common.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,55 @@ RETRY_S = 0.5
 """Pause before following again after etcd failed us."""
 FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
+
+
+async def find_leader(etcd: str | Etcd, role: str, cluster: str = "default") -> str:
+    """The endpoint etcd names for `role`'s leader: '' while none is elected or etcd is
+    out of reach (callers retry either way). Given endpoints (a string), it reads
+    through a client of its own, closed after the one read."""
+    client = (
+        Etcd(etcd, prefix=f"/agentmesh/{cluster}/", timeout_s=3.0)
+        if isinstance(etcd, str)
+        else etcd
+    )
+    try:
+        found = await current_leader(client, role)
+    except StoreUnavailableError:
+        return ""
+    finally:
+        if client is not etcd:
+            await client.close()
+    return parse_leader_value(found.value)[1] if found else ""
+
+
+def named_leader(err: grpc.aio.AioRpcError) -> str:
+    """The leader a standby named in its error's trailing metadata (see grpcserver's
+    `abort`), for the caller to go to at once; '' when it named none."""
+    for key, value in err.trailing_metadata() or ():
+        if key == LEADER_METADATA_KEY and value:
+            return str(value)
+    return ""
+
+
+def no_leader(message: str) -> grpc.aio.AioRpcError:
+    """The UNAVAILABLE a caller raises itself while no leader is known, so that its
+    retries treat it like a failover (the same code a standby answers)."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), message
+    )
+
+
+class Closing:
+    """`async with` for a client: the block's end calls its `close()`."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 class Redirecting(Protocol):

@@ -131,15 +131,6 @@ async def abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
     await context.abort(status_of(err), message, trailing_metadata=trailing)
 
 
-def named_leader(err: grpc.aio.AioRpcError) -> str:
-    """The leader a standby named in its error's trailing metadata (see `abort`), for
-    the caller to go to at once; '' when it named none."""
-    for key, value in err.trailing_metadata() or ():
-        if key == LEADER_METADATA_KEY and value:
-            return str(value)
-    return ""
-
-
 async def _internal(context: grpc.aio.ServicerContext, name: str) -> None:
     log.exception("unhandled error", extra={"rpc": name})
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}; see the server log")

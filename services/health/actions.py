@@ -29,8 +29,8 @@ from registry.errors import StoreUnavailableError
 from registry.etcd import Etcd
 from registry.leadership import Term
 from services._common.clock import Clock
-from services._common.follow import RETRY_S, Leader
-from services._common.grpcserver import OPTIONS, named_leader
+from services._common.follow import RETRY_S, Leader, named_leader, no_leader
+from services._common.grpcserver import OPTIONS
 from services.health.core import HealthCore, PoolInfo, Release, Replace
 
 log = logging.getLogger(__name__)
@@ -124,12 +124,7 @@ class Actuator:
     async def _call_coordinator(self, request: cpb.ReleaseClaimsRequest) -> Any:
         endpoint = self.coordinator.endpoint
         if not endpoint:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                "no coordinator leader is known",
-            )
+            raise no_leader("no coordinator leader is known")
         stub = cpb_grpc.CoordinatorStub(self.coordinator.channel(endpoint))
         try:
             return await stub.ReleaseClaims(request, timeout=RELEASE_TIMEOUT_S)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 
+import grpc
 import pytest
 
 from services._common.clock import FakeClock
-from services._common.follow import Leader, leading, reconnecting
+from services._common.errors import LEADER_METADATA_KEY
+from services._common.follow import Leader, leading, named_leader, no_leader, reconnecting
 
 
 def leader(clock: FakeClock) -> Leader:
@@ -183,3 +185,15 @@ async def test_a_term_that_ends_after_another_leader_is_known_keeps_pointing_the
         await term()
     assert followed.endpoint == "next:2"
     assert runner.served == [True, False]
+
+
+def test_a_standby_s_pointer_is_read_from_its_error_and_none_is_empty() -> None:
+    pointed = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(("other", "x"), (LEADER_METADATA_KEY, "b:2")),
+        "standby",
+    )
+    assert named_leader(pointed) == "b:2"
+    assert named_leader(no_leader("none elected")) == ""
+    assert no_leader("none elected").code() == grpc.StatusCode.UNAVAILABLE
