@@ -60,42 +60,26 @@ class HealthMonitorNode:
         started = self.clock.monotonic()
         records = await read_records(self.etcd)
         agents = await discovery.resolve_agents(self.etcd)
+        node_id = self.runner.node_id
         core = HealthCore(
-            self.cfg,
-            self.clock,
-            term=term.number,
-            node_id=self.runner.node_id,
-            endpoint=self.endpoint,
+            self.cfg, self.clock, term=term.number, node_id=node_id, endpoint=self.endpoint
         )
         core.load(records, [(a.agent_id, a.pool_id) for a in agents])
         core.set_pools(self.actuator.pools.values())
         core.subscribers = self.servicer.subscribers
-        counter = metrics.watch(core)
-        core.subscribers.add(counter)
         self.core = self.servicer.core = self.actuator.core = core
-        stored = {r.agent_id for r in records}
+        load_ms = round((self.clock.monotonic() - started) * 1000, 1)
+        extra = {"term": term.number, "records": len(records), "registered_agents": len(agents)}
+        stored, flush = {r.agent_id for r in records}, asyncio.Event()
         try:
-            async with leading(self.runner, self.leader), asyncio.TaskGroup() as group:
-                metrics.IS_ACTIVE.set(1)
-                log.info(
-                    "active health monitor",
-                    extra={
-                        "term": term.number,
-                        "records": len(records),
-                        "registered_agents": len(agents),
-                        "load_ms": round((self.clock.monotonic() - started) * 1000, 1),
-                    },
-                )
-                flush = asyncio.Event()
-                group.create_task(self._tick(core), name="tick")
-                group.create_task(self.actuator.run(core, term, flush, group), name="actuate")
-                group.create_task(
-                    write_records(self.etcd, self.clock, core, term.fenced, flush, stored),
-                    name="flush",
-                )
+            with metrics.active(core):
+                async with leading(self.runner, self.leader), asyncio.TaskGroup() as group:
+                    log.info("active health monitor", extra={**extra, "load_ms": load_ms})
+                    group.create_task(self._tick(core), name="tick")
+                    group.create_task(self.actuator.run(core, term, flush, group), name="act")
+                    write = write_records(self.etcd, self.clock, core, term.fenced, flush, stored)
+                    group.create_task(write, name="flush")
         finally:
-            metrics.IS_ACTIVE.set(0)
-            core.subscribers.discard(counter)
             self.core = self.actuator.core = None
             self.servicer.end_term()
             log.info("health monitor term over", extra={"term": term.number})
