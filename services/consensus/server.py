@@ -34,14 +34,7 @@ class ConsensusNode:
 
     async def lead(self, term: Term) -> None:
         runner, cfg = self.runner, self.cfg
-        store = ConsensusStore(
-            runner.etcd,
-            term.fenced,
-            max_ops=cfg.vote_batch_ops,
-            max_bytes=cfg.vote_batch_bytes,
-            max_inflight=cfg.vote_inflight,
-            sleep=runner.clock.sleep,
-        )
+        store = ConsensusStore.for_term(runner.etcd, term.fenced, cfg, runner.clock.sleep)
         core = ConsensusCore(store, runner.clock, cfg, term=term.number, node_id=runner.node_id)
         self.servicer.core = core
         try:
