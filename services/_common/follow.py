@@ -95,10 +95,10 @@ class Redirecting(Protocol):
 
 class Leader:
     """The leader of `role` as etcd names it (`follow()` keeps it current), and one
-    channel per endpoint, which every agent's stream to it shares.
+    channel per endpoint, which every call and stream to it shares.
 
     Args:
-        etcd: the pool's etcd client.
+        etcd: the process's etcd client.
         role: the election followed ("coordinator", "health", "consensus").
         clock: injected time.
         options: channel options.
