@@ -180,7 +180,7 @@ class Actuator:
                 pass
             except Exception:  # noqa: BLE001 - a follower that stops would blind the monitor
                 log.warning("following the agent pools failed; again", exc_info=True)
-            await asyncio.sleep(RETRY_S)
+            await self.clock.sleep(RETRY_S)
 
     def _set_pools(self, instances: list[discovery.Instance]) -> None:
         pools = {}
