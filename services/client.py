@@ -14,7 +14,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_r
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
-from services._common.follow import Closing, find_leader, named_leader, no_leader
+from services._common.follow import LeaderClient, named_leader, no_leader
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ def _retryable(err: BaseException) -> bool:
     return isinstance(err, grpc.aio.AioRpcError) and err.code() in _RETRY_CODES
 
 
-class MeshClient(Closing):
+class MeshClient(LeaderClient):
     """Args:
     etcd: etcd endpoints; the leader is looked up there (preferred).
     coordinator: a coordinator address, used when etcd is not given.
@@ -46,11 +46,7 @@ class MeshClient(Closing):
         timeout_s: float = 10.0,
         retry_s: float = 15.0,
     ) -> None:
-        if not etcd and not coordinator:
-            raise ValueError("give etcd endpoints or a coordinator address")
-        self._etcd_endpoints = etcd
-        self._cluster = cluster
-        self._fixed = coordinator or ""
+        super().__init__("coordinator", etcd, coordinator, cluster, "coordinator")
         self._endpoint = coordinator or ""
         self._channel: grpc.aio.Channel | None = None
         self._stub: cpb_grpc.CoordinatorStub | None = None
@@ -61,12 +57,6 @@ class MeshClient(Closing):
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
-
-    async def leader(self) -> str:
-        """The root coordinator's endpoint ('' when none is elected)."""
-        if not self._etcd_endpoints:
-            return self._fixed
-        return await find_leader(self._etcd_endpoints, "coordinator", self._cluster)
 
     async def stub(self) -> cpb_grpc.CoordinatorStub:
         async with self._lookup:  # concurrent first calls share one lookup and one channel

@@ -87,6 +87,35 @@ class Closing:
         await self.close()
 
 
+class LeaderClient(Closing):
+    """A client of an elected service: its leader is looked up in etcd when endpoints
+    are given (preferred), else it is the address given.
+
+    Args:
+        role: the election ("coordinator", "health").
+        etcd: etcd endpoints, comma-separated.
+        address: a host:port of the service, used when etcd is not given.
+        cluster: the cluster name (key prefix).
+        what: the service's name in the error when neither is given.
+    """
+
+    def __init__(
+        self, role: str, etcd: str | None, address: str | None, cluster: str, what: str
+    ) -> None:
+        if not etcd and not address:
+            raise ValueError(f"give etcd endpoints or a {what} address")
+        self._role = role
+        self._etcd_endpoints = etcd
+        self._cluster = cluster
+        self._fixed = address or ""
+
+    async def leader(self) -> str:
+        """The leader's host:port ('' when none is elected, or etcd is out of reach)."""
+        if not self._etcd_endpoints:
+            return self._fixed
+        return await find_leader(self._etcd_endpoints, self._role, self._cluster)
+
+
 class Redirecting(Protocol):
     """A servicer whose standby answers name the leader (`NotLeaderError`'s endpoint)."""
 

@@ -10,14 +10,14 @@ import grpc
 
 from protos.agentmesh.v1 import health_pb2 as hpb
 from protos.agentmesh.v1 import health_pb2_grpc as hpb_grpc
-from services._common.follow import Closing, find_leader, named_leader
+from services._common.follow import LeaderClient, named_leader
 
 
 class NoMonitorError(Exception):
     """No health monitor is active (none runs, or an election is under way)."""
 
 
-class HealthClient(Closing):
+class HealthClient(LeaderClient):
     """Args:
     etcd: etcd endpoints; the active monitor is looked up there.
     monitor: a monitor's host:port, used when etcd is not given.
@@ -32,11 +32,7 @@ class HealthClient(Closing):
         cluster: str = "default",
         timeout_s: float = 5.0,
     ) -> None:
-        if not etcd and not monitor:
-            raise ValueError("give etcd endpoints or a health monitor address")
-        self._etcd = etcd
-        self._cluster = cluster
-        self._endpoint = monitor or ""
+        super().__init__("health", etcd, monitor, cluster, "health monitor")
         self._channel: grpc.aio.Channel | None = None
         self.timeout_s = timeout_s
 
@@ -47,18 +43,15 @@ class HealthClient(Closing):
 
     async def active(self) -> str:
         """The active monitor's host:port ('' when none is elected)."""
-        if not self._etcd:
-            return self._endpoint
-        return await find_leader(self._etcd, "health", self._cluster)
+        return await self.leader()
 
     async def _stub(self) -> hpb_grpc.HealthMonitorStub:
         if self._channel is None:
-            endpoint = await self.active() if self._etcd else self._endpoint
+            endpoint = await self.active()
             if not endpoint:
                 raise NoMonitorError(
                     "no health monitor is active (is `agentmesh serve health` running?)"
                 )
-            self._endpoint = endpoint
             self._channel = grpc.aio.insecure_channel(endpoint)
         return hpb_grpc.HealthMonitorStub(self._channel)
 
@@ -72,7 +65,7 @@ class HealthClient(Closing):
                 if attempt or err.code() != grpc.StatusCode.UNAVAILABLE or not pointed:
                     raise
                 await self.close()
-                self._etcd, self._endpoint = None, pointed
+                self._etcd_endpoints, self._fixed = None, pointed
         raise AssertionError("unreachable")
 
     async def summary(self) -> hpb.HealthSummary:

@@ -11,7 +11,14 @@ import pytest
 
 from services._common.clock import FakeClock
 from services._common.errors import LEADER_METADATA_KEY
-from services._common.follow import Leader, leading, named_leader, no_leader, reconnecting
+from services._common.follow import (
+    Leader,
+    LeaderClient,
+    leading,
+    named_leader,
+    no_leader,
+    reconnecting,
+)
 
 
 def leader(clock: FakeClock) -> Leader:
@@ -197,3 +204,10 @@ def test_a_standby_s_pointer_is_read_from_its_error_and_none_is_empty() -> None:
     assert named_leader(pointed) == "b:2"
     assert named_leader(no_leader("none elected")) == ""
     assert no_leader("none elected").code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_client_without_etcd_goes_to_the_address_it_was_given() -> None:
+    client = LeaderClient("health", None, "h:1", "default", "health monitor")
+    assert await client.leader() == "h:1"
+    with pytest.raises(ValueError, match="give etcd endpoints or a health monitor address"):
+        LeaderClient("health", None, None, "default", "health monitor")
