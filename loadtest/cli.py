@@ -104,7 +104,7 @@ class LiveView:
             "completed",
             "in flight",
             "done/s",
-            "dispatch P99",
+            "sent→received P99",
             "errors",
         ):
             table.add_column(col, justify="right")
@@ -115,7 +115,7 @@ class LiveView:
             f"{snap.completed:,}",
             f"{snap.inflight:,}",
             f"{snap.rate_last_s:,.0f}",
-            f"{snap.dispatch_p99_ms:.2f} ms",
+            f"{snap.submit_to_receive_p99_ms:.2f} ms",
             str(snap.errors),
         )
         with self._lock:
