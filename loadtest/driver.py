@@ -23,7 +23,14 @@ from loadtest.cpu import SAMPLE_INTERVAL_S, CpuSampler, not_measured
 from loadtest.metrics import RunMetrics
 from loadtest.result import Marker, RunResult
 from loadtest.submit import Submitter
-from loadtest.tracker import POLL_CONCURRENCY, Clock, Reassignment, Record, Tracker
+from loadtest.tracker import (
+    POLL_CONCURRENCY,
+    Clock,
+    Reassignment,
+    Record,
+    Tracker,
+    split_summary,
+)
 from loadtest.workload import (
     BurstSchedule,
     ProgressSink,
@@ -329,6 +336,8 @@ class Driver:
         if self.submitter.late:
             self.counters.inc("late_submits", self.submitter.late)
         self.extra.update(self.tracker.reassignment_figures())
+        if self.tracker.hops:
+            self.extra["latency_split"] = split_summary(self.tracker.hops)
         if self.submitter.stopped.is_set():
             self.notes.append(f"stopped early (Ctrl-C) after {duration_s:.1f} s of submitting")
         if verdict.unfinished:

@@ -151,6 +151,14 @@ def detail_lines(run: dict[str, Any]) -> list[str]:
                 f"spawn {name}: {phase['agents']} agents ready in {phase['all_ready_s']:.3f} s"
                 f"{warm}{_memory_text(phase)}"
             )
+    split = extra.get("latency_split")
+    if isinstance(split, dict) and split:
+        hops = ", ".join(
+            f"{name} {fmt_ms(h['mean_ms'])} ms ({h['share_pct']:g} %)"
+            for name, h in split.items()
+            if h.get("share_pct") is not None
+        )
+        lines.append(f"latency split, mean per hop (share): {hops}")
     for action in extra.get("actions", []):
         facts = ", ".join(f"{k} {v}" for k, v in action.items() if k != "label")
         lines.append(f"{action.get('label', 'action')}: {facts}")
