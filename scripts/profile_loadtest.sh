@@ -25,10 +25,10 @@ for _ in $(seq 1 300); do
   sleep 0.2
 done
 sleep "${SETTLE_S:-6}"  # past cluster start, agent spawn and the warm-up task
-"$spy" record --pid "$coord" --duration "$secs" --rate 100 --nonblocking --nolineno ${PYSPY_ARGS:-} \
+"$spy" record --pid "$coord" --duration "$secs" --rate 100 ${PYSPY_MODE---nonblocking} --nolineno ${PYSPY_ARGS:-} \
   --format raw -o "$out/coordinator.txt" >"$out/pyspy-coordinator.log" 2>&1 &
 s1=$!
-"$spy" record --pid "$pool" --duration "$secs" --rate 100 --nonblocking --nolineno ${PYSPY_ARGS:-} \
+"$spy" record --pid "$pool" --duration "$secs" --rate 100 ${PYSPY_MODE---nonblocking} --nolineno ${PYSPY_ARGS:-} \
   --format raw -o "$out/pool.txt" >"$out/pyspy-pool.log" 2>&1 &
 s2=$!
 wait "$s1" "$s2" || true
