@@ -127,7 +127,8 @@ def cpu_caption(run: dict[str, Any]) -> str:
     """One line on what the CPU table measured, or why it was not measured."""
     cpu = run.get("cpu") or {}
     if not cpu.get("measured"):
-        return f"CPU per task: not measured ({cpu.get('why', 'no samples')})"
+        why = cpu.get("why", "this report predates the measurement")
+        return f"CPU per task: not measured ({why})"
     return (
         f"CPU per task: utime+stime from /proc over the measured window "
         f"({cpu['window_s']:.1f} s, {cpu['completed']:,} tasks completed)"
