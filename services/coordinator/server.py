@@ -18,12 +18,13 @@ from collections.abc import Awaitable, Callable
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from registry import discovery
-from registry.election import candidates, current_leader, observe
+from registry.election import candidates, current_leader
 from registry.errors import RegistryError
 from registry.leadership import Leadership, Term, parse_leader_value
 from services._common import telemetry
 from services._common.clock import Clock, Timer
 from services._common.errors import StoreUnavailableError
+from services._common.follow import Leader
 from services._common.runner import Runner
 from services.coordinator.admission import admissions
 from services.coordinator.config import CoordinatorConfig
@@ -55,6 +56,8 @@ class CoordinatorNode:
         self.servicer = CoordinatorServicer(self.status, cfg, self.clock)
         self.servicer.health_term = self._health_term
         cpb_grpc.add_CoordinatorServicer_to_server(self.servicer, self.runner.server)
+        # standbys point clients and agents at the leader etcd names
+        self.leader = Leader(self.etcd, ROLE, self.clock, servicer=self.servicer)
         self.leadership: Leadership | None = None
         self.term = 0
         self._stopping = False
@@ -69,9 +72,12 @@ class CoordinatorNode:
 
     async def run(self) -> None:
         leadership = self.leadership = self.runner.leadership()
-        await self.runner.run(
-            lambda: leadership.serve(self._lead), self._follow_leader, drain=self._drain
-        )
+        try:
+            await self.runner.run(
+                lambda: leadership.serve(self._lead), self.leader.follow, drain=self._drain
+            )
+        finally:
+            await self.leader.close()
 
     async def status(self) -> cpb.ClusterStatus:
         leader = await current_leader(self.etcd, ROLE)
@@ -116,7 +122,7 @@ class CoordinatorNode:
             orphans = core.load(records, claims)
             self.term = term.number
             self.servicer.core = core
-            self.servicer.leader_endpoint = self.endpoint
+            self.leader.set(self.endpoint)
             await self.runner.serving(True)
             telemetry.IS_LEADER.set(1)
             log.info(
@@ -164,8 +170,8 @@ class CoordinatorNode:
             if expiry is not None:
                 expiry.cancel()
             self.servicer.end_term("")
-            if self.servicer.leader_endpoint == self.endpoint:
-                self.servicer.leader_endpoint = ""  # no longer us; the observer fills it in
+            if self.leader.endpoint == self.endpoint:
+                self.leader.set("")  # no longer us; the follower names the next leader
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
@@ -195,17 +201,6 @@ class CoordinatorNode:
                 await follow()
             except StoreUnavailableError:
                 await self.clock.sleep(FOLLOW_RETRY_S)
-
-    async def _follow_leader(self) -> None:
-        """Keep `leader_endpoint` current so a standby can point clients at the leader."""
-
-        async def go() -> None:
-            async for leader in observe(self.etcd, ROLE):
-                self.servicer.leader_endpoint = (
-                    parse_leader_value(leader.value)[1] if leader else ""
-                )
-
-        await self._follow(go)
 
     async def _follow_admissions(self, core: CoordinatorCore, ready: asyncio.Event) -> None:
         """Keep the core's admissions equal to the health monitor's records."""
