@@ -175,7 +175,8 @@ class Agent:
             # a session that worked ends normally: the caller reconnects with fresh backoff
         finally:
             moved.cancel()
-            self._outbox = None
+            if self._outbox is outbox:  # a newer session may have its own by now
+                self._outbox = None
             if self.state == ppb.AGENT_STATE_READY:
                 self.state = ppb.AGENT_STATE_RECONNECTING
             write_task.cancel()
