@@ -386,7 +386,7 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
 
 
 def test_tracing_profile_adds_a_collector_and_a_viewer_only_when_asked() -> None:
-    assert TRACING == {"otel-collector", "jaeger"}
+    assert {"otel-collector", "jaeger"} == TRACING
     for name in AGENTMESH_SERVICES + [ETCD]:
         assert "profiles" not in SERVICES[name], f"{name} must start without a profile"
 
