@@ -101,6 +101,12 @@ def start(service: str, exporter: SpanExporter) -> None:
     _provider, _tracer, _on = provider, provider.get_tracer("agentmesh"), True
 
 
+def flush() -> None:
+    """Export what is queued now (tests, and before a process hands over)."""
+    if _provider is not None:
+        _provider.force_flush()
+
+
 def stop() -> None:
     """Flush what is queued and turn tracing off (tests; at exit the SDK flushes itself)."""
     global _on, _provider, _tracer
