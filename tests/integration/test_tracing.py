@@ -25,6 +25,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common import tracing
 from services.client import MeshClient
@@ -126,6 +128,21 @@ async def test_requeued_task_is_one_trace_from_submit_to_completion_across_proce
                     break
             assert done is not None
             assert done.agent_id.rsplit("-a", 1)[0] != pool, "the other pool finished it"
+
+            # a client that does not trace (no context, no interceptors): the coordinator
+            # starts the task's trace at its Submit span
+            async with grpc.aio.insecure_channel(await client.leader()) as channel:
+                stub = cpb_grpc.CoordinatorStub(channel)
+                await stub.Submit(
+                    cpb.SubmitRequest(spec=tpb.TaskSpec(task_id="plain-1", kind="noop")),
+                    timeout=5.0,
+                )
+
+            async def plain_done() -> tpb.Task | None:
+                task = await client.get("plain-1")
+                return task if task.state == S.TASK_STATE_SUCCEEDED else None
+
+            plain = await _until(plain_done, 20, "the untraced client's task to finish")
     finally:
         await asyncio.to_thread(tracing.stop)  # flush the client's spans (off the loop)
 
@@ -178,6 +195,20 @@ async def test_requeued_task_is_one_trace_from_submit_to_completion_across_proce
     roots = [r for r in found if not r.span.parent_span_id]
     assert [r.span.name for r in roots] == ["client.submit"]
     assert all(r.span.parent_span_id in ids for r in found if r.span.parent_span_id)
+
+    # the untraced client's task: a trace all the same, rooted at the leader's Submit
+    plain_trace = _trace_id(plain)
+
+    async def plain_spans() -> list[Received] | None:
+        got = spans.trace(plain_trace)
+        return got if "coordinator.complete" in {r.span.name for r in got} else None
+
+    got = await _until(plain_spans, 15, "the untraced client's task's spans")
+    assert {r.service for r in got} == {"agentmesh-coordinator", "agentmesh-agentpool"}
+    assert [r.span.name for r in got if not r.span.parent_span_id] == [
+        "/agentmesh.v1.Coordinator/Submit"
+    ]
+    assert {"coordinator.commit", "agent.execute"} <= {r.span.name for r in got}
 
 
 def _attr(span: trace_pb2.Span, key: str) -> Any:
