@@ -61,8 +61,10 @@ async def load(etcd: Etcd) -> collections.Counter[str]:
     return decode(kv.value) if kv is not None else collections.Counter()
 
 
-async def save(etcd: Etcd, election: Election, counts: collections.Counter[str]) -> None:
-    await election.fenced([op_put(key(etcd), encode(counts))], timeout_s=2.0)
+async def save(
+    etcd: Etcd, election: Election, counts: collections.Counter[str], timeout_s: float = 2.0
+) -> None:
+    await election.fenced([op_put(key(etcd), encode(counts))], timeout_s=timeout_s)
 
 
 async def keep(
@@ -90,8 +92,9 @@ async def keep(
 
 
 async def save_last(etcd: Etcd, election: Election, finished: collections.Counter[str]) -> None:
-    """At the end of a term: write what is left, if the term still holds (best effort)."""
+    """At the end of a term: write what is left, if the term still holds (best effort,
+    briefly: a term that ended with etcd away must not hold up the next campaign)."""
     try:
-        await save(etcd, election, finished)
+        await save(etcd, election, finished, timeout_s=0.5)
     except (NotLeaderError, StoreUnavailableError) as err:
         log.info("finished counts not saved at step-down", extra={"error": str(err)})

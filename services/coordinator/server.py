@@ -29,6 +29,7 @@ from services._common.grpcserver import (
     shutdown,
     stop_event,
 )
+from services.coordinator import counts
 from services.coordinator.admission import admissions
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
@@ -230,6 +231,7 @@ class CoordinatorNode:
         counter = telemetry.watch_core(core)
         started = self.clock.monotonic()
         records, claims, revision = await store.load()
+        core.finished.update(await counts.load(self.etcd))  # earlier terms' finished tasks
         orphans = core.load(records, claims)
         self.term = term
         self.servicer.core = core
@@ -269,6 +271,7 @@ class CoordinatorNode:
             asyncio.ensure_future(self._lease.lost.wait()),
             follow_health,
             asyncio.ensure_future(core.reconcile_loop()),
+            asyncio.ensure_future(counts.keep(self.etcd, election, self.clock, core.finished)),
         ]
         try:
             done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
@@ -279,6 +282,7 @@ class CoordinatorNode:
                 "lease",
                 "health records",
                 "reconcile",
+                "finished counts",
             )
             for job in done:
                 why = (
@@ -303,6 +307,7 @@ class CoordinatorNode:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
             await core.close()
+            await counts.save_last(self.etcd, election, core.finished)
             self.term = 0
             with contextlib.suppress(Exception):
                 await election.resign()

@@ -736,8 +736,10 @@ class SwarmModel:
                     else {},
                     "term": self.term,
                     "covers": (
-                        "what the leader holds now (tasks not finished), plus the tasks it "
-                        "finished since it was elected (this term only)"
+                        "what the leader holds now (tasks not finished), plus every task "
+                        "finished since the cluster's etcd was new: the leaders keep the "
+                        "totals in etcd, written each second (a killed leader's last second "
+                        "may be missing)"
                     ),
                 },
                 "seen": {

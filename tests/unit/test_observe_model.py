@@ -134,7 +134,7 @@ def test_status_gives_leader_term_standbys_and_service_roles() -> None:
     assert (by_id["c2"]["role"], by_id["c2"]["health"]) == ("standby", "NOT_SERVING")
     assert (by_id["p1"]["role"], by_id["p1"]["health"]) == ("", "UNKNOWN")
     assert snap["counts"]["leader"]["by_state"] == {"QUEUED": 0, "SUCCEEDED": 40}
-    assert "this term only" in snap["counts"]["leader"]["covers"]
+    assert "totals in etcd" in snap["counts"]["leader"]["covers"]
 
 
 def test_a_new_term_is_a_leader_change_and_a_gap_in_what_was_seen() -> None:
