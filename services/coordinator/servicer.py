@@ -26,7 +26,8 @@ from services._common.errors import (
 from services._common.grpcserver import abort, rpc_errors
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
-from services.coordinator.core import TERMINAL, CoordinatorCore
+from services.coordinator.core import CoordinatorCore
+from services.coordinator.tasks import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +486,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                         report.error = limits.clip(report.error, limits.ERROR_BYTES)
                     # concurrently: a slow commit must not hold up the agent's next message;
                     # the core owns it, so it completes the task even if the stream ends now
-                    core.spawn(handle(report, note))
+                    core.run_in_background(handle(report, note))
                 elif body == "accepted":
                     if limits.size_of(msg.accepted.task_id) <= limits.ID_BYTES:
                         core.accepted(agent_id, msg.accepted)
