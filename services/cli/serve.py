@@ -37,7 +37,7 @@ app = typer.Typer(no_args_is_help=True, help="Run one service process.")
 
 
 def check_coordinator(cfg: CoordinatorConfig) -> None:
-    from services.coordinator.core import STRATEGIES
+    from services.coordinator.sessions import STRATEGIES
     from services.coordinator.limits import check_config
 
     check_config(cfg)
