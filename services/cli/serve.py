@@ -37,8 +37,8 @@ app = typer.Typer(no_args_is_help=True, help="Run one service process.")
 
 
 def check_coordinator(cfg: CoordinatorConfig) -> None:
-    from services.coordinator.sessions import STRATEGIES
     from services.coordinator.limits import check_config
+    from services.coordinator.sessions import STRATEGIES
 
     check_config(cfg)
     if cfg.strategy not in STRATEGIES:
