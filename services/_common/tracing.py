@@ -192,7 +192,9 @@ def context_of(task: tpb.Task | tpb.TaskSpec) -> Context | None:
         trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
     except ValueError:
         return None
-    if not trace_id or not span_id:
+    if not trace_id or not span_id or not flags & 1:
+        # a task's sampling is decided once, at its root: an unsampled task makes no
+        # span anywhere (what a parent-based sampler would do, minus building each one)
         return None
     state = carried.get("tracestate")
     parent = trace.SpanContext(
@@ -260,8 +262,13 @@ def record(
 ) -> None:
     """A finished span in the task's trace, from times the caller already has."""
     ctx = context_of(task)
-    if ctx is None:
-        return
+    if ctx is not None:
+        _record(ctx, name, start_us, end_us, attributes)
+
+
+def _record(
+    ctx: Context, name: str, start_us: int, end_us: int, attributes: dict[str, Any] | None
+) -> None:
     start_ns = start_us * 1000 if 0 < start_us <= end_us else end_us * 1000
     s = tracer().start_span(name, context=ctx, attributes=attributes, start_time=start_ns)
     s.end(end_time=end_us * 1000)
@@ -334,6 +341,9 @@ def transitions(term: int, now_us: Callable[[], int]) -> Callable[[tpb.Task, int
     def on_change(task: tpb.Task, previous: int) -> None:
         if not task.spec.trace_context:
             return
+        ctx = context_of(task)
+        if ctx is None:
+            return  # not sampled
         now = now_us()
         # few attributes: each one is validated, stored and encoded per span, and the
         # span's name already says which transition it was
@@ -344,11 +354,11 @@ def transitions(term: int, now_us: Callable[[], int]) -> Callable[[tpb.Task, int
         if previous == S.TASK_STATE_UNSPECIFIED:
             if task.term != term:  # adopted at takeover, not created now
                 return
-            record(task, "coordinator.commit", task.created_at_us, now, attrs)
+            _record(ctx, "coordinator.commit", task.created_at_us, now, attrs)
         if task.state == S.TASK_STATE_ASSIGNED:
             attrs["agentmesh.agent_id"] = task.agent_id
             attrs["agentmesh.claim_token"] = task.claim_token
-            record(task, "coordinator.dispatch", task.assigned_at_us, now, attrs)
+            _record(ctx, "coordinator.dispatch", task.assigned_at_us, now, attrs)
         elif task.state in terminal:
             attrs["agentmesh.state"] = S.Name(task.state)
             attrs["agentmesh.agent_id"] = task.agent_id
@@ -358,12 +368,12 @@ def transitions(term: int, now_us: Callable[[], int]) -> Callable[[tpb.Task, int
                 attrs["gen_ai.usage.input_tokens"] = task.usage.input_tokens
                 attrs["gen_ai.usage.output_tokens"] = task.usage.output_tokens
                 attrs["agentmesh.cost_usd"] = task.usage.cost_usd
-            record(task, "coordinator.complete", task.finished_at_us, now, attrs)
+            _record(ctx, "coordinator.complete", task.finished_at_us, now, attrs)
         elif task.state == S.TASK_STATE_QUEUED and previous != S.TASK_STATE_UNSPECIFIED:
             attrs["agentmesh.previous_state"] = S.Name(previous)
             attrs["agentmesh.agent_id"] = task.agent_id
             if task.last_error:
                 attrs["agentmesh.error"] = task.last_error[:256]
-            record(task, "coordinator.requeue", now, now, attrs)
+            _record(ctx, "coordinator.requeue", now, now, attrs)
 
     return on_change

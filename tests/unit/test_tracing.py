@@ -129,3 +129,17 @@ def test_a_batch_gives_each_task_a_trace_of_its_own(spans: InMemorySpanExporter)
     trace_ids = {s.trace_context["traceparent"].split("-")[1] for s in specs}
     assert len(trace_ids) == 3
     assert given.trace_context["traceparent"].split("-")[1] == "ab" * 16  # the client's, kept
+
+
+def test_an_unsampled_task_makes_no_span_anywhere(spans: InMemorySpanExporter) -> None:
+    # the root decided not to sample (flags 00): no process builds spans for it
+    unsampled = {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"}
+    task = tpb.Task(task_id="u", spec=tpb.TaskSpec(kind="noop", trace_context=unsampled), term=3)
+    on_change = tracing.transitions(3, lambda: 10)
+    assert on_change is not None
+    task.state = S.TASK_STATE_SUCCEEDED
+    on_change(task, S.TASK_STATE_RUNNING)
+    with tracing.task_span(task, "agent.execute") as run:
+        assert run is None
+    tracing.flush()
+    assert spans.get_finished_spans() == ()
