@@ -14,6 +14,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_r
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common import tracing
 from services._common.follow import LeaderClient, named_leader, no_leader
 
 T = TypeVar("T")
@@ -76,7 +77,10 @@ class MeshClient(LeaderClient):
             # calls still on the old leader fail with UNAVAILABLE and are retried here
             asyncio.ensure_future(self._channel.close(grace=1.0))
         self._endpoint = endpoint
-        self._channel = grpc.aio.insecure_channel(endpoint)
+        # with tracing on, each call gets a client span and carries the caller's context
+        self._channel = grpc.aio.insecure_channel(
+            endpoint, interceptors=tracing.client_interceptors()
+        )
         self._stub = cpb_grpc.CoordinatorStub(self._channel)
 
     def _follow(self, err: grpc.aio.AioRpcError) -> None:
@@ -111,13 +115,42 @@ class MeshClient(LeaderClient):
     async def submit(self, spec: tpb.TaskSpec) -> cpb.SubmitResponse:
         if not spec.task_id and not spec.idempotency_key:
             spec.idempotency_key = _new_key()
-        return await self._call("Submit", cpb.SubmitRequest(spec=spec))  # type: ignore[no-any-return]
+        if not tracing.enabled() or spec.trace_context:
+            return await self._call("Submit", cpb.SubmitRequest(spec=spec))  # type: ignore[no-any-return]
+        # the task's trace starts here: the record keeps this span's context
+        with tracing.tracer().start_as_current_span(
+            "client.submit", kind=_producer(), attributes={"agentmesh.kind": spec.kind}
+        ) as span:
+            tracing.inject(spec.trace_context)
+            reply: cpb.SubmitResponse = await self._call("Submit", cpb.SubmitRequest(spec=spec))
+            span.set_attribute("agentmesh.task_id", reply.task.task_id)
+            span.set_attribute("agentmesh.created", reply.created)
+            return reply
 
     async def submit_batch(self, specs: Sequence[tpb.TaskSpec]) -> cpb.SubmitBatchResponse:
         for spec in specs:
             if not spec.task_id and not spec.idempotency_key:
                 spec.idempotency_key = _new_key()
-        return await self._call("SubmitBatch", cpb.SubmitBatchRequest(specs=specs))  # type: ignore[no-any-return]
+        if not tracing.enabled():
+            return await self._call("SubmitBatch", cpb.SubmitBatchRequest(specs=specs))  # type: ignore[no-any-return]
+        # one trace per task: each spec gets a submit span of its own, a root
+        tracer = tracing.tracer()
+        spans = []
+        for spec in specs:
+            if not spec.trace_context:
+                span = tracer.start_span(
+                    "client.submit", kind=_producer(), attributes={"agentmesh.kind": spec.kind}
+                )
+                tracing.inject(spec.trace_context, _in(span))
+                spans.append(span)
+        try:
+            reply: cpb.SubmitBatchResponse = await self._call(
+                "SubmitBatch", cpb.SubmitBatchRequest(specs=specs)
+            )
+        finally:
+            for span in spans:
+                span.end()
+        return reply
 
     async def get(self, task_id: str) -> tpb.Task:
         return await self._call("GetTask", cpb.GetTaskRequest(task_id=task_id))  # type: ignore[no-any-return]
@@ -155,6 +188,7 @@ class MeshClient(LeaderClient):
             try:
                 async for event in call:
                     backoff = 0.05
+                    _traced(event)
                     yield event
                 return
             except grpc.aio.AioRpcError as err:
@@ -172,6 +206,7 @@ class MeshClient(LeaderClient):
         call = stub.WatchTask(cpb.WatchTaskRequest(task_id=task_id))
         try:
             async for event in call:
+                _traced(event)
                 yield event
         finally:
             call.cancel()
@@ -181,6 +216,42 @@ class MeshClient(LeaderClient):
             with attempt:
                 return await self.stub()
         raise AssertionError("unreachable")
+
+
+def _traced(event: tpb.TaskEvent) -> None:
+    """A watcher's view of a task's change, in the task's trace (tracing on only)."""
+    if not tracing.enabled() or event.HasField("progress"):
+        return
+    task = event.task
+    tracing.record(
+        task,
+        "client.watch.event",
+        task.finished_at_us,
+        _now_us(),
+        {
+            "agentmesh.task_id": task.task_id,
+            "agentmesh.state": tpb.TaskState.Name(task.state),
+            "agentmesh.previous_state": tpb.TaskState.Name(event.previous_state),
+        },
+    )
+
+
+def _now_us() -> int:
+    import time
+
+    return time.time_ns() // 1000
+
+
+def _producer() -> Any:
+    from opentelemetry.trace import SpanKind
+
+    return SpanKind.PRODUCER
+
+
+def _in(span: Any) -> Any:
+    from opentelemetry import trace
+
+    return trace.set_span_in_context(span)
 
 
 def _new_key() -> str:

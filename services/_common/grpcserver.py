@@ -84,7 +84,7 @@ def build_server(service_names: Sequence[str]) -> tuple[grpc.aio.Server, health.
     interceptors: list[grpc.aio.ServerInterceptor] = [UndecodableRequests()]
     from services._common import telemetry
 
-    interceptor = telemetry.server_interceptor()
+    interceptor = telemetry.server_interceptor(service_names)
     if interceptor is not None:
         interceptors.append(interceptor)
     server = grpc.aio.server(options=OPTIONS, interceptors=interceptors)

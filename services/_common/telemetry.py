@@ -1,12 +1,14 @@
-"""OpenTelemetry traces (when AGENTMESH_OTEL is set) and Prometheus metrics."""
+"""Prometheus metrics, and the hooks that tie OpenTelemetry traces (`tracing`) in."""
 
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from services._common import tracing
 
 TASKS = Counter("agentmesh_tasks_total", "Task state changes made by this coordinator", ["state"])
 QUEUE_DEPTH = Gauge("agentmesh_queue_depth", "Tasks waiting for an agent")
@@ -25,9 +27,17 @@ def watch_core(core: Any) -> Any:
     AGENTS.set_function(lambda: len(core.agents))
     by_state = {s: TASKS.labels(state=n.removeprefix("TASK_STATE_")) for n, s in _STATES.items()}
 
+    # the same subscriber turns transitions into spans of the task's trace when tracing
+    # is on (one callback to remove at the end of the term)
+    traced = tracing.transitions(core.term, core.clock.wall_us)
+
     def count(task: Any, previous: int) -> None:
-        if previous != -1 and (child := by_state.get(task.state)) is not None:
+        if previous == -1:
+            return
+        if (child := by_state.get(task.state)) is not None:
             child.inc()
+        if traced is not None:
+            traced(task, previous)
 
     core.subscribers.add(count)
     return count  # the caller removes it at the end of the term
@@ -53,21 +63,6 @@ def start_metrics(port: int) -> None:
         )
 
 
-def _tracing_enabled() -> bool:
-    return bool(os.environ.get("AGENTMESH_OTEL"))
-
-
-def server_interceptor() -> Any | None:
-    """Server spans for every RPC when AGENTMESH_OTEL=console (spans to stderr)."""
-    if not _tracing_enabled():
-        return None
-    from opentelemetry import trace
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-        trace.set_tracer_provider(provider)
-    return aio_server_interceptor()  # type: ignore[no-untyped-call]
+def server_interceptor(service_names: Sequence[str] = ()) -> Any | None:
+    """Server spans for our RPCs when tracing is on (see `tracing`)."""
+    return tracing.server_interceptor(service_names)

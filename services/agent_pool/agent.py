@@ -20,6 +20,7 @@ from protos.agentmesh.v1 import agent_pool_pb2 as ppb
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common import tracing
 from services._common.clock import Clock
 from services._common.follow import Leader
 from services.agent_pool.executors import Executor, ExecutorError
@@ -249,6 +250,32 @@ class Agent:
             )
 
     async def _execute(self, task: tpb.Task, received_at_us: int) -> None:
+        if tracing.enabled():
+            report = await self._traced(task, received_at_us)
+        else:
+            report = await self._attempt(task, received_at_us)
+        self.unacked[task.task_id] = report
+        self._send(report)
+
+    async def _traced(self, task: tpb.Task, received_at_us: int) -> cpb.AgentMessage:
+        """The attempt as a span of the task's trace (the executor's own spans nest in it)."""
+        attributes = {
+            "agentmesh.task_id": task.task_id,
+            "agentmesh.kind": task.spec.kind,
+            "agentmesh.attempt": task.attempts,
+            "agentmesh.agent_id": self.agent_id,
+            "agentmesh.pool_id": self.ctx.pool_id,
+            "agentmesh.claim_token": task.claim_token,
+        }
+        with tracing.task_span(
+            task, "agent.execute", attributes, kind="CONSUMER", start_us=received_at_us
+        ) as span:
+            report = await self._attempt(task, received_at_us)
+            if span is not None:
+                tracing.outcome(span, report)
+            return report
+
+    async def _attempt(self, task: tpb.Task, received_at_us: int) -> cpb.AgentMessage:
         token = task.claim_token
         # "accepted" (→ RUNNING) only for work that takes a while: a fast task's result
         # carries received_at_us itself, which saves a message per task under load
@@ -305,8 +332,7 @@ class Agent:
                 del self.running[task.task_id]
             if not self.running:
                 self._idle.set()
-        self.unacked[task.task_id] = report
-        self._send(report)
+        return report
 
     def _progress(self, task: tpb.Task) -> Callable[[float, str], None]:
         """What an executor calls to report progress (a stream message, no etcd write)."""

@@ -26,6 +26,7 @@ import anthropic
 import httpx2
 
 from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common import tracing
 from services._common.clock import Clock, SystemClock
 from services._common.llm_cost import PriceTable
 from services._common.ratelimit import ratelimit_headers_of
@@ -161,10 +162,37 @@ class LlmExecutor:
             async for attempt in retries:
                 with attempt:
                     call.attempts += 1
-                    message = await self._attempt(request, kwargs, call, progress)
+                    message = await self._call_traced(request, kwargs, call, progress)
         except Exception as err:  # noqa: BLE001 - classified below; cancellation is not an Exception
             raise self._failure(err, call) from err
         return self._outcome(request, system, message, call)
+
+    async def _call_traced(
+        self, request: LlmRequest, kwargs: dict[str, Any], call: _Call, progress: Progress | None
+    ) -> Any:
+        """One model call; with tracing on, a child span of the agent's attempt."""
+        if not tracing.enabled():
+            return await self._attempt(request, kwargs, call, progress)
+        with tracing.span(
+            "llm.call",
+            {
+                "gen_ai.system": "anthropic",
+                "gen_ai.request.model": request.model,
+                "gen_ai.request.max_tokens": request.max_tokens,
+                "agentmesh.llm_attempt": call.attempts,
+            },
+        ) as span:
+            message = await self._attempt(request, kwargs, call, progress)
+            if span is not None:
+                u = message.usage
+                usage, _ = self._usage(
+                    message.model or request.model, u.input_tokens, u.output_tokens
+                )
+                span.set_attribute("gen_ai.response.model", message.model or request.model)
+                span.set_attribute("gen_ai.usage.input_tokens", u.input_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", u.output_tokens)
+                span.set_attribute("agentmesh.cost_usd", usage.cost_usd)
+            return message
 
     async def _context(self, request: LlmRequest) -> dict[str, str]:
         if not request.context_keys:

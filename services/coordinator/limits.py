@@ -78,6 +78,11 @@ LABEL_VALUE_BYTES = 256
 METADATA_ENTRIES = 64
 METADATA_KEY_BYTES = 128
 METADATA_VALUE_BYTES = 1 * KiB
+# W3C Trace Context: traceparent is 55 bytes; tracestate is at most 32 members, which
+# W3C lets a carrier cut to 512 characters
+TRACE_CONTEXT_ENTRIES = 4
+TRACE_CONTEXT_KEY_BYTES = 64
+TRACE_CONTEXT_VALUE_BYTES = 512
 ROLES_ITEMS = 16
 KINDS_ITEMS = 32
 HELD_CLAIMS_ITEMS = 2000
@@ -155,6 +160,9 @@ LIMITS: tuple[Limit, ...] = (
         "INVALID_ARGUMENT",
     ),
     Limit("TaskSpec.metadata", "64 entries; keys 128 bytes, values 1 KiB", "INVALID_ARGUMENT"),
+    Limit(
+        "TaskSpec.trace_context", "4 entries; keys 64 bytes, values 512 bytes", "INVALID_ARGUMENT"
+    ),
     Limit("TaskSpec.priority", "0-9", "INVALID_ARGUMENT"),
     Limit("TaskSpec.max_attempts", "0-100 (0: the default)", "INVALID_ARGUMENT"),
     Limit("TaskSpec.timeout_s", "finite, 0 to 7 days", "INVALID_ARGUMENT"),
@@ -347,6 +355,13 @@ def validate_spec(spec: tpb.TaskSpec, cfg: Any, where: str = "spec") -> None:
         METADATA_ENTRIES,
         METADATA_KEY_BYTES,
         METADATA_VALUE_BYTES,
+    )
+    check_map(
+        f"{where}.trace_context",
+        spec.trace_context,
+        TRACE_CONTEXT_ENTRIES,
+        TRACE_CONTEXT_KEY_BYTES,
+        TRACE_CONTEXT_VALUE_BYTES,
     )
 
 

@@ -26,6 +26,7 @@ from services._common.clock import Clock, Timer
 from services._common.errors import StoreUnavailableError
 from services._common.follow import Leader
 from services._common.runner import Runner
+from services.coordinator import counts
 from services.coordinator.admission import admissions
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
@@ -119,6 +120,7 @@ class CoordinatorNode:
         expiry: Timer | None = None
         try:
             records, claims, revision = await store.load()
+            core.finished.update(await counts.load(self.etcd))  # earlier terms' finished tasks
             orphans = core.load(records, claims)
             self.term = term.number
             self.servicer.core = core
@@ -147,6 +149,9 @@ class CoordinatorNode:
                 "dispatch": core.run,
                 "claims watch": lambda: self._watch_claims(core, store, revision + 1),
                 "reconcile": core.reconcile_loop,
+                "finished counts": lambda: counts.keep(
+                    self.etcd, term.election, self.clock, core.finished
+                ),
             }
             jobs.extend(asyncio.ensure_future(job()) for job in named.values())
             names = ["health records", *named]
@@ -176,6 +181,7 @@ class CoordinatorNode:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
             await core.close()
+            await counts.save_last(self.etcd, term.election, core.finished)
             self.term = 0
 
     async def _drain(self) -> None:
@@ -189,6 +195,8 @@ class CoordinatorNode:
         self.servicer.end_term("")
         term = self.leadership.term if self.leadership is not None else None
         if term is not None:
+            if core is not None:  # before resigning: afterwards the fence refuses it
+                await counts.save_last(self.etcd, term.election, core.finished)
             with contextlib.suppress(RegistryError, TimeoutError):
                 await self.clock.wait_for(term.election.resign(), 1.0)
 

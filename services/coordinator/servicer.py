@@ -14,6 +14,7 @@ import grpc
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common import tracing
 from services._common.clock import Clock, SystemClock, Timer
 from services._common.errors import (
     DomainError,
@@ -249,14 +250,18 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
     ) -> cpb.SubmitResponse:
         if not request.HasField("spec"):
             raise InvalidArgumentError("spec is required")
-        ((task, created),) = await self._core().submit([request.spec])  # the core validates
+        core = self._core()
+        tracing.stamp([request.spec])  # tracing on: an untraced task's trace starts here
+        ((task, created),) = await core.submit([request.spec])  # the core validates
         return cpb.SubmitResponse(task=task, created=created)
 
     @rpc_errors
     async def SubmitBatch(
         self, request: cpb.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> cpb.SubmitBatchResponse:
-        results = await self._core().submit(request.specs)  # the core validates
+        core = self._core()
+        tracing.stamp(request.specs)
+        results = await core.submit(request.specs)  # the core validates
         return cpb.SubmitBatchResponse(
             results=[cpb.SubmitResponse(task=t, created=c) for t, c in results]
         )

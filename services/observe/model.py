@@ -256,6 +256,9 @@ class SwarmModel:
         self.agents: dict[str, cpb.AgentStatus] = {}
         self.agents_at_us = 0
         self.held: dict[str, _Held] = {}
+        self.let_go: collections.OrderedDict[str, int] = collections.OrderedDict()
+        """task id → the attempt the events saw end (finished or requeued), so a listing
+        older than that event cannot show the task held again (bounded like `held`)."""
         self.usage: dict[str, _Usage] = collections.defaultdict(_Usage)
         self.total_usage = _Usage()
         # queue sample (ListTasks QUEUED)
@@ -386,10 +389,21 @@ class SwarmModel:
         # the task is older than ListAgents can have raced
         now = self.clock.monotonic()
         grace = self.limits.held_grace_s
-        for task_id, held in list(self.held.items()):
-            agent = self.agents.get(held.agent_id)
-            if (agent is None or agent.inflight == 0) and now - held.seen_at > grace:
-                del self.held[task_id]
+        by_agent: dict[str, list[_Held]] = collections.defaultdict(list)
+        for held in self.held.values():
+            by_agent[held.agent_id].append(held)
+        for agent_id, holding in by_agent.items():
+            agent = self.agents.get(agent_id)
+            inflight = agent.inflight if agent is not None else 0
+            if len(holding) <= inflight:
+                continue
+            # more held than the leader says the agent runs: the oldest are the ones whose
+            # end was missed (a busy agent is never idle, so waiting for inflight == 0 would
+            # keep them forever under a backlog)
+            holding.sort(key=lambda h: (h.assigned_at_us, h.seen_at))
+            for held in holding[: len(holding) - inflight]:
+                if now - held.seen_at > grace:
+                    del self.held[held.task_id]
 
     def apply_queue_sample(self, tasks: Sequence[tpb.Task], complete: bool) -> None:
         """ListTasks(QUEUED), one bounded page: the queue by priority. `complete` is False
@@ -409,6 +423,8 @@ class SwarmModel:
         now = self.clock.monotonic()
         for t in tasks:
             if t.state in HELD and t.task_id not in self.held:
+                if t.attempts <= self.let_go.get(t.task_id, 0):
+                    continue  # listed before the event that ended this attempt
                 self._hold(t, now)
 
     def stream_opened(self) -> None:
@@ -453,6 +469,11 @@ class SwarmModel:
             self._hold(task, self.clock.monotonic())
         else:
             self.held.pop(task.task_id, None)
+            if prev in HELD:
+                self.let_go[task.task_id] = task.attempts
+                self.let_go.move_to_end(task.task_id)
+                if len(self.let_go) > self.limits.held_tasks:
+                    self.let_go.popitem(last=False)
         if state == FAILED or prev == FAILED:
             # the coordinator publishes a retried failure as FAILED → QUEUED
             bucket.failed_attempts += 1
@@ -715,8 +736,10 @@ class SwarmModel:
                     else {},
                     "term": self.term,
                     "covers": (
-                        "what the leader holds now (tasks not finished), plus the tasks it "
-                        "finished since it was elected (this term only)"
+                        "what the leader holds now (tasks not finished), plus every task "
+                        "finished since the cluster's etcd was new: the leaders keep the "
+                        "totals in etcd, written each second (a killed leader's last second "
+                        "may be missing)"
                     ),
                 },
                 "seen": {

@@ -308,3 +308,32 @@ async def test_missing_context_fails_for_good(fake: FakeAnthropic) -> None:
         await run(ex, llm_task({"prompt": "x", "context_keys": ["nope"]}))
     assert not info.value.retryable
     assert fake.stats.requests == 0
+
+
+async def test_each_model_call_is_a_child_span_with_tokens_and_cost(fake: FakeAnthropic) -> None:
+    # with tracing on, the agent's attempt span is current while the executor runs: each
+    # model call (the refused one included) is its child, the answered one with its usage
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services._common import tracing
+
+    spans = InMemorySpanExporter()
+    tracing.start("agentmesh-test", spans)
+    try:
+        fake.script("429:0")
+        with tracing.tracer().start_as_current_span("agent.execute") as attempt:
+            out = await run(executor(fake), llm_task({"prompt": "x", "complexity": "simple"}))
+        tracing.flush()
+        calls = [s for s in spans.get_finished_spans() if s.name == "llm.call"]
+    finally:
+        tracing.stop()
+    assert len(calls) == 2
+    assert all(c.parent is not None for c in calls)
+    assert {c.parent.span_id for c in calls if c.parent} == {attempt.get_span_context().span_id}
+    refused, answered = calls
+    assert refused.status.status_code.name == "ERROR"
+    assert answered.attributes is not None
+    assert answered.attributes["gen_ai.request.model"] == "claude-haiku-5-5"
+    assert answered.attributes["gen_ai.usage.output_tokens"] == out.usage.output_tokens == 40
+    assert answered.attributes["gen_ai.usage.input_tokens"] == out.usage.input_tokens
+    assert answered.attributes["agentmesh.cost_usd"] == pytest.approx(out.usage.cost_usd)

@@ -41,7 +41,9 @@ def _load_compose() -> dict[str, Any]:
 
 COMPOSE = _load_compose()
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-AGENTMESH_SERVICES = sorted(name for name in SERVICES if name != ETCD)
+# profile "tracing" adds third-party services (a collector and a trace viewer)
+TRACING = {name for name, spec in SERVICES.items() if "tracing" in spec.get("profiles", [])}
+AGENTMESH_SERVICES = sorted(name for name in SERVICES if name != ETCD and name not in TRACING)
 
 
 def _pyproject() -> dict[str, Any]:
@@ -255,7 +257,8 @@ def test_service_finds_etcd_by_its_compose_name(name: str) -> None:
         assert host in SERVICES, f"{name}: etcd endpoint {endpoint!r} is not a compose service"
 
 
-@pytest.mark.parametrize("name", sorted(SERVICES))
+# the tracing profile's images have no shell or client to probe with; nothing waits on them
+@pytest.mark.parametrize("name", sorted(set(SERVICES) - TRACING))
 def test_service_has_a_healthcheck(name: str) -> None:
     check = SERVICES[name].get("healthcheck")
     assert check, f"{name} has no healthcheck"
@@ -377,3 +380,38 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
     assert users, "the image runs as root"
     user = users[-1].split(":")[0]
     assert user not in {"root", "0"}
+
+
+# --- profile "tracing" ------------------------------------------------------------
+
+
+def test_tracing_profile_adds_a_collector_and_a_viewer_only_when_asked() -> None:
+    assert {"otel-collector", "jaeger"} == TRACING
+    for name in AGENTMESH_SERVICES + [ETCD]:
+        assert "profiles" not in SERVICES[name], f"{name} must start without a profile"
+
+
+def test_collector_receives_otlp_grpc_and_forwards_to_the_viewer() -> None:
+    collector = SERVICES["otel-collector"]
+    (mounted,) = collector["configs"]
+    target = mounted["target"]
+    assert f"--config={target}" in collector["command"]
+    config = yaml.safe_load(COMPOSE["configs"][mounted["source"]]["content"])
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(":4317")
+    (pipeline,) = config["service"]["pipelines"].values()
+    assert pipeline["receivers"] == ["otlp"]
+    for exporter in pipeline["exporters"]:
+        host = config["exporters"][exporter]["endpoint"].split(":")[0]
+        assert host in SERVICES, f"the collector exports to an unknown service {host!r}"
+        assert SERVICES[host].get("environment", {}).get("COLLECTOR_OTLP_ENABLED") == "true"
+
+
+@pytest.mark.parametrize("name", AGENTMESH_SERVICES)
+def test_service_passes_the_otlp_endpoint_through(name: str) -> None:
+    # the services trace only when the variable names a collector, and the compose
+    # file's hint points at the one the profile starts
+    env = SERVICES[name].get("environment", {})
+    assert env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+    header = (REPO / "compose.yaml").read_text(encoding="utf-8")
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4317" in header
+    assert "4317:4317" in SERVICES["otel-collector"]["ports"]

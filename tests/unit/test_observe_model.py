@@ -134,7 +134,7 @@ def test_status_gives_leader_term_standbys_and_service_roles() -> None:
     assert (by_id["c2"]["role"], by_id["c2"]["health"]) == ("standby", "NOT_SERVING")
     assert (by_id["p1"]["role"], by_id["p1"]["health"]) == ("", "UNKNOWN")
     assert snap["counts"]["leader"]["by_state"] == {"QUEUED": 0, "SUCCEEDED": 40}
-    assert "this term only" in snap["counts"]["leader"]["covers"]
+    assert "totals in etcd" in snap["counts"]["leader"]["covers"]
 
 
 def test_a_new_term_is_a_leader_change_and_a_gap_in_what_was_seen() -> None:
@@ -247,6 +247,48 @@ async def test_held_tasks_are_kept_while_their_agent_reports_them() -> None:
     await c.advance(60)
     m.apply_agents([agent("a1", "p1", inflight=1)])
     assert set(m.held) == {"t1"}
+
+
+async def test_a_busy_agent_does_not_keep_a_finished_task_whose_end_was_missed() -> None:
+    # under a backlog the agent is never idle (inflight 1 all the time): a task whose
+    # terminal event was lost (a gap, a full watcher buffer) must still leave its row
+    c = clock()
+    m = SwarmModel(c, Limits(held_grace_s=5.0))
+    m.apply_event(
+        event(task("t1", S.TASK_STATE_RUNNING, agent="a1", assigned_ms=1), S.TASK_STATE_ASSIGNED)
+    )
+    await c.advance(1)
+    m.apply_event(
+        event(task("t2", S.TASK_STATE_RUNNING, agent="a1", assigned_ms=1001), S.TASK_STATE_ASSIGNED)
+    )
+    m.apply_agents([agent("a1", "p1", inflight=1)])
+    assert set(m.held) == {"t1", "t2"}  # within the grace: ListAgents may have raced t2
+    await c.advance(6)
+    m.apply_agents([agent("a1", "p1", inflight=1)])
+    a1 = m.snapshot()["agents"]["groups"][0]["agents"][0]
+    assert [t["task_id"] for t in a1["tasks"]] == ["t2"]
+
+
+async def test_a_task_that_finished_during_the_held_listing_is_not_shown_running() -> None:
+    # the collector lists ASSIGNED/RUNNING tasks while events flow: the listing can be
+    # older than the SUCCEEDED event applied before it
+    c = clock()
+    m = SwarmModel(c)
+    m.apply_agents([agent("a1", "p1", inflight=1)])
+    m.apply_event(
+        event(task("t1", S.TASK_STATE_SUCCEEDED, agent="a1", assigned_ms=1), S.TASK_STATE_RUNNING)
+    )
+    m.seed_held(
+        [
+            task("t1", S.TASK_STATE_RUNNING, agent="a1", assigned_ms=1),
+            task("t3", S.TASK_STATE_RUNNING, agent="a1", assigned_ms=2),
+        ]
+    )
+    a1 = m.snapshot()["agents"]["groups"][0]["agents"][0]
+    assert [t["task_id"] for t in a1["tasks"]] == ["t3"]
+    # a later attempt of a task seen finished before (requeued, then held again) shows
+    m.seed_held([task("t1", S.TASK_STATE_RUNNING, agent="a1", assigned_ms=9, attempts=2)])
+    assert set(m.held) == {"t1", "t3"}
 
 
 def test_seed_held_shows_tasks_assigned_before_the_stream_started() -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentmesh/v1/task.proto\x12\x0c\x61gentmesh.v1\"\x81\x03\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x43\n\x0frequired_labels\x18\x07 \x03(\x0b\x32*.agentmesh.v1.TaskSpec.RequiredLabelsEntry\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12\x11\n\ttimeout_s\x18\t \x01(\x01\x12\x36\n\x08metadata\x18\n \x03(\x0b\x32$.agentmesh.v1.TaskSpec.MetadataEntry\x1a\x35\n\x13RequiredLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x15\n\routput_tokens\x18\x02 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\"\xef\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.agentmesh.v1.TaskSpec\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.agentmesh.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x06 \x01(\x03\x12\x0e\n\x06result\x18\x07 \x01(\x0c\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\'\n\x05usage\x18\t \x01(\x0b\x32\x18.agentmesh.v1.TokenUsage\x12\x15\n\rcreated_at_us\x18\n \x01(\x03\x12\x16\n\x0e\x61ssigned_at_us\x18\x0b \x01(\x03\x12\x16\n\x0ereceived_at_us\x18\x0c \x01(\x03\x12\x16\n\x0e\x66inished_at_us\x18\r \x01(\x03\x12\x15\n\rnot_before_us\x18\x0e \x01(\x03\x12\x0c\n\x04term\x18\x0f \x01(\x03\"\x8e\x01\n\tTaskEvent\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.agentmesh.v1.Task\x12/\n\x0eprevious_state\x18\x02 \x01(\x0e\x32\x17.agentmesh.v1.TaskState\x12.\n\x08progress\x18\x03 \x01(\x0b\x32\x1c.agentmesh.v1.ProgressUpdate\"3\n\x0eProgressUpdate\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t*\xd6\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x17\n\x13TASK_STATE_ASSIGNED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x04\x12\x15\n\x11TASK_STATE_FAILED\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x12\x1a\n\x16TASK_STATE_DEAD_LETTER\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentmesh/v1/task.proto\x12\x0c\x61gentmesh.v1\"\xf7\x03\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x43\n\x0frequired_labels\x18\x07 \x03(\x0b\x32*.agentmesh.v1.TaskSpec.RequiredLabelsEntry\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12\x11\n\ttimeout_s\x18\t \x01(\x01\x12\x36\n\x08metadata\x18\n \x03(\x0b\x32$.agentmesh.v1.TaskSpec.MetadataEntry\x12?\n\rtrace_context\x18\x0b \x03(\x0b\x32(.agentmesh.v1.TaskSpec.TraceContextEntry\x1a\x35\n\x13RequiredLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x15\n\routput_tokens\x18\x02 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\"\xef\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.agentmesh.v1.TaskSpec\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.agentmesh.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x13\n\x0b\x63laim_token\x18\x06 \x01(\x03\x12\x0e\n\x06result\x18\x07 \x01(\x0c\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\'\n\x05usage\x18\t \x01(\x0b\x32\x18.agentmesh.v1.TokenUsage\x12\x15\n\rcreated_at_us\x18\n \x01(\x03\x12\x16\n\x0e\x61ssigned_at_us\x18\x0b \x01(\x03\x12\x16\n\x0ereceived_at_us\x18\x0c \x01(\x03\x12\x16\n\x0e\x66inished_at_us\x18\r \x01(\x03\x12\x15\n\rnot_before_us\x18\x0e \x01(\x03\x12\x0c\n\x04term\x18\x0f \x01(\x03\"\x8e\x01\n\tTaskEvent\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.agentmesh.v1.Task\x12/\n\x0eprevious_state\x18\x02 \x01(\x0e\x32\x17.agentmesh.v1.TaskState\x12.\n\x08progress\x18\x03 \x01(\x0b\x32\x1c.agentmesh.v1.ProgressUpdate\"3\n\x0eProgressUpdate\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t*\xd6\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x17\n\x13TASK_STATE_ASSIGNED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x04\x12\x15\n\x11TASK_STATE_FAILED\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x12\x1a\n\x16TASK_STATE_DEAD_LETTER\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSPEC_REQUIREDLABELSENTRY']._serialized_options = b'8\001'
   _globals['_TASKSPEC_METADATAENTRY']._loaded_options = None
   _globals['_TASKSPEC_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=1075
-  _globals['_TASKSTATE']._serialized_end=1289
+  _globals['_TASKSPEC_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_TASKSPEC_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_TASKSTATE']._serialized_start=1193
+  _globals['_TASKSTATE']._serialized_end=1407
   _globals['_TASKSPEC']._serialized_start=42
-  _globals['_TASKSPEC']._serialized_end=427
-  _globals['_TASKSPEC_REQUIREDLABELSENTRY']._serialized_start=325
-  _globals['_TASKSPEC_REQUIREDLABELSENTRY']._serialized_end=378
-  _globals['_TASKSPEC_METADATAENTRY']._serialized_start=380
-  _globals['_TASKSPEC_METADATAENTRY']._serialized_end=427
-  _globals['_TOKENUSAGE']._serialized_start=429
-  _globals['_TOKENUSAGE']._serialized_end=504
-  _globals['_TASK']._serialized_start=507
-  _globals['_TASK']._serialized_end=874
-  _globals['_TASKEVENT']._serialized_start=877
-  _globals['_TASKEVENT']._serialized_end=1019
-  _globals['_PROGRESSUPDATE']._serialized_start=1021
-  _globals['_PROGRESSUPDATE']._serialized_end=1072
+  _globals['_TASKSPEC']._serialized_end=545
+  _globals['_TASKSPEC_REQUIREDLABELSENTRY']._serialized_start=390
+  _globals['_TASKSPEC_REQUIREDLABELSENTRY']._serialized_end=443
+  _globals['_TASKSPEC_METADATAENTRY']._serialized_start=445
+  _globals['_TASKSPEC_METADATAENTRY']._serialized_end=492
+  _globals['_TASKSPEC_TRACECONTEXTENTRY']._serialized_start=494
+  _globals['_TASKSPEC_TRACECONTEXTENTRY']._serialized_end=545
+  _globals['_TOKENUSAGE']._serialized_start=547
+  _globals['_TOKENUSAGE']._serialized_end=622
+  _globals['_TASK']._serialized_start=625
+  _globals['_TASK']._serialized_end=992
+  _globals['_TASKEVENT']._serialized_start=995
+  _globals['_TASKEVENT']._serialized_end=1137
+  _globals['_PROGRESSUPDATE']._serialized_start=1139
+  _globals['_PROGRESSUPDATE']._serialized_end=1190
 # @@protoc_insertion_point(module_scope)
