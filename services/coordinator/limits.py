@@ -31,6 +31,8 @@ from typing import Any
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.errors import InvalidArgumentError
+from services.agent_pool.llm_config import LlmConfig
+from services.agent_pool.llm_payload import LlmRequest, PayloadError, parse_payload
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -348,6 +350,25 @@ def validate_spec(spec: tpb.TaskSpec, cfg: Any, where: str = "spec") -> None:
         METADATA_KEY_BYTES,
         METADATA_VALUE_BYTES,
     )
+    if spec.kind == "llm":
+        validate_llm_payload(spec, getattr(cfg, "llm", None) or DEFAULT_LLM, where)
+
+
+DEFAULT_LLM = LlmConfig()
+"""The llm section a caller without one validates against (the built-in roles and models)."""
+
+
+def validate_llm_payload(spec: tpb.TaskSpec, llm: LlmConfig, where: str = "spec") -> LlmRequest:
+    """An `llm` task's payload, checked at submit (the schema in
+    services/agent_pool/llm_payload.schema.json) so a mistake is refused with
+    INVALID_ARGUMENT instead of failing on an agent after it waited its turn."""
+    try:
+        return parse_payload(spec.payload, llm, spec.role)
+    except PayloadError as err:
+        raise InvalidArgumentError(
+            f"{where}.payload: {clip(str(err), 1024)} "
+            "(see services/agent_pool/llm_payload.schema.json)"
+        ) from None
 
 
 def validate_batch(specs: Any, cfg: Any) -> None:
