@@ -341,8 +341,10 @@ def total_message(dimension: str, key: str, t: Totals) -> cpb.CostTotal:
 
 
 def cost_key_parts(record: cpb.CostTotal) -> tuple[str, str, str]:
-    """The etcd key segments of a total: (COSTS, dimension, key or '-' for the empty key)."""
-    return COSTS, record.dimension, record.key or "-"
+    """The etcd key segments of a total: costs/<dimension>/<key> (the key may be empty:
+    tasks without a project or role; the record itself holds it, so nothing is parsed
+    back from the key)."""
+    return COSTS, record.dimension, record.key
 
 
 def _retry_after_s(headers: Mapping[str, str]) -> float | None:
