@@ -138,6 +138,17 @@ class LlmGate:
         self._tickets[task.task_id] = ticket
         return True
 
+    def held(self, task: tpb.Task) -> bool:
+        """True while `task`'s model is held back: the dispatcher skips it without looking
+        for an agent (a dictionary lookup per waiting task)."""
+        if task.spec.kind != "llm" or not self.enabled or not self._blocked:
+            return False
+        est = self._estimate(task)
+        if est is None:
+            return False
+        until = self._blocked.get(est.key)
+        return until is not None and until > self.clock.monotonic()
+
     def next_try_s(self) -> float | None:
         """Seconds until a model held back may fit (None when none is)."""
         # call after plan(): a hold that has run out by now and was not renewed had no

@@ -65,6 +65,8 @@ def test_a_task_that_does_not_fit_stays_queued_and_status_says_why() -> None:
     assert g.admit(tasks[0])
     assert not g.admit(tasks[1])
     assert not g.admit(tasks[2])  # first come, first served: it waits behind t-1
+    assert g.held(tasks[2])
+    assert not g.held(tpb.Task(task_id="e", spec=tpb.TaskSpec(kind="echo")))
     wait = g.next_try_s()
     assert wait is not None
     assert 0.9 <= wait <= 1.0
