@@ -55,7 +55,8 @@ from services._common.errors import (
 )
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
-from services.coordinator.limits import validate_hello, validate_spec
+from services.coordinator.limits import DEFAULT_LLM, validate_hello, validate_spec
+from services.coordinator.llm_admission import LlmGate
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +435,8 @@ class CoordinatorCore:
         self._background: set[asyncio.Task[Any]] = set()
         self._creating: dict[str, asyncio.Future[None]] = {}
         """Task ids whose create is in flight: a replay of one waits for its outcome."""
+        self.llm = LlmGate(DEFAULT_LLM, clock)
+        """Admission, budgets and costs of `llm` tasks (the server sets its configured one)."""
         self._outage = _Outage()
         self._outage.back.set()
         self._reconcile_now = asyncio.Event()
@@ -711,6 +714,7 @@ class CoordinatorCore:
             )
         for i, spec in enumerate(specs):
             validate_spec(spec, self.cfg, f"specs[{i}]" if len(specs) > 1 else "spec")
+        self.llm.check_budgets(specs)
         self._check_term()
         return await self._owned(self._submit(list(specs)))
 
@@ -749,6 +753,8 @@ class CoordinatorCore:
                 task_id=task_id, spec=stored, state=QUEUED, created_at_us=now, term=self.term
             )
             agent = self.strategy.pick(stored, self.free) if fast and self.free else None
+            if agent is not None and not self.llm.admit(task):
+                agent = None
             if agent is None:
                 writes.append(Write(task, expect_mod=0))
             else:
@@ -1157,6 +1163,7 @@ class CoordinatorCore:
                 ack.reason = "the claim was lost before the report arrived (agent lease expired or task reassigned)"
                 return ack
             ack.accepted = True
+            self.llm.reported(new, agent_id, msg)
             if agent is not None and not handed_back:
                 if ok:
                     agent.completed += 1
@@ -1192,6 +1199,7 @@ class CoordinatorCore:
     def _finish(self, entry: Entry, new: tpb.Task, previous: int) -> None:
         if self.active.get(new.task_id) is entry:
             del self.active[new.task_id]
+        self.llm.forget(new.task_id)
         self.finished[state_name(new.state)] += 1
         self._publish(new, previous)
 
@@ -1654,11 +1662,11 @@ class CoordinatorCore:
                         entry.queued = False
                     continue
                 scanned += 1
-                if entry.busy:
+                if entry.busy or self.llm.held(entry.task):
                     kept.append(task_id)
                     continue
                 agent = self.strategy.pick(entry.task.spec, free)
-                if agent is None or task_id in agent.inflight:
+                if agent is None or task_id in agent.inflight or not self.llm.admit(entry.task):
                     # nobody free can run it now (or the one picked still lists an older
                     # claim of it, being settled): keep its place
                     kept.append(task_id)
@@ -1735,6 +1743,9 @@ class CoordinatorCore:
             next_due = self._promote_due()
             for entry, agent in self.plan():
                 self.spawn(self._assign(entry, agent))
+            llm_due = self.llm.next_try_s()  # a model held back by its rate limits
+            if llm_due is not None:
+                next_due = llm_due if next_due is None else min(next_due, llm_due)
             if next_due is None:
                 await self.wake.wait()
             else:

@@ -305,6 +305,19 @@ class LlmGate:
 
     # ---- totals: status, ListAgents and etcd records ----
 
+    def fill_status(self, status: cpb.ClusterStatus, queued: Iterable[tpb.Task]) -> None:
+        """GetStatus: why llm tasks wait, the totals and the budgets."""
+        status.llm_waiting.extend(self.waiting(queued))
+        status.llm_costs.extend(self.totals())
+        status.llm_budgets.extend(self.budget_status())
+
+    def fill_agent(self, status: cpb.AgentStatus) -> None:
+        """ListAgents: the agent's llm calls, tokens and dollars."""
+        calls, usage = self.agent_usage(status.agent_id)
+        if calls:
+            status.llm_calls = calls
+            status.llm_usage.CopyFrom(usage)
+
     def totals(self, dimensions: Iterable[str] = CostLedger.DIMENSIONS) -> list[cpb.CostTotal]:
         return [
             total_message(dim, key, t)
