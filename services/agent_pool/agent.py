@@ -174,7 +174,11 @@ class Agent:
             # a session that worked ends normally: the caller reconnects with fresh backoff
         finally:
             moved.cancel()
-            self._outbox = None
+            # only our own: a rejoin cancels this run and starts the next at once, so the
+            # next session may have set its outbox before this cancellation gets here;
+            # clearing it then would drop every report of the new session
+            if self._outbox is outbox:
+                self._outbox = None
             if self.state == ppb.AGENT_STATE_READY:
                 self.state = ppb.AGENT_STATE_RECONNECTING
             write_task.cancel()

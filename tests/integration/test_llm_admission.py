@@ -46,14 +46,17 @@ def llm_spec(task_id: str, project: str = "", max_tokens: int = 100) -> tpb.Task
 
 
 async def wait_terminal(client: MeshClient, ids: set[str], timeout_s: float) -> list[tpb.Task]:
-    async def poll() -> list[tpb.Task]:
-        while True:
-            tasks = [await client.get(i) for i in sorted(ids)]
-            if all(t.state in TERMINAL for t in tasks):
-                return tasks
-            await asyncio.sleep(0.2)
-
-    return await asyncio.wait_for(poll(), timeout_s)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        tasks = [await client.get(i) for i in sorted(ids)]
+        if all(t.state in TERMINAL for t in tasks):
+            return tasks
+        if asyncio.get_running_loop().time() > deadline:
+            states = sorted({S.Name(t.state) for t in tasks})
+            raise AssertionError(
+                f"not terminal after {timeout_s} s: {states}; {await client.status()}"
+            )
+        await asyncio.sleep(0.5)
 
 
 @pytest.fixture
@@ -102,7 +105,10 @@ async def test_a_burst_through_admission_stays_inside_the_limits_and_status_says
             if reasons:
                 break
             await asyncio.sleep(0.1)
-        done = await wait_terminal(client, {f"burst-{i:03d}" for i in range(tasks)}, 60)
+        try:
+            done = await wait_terminal(client, {f"burst-{i:03d}" for i in range(tasks)}, 60)
+        except AssertionError as err:
+            raise AssertionError(f"{limited.stats}") from err
         status = await client.status()
 
     assert [t.state for t in done] == [S.TASK_STATE_SUCCEEDED] * tasks
