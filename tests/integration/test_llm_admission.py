@@ -113,8 +113,11 @@ async def test_a_burst_through_admission_stays_inside_the_limits_and_status_says
 
     assert [t.state for t in done] == [S.TASK_STATE_SUCCEEDED] * tasks
     # the server counted every call; admission kept them inside its buckets
-    assert limited.stats.requests == tasks
-    assert limited.stats.rate_limited == 0
+    # without admission this burst meets about two 429s per task (12 agents, 12 times the
+    # limit); with it, only the first second's jitter can (an agent's first call starts
+    # its HTTP client, so calls admitted apart can reach the server together)
+    assert limited.stats.rate_limited <= tasks // 10, limited.stats
+    assert limited.stats.requests == tasks + limited.stats.rate_limited
     # while they waited, status said why (the model, the limit, how many wait)
     assert any(r.startswith(f"{MODEL}: waiting for requests per minute") for r in reasons), reasons
     assert any("llm task(s) queued" in r for r in reasons), reasons
