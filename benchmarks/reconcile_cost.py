@@ -31,7 +31,8 @@ from registry.etcd_server import EtcdServer  # noqa: E402
 from services._common.clock import SystemClock  # noqa: E402
 from services._common.latency import LatencyRecorder  # noqa: E402
 from services.coordinator.config import CoordinatorConfig  # noqa: E402
-from services.coordinator.core import CoordinatorCore, Write  # noqa: E402
+from services.coordinator.core import CoordinatorCore  # noqa: E402
+from services.coordinator.port import Write  # noqa: E402
 from services.coordinator.store import EtcdTaskStore  # noqa: E402
 
 PAYLOAD = b"x" * 200

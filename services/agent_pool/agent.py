@@ -174,10 +174,7 @@ class Agent:
             # a session that worked ends normally: the caller reconnects with fresh backoff
         finally:
             moved.cancel()
-            # only our own: a rejoin cancels this run and starts the next at once, so the
-            # next session may have set its outbox before this cancellation gets here;
-            # clearing it then would drop every report of the new session
-            if self._outbox is outbox:
+            if self._outbox is outbox:  # a newer session may have its own by now
                 self._outbox = None
             if self.state == ppb.AGENT_STATE_READY:
                 self.state = ppb.AGENT_STATE_RECONNECTING
@@ -284,7 +281,6 @@ class Agent:
                     output=outcome.output,
                     usage=outcome.usage,
                     received_at_us=received_at_us,
-                    ratelimit=outcome.ratelimit,
                 )
             )
             self.completed += 1
@@ -298,13 +294,7 @@ class Agent:
         except ExecutorError as err:
             self.failed += 1
             # a failed LLM attempt may still have been billed (a stream that broke mid-way)
-            report = _failure(
-                task,
-                str(err),
-                err.retryable,
-                getattr(err, "usage", None),
-                getattr(err, "ratelimit_report", None),
-            )
+            report = _failure(task, str(err), err.retryable, getattr(err, "usage", None))
         except Exception as err:  # noqa: BLE001 - an executor bug fails the attempt, not the agent
             self.failed += 1
             log.exception("executor crashed", extra={"agent": self.agent_id, "task": task.task_id})
@@ -351,11 +341,7 @@ class Agent:
 
 
 def _failure(
-    task: tpb.Task,
-    error: str,
-    retryable: bool,
-    usage: tpb.TokenUsage | None = None,
-    ratelimit: cpb.RateLimitReport | None = None,
+    task: tpb.Task, error: str, retryable: bool, usage: tpb.TokenUsage | None = None
 ) -> cpb.AgentMessage:
     return cpb.AgentMessage(
         failure=cpb.TaskFailure(
@@ -364,6 +350,5 @@ def _failure(
             error=error,
             retryable=retryable,
             usage=usage,
-            ratelimit=ratelimit,
         )
     )

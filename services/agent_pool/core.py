@@ -355,9 +355,15 @@ class AgentPool:
         every agent on it and reconnect them all, so their hellos carry it. What they run
         keeps running and is reported on the new streams."""
         await self.registry.register(list(self.agents.values()))
+        old = {agent_id: self._runs[agent_id] for agent_id in self.agents}
+        for run in old.values():
+            run.cancel()
+        # every old session unwinds before its agent connects again: two sessions of one
+        # agent would share (and the old one clear) its outbox
+        await asyncio.gather(*old.values(), return_exceptions=True)
         for agent_id, agent in self.agents.items():
-            self._runs[agent_id].cancel()
-            self._runs[agent_id] = asyncio.ensure_future(agent.run())
+            if self._runs.get(agent_id) is old.get(agent_id):
+                self._runs[agent_id] = asyncio.ensure_future(agent.run())
 
     async def close(self) -> None:
         """Cancel whatever still runs (after `drain_all`, only what started meanwhile)."""

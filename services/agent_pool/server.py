@@ -177,9 +177,10 @@ class PoolNode:
                         "pool lease lost; agents re-registered and reconnected",
                         extra={"pool": self.pool_id, "agents": len(self.core.agents)},
                     )
+                    if self.core.agents:
+                        await self.core.rejoin()
+                # the first lease is the one the agents boot with: nothing to rejoin
                 seen = session.generation
-                if self.core.agents:
-                    await self.core.rejoin()
             await lost.wait()
 
     async def _publish_count(self) -> None:

@@ -1,7 +1,9 @@
 """The root coordinator's logic: durable queue, state machine, claims, dispatch.
 
-Pure: no grpc, no etcd. Durable writes go through a `Store` (etcd in
-production, an in-memory fake in unit tests) and time through a `Clock`.
+Pure: no grpc, no etcd. Durable writes go through a `Store` (port.py: etcd in
+production, an in-memory fake in unit tests) and time through a `Clock`. The task
+rules are in tasks.py, the agents' sessions and the strategies in sessions.py, the
+ready queue in queue.py.
 
 Invariants:
 - Every task change is one `Write` the store commits atomically, comparing the
@@ -34,14 +36,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
-import hashlib
-import heapq
 import logging
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
@@ -57,39 +57,38 @@ from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.limits import DEFAULT_LLM, validate_hello, validate_spec
 from services.coordinator.llm_admission import LlmGate
+from services.coordinator.port import READ_CHUNK, Committed, Store, Write
+from services.coordinator.queue import ReadyQueue
+from services.coordinator.sessions import AgentSession, Strategy
+from services.coordinator.tasks import (
+    ASSIGNED,
+    CANCELLED,
+    DEAD_LETTER,
+    FAILED,
+    HELD,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    S,
+    backoff_s,
+    state_name,
+    task_id_for,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-S = tpb.TaskState
-QUEUED, ASSIGNED, RUNNING = S.TASK_STATE_QUEUED, S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING
-SUCCEEDED, FAILED, CANCELLED, DEAD_LETTER = (
-    S.TASK_STATE_SUCCEEDED,
-    S.TASK_STATE_FAILED,
-    S.TASK_STATE_CANCELLED,
-    S.TASK_STATE_DEAD_LETTER,
-)
-TERMINAL = frozenset({SUCCEEDED, CANCELLED, DEAD_LETTER})
-HELD = frozenset({ASSIGNED, RUNNING})
-
 MAX_BATCH = limits.BATCH_ITEMS
 HAND_BACK_S = 1.0
 """A task released as hung waits this long at most for an agent other than its own."""
-STRATEGIES = ("least-loaded", "round-robin", "weighted", "random")
 
 # While etcd is unreachable, one probe at a time asks whether it is back, with
 # equal-jitter backoff from 50 ms to 1 s: a restarted etcd is noticed within about
 # a second, and an outage costs the leader a call a second, not a call per waiter.
 PROBE_BASE_S = 0.05
 PROBE_CAP_S = 1.0
-# Records read per reconcile round trip: each may be up to etcd's request limit
-# (1.5 MiB), and a reply must stay under gRPC's 64 MiB receive limit.
-READ_CHUNK = 32
-
-
-def state_name(state: int) -> str:
-    return S.Name(state).removeprefix("TASK_STATE_")
 
 
 _CALLER_WAITS: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
@@ -97,221 +96,6 @@ _CALLER_WAITS: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars
 )
 """Set in the core's task for an RPC's work: resolved when that work starts to wait
 for etcd to come back, so the RPC can answer UNAVAILABLE instead of hanging."""
-
-
-# ---------------------------------------------------------------- store contract
-
-
-@dataclass(slots=True)
-class Write:
-    """One atomic task change. The store compares, then applies all of it or nothing."""
-
-    task: tpb.Task
-    expect_mod: int
-    """The record's current mod revision; 0 means "create, only if absent"."""
-    claim_lease: int = 0
-    """Put claims/<id> (value: the agent id) on this lease; the commit revision is the token."""
-    expect_claim: int = 0
-    """The claim key's mod revision must equal this (the token being reported)."""
-    delete_claim: bool = False
-    sent: bytes = b""
-    """The record bytes the store put on the wire (set by the store): how a read-back
-    recognises this write after its reply was lost. The record carries the writer's
-    term and timestamps, and one task has one write in flight at a time, so the bytes
-    identify the write."""
-
-
-@dataclass(slots=True)
-class Committed:
-    ok: bool
-    revision: int = 0
-    """The commit's revision: the record's new mod revision (and claim token)."""
-    existing: tpb.Task | None = None
-    """When a create was refused: the record that exists (idempotent submit)."""
-    existing_mod: int = 0
-    lease_missing: bool = False
-    """The claim's lease no longer exists (the agent's process died)."""
-    not_applied: bool = False
-    """etcd could not be reached and the write is known not to have landed."""
-
-
-@dataclass(slots=True)
-class OpenTasks:
-    """What the open-task index says, read without values (keys and revisions only)."""
-
-    open: dict[str, int]
-    """Open (non-terminal) task id → its record's mod revision."""
-    claims: dict[str, int]
-    """Task id → its live claim's mod revision (the claim token)."""
-    revision: int
-    """The store revision the reads saw."""
-    bytes_read: int = 0
-
-
-class Store(Protocol):
-    async def commit(self, writes: Sequence[Write]) -> list[Committed]:
-        """Apply writes under the leader's fence; fills each write's `sent`. Raises
-        NotLeaderError when deposed, StoreUnavailableError when the outcome is
-        unknown (etcd unreachable, deadline, reset: some writes may have landed)."""
-        ...
-
-    async def outcomes(self, writes: Sequence[Write]) -> list[Committed | None]:
-        """After an unknown outcome: per write, Committed(True, revision) when the
-        record holds what it sent, None when the record is unchanged (it did not
-        land), Committed(False, existing) when someone else changed it."""
-        ...
-
-    async def read(self, task_id: str) -> tuple[tpb.Task, int] | None:
-        """A record and its mod revision."""
-        ...
-
-    async def read_many(self, task_ids: Sequence[str]) -> dict[str, tuple[tpb.Task, int]]:
-        """Records and their mod revisions (absent ids are left out)."""
-        ...
-
-    async def claim_revision(self, task_id: str) -> int:
-        """The claim key's mod revision (0 when absent)."""
-        ...
-
-    async def open_tasks(self) -> OpenTasks:
-        """The open-task index and the live claims, keys and revisions only."""
-        ...
-
-    async def revision(self) -> int:
-        """etcd's current revision: a cheap call that succeeds only when etcd answers."""
-        ...
-
-
-# ---------------------------------------------------------------- ids and backoff
-# (validation, with every limit, lives in limits.py)
-
-
-def task_id_for(spec: tpb.TaskSpec, wall_us: int, rng: random.Random) -> str:
-    """The id a new task gets: the client's, one derived from its idempotency key,
-    or a fresh time-ordered one (so listing by key lists by submit time)."""
-    if spec.task_id:
-        return spec.task_id
-    if spec.idempotency_key:
-        return "k-" + hashlib.sha256(spec.idempotency_key.encode()).hexdigest()[:32]
-    return f"t-{wall_us:014x}-{rng.getrandbits(40):010x}"
-
-
-def backoff_s(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Exponential backoff with equal jitter: half fixed, half random, so retries
-    of a burst of failures spread out without ever retrying at once."""
-    ceiling = min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
-    return ceiling / 2 + rng.uniform(0, ceiling / 2)
-
-
-# ---------------------------------------------------------------- agents
-
-
-@dataclass(eq=False)
-class Agent:
-    agent_id: str
-    pool_id: str
-    lease_id: int
-    roles: frozenset[str]
-    labels: dict[str, str]
-    kinds: frozenset[str]
-    capacity: int
-    send: Callable[[cpb.CoordinatorMessage | None], None]
-    """Queues a message to the agent; None closes the stream."""
-    connected_at_us: int = 0
-    inflight: set[str] = field(default_factory=set)
-    completed: int = 0
-    failed: int = 0
-    latency_ema_ms: float = 0.0
-    draining: bool = False
-    order: int = 0
-    admit: int = -1
-    """Tasks the health monitor lets it hold at once: -1 no limit, 1 (half-open
-    breaker), 0 (ejected or FAILED). From its `health/<agent>` record."""
-
-    def free(self) -> int:
-        if self.draining:
-            return 0
-        limit = self.capacity if self.admit < 0 else min(self.capacity, self.admit)
-        return limit - len(self.inflight)
-
-    def can_run(self, spec: tpb.TaskSpec) -> bool:
-        if spec.kind not in self.kinds:
-            return False
-        if spec.role and spec.role not in self.roles:
-            return False
-        labels = self.labels
-        return all(labels.get(k) == v for k, v in spec.required_labels.items())
-
-    def status(self) -> cpb.AgentStatus:
-        return cpb.AgentStatus(
-            agent_id=self.agent_id,
-            pool_id=self.pool_id,
-            roles=sorted(self.roles),
-            labels=self.labels,
-            kinds=sorted(self.kinds),
-            capacity=self.capacity,
-            inflight=len(self.inflight),
-            completed=self.completed,
-            failed=self.failed,
-            latency_ema_ms=self.latency_ema_ms,
-            draining=self.draining,
-            connected_at_us=self.connected_at_us,
-            health_admission={-1: "", 0: "none"}.get(self.admit, "one"),
-        )
-
-
-class Strategy:
-    """Picks an agent for a task among those with free capacity that can run it."""
-
-    def __init__(self, name: str, rng: random.Random) -> None:
-        if name not in STRATEGIES:
-            raise ValueError(
-                f"unknown assignment strategy {name!r}; use one of {', '.join(STRATEGIES)}"
-            )
-        self.name = name
-        self.rng = rng
-        self._rr = 0
-
-    def pick(self, spec: tpb.TaskSpec, free: dict[str, Agent]) -> Agent | None:
-        name = self.name
-        if name == "least-loaded":
-            best: Agent | None = None
-            best_load = 2.0
-            for agent in free.values():
-                load = len(agent.inflight) / agent.capacity
-                if load < best_load and agent.can_run(spec):
-                    best, best_load = agent, load
-                    if load == 0.0:
-                        break
-            return best
-        candidates = [a for a in free.values() if a.can_run(spec)]
-        if not candidates:
-            return None
-        if name == "round-robin":
-            # the lowest connection order after the last pick, wrapping around
-            after = [a for a in candidates if a.order > self._rr]
-            chosen = min(after or candidates, key=lambda a: a.order)
-            self._rr = chosen.order
-            return chosen
-        if name == "random":
-            return self.rng.choice(candidates)
-        return min(candidates, key=lambda a: weighted_score(a, spec))
-
-
-def weighted_score(agent: Agent, spec: tpb.TaskSpec) -> float:
-    """Lower is better: load dominates, then latency, minus label affinity.
-
-    Affinity counts the agent's labels that the task's metadata mentions
-    (e.g. metadata project=x prefers agents labelled project=x), so related
-    work sticks to agents that have its context warm.
-    """
-    load = len(agent.inflight) / agent.capacity
-    latency = agent.latency_ema_ms / (agent.latency_ema_ms + 100.0)
-    affinity = sum(1 for k, v in spec.metadata.items() if agent.labels.get(k) == v)
-    return load + 0.5 * latency - 0.25 * min(affinity, 4)
-
-
-# ---------------------------------------------------------------- the core
 
 
 @dataclass(slots=True, eq=False)
@@ -416,19 +200,18 @@ class CoordinatorCore:
         self.rng = rng or random.Random()
         self.strategy = Strategy(cfg.strategy, self.rng)
         self.active: dict[str, Entry] = {}
-        self.ready: list[collections.deque[str]] = [collections.deque() for _ in range(10)]
-        self.delayed: list[tuple[int, str]] = []  # (not_before_us, task_id), a heap
-        self.agents: dict[str, Agent] = {}
+        self.agents: dict[str, AgentSession] = {}
         self.awaiting: dict[str, set[str]] = {}
         """agent id → claims loaded at takeover that the agent has not confirmed yet."""
-        self.free: dict[str, Agent] = {}
+        self.free: dict[str, AgentSession] = {}
         self.admission: dict[str, int] = {}
-        """agent id → the health monitor's limit (see `Agent.admit`), kept across reconnects."""
+        """agent id → the health monitor's limit (see `AgentSession.admit`), kept across reconnects."""
         self.finished: collections.Counter[str] = collections.Counter()
         self.subscribers: set[Callable[[tpb.Task, int], None]] = set()
         self.on_progress: Callable[[tpb.Task, float, str], None] | None = None
         """Receives progress from the agent holding a task (fraction, message); not stored."""
         self.wake = asyncio.Event()
+        self.queue = ReadyQueue(clock, self.wake)
         self.deposed: NotLeaderError | None = None
         self.last_reconcile: ReconcileStats | None = None
         self._order = 0
@@ -436,7 +219,7 @@ class CoordinatorCore:
         self._creating: dict[str, asyncio.Future[None]] = {}
         """Task ids whose create is in flight: a replay of one waits for its outcome."""
         self.llm = LlmGate(DEFAULT_LLM, clock)
-        """Admission, budgets and costs of `llm` tasks (the server sets its configured one)."""
+        """Admission, budgets and costs of `llm` tasks (the server sets the configured one)."""
         self._outage = _Outage()
         self._outage.back.set()
         self._reconcile_now = asyncio.Event()
@@ -474,7 +257,7 @@ class CoordinatorCore:
         grace period that covers the agents' reconnects)."""
         for agent_id, task_ids in self.awaiting.items():
             for task_id in task_ids:
-                self.spawn(
+                self.run_in_background(
                     self._requeue(
                         task_id,
                         agent_id,
@@ -577,7 +360,7 @@ class CoordinatorCore:
             extra={"term": self.term, "error": str(err)},
         )
         self.wake.set()
-        self.spawn(self._probe(outage.outages))
+        self.run_in_background(self._probe(outage.outages))
 
     def _store_ok(self, probes: int = 0) -> None:
         """A call to etcd succeeded: an outage, if one was on, is over."""
@@ -648,7 +431,7 @@ class CoordinatorCore:
 
     # ---- work the core owns ----
 
-    def spawn(
+    def run_in_background(
         self, coro: Coroutine[Any, Any, T], *, caller: asyncio.Future[None] | None = None
     ) -> asyncio.Task[T]:
         """Run work without blocking the caller (the dispatcher, a stream); the core
@@ -668,7 +451,7 @@ class CoordinatorCore:
         outcome of its write is unknown until then), the caller gets UNAVAILABLE at once
         and the work goes on: a retry with the same ids finds the outcome."""
         waits: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task = self.spawn(coro, caller=waits)
+        task = self.run_in_background(coro, caller=waits)
         try:
             either: set[asyncio.Future[Any]] = {task, waits}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -714,7 +497,7 @@ class CoordinatorCore:
             )
         for i, spec in enumerate(specs):
             validate_spec(spec, self.cfg, f"specs[{i}]" if len(specs) > 1 else "spec")
-        self.llm.check_budgets(specs)
+        self.llm.check_budgets(specs)  # FAILED_PRECONDITION for the whole batch
         self._check_term()
         return await self._owned(self._submit(list(specs)))
 
@@ -733,12 +516,12 @@ class CoordinatorCore:
         while waiting := {self._creating[i] for i in ids if i in self._creating}:
             await asyncio.wait(waiting)
         writes: list[Write] = []
-        picks: list[Agent | None] = []
+        picks: list[AgentSession | None] = []
         # Fast path: while nothing waits, a task that a free agent can run is created
         # already ASSIGNED, its claim in the same transaction: one etcd write fewer, and
         # the assignment leaves with the acknowledgement. Never while tasks wait, so
         # priority and FIFO order hold.
-        fast = not any(self.ready)
+        fast = not self.queue.has_ready()
         for spec, task_id in zip(specs, ids, strict=True):
             if task_id in self.active:  # an idempotent replay of a live task: no write needed
                 writes.append(Write(self.active[task_id].task, expect_mod=-1))
@@ -754,7 +537,7 @@ class CoordinatorCore:
             )
             agent = self.strategy.pick(stored, self.free) if fast and self.free else None
             if agent is not None and not self.llm.admit(task):
-                agent = None
+                agent = None  # over its model's rate limits: it waits in the queue
             if agent is None:
                 writes.append(Write(task, expect_mod=0))
             else:
@@ -915,7 +698,7 @@ class CoordinatorCore:
 
     def connect(
         self, hello: cpb.AgentHello, send: Callable[[cpb.CoordinatorMessage | None], None]
-    ) -> Agent:
+    ) -> AgentSession:
         validate_hello(hello)
         old = self.agents.get(hello.agent_id)
         if old is not None:
@@ -934,7 +717,7 @@ class CoordinatorCore:
             self.disconnect(hello.agent_id)
             old.send(None)
         self._order += 1
-        agent = Agent(
+        agent = AgentSession(
             agent_id=hello.agent_id,
             pool_id=hello.pool_id,
             lease_id=hello.lease_id,
@@ -963,7 +746,7 @@ class CoordinatorCore:
                 if entry.busy:
                     # a write for it is on its way (a requeue after the old stream ended):
                     # the claim stays only if it still holds once that write is resolved
-                    self.spawn(self._confirm_claim(agent, entry, ref.claim_token))
+                    self.run_in_background(self._confirm_claim(agent, entry, ref.claim_token))
             else:
                 send(
                     cpb.CoordinatorMessage(
@@ -974,7 +757,7 @@ class CoordinatorCore:
                 )
         for task_id in self.awaiting.pop(agent.agent_id, ()):
             if task_id not in agent.inflight:  # committed by the last leader, never received
-                self.spawn(
+                self.run_in_background(
                     self._requeue(
                         task_id, agent.agent_id, "assignment lost in failover", count_attempt=False
                     )
@@ -984,7 +767,7 @@ class CoordinatorCore:
         self.wake.set()
         return agent
 
-    async def _confirm_claim(self, agent: Agent, entry: Entry, token: int) -> None:
+    async def _confirm_claim(self, agent: AgentSession, entry: Entry, token: int) -> None:
         await entry.take()
         try:
             task = entry.task
@@ -1016,7 +799,7 @@ class CoordinatorCore:
             return
         self.free.pop(agent_id, None)
         for task_id in tuple(agent.inflight):
-            self.spawn(
+            self.run_in_background(
                 self._requeue(task_id, agent.agent_id, "agent disconnected", count_attempt=True)
             )
         agent.inflight.clear()
@@ -1027,18 +810,18 @@ class CoordinatorCore:
             agent.draining = True
             self.free.pop(agent_id, None)
 
-    def _reserve(self, agent: Agent, task_id: str) -> None:
+    def _reserve(self, agent: AgentSession, task_id: str) -> None:
         agent.inflight.add(task_id)
         if agent.admit == 1:
             agent.admit = 0  # half-open: its one trial task; the health monitor says what next
         if agent.free() <= 0:
             self.free.pop(agent.agent_id, None)
 
-    def _deliver(self, agent: Agent, task: tpb.Task) -> bool:
+    def _deliver(self, agent: AgentSession, task: tpb.Task) -> bool:
         """Send a committed assignment, or requeue it if the agent left meanwhile."""
         if self.agents.get(agent.agent_id) is not agent:
             agent.inflight.discard(task.task_id)
-            self.spawn(
+            self.run_in_background(
                 self._requeue(
                     task.task_id, agent.agent_id, "agent disconnected", count_attempt=False
                 )
@@ -1047,7 +830,7 @@ class CoordinatorCore:
         agent.send(cpb.CoordinatorMessage(assign=cpb.Assign(task=task)))
         return True
 
-    def _drop_dead_agent(self, agent: Agent) -> None:
+    def _drop_dead_agent(self, agent: AgentSession) -> None:
         log.warning("agent lease is gone; dropping the agent", extra={"agent": agent.agent_id})
         if self.agents.get(agent.agent_id) is agent:
             self.disconnect(agent.agent_id)
@@ -1055,7 +838,7 @@ class CoordinatorCore:
             cpb.CoordinatorMessage(drain=cpb.Drain(reason="your etcd lease expired; reconnect"))
         )
 
-    def _release(self, agent: Agent, task_id: str) -> None:
+    def _release(self, agent: AgentSession, task_id: str) -> None:
         agent.inflight.discard(task_id)
         if agent.free() > 0 and self.agents.get(agent.agent_id) is agent:
             self.free[agent.agent_id] = agent
@@ -1163,7 +946,7 @@ class CoordinatorCore:
                 ack.reason = "the claim was lost before the report arrived (agent lease expired or task reassigned)"
                 return ack
             ack.accepted = True
-            self.llm.reported(new, agent_id, msg)
+            self.llm.reported(new, agent_id, msg)  # settle its admission, follow, charge
             if agent is not None and not handed_back:
                 if ok:
                     agent.completed += 1
@@ -1206,7 +989,7 @@ class CoordinatorCore:
     # ---- the health monitor's orders ----
 
     def admit(self, agent_id: str, limit: int) -> None:
-        """Apply the health monitor's admission for an agent (see `Agent.admit`)."""
+        """Apply the health monitor's admission for an agent (see `AgentSession.admit`)."""
         if limit < 0:
             self.admission.pop(agent_id, None)
         else:
@@ -1278,10 +1061,10 @@ class CoordinatorCore:
             )
             # its slot stays taken until the task runs elsewhere (plan() never hands a
             # task to an agent that still lists it)
-            self.spawn(self._hand_back(agent, task_id))
+            self.run_in_background(self._hand_back(agent, task_id))
         return True
 
-    async def _hand_back(self, agent: Agent, task_id: str) -> None:
+    async def _hand_back(self, agent: AgentSession, task_id: str) -> None:
         """Give the agent a released task hung on its slot back once the task runs
         elsewhere, or after HAND_BACK_S if nobody else was free: it is not handed the
         task it just hung on while another agent could take it."""
@@ -1378,7 +1161,7 @@ class CoordinatorCore:
                 # completion meanwhile.
                 entry.claim_gone = token
                 return
-            self.spawn(
+            self.run_in_background(
                 self._requeue(
                     task_id,
                     entry.task.agent_id,
@@ -1392,7 +1175,7 @@ class CoordinatorCore:
         for task_id in task_ids:
             entry = self.active.get(task_id)
             if entry:
-                self.spawn(
+                self.run_in_background(
                     self._requeue(
                         task_id,
                         entry.task.agent_id,
@@ -1441,10 +1224,10 @@ class CoordinatorCore:
         else:
             # a claim memory did not make, or one whose report failed its compare: it
             # stays only if its agent holds it and the claim is live
-            self.spawn(self._settle_claim(entry))
+            self.run_in_background(self._settle_claim(entry))
         return "resynced" if changed else ""
 
-    def _let_go(self, holder: Agent | None, task_id: str) -> None:
+    def _let_go(self, holder: AgentSession | None, task_id: str) -> None:
         """A session holds a claim that is gone: tell it to stop and free its slot."""
         if holder is not None and task_id in holder.inflight:
             holder.send(
@@ -1464,7 +1247,7 @@ class CoordinatorCore:
         else:
             task.state = ASSIGNED
             task.claim_token = mod
-            self.spawn(self._settle_claim(entry))
+            self.run_in_background(self._settle_claim(entry))
         self._publish(task, S.TASK_STATE_UNSPECIFIED)
         return entry
 
@@ -1516,8 +1299,7 @@ class CoordinatorCore:
         suspects: list[str] = []
         unheld: list[Entry] = []
         # what is really in line, not what the entries' flags say: a check of the check
-        in_line = {t for queue in self.ready for t in queue}
-        in_line.update(t for _, t in self.delayed)
+        in_line = self.queue.in_line()
         for task_id, mod in snap.open.items():
             entry = self.active.get(task_id)
             if entry is None:
@@ -1613,74 +1395,17 @@ class CoordinatorCore:
     # ---- the queue ----
 
     def _enqueue(self, entry: Entry, *, front: bool = False) -> None:
-        """Put a QUEUED entry in line: the retry heap while it backs off, else a ready
-        queue (`front`: first in line). An entry already in line keeps its place."""
-        if entry.queued:
-            return
-        entry.queued = True
-        task = entry.task
-        if task.not_before_us > self.clock.wall_us():
-            heapq.heappush(self.delayed, (task.not_before_us, task.task_id))
-        elif front:
-            self.ready[task.spec.priority].appendleft(task.task_id)
-        else:
-            self.ready[task.spec.priority].append(task.task_id)
-        self.wake.set()
+        self.queue.push(entry, front=front)
 
     def queue_depth(self) -> int:
         """Tasks waiting for an agent (ready, backing off, or being assigned)."""
         return sum(1 for e in self.active.values() if e.task.state == QUEUED)
 
-    def _promote_due(self) -> float | None:
-        """Move due retries to the ready queues; seconds until the next one is due."""
-        now = self.clock.wall_us()
-        while self.delayed and self.delayed[0][0] <= now:
-            _, task_id = heapq.heappop(self.delayed)
-            entry = self.active.get(task_id)
-            if entry is not None:
-                entry.queued = False
-                if entry.task.state == QUEUED:
-                    self._enqueue(entry)
-        return (self.delayed[0][0] - now) / 1e6 if self.delayed else None
+    def plan(self) -> list[tuple[Entry, AgentSession]]:
+        """Match ready tasks to free agents (see `ReadyQueue.plan`)."""
+        return self.queue.plan(self.active, self.free, self.strategy.pick, self._reserve, self.llm)
 
-    def plan(self) -> list[tuple[Entry, Agent]]:
-        """Match ready tasks to agents: highest priority first, FIFO within one. An entry
-        busy with another write (a cancel, say) keeps its place in the queue."""
-        if not self.free:
-            return []
-        picks: list[tuple[Entry, Agent]] = []
-        free = self.free
-        for priority in range(9, -1, -1):
-            queue = self.ready[priority]
-            kept: list[str] = []
-            scanned = 0
-            while queue and free and scanned < 10_000:
-                task_id = queue.popleft()
-                entry = self.active.get(task_id)
-                if entry is None or entry.task.state != QUEUED:
-                    if entry is not None:
-                        entry.queued = False
-                    continue
-                scanned += 1
-                if entry.busy or self.llm.held(entry.task):
-                    kept.append(task_id)
-                    continue
-                agent = self.strategy.pick(entry.task.spec, free)
-                if agent is None or task_id in agent.inflight or not self.llm.admit(entry.task):
-                    # nobody free can run it now (or the one picked still lists an older
-                    # claim of it, being settled): keep its place
-                    kept.append(task_id)
-                    continue
-                entry.queued = False
-                entry.try_take()
-                self._reserve(agent, task_id)
-                picks.append((entry, agent))
-            queue.extendleft(reversed(kept))
-            if not free:
-                break
-        return picks
-
-    async def _assign(self, entry: Entry, agent: Agent) -> None:
+    async def _assign(self, entry: Entry, agent: AgentSession) -> None:
         """Write the claim of a planned assignment (plan() took the entry and the slot)."""
         task = entry.task
         slot_settled = False
@@ -1740,9 +1465,9 @@ class CoordinatorCore:
                 # nothing can be written: wait the outage out instead of failing claims
                 await self._outage.back.wait()
                 continue
-            next_due = self._promote_due()
+            next_due = self.queue.promote_due(self.active)
             for entry, agent in self.plan():
-                self.spawn(self._assign(entry, agent))
+                self.run_in_background(self._assign(entry, agent))
             llm_due = self.llm.next_try_s()  # a model held back by its rate limits
             if llm_due is not None:
                 next_due = llm_due if next_due is None else min(next_due, llm_due)

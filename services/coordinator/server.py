@@ -17,7 +17,7 @@ from registry.election import Election, candidates, current_leader, observe
 from registry.etcd import Etcd
 from registry.leadership import BACKOFF_BASE_S, BACKOFF_CAP_S, STABLE_TERM_S
 from registry.lease import KeptLease
-from services._common import telemetry
+from services._common import config, telemetry
 from services._common.clock import SystemClock
 from services._common.errors import NotLeaderError, StoreUnavailableError
 from services._common.grpcserver import (
@@ -29,10 +29,13 @@ from services._common.grpcserver import (
     shutdown,
     stop_event,
 )
+from services.agent_pool.llm_config import LlmConfig
 from services.coordinator.admission import admissions
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
 from services.coordinator.limits import check_config
+from services.coordinator.llm_admission import LlmGate
+from services.coordinator.llm_costs import flush_costs, load_costs
 from services.coordinator.servicer import (
     CoordinatorServicer,
     leader_value,
@@ -40,6 +43,7 @@ from services.coordinator.servicer import (
     split_services,
 )
 from services.coordinator.store import EtcdTaskStore
+from services.coordinator.tasks import QUEUED
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class CoordinatorNode:
             cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
         )
         check_config(cfg)
+        # the llm section (limits, budgets, prices): a wrong value stops the process here
+        self.llm_cfg = config.load(LlmConfig, section="llm")
         self.servicer = CoordinatorServicer(self.status, cfg)
         self.servicer.health_term = self._health_term
         self.server, self.health = build_server([SERVICE])
@@ -90,6 +96,9 @@ class CoordinatorNode:
             status.queue_depth = core.queue_depth()
             for name, count in core.counts().items():
                 status.task_counts[name] = count
+            core.llm.fill_status(
+                status, (e.task for e in core.active.values() if e.task.state == QUEUED)
+            )
         return status
 
     async def run(self) -> None:
@@ -227,9 +236,11 @@ class CoordinatorNode:
         core = CoordinatorCore(store, self.clock, cfg, term=term, node_id=self.node_id)
         core.subscribers = self.servicer.hub.subscribers
         core.on_progress = self.servicer.hub.progress
+        core.llm = LlmGate(self.llm_cfg, self.clock)
         counter = telemetry.watch_core(core)
         started = self.clock.monotonic()
         records, claims, revision = await store.load()
+        core.llm.load(await load_costs(self.etcd))
         orphans = core.load(records, claims)
         self.term = term
         self.servicer.core = core
@@ -269,6 +280,7 @@ class CoordinatorNode:
             asyncio.ensure_future(self._lease.lost.wait()),
             follow_health,
             asyncio.ensure_future(core.reconcile_loop()),
+            asyncio.ensure_future(flush_costs(self.etcd, core.llm, election.fenced_request)),
         ]
         try:
             done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
@@ -279,6 +291,7 @@ class CoordinatorNode:
                 "lease",
                 "health records",
                 "reconcile",
+                "llm costs",
             )
             for job in done:
                 why = (

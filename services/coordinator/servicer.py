@@ -25,7 +25,8 @@ from services._common.errors import (
 from services._common.grpcserver import abort, rpc_errors
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
-from services.coordinator.core import TERMINAL, CoordinatorCore
+from services.coordinator.core import CoordinatorCore
+from services.coordinator.tasks import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         used = 0
         for agent_id in sorted(a for a in core.agents if a > after):
             status = core.agents[agent_id].status()
+            core.llm.fill_agent(status)
             status_bytes = status.ByteSize()
             if out and (len(out) >= size or used + status_bytes > limits.LIST_PAGE_BYTES):
                 return cpb.ListAgentsResponse(agents=out, next_page_token=out[-1].agent_id)
@@ -480,7 +482,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                         report.error = limits.clip(report.error, limits.ERROR_BYTES)
                     # concurrently: a slow commit must not hold up the agent's next message;
                     # the core owns it, so it completes the task even if the stream ends now
-                    core.spawn(handle(report, note))
+                    core.run_in_background(handle(report, note))
                 elif body == "accepted":
                     if limits.size_of(msg.accepted.task_id) <= limits.ID_BYTES:
                         core.accepted(agent_id, msg.accepted)

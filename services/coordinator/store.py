@@ -36,7 +36,8 @@ from services._common.clock import Clock
 from services._common.errors import RecordTooLargeError
 from services._common.telemetry import COMMIT_SECONDS
 from services.coordinator import limits
-from services.coordinator.core import READ_CHUNK, TERMINAL, Committed, OpenTasks, Write
+from services.coordinator.port import READ_CHUNK, Committed, OpenTasks, Write
+from services.coordinator.tasks import TERMINAL
 
 log = logging.getLogger(__name__)
 

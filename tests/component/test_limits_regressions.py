@@ -29,7 +29,7 @@ from services.agent_pool.config import PoolConfig
 from services.agent_pool.server import PoolNode
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
-from services.coordinator.core import Write
+from services.coordinator.port import Write
 from services.coordinator.server import SERVICE, CoordinatorNode
 from services.coordinator.store import EtcdTaskStore
 

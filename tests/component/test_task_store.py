@@ -13,7 +13,7 @@ from registry.election import Election
 from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
 from services._common.clock import SystemClock
-from services.coordinator.core import Committed, Write
+from services.coordinator.port import Committed, Write
 from services.coordinator.store import EtcdTaskStore
 
 S = tpb.TaskState

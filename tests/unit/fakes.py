@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.errors import NotLeaderError, StoreUnavailableError
-from services.coordinator.core import Committed, OpenTasks, Write
+from services.coordinator.port import Committed, OpenTasks, Write
 
 HELD = (tpb.TASK_STATE_ASSIGNED, tpb.TASK_STATE_RUNNING)
 TERMINAL = (tpb.TASK_STATE_SUCCEEDED, tpb.TASK_STATE_CANCELLED, tpb.TASK_STATE_DEAD_LETTER)

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services import cli
+from services.cli import tasks as cli_tasks
 from services.cli_format import bytes_view, duration, format_task, local_time
 
 PLUS_2 = dt.timezone(dt.timedelta(hours=2))
@@ -186,7 +187,7 @@ def _task_get(monkeypatch: pytest.MonkeyPatch, task: tpb.Task, *args: str) -> st
         coro.close()  # never run: no client, no socket
         return task
 
-    monkeypatch.setattr(cli, "_call", fake_call)
+    monkeypatch.setattr(cli_tasks, "call", fake_call)
     result = CliRunner().invoke(cli.app, ["task", "get", task.task_id, *args])
     assert result.exit_code == 0, result.output
     return result.output

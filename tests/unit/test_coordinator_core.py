@@ -28,7 +28,8 @@ from services._common.errors import (
     StoreUnavailableError,
 )
 from services.coordinator.config import CoordinatorConfig
-from services.coordinator.core import MAX_BATCH, CoordinatorCore, backoff_s
+from services.coordinator.core import MAX_BATCH, CoordinatorCore
+from services.coordinator.tasks import backoff_s
 from tests.unit.fakes import MemoryStore
 
 S = tpb.TaskState
@@ -37,7 +38,7 @@ CANCELLED, DEAD_LETTER = S.TASK_STATE_CANCELLED, S.TASK_STATE_DEAD_LETTER
 
 
 async def settle(rounds: int = 20) -> None:
-    """Let the dispatcher and the writes it spawned run to their next real wait."""
+    """Let the dispatcher and the writes it started run to their next real wait."""
     for _ in range(rounds):
         await asyncio.sleep(0)
 
@@ -1408,7 +1409,7 @@ async def test_reconcile_repairs_every_difference(h: Harness) -> None:
     # 1. a record memory never took in (a write whose outcome was never resolved)
     h.store.put(tpb.Task(task_id="ghost", spec=spec(task_id="ghost", max_attempts=3), state=QUEUED))
     # 2. a QUEUED task that fell out of every queue
-    h.core.ready[0].remove("q1")
+    h.core.queue.ready[0].remove("q1")
     # 3. a task etcd says is finished
     done = h.store.task("q2")
     done.state = CANCELLED
@@ -1488,7 +1489,7 @@ async def test_every_task_ends_terminal_once_whatever_replies_are_lost(
                     )
                 else:
                     msg = cpb.TaskResult(task_id=task.task_id, claim_token=task.claim_token)
-                h.core.spawn(_report(h, name, msg))
+                h.core.run_in_background(_report(h, name, msg))
             # the stream drops; the agent comes back holding nothing
             if rng.random() < 0.02 and h.core.agents.get(name) is not None:
                 h.core.disconnect(name)

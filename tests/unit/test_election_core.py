@@ -33,7 +33,7 @@ from registry.etcd import (
 from registry.lease import KeptLease
 from services._common.clock import FakeClock
 from services._common.errors import NotLeaderError, StoreUnavailableError
-from services.coordinator.core import Write
+from services.coordinator.port import Write
 from services.coordinator.servicer import leader_value, parse_leader_value
 from services.coordinator.store import EtcdTaskStore
 

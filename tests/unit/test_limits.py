@@ -14,7 +14,7 @@ from services._common.errors import InvalidArgumentError
 from services._common.grpcserver import MAX_MESSAGE_BYTES, STATUS_MESSAGE_CHARS
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
-from services.coordinator.core import Write
+from services.coordinator.port import Write
 from services.coordinator.store import _Prepared
 
 L = limits

@@ -321,6 +321,9 @@ async def test_rejoin_republishes_every_agent_and_reconnects_it(pool: Pool) -> N
     work = asyncio.ensure_future(asyncio.Event().wait())
     pool.core.agents["p-a0002"].running["t1"] = (9, work)
     await pool.core.rejoin()
+    # each old session has unwound before its agent connects again: two live sessions of
+    # one agent shared its outbox, and the old one's exit cleared it (results went nowhere)
+    assert all(before[a].done() for a in before)
     await settle()
     assert pool.registry.registered[-1] == ["p-a0001", "p-a0002", "p-a0003"]
     after = pool.runs()

@@ -1,0 +1,149 @@
+"""`agentmesh up`: a local cluster of real processes, and a sample backlog through it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from services.agent_pool.config import PoolConfig
+from services.cli.common import call, console, fail, run
+from services.cli.tasks import submit_and_wait
+from services.coordinator.config import CoordinatorConfig
+
+
+def up(
+    agents: int = typer.Option(200, help="agents in all, split across the pools"),
+    pools: int = typer.Option(2, help="agent pool processes"),
+    coordinators: int = typer.Option(1, help="coordinator replicas (one leads)"),
+    health_monitors: int = typer.Option(1, help="health monitor replicas (one is active; 0: none)"),
+    consensus: int = typer.Option(1, help="consensus instances (one is active; 0: none)"),
+    data_dir: Path = typer.Option(
+        Path(".agentmesh"), help="etcd data and logs; reused across restarts"
+    ),
+    etcd_port: int = typer.Option(2379, help="etcd client port"),
+    port: int = typer.Option(50051, help="first coordinator port (replicas take the next ones)"),
+    consensus_port: int = typer.Option(
+        50071, help="first consensus port (standbys take the next ones)"
+    ),
+    capacity: int = typer.Option(PoolConfig.capacity, help="tasks per agent at once"),
+    sleep_ms: str = typer.Option(
+        PoolConfig.sleep_ms, help="simulated latency of the `sleep` executor"
+    ),
+    strategy: str = typer.Option(CoordinatorConfig.strategy, help="assignment strategy"),
+    backlog: int = typer.Option(
+        0, help="submit this many simulated `sleep` tasks once ready, show progress and a summary"
+    ),
+    exit_when_done: bool = typer.Option(
+        False, "--exit", help="stop the cluster after the backlog finishes"
+    ),
+) -> None:
+    """Start a local cluster (etcd, coordinators, health monitor, consensus, agent pools)
+    as real processes. Ctrl-C stops it."""
+    import signal
+
+    from registry.etcd_server import EtcdNotFoundError, find_etcd_binary
+    from services.cluster import ClusterSpec, LocalCluster
+
+    if agents < 1 or pools < 1 or coordinators < 1 or health_monitors < 0 or consensus < 0:
+        fail("--agents, --pools and --coordinators must be at least 1", 2)
+    if pools > agents:
+        fail(f"--pools {pools} is more than --agents {agents}", 2)
+    try:
+        find_etcd_binary()
+    except EtcdNotFoundError as err:
+        fail(str(err))
+    import socket
+
+    for p in [
+        etcd_port,
+        etcd_port + 1,
+        *range(port, port + coordinators),
+        *range(consensus_port, consensus_port + consensus),
+    ]:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", p)) == 0:
+                fail(
+                    f"port {p} is in use (another cluster running?); stop it or pass --etcd-port/--port"
+                )
+    cluster = LocalCluster(
+        ClusterSpec(
+            data_dir=data_dir,
+            agents=agents,
+            pools=pools,
+            coordinators=coordinators,
+            consensus=consensus,
+            consensus_port=consensus_port,
+            health_monitors=health_monitors,
+            etcd_port=etcd_port,
+            coordinator_port=port,
+            capacity=capacity,
+            sleep_ms=sleep_ms,
+            strategy=strategy,
+        )
+    )
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    t0 = time.monotonic()
+    try:
+        with console.status(
+            "starting etcd, coordinators, health monitors, consensus and agent pools ..."
+        ):
+            cluster.start()
+            ready_s = run(cluster.wait_ready(timeout_s=90))
+            if consensus:
+                run(cluster.wait_voters(agents, timeout_s=60))
+        console.print(
+            f"[green]cluster up[/green]: {agents} agents in {pools} pools ready in {time.monotonic() - t0:.2f} s "
+            f"(agents connected {ready_s:.2f} s after the processes started)"
+        )
+        console.print(
+            f"  etcd         {cluster.etcd_endpoint}   (export AGENTMESH_ETCD={cluster.etcd_endpoint})"
+        )
+        for ep in cluster.coordinator_endpoints:
+            console.print(f"  coordinator  {ep}")
+        if health_monitors:
+            console.print(
+                f"  health       {health_monitors} monitor(s); `agentmesh health agents` lists the agents"
+            )
+        for ep in cluster.consensus_endpoints:
+            console.print(f"  consensus    {ep}   (agentmesh propose …, agentmesh decisions)")
+        console.print(f"  logs         {cluster.log_dir}")
+        if backlog:
+            call(_backlog(cluster.etcd_endpoint, backlog))
+            if exit_when_done:
+                return
+        console.print("press Ctrl-C to stop")
+        while True:
+            time.sleep(1)
+            dead = [n for n in cluster.dead() if n.startswith("coordinator")]
+            if (
+                consensus
+                and len([n for n in cluster.dead() if n.startswith("consensus")]) == consensus
+            ):
+                fail(f"every consensus instance exited; see {cluster.log_dir}")
+            if dead and len(dead) == len(cluster.coordinator_endpoints):
+                fail(f"every coordinator exited; see {cluster.log_dir}")
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+    except (RuntimeError, TimeoutError) as err:
+        fail(str(err))
+    finally:
+        cluster.stop()
+        console.print("stopped")
+
+
+async def _backlog(etcd: str, count: int) -> None:
+    from protos.agentmesh.v1 import task_pb2 as tpb
+    from services.client import MeshClient
+
+    stamp = f"{int(time.time())}"
+    specs = [
+        tpb.TaskSpec(task_id=f"sample-{stamp}-{i:05d}", kind="sleep", priority=i % 10)
+        for i in range(count)
+    ]
+    console.print(
+        f"submitting a sample backlog of {count} [bold]simulated[/bold] `sleep` tasks (run {stamp})"
+    )
+    async with MeshClient(etcd=etcd) as client:
+        await submit_and_wait(client, specs, wait=True)
