@@ -57,3 +57,23 @@ def test_the_cost_afterwards_sums_what_the_tasks_recorded() -> None:
     assert spent_line(tasks) == (
         "llm backlog cost: $0.7500 for 2 task(s) (110 input and 55 output tokens, as the API counted them)"
     )
+
+
+def test_status_says_why_llm_tasks_wait_and_what_was_spent() -> None:
+    from protos.agentmesh.v1 import coordinator_pb2 as cpb
+    from services.cli.status import llm_lines
+
+    status = cpb.ClusterStatus(
+        llm_waiting=["claude-haiku-5-5: waiting for requests per minute (...)"],
+        llm_budgets=[cpb.BudgetStatus(name="alpha", cap_usd=1.0, spent_usd=1.5)],
+        llm_costs=[
+            cpb.CostTotal(dimension="model", key="claude-haiku-5-5", calls=3),
+            cpb.CostTotal(dimension="agent", key="pool-1-a0001", calls=3),
+        ],
+    )
+    lines = llm_lines(status)
+    assert lines[0] == "llm wait   claude-haiku-5-5: waiting for requests per minute (...)"
+    assert "alpha: $1.5000 of $1.00 spent  (REACHED: new llm tasks refused)" in lines[1]
+    assert lines[2].startswith("llm model  claude-haiku-5-5: 3 calls")
+    assert len(lines) == 3  # per-agent totals are in `agentmesh agents`, not here
+    assert llm_lines(cpb.ClusterStatus()) == []
