@@ -31,6 +31,8 @@ PROMPTS: tuple[tuple[str, str], ...] = (
 )
 LLM_KINDS = "echo,sleep,noop,fail,propose,llm"
 """What the pools advertise with `--executor llm` (the defaults plus llm)."""
+LLM_ROLES = ",".join(role for role, _ in PROMPTS)
+"""...and every role: a task naming a role only goes to agents that advertise it."""
 
 
 def llm_off_line(environ: Mapping[str, str] | None = None) -> str | None:

@@ -54,9 +54,11 @@ def up(
     as real processes. Ctrl-C stops it."""
     import signal
 
+    from rich.markup import escape
+
     from registry.etcd_server import EtcdNotFoundError, find_etcd_binary
     from services.cluster import ClusterSpec, LocalCluster
-    from services.llm_demo import EXECUTORS, LLM_KINDS, llm_off_line
+    from services.llm_demo import EXECUTORS, LLM_KINDS, LLM_ROLES, llm_off_line
 
     if executor not in EXECUTORS:
         fail(f"--executor {executor!r}: use one of {', '.join(EXECUTORS)}", 2)
@@ -64,7 +66,7 @@ def up(
     if off is not None:
         # one line, whatever was asked: the demo works without a key, on simulated work
         fallback = "; the backlog runs simulated `sleep` tasks" if executor == "llm" else ""
-        console.print(f"[yellow]{off}{fallback}[/yellow]", soft_wrap=True)
+        console.print(f"[yellow]{escape(off + fallback)}[/yellow]", soft_wrap=True)
         executor = "sleep"
     llm_specs = _llm_backlog(backlog, yes) if executor == "llm" and backlog else []
 
@@ -103,7 +105,9 @@ def up(
             capacity=capacity,
             sleep_ms=sleep_ms,
             strategy=strategy,
-            env={"AGENTMESH_KINDS": LLM_KINDS} if executor == "llm" else {},
+            env={"AGENTMESH_KINDS": LLM_KINDS, "AGENTMESH_ROLES": LLM_ROLES}
+            if executor == "llm"
+            else {},
         )
     )
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -136,8 +140,8 @@ def up(
             call(_run_llm_backlog(cluster.etcd_endpoint, llm_specs))
         elif backlog:
             call(_backlog(cluster.etcd_endpoint, backlog))
-            if exit_when_done:
-                return
+        if backlog and exit_when_done:
+            return
         console.print("press Ctrl-C to stop")
         while True:
             time.sleep(1)
@@ -192,7 +196,7 @@ def _llm_backlog(count: int, yes: bool) -> list[Any]:
     except ValueError as err:
         fail(str(err), 2)
     specs = sample_specs(count, f"{int(time.time())}")
-    console.print(f"cost estimate: {estimate(specs, cfg).line()}", soft_wrap=True)
+    console.print(f"cost estimate: {estimate(specs, cfg).line()}", soft_wrap=True, markup=False)
     if not yes and not typer.confirm("run them?", default=False):
         fail("not started (pass --yes to skip the question)", 1)
     return specs
@@ -211,5 +215,5 @@ async def _run_llm_backlog(etcd: str, specs: list[Any]) -> None:
         with contextlib.suppress(ValueError, AttributeError):
             text = json.loads(text).get("text", text)
         first = " ".join(text.split())[:100] or t.last_error[:100]
-        console.print(f"  {t.spec.role:<10} {t.task_id}: {first}", soft_wrap=True)
-    console.print(spent_line(tasks), soft_wrap=True)
+        console.print(f"  {t.spec.role:<10} {t.task_id}: {first}", soft_wrap=True, markup=False)
+    console.print(spent_line(tasks), soft_wrap=True, markup=False)
