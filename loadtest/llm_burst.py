@@ -254,6 +254,9 @@ def report(
             if plan.otpm and "output_tokens" in stats
             else None,
         },
+        # the middle 80 % of completions: leaves out the start (agents' first calls) and
+        # the tail (a few tasks retried after the rest finished)
+        "steady": steady(finished, plan.rpm),
         "end_to_end_ms": {
             "p50": round(percentile(e2e_ms, 50), 1),
             "p99": round(percentile(e2e_ms, 99), 1),
@@ -272,6 +275,21 @@ def one_run(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         return asyncio.run(run(plan, args.timeout_s, where))
     with tempfile.TemporaryDirectory(prefix="llm-burst-") as tmp:
         return asyncio.run(run(plan, args.timeout_s, Path(tmp)))
+
+
+def steady(finished: list[tpb.Task], rpm: int) -> dict[str, Any]:
+    """Tasks finished per minute between the 10th and 90th percentile of finish times, and
+    that as a fraction of the RPM limit (each task is at least one call)."""
+    ends = sorted(t.finished_at_us for t in finished)
+    if len(ends) < 10:
+        return {}
+    lo, hi = ends[len(ends) // 10], ends[len(ends) * 9 // 10]
+    count = len(ends) * 9 // 10 - len(ends) // 10
+    per_min = count / max(1e-9, (hi - lo) / 1e6) * 60
+    return {
+        "tasks_per_min": round(per_min, 1),
+        "rpm_fraction_of_limit": round(per_min / rpm, 3) if rpm else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

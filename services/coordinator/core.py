@@ -496,7 +496,7 @@ class CoordinatorCore:
                 f"a batch holds at most {MAX_BATCH} tasks; split it ({len(specs)} given)"
             )
         for i, spec in enumerate(specs):
-            validate_spec(spec, self.cfg, f"specs[{i}]" if len(specs) > 1 else "spec")
+            validate_spec(spec, self.cfg, f"specs[{i}]" if len(specs) > 1 else "spec", self.llm.cfg)
         self.llm.check_budgets(specs)  # FAILED_PRECONDITION for the whole batch
         self._check_term()
         return await self._owned(self._submit(list(specs)))

@@ -307,7 +307,9 @@ def clip(text: str, limit: int) -> str:
 # ---- requests
 
 
-def validate_spec(spec: tpb.TaskSpec, cfg: Any, where: str = "spec") -> None:
+def validate_spec(
+    spec: tpb.TaskSpec, cfg: Any, where: str = "spec", llm: LlmConfig | None = None
+) -> None:
     """Raise InvalidArgumentError naming the field to fix. `cfg` has task_kinds and
     max_payload_bytes (a CoordinatorConfig)."""
     kinds = ", ".join(cfg.task_kinds)
@@ -351,11 +353,12 @@ def validate_spec(spec: tpb.TaskSpec, cfg: Any, where: str = "spec") -> None:
         METADATA_VALUE_BYTES,
     )
     if spec.kind == "llm":
-        validate_llm_payload(spec, getattr(cfg, "llm", None) or DEFAULT_LLM, where)
+        validate_llm_payload(spec, llm or DEFAULT_LLM, where)
 
 
 DEFAULT_LLM = LlmConfig()
-"""The llm section a caller without one validates against (the built-in roles and models)."""
+"""The llm section when the caller passes none (the built-in roles, models and max_tokens cap);
+the leader passes its configured one."""
 
 
 def validate_llm_payload(spec: tpb.TaskSpec, llm: LlmConfig, where: str = "spec") -> LlmRequest:
