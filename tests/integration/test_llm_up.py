@@ -4,6 +4,7 @@ test's process). No key and no network."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from loadtest.fake_anthropic import FakeAnthropic, FakeConfig
 from registry.etcd_server import free_port
-from tests.integration.test_cluster import agentmesh_cmd, run_command
+from tests.integration.test_cluster import agentmesh_cmd
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +35,29 @@ def up_args(tmp_path: Path, name: str) -> list[str]:
     ]
 
 
+async def run_command(*argv: str, env: dict[str, str], timeout_s: float) -> tuple[int, str, str]:
+    """Run `agentmesh up`; on timeout SIGTERM it first, so it stops the cluster it started
+    (its services run in their own sessions: killing the CLI alone would leave them)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **env},
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        raise AssertionError(f"{' '.join(argv)} did not finish within {timeout_s}s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeAnthropic]:
     server = FakeAnthropic(FakeConfig(latency_ms="fixed:10", output_tokens="fixed:25", seed=2))
@@ -48,7 +72,7 @@ def without_key() -> dict[str, str]:
     return {k: "" for k in os.environ if k.startswith("ANTHROPIC_")}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 async def test_up_without_a_key_runs_the_simulated_backlog_and_says_why_in_one_line(
     tmp_path: Path, etcd_binary: str
 ) -> None:
@@ -69,7 +93,7 @@ async def test_up_without_a_key_runs_the_simulated_backlog_and_says_why_in_one_l
     assert "cost estimate" not in out
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 async def test_up_with_the_llm_executor_estimates_runs_and_prints_the_cost(
     tmp_path: Path, etcd_binary: str, fake: FakeAnthropic
 ) -> None:
