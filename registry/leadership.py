@@ -191,8 +191,11 @@ class Leadership:
                 self.term = None
                 term.ended.set()
                 await _reap(watcher)
-                with contextlib.suppress(RegistryError, asyncio.TimeoutError):
-                    await asyncio.wait_for(term.election.resign(), timeout=1.0)
+                # asyncio.timeout: 3.11's wait_for swallows a cancel that comes as the
+                # resign finishes, and the loop would campaign on after shutdown began
+                with contextlib.suppress(RegistryError, TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await term.election.resign()
             await self._after(started, term.failed)
 
     async def _after(self, started: float, error: BaseException | None) -> None:

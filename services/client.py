@@ -74,6 +74,7 @@ class MeshClient:
             return self._fixed
         from registry.election import current_leader
         from registry.etcd import Etcd
+        from registry.leadership import parse_leader_value
 
         etcd = Etcd(self._etcd_endpoints, prefix=f"/agentmesh/{self._cluster}/", timeout_s=3.0)
         try:
@@ -82,7 +83,7 @@ class MeshClient:
             return ""  # etcd is down: "no leader known", which callers retry
         finally:
             await etcd.close()
-        return found.value.decode().partition(" ")[2] if found else ""
+        return parse_leader_value(found.value)[1] if found else ""
 
     async def stub(self) -> cpb_grpc.CoordinatorStub:
         async with self._lookup:  # concurrent first calls share one lookup and one channel

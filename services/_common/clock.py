@@ -50,8 +50,11 @@ class SystemClock:
 
     async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
         # the event loop keeps this clock's time: its own timers are the cheap way (an
-        # agent runs every task under one)
-        return await asyncio.wait_for(awaitable, timeout_s)
+        # agent runs every task under one). asyncio.timeout, not 3.11's asyncio.wait_for:
+        # that one swallows a cancel that arrives as the work finishes, and a task that
+        # ignores its one cancel keeps a TaskGroup (a shutdown) waiting for ever.
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
 
     def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
         return asyncio.get_running_loop().call_later(delay_s, callback)

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services._common.config import ServiceConfig
+
 
 @dataclass(frozen=True, kw_only=True)
-class CoordinatorConfig:
-    etcd: str = "127.0.0.1:2379"
-    """etcd endpoints, comma-separated host:port."""
-    cluster: str = "default"
-    """Cluster name; every key lives under /agentmesh/<cluster>/."""
+class CoordinatorConfig(ServiceConfig):
+    """The coordinator's settings; the fields every service shares are ServiceConfig's."""
+
     listen: str = "127.0.0.1:50051"
     """Address the gRPC server binds (port 0 picks a free one)."""
-    advertise: str = ""
-    """Address published in etcd for clients and agents (default: the bound listen address)."""
-    node_id: str = ""
-    """Unique id of this replica (default: coordinator-<pid>-<random>)."""
-    lease_ttl_s: int = 2
-    """Session lease TTL. The leader's key dies with it, so failover takes at most this long
-    plus one campaign round trip; 2 s is etcd's minimum with default timings."""
     strategy: str = "least-loaded"
     """Assignment strategy: least-loaded, round-robin, weighted or random."""
     task_kinds: tuple[str, ...] = ("echo", "sleep", "noop", "llm", "fail", "propose")
@@ -44,13 +37,7 @@ class CoordinatorConfig:
     """Longest retry backoff."""
     retention_s: int = 86400
     """Terminal tasks expire from etcd after this long (0: keep forever)."""
-    grace_s: float = 10.0
-    """Shutdown grace period for in-flight RPCs."""
-    etcd_timeout_s: float = 3.0
-    """Deadline of each etcd call."""
     reconcile_interval_s: float = 10.0
     """How often the leader compares the open tasks in etcd with its memory and repairs
     any difference (also at once after every etcd outage). A pass reads keys and
     revisions only: about 100 bytes per open task."""
-    metrics_port: int = 0
-    """Prometheus /metrics port (0: off)."""

@@ -279,6 +279,11 @@ class CoordinatorCore:
         if self.deposed:
             raise self.deposed
 
+    def step_down(self, why: str) -> None:
+        """End this core's term: nothing more is written, and waiters and the
+        dispatcher stop with NotLeaderError."""
+        self._depose(NotLeaderError(why))
+
     def _depose(self, err: NotLeaderError) -> NotLeaderError:
         self.deposed = self.deposed or err
         self.wake.set()

@@ -12,7 +12,6 @@ every record is an absolute total, so writing it twice is harmless.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -52,7 +51,7 @@ async def flush_costs(
 ) -> None:
     """Write changed totals until cancelled or deposed (NotLeaderError ends the loop)."""
     while True:
-        await asyncio.sleep(interval_s)
+        await gate.clock.sleep(interval_s)  # the leader's clock
         await flush_once(etcd, gate, fenced)
 
 

@@ -1,34 +1,30 @@
-"""Coordinator process: serve, campaign, lead one term at a time, shut down cleanly."""
+"""Coordinator process: the Runner, one elected root leader, its term's loops.
+
+The Runner serves the API (with health and reflection), keeps the session and the
+registration, and shuts down in order; `Leadership` campaigns and backs off when terms
+keep failing. A term builds a fresh `CoordinatorCore` on the task store, fenced by the
+term's number, and runs the dispatcher, the claims watch, the health monitor's
+admissions and the reconcile loop until any of them ends or the term does. Standbys
+follow the leader so they can point clients and agents at it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
-import random
-import secrets
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from registry import discovery
-from registry.election import Election, candidates, current_leader, observe
-from registry.etcd import Etcd
-from registry.leadership import BACKOFF_BASE_S, BACKOFF_CAP_S, STABLE_TERM_S
-from registry.lease import KeptLease
+from registry.election import candidates, current_leader, observe
+from registry.errors import RegistryError
+from registry.leadership import Leadership, Term, parse_leader_value
 from services._common import config, telemetry
-from services._common.clock import SystemClock
-from services._common.errors import NotLeaderError, StoreUnavailableError
-from services._common.grpcserver import (
-    NOT_SERVING,
-    SERVING,
-    advertised,
-    bind,
-    build_server,
-    shutdown,
-    stop_event,
-)
+from services._common.clock import Clock, Timer
+from services._common.errors import StoreUnavailableError
+from services._common.runner import Runner
 from services.agent_pool.llm_config import LlmConfig
 from services.coordinator.admission import admissions
 from services.coordinator.config import CoordinatorConfig
@@ -36,48 +32,56 @@ from services.coordinator.core import CoordinatorCore
 from services.coordinator.limits import check_config
 from services.coordinator.llm_admission import LlmGate
 from services.coordinator.llm_costs import flush_costs, load_costs
-from services.coordinator.servicer import (
-    CoordinatorServicer,
-    leader_value,
-    parse_leader_value,
-    split_services,
-)
+from services.coordinator.servicer import CoordinatorServicer, split_services
 from services.coordinator.store import EtcdTaskStore
 from services.coordinator.tasks import QUEUED
 
 log = logging.getLogger(__name__)
 
 SERVICE = cpb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+ROLE = "coordinator"
+FOLLOW_RETRY_S = 0.5
+"""A follower of etcd (the leader, the health records) whose watch broke tries again
+after this long."""
+ADMISSIONS_WAIT_S = 2.0
+"""How long a new term waits for the health monitor's ejections before it dispatches."""
 
 
 class CoordinatorNode:
-    """One coordinator replica. `run()` until `stop` is set."""
+    """One coordinator replica: `await node.run()` until SIGTERM (or `node.runner.stop()`)."""
 
-    def __init__(self, cfg: CoordinatorConfig) -> None:
-        self.cfg = cfg
-        self.node_id = cfg.node_id or f"coordinator-{os.getpid()}-{secrets.token_hex(3)}"
-        self.clock = SystemClock()
-        self.etcd = Etcd(
-            cfg.etcd, prefix=f"/agentmesh/{cfg.cluster}/", timeout_s=cfg.etcd_timeout_s
-        )
+    def __init__(self, cfg: CoordinatorConfig, clock: Clock | None = None) -> None:
         check_config(cfg)
         # the llm section (limits, budgets, prices): a wrong value stops the process here
         self.llm_cfg = config.load(LlmConfig, section="llm")
-        self.servicer = CoordinatorServicer(self.status, cfg)
+        self.cfg = cfg
+        self.runner = Runner(ROLE, cfg, [SERVICE], clock=clock)
+        self.clock = self.runner.clock
+        self.etcd = self.runner.etcd
+        self.servicer = CoordinatorServicer(self.status, cfg, self.clock)
         self.servicer.health_term = self._health_term
-        self.server, self.health = build_server([SERVICE])
-        cpb_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
-        self.port = bind(self.server, cfg.listen)
-        self.endpoint = advertised(cfg.listen, self.port, cfg.advertise)
+        cpb_grpc.add_CoordinatorServicer_to_server(self.servicer, self.runner.server)
+        self.leadership: Leadership | None = None
         self.term = 0
-        self.stop = asyncio.Event()
-        self.failures = 0
-        """Sessions or terms in a row that failed or ended within STABLE_TERM_S."""
-        self._rng = random.Random()
+        self._stopping = False
+
+    @property
+    def node_id(self) -> str:
+        return self.runner.node_id
+
+    @property
+    def endpoint(self) -> str:
+        return self.runner.endpoint
+
+    async def run(self) -> None:
+        leadership = self.leadership = self.runner.leadership()
+        await self.runner.run(
+            lambda: leadership.serve(self._lead), self._follow_leader, drain=self._drain
+        )
 
     async def status(self) -> cpb.ClusterStatus:
-        leader = await current_leader(self.etcd, "coordinator")
-        all_candidates = await candidates(self.etcd, "coordinator")
+        leader = await current_leader(self.etcd, ROLE)
+        all_candidates = await candidates(self.etcd, ROLE)
         services = await discovery.resolve(self.etcd)
         status = cpb.ClusterStatus(
             services=split_services(services), assignment_strategy=self.cfg.strategy
@@ -88,7 +92,7 @@ class CoordinatorNode:
         for cand in all_candidates[1:]:
             node, endpoint = parse_leader_value(cand.value)
             status.standbys.append(
-                cpb.ServiceInstance(kind="coordinator", instance_id=node, endpoint=endpoint)
+                cpb.ServiceInstance(kind=ROLE, instance_id=node, endpoint=endpoint)
             )
         core = self.servicer.core
         if core is not None:
@@ -101,198 +105,58 @@ class CoordinatorNode:
             )
         return status
 
-    async def run(self) -> None:
-        await self.server.start()
-        await self.health.set("", SERVING)
-        await self.health.set(SERVICE, NOT_SERVING)
-        telemetry.start_metrics(self.cfg.metrics_port)
-        log.info("coordinator listening", extra={"endpoint": self.endpoint, "node": self.node_id})
-        terms = asyncio.ensure_future(self._terms())
-        follow = asyncio.ensure_future(self._follow_leader())
-        try:
-            await self.stop.wait()
-        finally:
-            terms.cancel()
-            follow.cancel()
-            for t in (terms, follow):
-                with contextlib.suppress(BaseException):
-                    await t
-            await shutdown(self.server, self.health, self.cfg.grace_s, [self._leave])
-            await self.etcd.close()
+    # ---- one term ----
 
-    async def _leave(self) -> None:
-        self.servicer.end_term("")
-        with contextlib.suppress(Exception):
-            await self._lease.revoke()  # our election key and registration go at once
-
-    async def _follow_leader(self) -> None:
-        """Keep `leader_endpoint` current so a standby can point clients at the leader."""
-        while True:
-            try:
-                async for leader in observe(self.etcd, "coordinator"):
-                    self.servicer.leader_endpoint = (
-                        parse_leader_value(leader.value)[1] if leader else ""
-                    )
-            except StoreUnavailableError:
-                await asyncio.sleep(0.5)
-
-    async def _terms(self) -> None:
-        """Campaign, lead until the term ends, campaign again: forever. Sessions that
-        keep failing back off (see `_after`) instead of churning terms."""
-        self._lease = KeptLease(self.etcd, self.cfg.lease_ttl_s, self.clock)
-        while True:
-            started = self.clock.monotonic()
-            error: BaseException | None = None
-            try:
-                await self._one_session()
-            except (StoreUnavailableError, NotLeaderError) as err:
-                error = err
-                log.warning("session ended; starting a new one", extra={"error": str(err)})
-            except Exception as err:  # a bug must not leave a replica that never campaigns again
-                error = err
-                log.exception("session failed; starting a new one")
-            await self._after(started, error)
-
-    async def _stable_after(self, seconds: float) -> None:
-        await self.clock.sleep(seconds)
-        if self.failures:
-            self.failures = 0
-            log.info("this coordinator is healthy again")
-            await self.health.set("", SERVING)
-
-    async def _after(self, started: float, error: BaseException | None) -> None:
-        """After a session or a term: one that failed, or ended within STABLE_TERM_S,
-        counts as a failure. From the third in a row on, the replica says so (NOT_SERVING
-        for the Coordinator service and overall: it serves nothing useful) and logs an
-        error; each failure waits longer (jittered, doubling, capped) before campaigning
-        again, so a load that cannot finish does not churn terms."""
-        if error is None and self.clock.monotonic() - started >= STABLE_TERM_S:
-            if self.failures:
-                self.failures = 0
-                await self.health.set("", SERVING)
-            return
-        self.failures += 1
-        ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self.failures - 1))
-        delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
-        if self.failures >= 3:
-            await self.health.set("", NOT_SERVING)
-            await self.health.set(SERVICE, NOT_SERVING)
-            if self.failures == 3 or self.failures % 10 == 0:
-                log.error(
-                    "this coordinator keeps failing to lead; backing off",
-                    extra={
-                        "failures": self.failures,
-                        "error": repr(error) if error else "term ended within seconds",
-                        "retry_in_s": round(delay, 2),
-                    },
-                )
-        await self.clock.sleep(delay)
-
-    async def _one_session(self) -> None:
-        lease = self._lease
-        await lease.grant()
-        instance = discovery.Instance("coordinator", self.node_id, self.endpoint)
-        await discovery.register(self.etcd, lease.id, instance)
-        keeper = asyncio.ensure_future(lease.keep_alive())
-        try:
-            while not lease.lost.is_set():
-                # a replica that stays up this long (standby or leader) is healthy again
-                stable = asyncio.ensure_future(self._stable_after(STABLE_TERM_S))
-                try:
-                    election = Election(
-                        self.etcd,
-                        "coordinator",
-                        lease.id,
-                        leader_value(self.node_id, self.endpoint),
-                    )
-                    campaign = asyncio.ensure_future(election.campaign())
-                    lost = asyncio.ensure_future(lease.lost.wait())
-                    try:
-                        await asyncio.wait({campaign, lost}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        # Reaped whatever happens, shutdown included: a campaign left
-                        # running fails with NotLeaderError once the lease is revoked, and
-                        # asyncio logs "Task exception was never retrieved".
-                        await _reap(lost, *(() if campaign.done() else (campaign,)))
-                    if campaign.cancelled():
-                        return  # the lease was lost before the campaign won
-                    term = campaign.result()
-                    started = self.clock.monotonic()
-                    await self._lead(election, term)  # an error here ends the session instead
-                finally:
-                    stable.cancel()
-                if not lease.lost.is_set():  # else the session ends, and _terms counts it
-                    await self._after(started, None)
-        finally:
-            keeper.cancel()
-            with contextlib.suppress(BaseException):
-                await keeper
-            with contextlib.suppress(Exception):
-                await lease.revoke()
-
-    async def _lead(self, election: Election, term: int) -> None:
+    async def _lead(self, term: Term) -> None:
+        """Lead until a job of the term ends; Leadership cancels this when the term does."""
+        if self._stopping:
+            await asyncio.Event().wait()  # won again while shutting down: hold, lead nothing
         cfg = self.cfg
-        store = EtcdTaskStore(self.etcd, election, self.clock, cfg.retention_s)
-        core = CoordinatorCore(store, self.clock, cfg, term=term, node_id=self.node_id)
+        store = EtcdTaskStore(self.etcd, term.election, self.clock, cfg.retention_s)
+        core = CoordinatorCore(store, self.clock, cfg, term=term.number, node_id=self.node_id)
         core.subscribers = self.servicer.hub.subscribers
         core.on_progress = self.servicer.hub.progress
         core.llm = LlmGate(self.llm_cfg, self.clock)
         counter = telemetry.watch_core(core)
         started = self.clock.monotonic()
-        records, claims, revision = await store.load()
-        core.llm.load(await load_costs(self.etcd))
-        orphans = core.load(records, claims)
-        self.term = term
-        self.servicer.core = core
-        self.servicer.leader_endpoint = self.endpoint
-        await self.health.set(SERVICE, SERVING)
-        await self.health.set("", SERVING)  # serving again, even if recent terms failed
-        telemetry.IS_LEADER.set(1)
-        log.info(
-            "elected root coordinator",
-            extra={
-                "term": term,
-                "active_tasks": len(core.active),
-                "orphaned_claims": len(orphans),
-                "load_ms": round((self.clock.monotonic() - started) * 1000, 1),
-            },
-        )
-        core.requeue_orphans(orphans)
-        # the health monitor's ejections apply before the first dispatch (if etcd is
-        # slow, dispatch starts anyway and they apply as soon as they are read)
-        admitted = asyncio.Event()
-        follow_health = asyncio.ensure_future(self._follow_admissions(core, admitted))
+        jobs: list[asyncio.Task[None]] = []
+        expiry: Timer | None = None
         try:
-            await asyncio.wait_for(admitted.wait(), 2.0)
-        except TimeoutError:
-            pass
-        except BaseException:
-            follow_health.cancel()
-            raise
-        # agents reconnect within a second or two; what none reclaimed by then is requeued
-        expiry = asyncio.get_running_loop().call_later(
-            2 * cfg.lease_ttl_s + 1, core.expire_awaiting
-        )
-        jobs = [
-            asyncio.ensure_future(core.run()),
-            asyncio.ensure_future(self._watch_claims(core, store, revision + 1)),
-            asyncio.ensure_future(election.wait_lost()),
-            asyncio.ensure_future(self._lease.lost.wait()),
-            follow_health,
-            asyncio.ensure_future(core.reconcile_loop()),
-            asyncio.ensure_future(flush_costs(self.etcd, core.llm, election.fenced_request)),
-        ]
-        try:
-            done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
-            names = (
-                "dispatch",
-                "claims watch",
-                "election key watch",
-                "lease",
-                "health records",
-                "reconcile",
-                "llm costs",
+            records, claims, revision = await store.load()
+            orphans = core.load(records, claims)
+            core.llm.load(await load_costs(self.etcd))  # budgets survive a leader change
+            self.term = term.number
+            self.servicer.core = core
+            self.servicer.leader_endpoint = self.endpoint
+            await self.runner.serving(True)
+            telemetry.IS_LEADER.set(1)
+            log.info(
+                "elected root coordinator",
+                extra={
+                    "term": term.number,
+                    "active_tasks": len(core.active),
+                    "orphaned_claims": len(orphans),
+                    "load_ms": round((self.clock.monotonic() - started) * 1000, 1),
+                },
             )
+            core.requeue_orphans(orphans)
+            # the health monitor's ejections apply before the first dispatch (if etcd is
+            # slow, dispatch starts anyway and they apply as soon as they are read)
+            admitted = asyncio.Event()
+            jobs.append(asyncio.ensure_future(self._follow_admissions(core, admitted)))
+            with contextlib.suppress(TimeoutError):
+                await self.clock.wait_for(admitted.wait(), ADMISSIONS_WAIT_S)
+            # agents reconnect within a second or two; what none reclaimed by then is requeued
+            expiry = self.clock.call_later(2 * cfg.lease_ttl_s + 1, core.expire_awaiting)
+            named: dict[str, Callable[[], Awaitable[None]]] = {
+                "dispatch": core.run,
+                "claims watch": lambda: self._watch_claims(core, store, revision + 1),
+                "reconcile": core.reconcile_loop,
+                "llm costs": lambda: flush_costs(self.etcd, core.llm, term.fenced),
+            }
+            jobs.extend(asyncio.ensure_future(job()) for job in named.values())
+            names = ["health records", *named]
+            done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
             for job in done:
                 why = (
                     "finished"
@@ -300,15 +164,17 @@ class CoordinatorNode:
                     else repr(job.exception())
                 )
                 log.warning(
-                    "term ended", extra={"term": term, "by": names[jobs.index(job)], "why": why}
+                    "term ended",
+                    extra={"term": term.number, "by": names[jobs.index(job)], "why": why},
                 )
         finally:
-            log.info("stepping down", extra={"term": term})
-            await self.health.set(SERVICE, NOT_SERVING)
+            log.info("stepping down", extra={"term": term.number})
+            await self.runner.serving(False)
             telemetry.IS_LEADER.set(0)
-            core.deposed = core.deposed or NotLeaderError("term ended")
+            core.step_down("term ended")
             core.subscribers.discard(counter)
-            expiry.cancel()
+            if expiry is not None:
+                expiry.cancel()
             self.servicer.end_term("")
             if self.servicer.leader_endpoint == self.endpoint:
                 self.servicer.leader_endpoint = ""  # no longer us; the observer fills it in
@@ -317,22 +183,55 @@ class CoordinatorNode:
             await asyncio.gather(*jobs, return_exceptions=True)
             await core.close()
             self.term = 0
-            with contextlib.suppress(Exception):
-                await election.resign()
+
+    async def _drain(self) -> None:
+        """On SIGTERM, before the server stops: step down first, so the streams that
+        close now requeue nothing (their agents keep their claims and take them to the
+        next leader), then resign, so a standby is elected without waiting for grace."""
+        self._stopping = True
+        core = self.servicer.core
+        if core is not None:
+            core.step_down("this coordinator is shutting down")
+        self.servicer.end_term("")
+        term = self.leadership.term if self.leadership is not None else None
+        if term is not None:
+            with contextlib.suppress(RegistryError, TimeoutError):
+                await self.clock.wait_for(term.election.resign(), 1.0)
+
+    # ---- following etcd ----
+
+    async def _follow(self, follow: Callable[[], Awaitable[None]]) -> None:
+        """Run a follower of etcd for good: a broken watch is started again."""
+        while True:
+            try:
+                await follow()
+            except StoreUnavailableError:
+                await self.clock.sleep(FOLLOW_RETRY_S)
+
+    async def _follow_leader(self) -> None:
+        """Keep `leader_endpoint` current so a standby can point clients at the leader."""
+
+        async def go() -> None:
+            async for leader in observe(self.etcd, ROLE):
+                self.servicer.leader_endpoint = (
+                    parse_leader_value(leader.value)[1] if leader else ""
+                )
+
+        await self._follow(go)
 
     async def _follow_admissions(self, core: CoordinatorCore, ready: asyncio.Event) -> None:
         """Keep the core's admissions equal to the health monitor's records."""
-        while True:
-            try:
-                async for snapshot, limits in admissions(self.etcd):
-                    if snapshot:
-                        for agent_id in set(core.admission) - set(limits):
-                            core.admit(agent_id, -1)
-                    for agent_id, limit in limits.items():
-                        core.admit(agent_id, limit)
-                    ready.set()
-            except StoreUnavailableError:
-                await asyncio.sleep(0.5)
+
+        async def go() -> None:
+            async for snapshot, limits in admissions(self.etcd):
+                if snapshot:
+                    for agent_id in set(core.admission) - set(limits):
+                        core.admit(agent_id, -1)
+                for agent_id, limit in limits.items():
+                    core.admit(agent_id, limit)
+                ready.set()
+
+        await self._follow(go)
 
     async def _health_term(self) -> int:
         """The active health monitor's term now (0: none), read from etcd."""
@@ -346,22 +245,5 @@ class CoordinatorNode:
             core.claim_lost(task_id, token)
 
 
-async def _reap(*tasks: asyncio.Future[Any]) -> None:
-    """Cancel `tasks`, wait until they are done and retrieve their exceptions."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.wait(tasks)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()
-
-
 async def serve(cfg: CoordinatorConfig) -> None:
-    node = CoordinatorNode(cfg)
-    stop = stop_event()
-    runner = asyncio.ensure_future(node.run())
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    node.stop.set()
-    await runner
+    await CoordinatorNode(cfg).run()

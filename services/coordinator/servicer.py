@@ -14,6 +14,7 @@ import grpc
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
+from services._common.clock import Clock, SystemClock, Timer
 from services._common.errors import (
     DomainError,
     FailedPreconditionError,
@@ -22,7 +23,7 @@ from services._common.errors import (
     ResourceExhaustedError,
     StoreUnavailableError,
 )
-from services._common.grpcserver import abort, rpc_errors
+from services._common.grpcserver import rpc_errors
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
@@ -89,8 +90,9 @@ class Hub:
     the watchers are `subscriptions`, at most `max_watchers` at once.
     """
 
-    def __init__(self, cfg: CoordinatorConfig | None = None) -> None:
+    def __init__(self, cfg: CoordinatorConfig | None = None, clock: Clock | None = None) -> None:
         self.cfg = cfg or CoordinatorConfig()
+        self.clock: Clock = clock or SystemClock()
         self.subscribers: set[Callable[[tpb.Task, int], None]] = {self.publish}
         self.subscriptions: set[Subscription] = set()
         self.watchers = 0
@@ -144,7 +146,7 @@ class Subscription:
         self.ready = asyncio.Event()
         self.overflow = False
         self._handler = asyncio.current_task()
-        self._cancel: asyncio.TimerHandle | None = None
+        self._cancel: Timer | None = None
 
     def offer(self, published: _Published) -> None:
         if self.overflow or not self.accept(published.task):
@@ -170,7 +172,7 @@ class Subscription:
         self.hub.subscriptions.discard(self)
         handler = self._handler
         if handler is not None:
-            self._cancel = asyncio.get_running_loop().call_later(OVERFLOW_GRACE_S, handler.cancel)
+            self._cancel = self.hub.clock.call_later(OVERFLOW_GRACE_S, handler.cancel)
 
     def __enter__(self) -> Subscription:
         self.hub.watchers += 1
@@ -215,11 +217,17 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
 
     Every request is checked against limits.py before it reaches the core."""
 
-    def __init__(self, status: Callable[[], Any], cfg: CoordinatorConfig | None = None) -> None:
+    def __init__(
+        self,
+        status: Callable[[], Any],
+        cfg: CoordinatorConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.cfg = cfg or CoordinatorConfig()
+        self.clock: Clock = clock or SystemClock()
         self.core: CoordinatorCore | None = None
         self.leader_endpoint = ""
-        self.hub = Hub(self.cfg)
+        self.hub = Hub(self.cfg, self.clock)
         self._status = status
         self.health_term: Callable[[], Awaitable[int]] | None = None
         """The active health monitor's term now (ReleaseClaims checks the caller's)."""
@@ -285,9 +293,8 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         used = 0
         # the page ends after the last record looked at, whether it matched or not
         consumed = cursor = request.page_token
-        store = core.store
         for _ in range(LIST_MAX_READS):
-            tasks, last = await store.page(cursor, limits.LIST_READ_RECORDS)  # type: ignore[attr-defined]
+            tasks, last = await core.store.page(cursor, limits.LIST_READ_RECORDS)
             for task in tasks:
                 live = core.active.get(task.task_id)
                 shared = live is not None
@@ -389,6 +396,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             skipped=[cpb.ClaimRef(task_id=t, claim_token=c) for t, c in skipped],
         )
 
+    @rpc_errors
     async def Connect(
         self, request_iterator: AsyncIterator[cpb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> None:
@@ -396,18 +404,17 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         not hold up the agent's next message; the stream's end requeues its claims."""
         try:
             core = self._core()
-            first = await anext(request_iterator, None)
-            if first is None or not first.HasField("hello"):
-                raise InvalidArgumentError("the first message on Connect must be hello")
-        except DomainError as err:
-            if isinstance(err, NotLeaderError) and self.leader_endpoint:
+        except NotLeaderError:
+            if self.leader_endpoint:  # an agent follows a redirect without a new lookup
                 await context.write(
                     cpb.CoordinatorMessage(
                         redirect=cpb.Redirect(leader_endpoint=self.leader_endpoint)
                     )
                 )
-            await abort(context, err)
-            return
+            raise
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("hello"):
+            raise InvalidArgumentError("the first message on Connect must be hello")
         outbox: asyncio.Queue[cpb.CoordinatorMessage | None] = asyncio.Queue()
         overflow = asyncio.Event()
 
@@ -429,12 +436,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                             return
                         await context.write(msg)
 
-        hello = first.hello
-        try:
-            agent = core.connect(hello, send)
-        except DomainError as err:
-            await abort(context, err)
-            return
+        agent = core.connect(first.hello, send)
         agent_id = agent.agent_id
         max_result = self.cfg.max_result_bytes
 
@@ -532,14 +534,15 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             raise asyncio.CancelledError
         # the call's status cannot go out while a write is pending (grpc refuses the batch
         # and the caller never hears back): let the writer finish, within a bound
-        done, _ = await asyncio.wait({write_task}, timeout=WRITER_DRAIN_S)
-        if not done:
+        try:
+            await self.clock.wait_for(asyncio.wait({write_task}), WRITER_DRAIN_S)
+        except TimeoutError:
             write_task.cancel()
-            raise asyncio.CancelledError
+            raise asyncio.CancelledError from None
         if read_task.done() and not read_task.cancelled():
             failure = read_task.exception()
             if isinstance(failure, DomainError):
-                raise failure  # an undecodable message: the interceptor answers it
+                raise failure  # an undecodable message: answered through the error table
 
     def end_term(self, redirect_to: str) -> None:
         """Tell every agent of the ended term where to go, and close the watchers."""
@@ -578,15 +581,6 @@ def _fold_acks(
     carrier = acks[0]
     carrier.acks.extend(m.ack for m in acks[1:])
     return [carrier, *rest]
-
-
-def leader_value(node_id: str, endpoint: str) -> bytes:
-    return f"{node_id} {endpoint}".encode()
-
-
-def parse_leader_value(raw: bytes) -> tuple[str, str]:
-    node, _, endpoint = raw.decode().partition(" ")
-    return node, endpoint
 
 
 def split_services(instances: Sequence[Any]) -> list[cpb.ServiceInstance]:

@@ -55,7 +55,7 @@ async def running_coordinator(etcd_endpoint: str, **cfg: Any) -> AsyncIterator[C
                 await asyncio.sleep(0.01)
         yield node
     finally:
-        node.stop.set()
+        node.runner.stop()
         await within(runner, 30)
 
 
@@ -513,16 +513,16 @@ async def test_replicas_stop_without_a_lost_task_exception(
             stand = asyncio.ensure_future(standby.run())
             while len(await candidates(etcd, "coordinator")) < 2:
                 await asyncio.sleep(0.01)
-            standby.stop.set()
+            standby.runner.stop()
             while len(await candidates(etcd, "coordinator")) > 1:  # its lease is revoked
                 await asyncio.sleep(0.01)
-            leader.stop.set()
+            leader.runner.stop()
             await lead
             await asyncio.sleep(0.3)  # a campaign still running sees its predecessor go
     finally:
         closing.set()
-        leader.stop.set()
-        standby.stop.set()
+        leader.runner.stop()
+        standby.runner.stop()
         await within(asyncio.gather(lead, *(() if stand is None else (stand,))), 30)
         await etcd.close()
     for _ in range(3):

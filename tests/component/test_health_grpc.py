@@ -121,7 +121,7 @@ async def make_mesh(etcd_server: EtcdServer) -> AsyncIterator[MeshFactory]:
             for i in range(2)
         ]
         await stack.enter_async_context(
-            running(coordinator.run, coordinator.stop.set, lambda: coordinator.servicer.core)
+            running(coordinator.run, coordinator.runner.stop, lambda: coordinator.servicer.core)
         )
         for m in monitors:
             await stack.enter_async_context(running(m.run, m.runner.stop, lambda: True))

@@ -131,7 +131,7 @@ class Servers:
             self.ready.set()
             await self._stop.wait()
         finally:
-            coordinator.stop.set()
+            coordinator.runner.stop()
             pool.runner.stop()
             await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 30)
 

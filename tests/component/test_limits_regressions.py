@@ -67,7 +67,7 @@ async def running(node: Any, ready: Any, stop: Any = None) -> AsyncIterator[None
                 await asyncio.sleep(0.01)
         yield
     finally:
-        (stop or node.stop.set)()
+        (stop or node.runner.stop)()
         await within(runner, 30)
 
 

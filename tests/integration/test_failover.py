@@ -35,10 +35,10 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.election import Leader, candidates, current_leader
 from registry.etcd import Etcd
 from registry.etcd_server import free_port
+from registry.leadership import parse_leader_value
 from services._common.errors import LEADER_METADATA_KEY, StoreUnavailableError
 from services.client import MeshClient
 from services.cluster import LocalCluster
-from services.coordinator.servicer import parse_leader_value
 
 pytestmark = pytest.mark.integration
 

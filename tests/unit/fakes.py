@@ -164,6 +164,15 @@ class MemoryStore:
             raise StoreUnavailableError("etcd is unreachable (injected outage)")
         return self.revision_now
 
+    async def page(self, start_after: str, limit: int) -> tuple[list[tpb.Task], str]:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.down:
+            raise StoreUnavailableError("etcd is unreachable (injected outage)")
+        ids = sorted(t for t in self.records if t > start_after)
+        tasks = [_decode(*self.records[t]) for t in ids[:limit]]
+        return tasks, ids[limit - 1] if len(ids) > limit else ""
+
     # ---- applying ----
 
     _applied: list[Committed] | None = None

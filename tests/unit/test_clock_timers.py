@@ -92,3 +92,17 @@ async def test_the_system_clock_has_the_same_timers() -> None:
     fired = asyncio.Event()
     clock.call_later(0.01, fired.set)
     await asyncio.wait_for(fired.wait(), 1)
+
+
+async def test_system_wait_for_never_swallows_a_cancel_that_meets_the_result() -> None:
+    # asyncio.wait_for (3.11) returns the result when its task is cancelled in the same
+    # loop pass as the work finishes: the task goes on as if never cancelled, and a
+    # TaskGroup shutting down waits for it for ever
+    clock = SystemClock()
+    work: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.ensure_future(clock.wait_for(work, 10.0))
+    await asyncio.sleep(0)  # it waits on the work now
+    work.set_result("ok")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
