@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import procs
+from loadtest.cpu import SAMPLE_INTERVAL_S, CpuSampler
 from loadtest.metrics import RunMetrics
 from loadtest.result import RunResult
 from loadtest.workload import (
@@ -330,8 +331,12 @@ def run_celery(
         worker.start()
         if schedule is None and not workload.closed_loop:
             schedule = RateSchedule(workload.rate_per_s)
+        live = {"celery-worker": worker.proc, "redis": redis_server.proc}
+        sampler = CpuSampler(
+            lambda: {name: p.pid for name, p in live.items() if p is not None and p.poll() is None}
+        )
         result = _drive(
-            workload, redis_server.url, worker, run_id, config, progress, stop, schedule
+            workload, redis_server.url, worker, run_id, config, progress, stop, schedule, sampler
         )
         result.scenario = scenario
         if isinstance(schedule, BurstSchedule):
@@ -357,6 +362,7 @@ def _drive(
     progress: ProgressSink | None,
     stop: threading.Event,
     schedule: Schedule | None,
+    sampler: CpuSampler,
 ) -> RunResult:
     from celery import Celery
 
@@ -396,6 +402,8 @@ def _drive(
 
         start = time.monotonic()
         metrics.throughput.start_s = start
+        sampler.sample()
+        sampled = start
         submitter = _Submitter(
             client, task_name, args, workload, run_id, book, slots, schedule, start
         )
@@ -405,6 +413,9 @@ def _drive(
         while True:
             time.sleep(PROGRESS_INTERVAL_S)
             now = time.monotonic()
+            if now - sampled >= SAMPLE_INTERVAL_S:
+                sampler.sample()
+                sampled = now
             if listener.error is not None:
                 raise PeerError(f"result listener failed: {listener.error!r}") from listener.error
             if submitter.error is not None:
@@ -425,6 +436,7 @@ def _drive(
                     f"celery worker died; its log ends with:\n{procs.tail(worker.log_path)}"
                 )
         end = time.monotonic()
+        sampler.sample()
         if submitter.late:
             metrics.counters.inc("late_submits", submitter.late)
     finally:
@@ -434,9 +446,11 @@ def _drive(
         listener.stopping.set()
         listener.join(5.0)
 
-    return _finish(
+    result = _finish(
         workload, redis_url, worker.queue, book, metrics, run_id, end - start, worker_ready_s
     )
+    result.cpu = sampler.summary(completed=result.completed, window_s=end - start)
+    return result
 
 
 class _Submitter(threading.Thread):
@@ -518,7 +532,7 @@ def _snapshot(book: _Book, metrics: RunMetrics, phase: str, elapsed: float) -> P
             inflight=book.acknowledged - done,
             errors=metrics.counters["errors"],
             rate_last_s=float(recent),
-            dispatch_p99_ms=metrics.latency("dispatch").percentile_ms(99.0),
+            submit_to_receive_p99_ms=metrics.latency("submit_to_receive").percentile_ms(99.0),
         )
     return snap
 

@@ -97,6 +97,13 @@ async def local_cluster(
                 if proc.poll() is None
             }
 
+        def pids() -> dict[str, int]:
+            live = {name: proc.pid for name, proc in cluster.procs.items() if proc.poll() is None}
+            etcd = cluster.etcd.proc
+            if etcd is not None and etcd.poll() is None:
+                live["etcd"] = etcd.pid
+            return live
+
         def rss() -> dict[str, int]:
             return {
                 name: read_rss_bytes(proc.pid)
@@ -115,6 +122,7 @@ async def local_cluster(
             start_etcd=start_etcd,
             process_rss=rss,
             process_cpu=cpu,
+            process_pids=pids,
             description=(
                 f"local cluster: etcd, {coordinators} coordinator(s), "
                 f"{health_monitors} health monitor(s), {pools} agent pool(s), "

@@ -19,10 +19,18 @@ from typing import Any
 
 from loadtest.audit import audit
 from loadtest.client import CoordinatorClient, RpcFailed
+from loadtest.cpu import SAMPLE_INTERVAL_S, CpuSampler, not_measured
 from loadtest.metrics import RunMetrics
 from loadtest.result import Marker, RunResult
 from loadtest.submit import Submitter
-from loadtest.tracker import POLL_CONCURRENCY, Clock, Reassignment, Record, Tracker
+from loadtest.tracker import (
+    POLL_CONCURRENCY,
+    Clock,
+    Reassignment,
+    Record,
+    Tracker,
+    split_summary,
+)
 from loadtest.workload import (
     BurstSchedule,
     ProgressSink,
@@ -67,6 +75,8 @@ class Driver:
         watch_all_states: watch every state change, not only terminal ones (needed to see
             reassignments; costs about four events per task instead of one).
         actions: scenario steps at fixed times (fault injection).
+        cpu: samples the server processes' CPU over the measured window (None: the
+            harness cannot see them, and the report says "not measured").
     """
 
     def __init__(
@@ -81,8 +91,10 @@ class Driver:
         actions: Iterable[Action] = (),
         clock: Clock | None = None,
         progress: ProgressSink | None = None,
+        cpu: CpuSampler | None = None,
     ) -> None:
         self.client = client
+        self.cpu = cpu
         self.w = workload
         self.run_id = run_id
         self.scenario = scenario
@@ -170,7 +182,7 @@ class Driver:
             inflight=len(self.tracker.inflight),
             errors=self.counters["errors"],
             rate_last_s=float(self.tracker.recent(1.0)),
-            dispatch_p99_ms=self.metrics.latency("dispatch").percentile_ms(99.0),
+            submit_to_receive_p99_ms=self.metrics.latency("submit_to_receive").percentile_ms(99.0),
         )
 
     def describe(self) -> str:
@@ -200,12 +212,17 @@ class Driver:
                     await self.submitter.warmup()
                     self._start = self.clock.monotonic()
                     self.metrics.throughput.start_s = self._start
+                    if self.cpu is not None:
+                        self.cpu.sample()
+                        background.append(tg.create_task(self._cpu_loop(), name="cpu"))
                     self.phase = "submitting"
                     background.append(tg.create_task(self._run_actions(), name="actions"))
                     await self.submitter.run(tg, self._start)
                     self.phase = "draining"
                     await self._drain()
                     end = self.clock.monotonic()
+                    if self.cpu is not None:
+                        self.cpu.sample()
                 finally:
                     for t in background:
                         t.cancel()
@@ -248,6 +265,13 @@ class Driver:
                 continue
             if info:
                 self.extra.setdefault("actions", []).append({"label": action.label, **info})
+
+    async def _cpu_loop(self) -> None:
+        # a process killed during the window still counts up to its last sample
+        assert self.cpu is not None
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+            self.cpu.sample()
 
     async def _progress_loop(self) -> None:
         assert self.progress is not None
@@ -312,6 +336,8 @@ class Driver:
         if self.submitter.late:
             self.counters.inc("late_submits", self.submitter.late)
         self.extra.update(self.tracker.reassignment_figures())
+        if self.tracker.hops:
+            self.extra["latency_split"] = split_summary(self.tracker.hops)
         if self.submitter.stopped.is_set():
             self.notes.append(f"stopped early (Ctrl-C) after {duration_s:.1f} s of submitting")
         if verdict.unfinished:
@@ -337,5 +363,10 @@ class Driver:
             duplicated=verdict.duplicated,
             markers=list(self.markers),
             notes=[self.describe(), *self.notes],
+            cpu=(
+                self.cpu.summary(completed=self.tracker.completed, window_s=duration_s)
+                if self.cpu is not None
+                else not_measured("the harness did not start this cluster's processes")
+            ),
             extra={"run_id": self.run_id, **self.extra},
         )

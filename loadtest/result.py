@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from loadtest.cpu import not_measured
 from loadtest.metrics import RunMetrics
 
 SCHEMA = "agentmesh.loadtest/1"
@@ -58,6 +59,9 @@ class RunResult:
     """Ids completed more than once (two terminal records under different claims)."""
     markers: list[Marker] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cpu: dict[str, Any] = field(default_factory=dict)
+    """CPU per task per process role over the measured window (`loadtest.cpu.summarise`);
+    empty or `measured: False` when the harness could not see the server processes."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Scenario-specific figures (spawn times, recovery times, memory per agent)."""
 
@@ -131,6 +135,7 @@ def run_to_doc(result: RunResult, *, simulated: bool) -> dict[str, Any]:
             "total": tp.total,
         },
         "latencies": latencies,
+        "cpu": result.cpu or not_measured("not sampled"),
         "counters": m.counters.as_dict(),
         "samples": {k: [round(v, 6) for v in vs] for k, vs in m.samples.items()},
         "markers": [{"t_s": round(mk.t_s, 3), "label": mk.label} for mk in result.markers],
@@ -156,7 +161,12 @@ def compare(base: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
     ratios["throughput_mean"] = _ratio(
         base["throughput"]["mean_per_s"], peer["throughput"]["mean_per_s"]
     )
-    for name in ("dispatch", "submit_to_receive", "end_to_end"):
+    bc, pc = base.get("cpu") or {}, peer.get("cpu") or {}
+    if bc.get("measured") and pc.get("measured"):
+        # CPU is a cost: how many times less CPU per task base's servers spend
+        b_ms, p_ms = bc["servers"]["ms_per_task"], pc["servers"]["ms_per_task"]
+        ratios["cpu_per_task_servers"] = _ratio(p_ms or 0.0, b_ms or 0.0)
+    for name in ("submit_to_receive", "dispatch", "end_to_end"):
         b, p = base["latencies"].get(name), peer["latencies"].get(name)
         if not b or not p:
             continue

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 
 from loadtest.client import CHANNEL_OPTIONS, CoordinatorClient, RpcFailed
+from loadtest.cpu import CpuSampler
 from loadtest.driver import Action, Driver
 from loadtest.metrics import LatencyRecorder
 from loadtest.result import RunResult
@@ -678,6 +679,7 @@ async def run_agentmesh(
             watch_all_states=watch_all,
             actions=actions,
             progress=progress,
+            cpu=CpuSampler(target.process_pids) if target.process_pids is not None else None,
         )
         # the client's counters are the run's from here on
         if stopper is not None:

@@ -9,10 +9,14 @@ any cluster, local processes or containers, can be wired to it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from loadtest import cpu
+from loadtest.cpu import cpu_seconds_from_stat
+
+__all__ = ["Target", "TargetError", "cpu_seconds_from_stat", "read_cpu_seconds", "read_rss_bytes"]
 
 KillFn = Callable[[str], Awaitable[None]]
 """instance id → returns once that process is dead (SIGKILL: no goodbye, no drain)."""
@@ -24,6 +28,8 @@ RssFn = Callable[[], Mapping[str, int]]
 CpuFn = Callable[[], Mapping[str, float]]
 """CPU seconds (user + system) each process has used so far, per process name."""
 EtcdFn = Callable[[], Awaitable[None]]
+PidsFn = Callable[[], Mapping[str, int]]
+"""Process name → pid of each server process alive now (etcd, coordinator-1, pool-2 ...)."""
 
 
 class TargetError(RuntimeError):
@@ -62,6 +68,9 @@ class Target:
     """Memory per process, for memory per agent (optional)."""
     process_cpu: CpuFn | None = None
     """CPU used so far per process (etcd-kill: the coordinator's CPU during outages)."""
+    process_pids: PidsFn | None = None
+    """The server processes' pids, for CPU per task (None: a cluster the harness did not
+    start, whose processes it cannot see: the report says "not measured")."""
     description: str = ""
     """How this cluster was started, for the report."""
     info: dict[str, Any] = field(default_factory=dict)
@@ -92,20 +101,6 @@ def read_rss_bytes(pid: int) -> int:
     return 0
 
 
-def cpu_seconds_from_stat(stat: str, ticks_per_s: float) -> float:
-    """utime + stime, in seconds, from the text of /proc/<pid>/stat.
-
-    The command name (field 2) may hold spaces and parentheses, so fields are counted
-    from its closing parenthesis: field 3 (state) comes first, utime is field 14 and
-    stime field 15."""
-    rest = stat[stat.rindex(")") + 2 :].split()
-    return (int(rest[11]) + int(rest[12])) / ticks_per_s
-
-
 def read_cpu_seconds(pid: int) -> float:
     """CPU seconds a live process has used (0 when it is gone or /proc is missing)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return cpu_seconds_from_stat(fh.read(), os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    return cpu.read_cpu_seconds(pid) or 0.0

@@ -25,7 +25,9 @@ def evaluate(runs: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[st
     rate = float(params.get("rate", 0) or 0)
     noop = params.get("executor") == "noop"
     agents = int(params.get("agents", 0) or 0)
-    disp = am["latencies"].get("dispatch")
+    # dispatch is judged on submit sent → assignment received: "acknowledged → received"
+    # is ≤ 0 on the submit fast path and would flatter the tail
+    disp = am["latencies"].get("submit_to_receive")
 
     if scenario == "steady" and rate == 0 and noop:
         tp = am["throughput"]["steady_per_s"]
@@ -51,7 +53,7 @@ def evaluate(runs: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[st
     if scenario == "steady" and disp and abs(rate - LIGHT_LOAD_RATE) < 1e-6:
         out.append(
             {
-                "name": "dispatch latency at light load (100 tasks/s)",
+                "name": "dispatch (submit sent → received) at light load (100 tasks/s)",
                 "goal": "P99 ≤ 2 ms",
                 "measured": f"P99 {disp['p99_ms']:.3f} ms",
                 "met": disp["p99_ms"] <= 2.0,
@@ -60,7 +62,7 @@ def evaluate(runs: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[st
     if scenario == "steady" and disp and rate > 0 and params.get("half_of_peak"):
         out.append(
             {
-                "name": "dispatch latency at half of peak load",
+                "name": "dispatch (submit sent → received) at half of peak load",
                 "goal": "P99 ≤ 10 ms",
                 "measured": f"P99 {disp['p99_ms']:.3f} ms at {rate:g}/s",
                 "met": disp["p99_ms"] <= 10.0,

@@ -13,7 +13,9 @@ stalls the closed loop. Measurements taken here:
 - end to end: the client's monotonic clock from just before the submit RPC to
   the terminal event's arrival;
 - throughput: terminal events per 1 s bucket;
-- reassign: a killed agent's task, from the kill to its next claim.
+- reassign: a killed agent's task, from the kill to its next claim;
+- the latency split (`HOPS`): where one task's end-to-end time goes, from the
+  timestamps the task record carries (all wall clocks of one host).
 """
 
 from __future__ import annotations
@@ -36,6 +38,49 @@ POLL_CONCURRENCY = 32
 """GetTask calls in flight at once when re-reading tasks."""
 RESYNC_AFTER_S = (0.05, 0.5, 1.5)
 """After the event stream reopens: when to re-read every task in flight."""
+
+
+HOPS = (
+    ("submit_in", "submit sent → coordinator's Submit handler (created_at)"),
+    ("queued", "created → claim decided (assigned_at; 0 on the submit fast path)"),
+    ("claim_to_agent", "assigned → agent received (claim commit, stream write, pool)"),
+    ("run_and_report", "agent received → coordinator handles the result (finished_at)"),
+    ("complete_to_seen", "finished → client sees the terminal event (commit, watch)"),
+)
+"""One task's path, hop by hop: name and what it spans."""
+
+
+def task_hops(sent_wall_us: int, task: Any, seen_wall_us: int) -> tuple[int, ...] | None:
+    """The task's end-to-end time cut at the timestamps its record carries, in µs, one
+    value per `HOPS` entry (they add up to seen − sent); None when one is missing."""
+    marks = (
+        sent_wall_us,
+        task.created_at_us,
+        task.assigned_at_us,
+        task.received_at_us,
+        task.finished_at_us,
+        seen_wall_us,
+    )
+    if not all(marks):
+        return None
+    return tuple(b - a for a, b in zip(marks, marks[1:], strict=False))
+
+
+def split_summary(hops: dict[str, LatencyRecorder]) -> dict[str, Any]:
+    """Per hop: P50, P99 and mean in ms, and its share of the summed means (the means
+    add up where percentiles do not)."""
+    means = {name: rec.summary().mean_ms for name, rec in hops.items() if rec.count}
+    total = sum(means.values())
+    return {
+        name: {
+            "p50_ms": round(hops[name].percentile_ms(50.0), 3),
+            "p99_ms": round(hops[name].percentile_ms(99.0), 3),
+            "mean_ms": round(mean, 3),
+            "share_pct": round(100.0 * mean / total, 1) if total > 0 else None,
+            "count": hops[name].count,
+        }
+        for name, mean in means.items()
+    }
 
 
 class Clock(Protocol):
@@ -141,6 +186,8 @@ class Tracker:
         self.stale_after_s = stale_after_s
         self.on_done = on_done
         self.records: dict[str, Record] = {}
+        self.hops: dict[str, LatencyRecorder] = {}
+        """The latency split, one recorder per `HOPS` entry (first attempts seen on the stream)."""
         self.inflight: dict[str, None] = {}
         """Acknowledged, not yet terminal; insertion order is submit order (oldest first)."""
         self.duplicated: set[str] = set()
@@ -311,6 +358,12 @@ class Tracker:
             r.reassigned[tid] = took
             self.metrics.latency("reassign").record_s(took)
 
+    def hop(self, name: str) -> LatencyRecorder:
+        rec = self.hops.get(name)
+        if rec is None:
+            rec = self.hops[name] = LatencyRecorder(name)
+        return rec
+
     def _complete(self, tid: str, rec: Record, task: Any, now: float, *, via_poll: bool) -> None:
         if rec.warmup:
             self.warm.set()
@@ -329,6 +382,11 @@ class Tracker:
                 m.latency("end_to_end").record_us(task.finished_at_us - rec.sent_wall_us)
         else:
             m.latency("end_to_end").record_s(now - rec.sent_mono)
+            if task.attempts <= 1:
+                cut = task_hops(rec.sent_wall_us, task, self.clock.wall_us())
+                if cut is not None:
+                    for (name, _), value_us in zip(HOPS, cut, strict=True):
+                        self.hop(name).record_us(value_us)
         m.throughput.record(now)
         if task.received_at_us and rec.ack_wall_us:
             if task.attempts <= 1:

@@ -130,7 +130,8 @@ class ProgressSnapshot:
     errors: int
     rate_last_s: float
     """Completions in the last full second."""
-    dispatch_p99_ms: float
+    submit_to_receive_p99_ms: float
+    """The headline dispatch figure: submit sent → assignment received, never negative."""
 
 
 class ProgressSink(Protocol):

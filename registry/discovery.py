@@ -141,18 +141,13 @@ async def resolve_agents(etcd: Etcd, page: int = 1000) -> list[AgentRecord]:
     counts with an empty pool."""
     prefix = etcd.key("agents") + b"/"
     out: list[AgentRecord] = []
-    start = None
-    while True:
-        resp = await etcd.range(prefix, start=start, limit=page)
-        for kv in resp.kvs:
-            agent_id = kv.key[len(prefix) :].decode(errors="replace")
-            try:
-                out.append(AgentRecord.decode(agent_id, kv.value))
-            except ValueError:
-                out.append(AgentRecord(agent_id, ""))
-        if not resp.more:
-            return out
-        start = resp.kvs[-1].key + b"\0"
+    async for kv in etcd.scan(prefix, page):
+        agent_id = kv.key[len(prefix) :].decode(errors="replace")
+        try:
+            out.append(AgentRecord.decode(agent_id, kv.value))
+        except ValueError:
+            out.append(AgentRecord(agent_id, ""))
+    return out
 
 
 async def _in_batches(etcd: Etcd, ops: Sequence[RequestOp]) -> None:

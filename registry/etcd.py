@@ -197,6 +197,18 @@ class Etcd:
             req.sort_target = rpc.RangeRequest.CREATE
         return await self._call(self._kv.Range, req)
 
+    async def scan(self, prefix: bytes, page: int = 1000) -> AsyncIterator[KeyValue]:
+        """Every key-value under `prefix` in key order, read `page` keys a request (each
+        page at its own revision: a key written meanwhile may or may not be seen)."""
+        start = None
+        while True:
+            resp = await self.range(prefix, start=start, limit=page)
+            for kv in resp.kvs:
+                yield kv
+            if not resp.more or not resp.kvs:
+                return
+            start = resp.kvs[-1].key + b"\0"
+
     async def range_request(self, request: Any, timeout_s: float | None = None) -> Any:
         """A RangeRequest the caller built itself (a read at a fixed revision, say)."""
         return await self._call(self._kv.Range, request, timeout_s)

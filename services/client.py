@@ -14,7 +14,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_r
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
-from services._common.errors import LEADER_METADATA_KEY, StoreUnavailableError
+from services._common.follow import LeaderClient, named_leader, no_leader
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ def _retryable(err: BaseException) -> bool:
     return isinstance(err, grpc.aio.AioRpcError) and err.code() in _RETRY_CODES
 
 
-class MeshClient:
+class MeshClient(LeaderClient):
     """Args:
     etcd: etcd endpoints; the leader is looked up there (preferred).
     coordinator: a coordinator address, used when etcd is not given.
@@ -46,11 +46,7 @@ class MeshClient:
         timeout_s: float = 10.0,
         retry_s: float = 15.0,
     ) -> None:
-        if not etcd and not coordinator:
-            raise ValueError("give etcd endpoints or a coordinator address")
-        self._etcd_endpoints = etcd
-        self._cluster = cluster
-        self._fixed = coordinator or ""
+        super().__init__("coordinator", etcd, coordinator, cluster, "coordinator")
         self._endpoint = coordinator or ""
         self._channel: grpc.aio.Channel | None = None
         self._stub: cpb_grpc.CoordinatorStub | None = None
@@ -62,40 +58,12 @@ class MeshClient:
         if self._channel is not None:
             await self._channel.close()
 
-    async def __aenter__(self) -> MeshClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def leader(self) -> str:
-        """The root coordinator's endpoint ('' when none is elected)."""
-        if not self._etcd_endpoints:
-            return self._fixed
-        from registry.election import current_leader
-        from registry.etcd import Etcd
-        from registry.leadership import parse_leader_value
-
-        etcd = Etcd(self._etcd_endpoints, prefix=f"/agentmesh/{self._cluster}/", timeout_s=3.0)
-        try:
-            found = await current_leader(etcd, "coordinator")
-        except StoreUnavailableError:
-            return ""  # etcd is down: "no leader known", which callers retry
-        finally:
-            await etcd.close()
-        return parse_leader_value(found.value)[1] if found else ""
-
     async def stub(self) -> cpb_grpc.CoordinatorStub:
         async with self._lookup:  # concurrent first calls share one lookup and one channel
             if self._stub is None:
                 endpoint = await self.leader() if self._etcd_endpoints else self._endpoint
                 if not endpoint:
-                    raise grpc.aio.AioRpcError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.aio.Metadata(),
-                        grpc.aio.Metadata(),
-                        "no coordinator leader is elected yet",
-                    )
+                    raise no_leader("no coordinator leader is elected yet")
                 self._use(endpoint)
         assert self._stub is not None
         return self._stub
@@ -113,10 +81,7 @@ class MeshClient:
 
     def _follow(self, err: grpc.aio.AioRpcError) -> None:
         """After UNAVAILABLE: go where the standby points, or look the leader up again."""
-        pointed = ""
-        for key, value in err.trailing_metadata() or ():
-            if key == LEADER_METADATA_KEY:
-                pointed = str(value)
+        pointed = named_leader(err)
         if pointed and pointed != self._endpoint:
             self._use(pointed)
         elif self._etcd_endpoints:

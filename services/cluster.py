@@ -224,14 +224,9 @@ class LocalCluster:
         )
 
     async def _monitor_active(self) -> bool:
-        from registry.election import current_leader
-        from registry.etcd import Etcd
+        from services._common.follow import find_leader
 
-        etcd = Etcd(self.etcd.endpoint, prefix=f"/agentmesh/{self.spec.cluster}/", timeout_s=2.0)
-        try:
-            return await current_leader(etcd, "health") is not None
-        finally:
-            await etcd.close()
+        return bool(await find_leader(self.etcd.endpoint, "health", self.spec.cluster))
 
     async def wait_voters(self, voters: int, timeout_s: float = 60.0) -> float:
         """Wait until a consensus instance is active with `voters` agents connected to it."""

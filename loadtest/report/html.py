@@ -10,14 +10,18 @@ from typing import Any
 
 from loadtest.report.common import (
     COMPARISON_CLOSED_LOOP_NOTE,
+    CPU_HEADERS,
     HTML_NAME,
     JSON_NAME,
     METRIC_TITLES,
     SUMMARY_COLUMNS,
     SUMMARY_HEADERS,
     color,
+    cpu_caption,
+    cpu_rows,
     detail_lines,
     fmt_ms,
+    headline,
     metric_names,
     ratio_text,
     run_label,
@@ -69,6 +73,16 @@ def _latency_table(run: dict[str, Any]) -> str:
     return f'<table class="latency"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
+def _cpu_table(run: dict[str, Any]) -> str:
+    caption = f"<p class='sub'>{_e(cpu_caption(run))}</p>"
+    rows = cpu_rows(run)
+    if not rows:
+        return caption
+    head = "".join(f"<th>{_e(h)}</th>" for h in CPU_HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'{caption}<table class="cpu"><tr>{head}</tr>{body}</table>'
+
+
 def render_html(doc: dict[str, Any]) -> str:
     """The whole report as one HTML string."""
     runs = doc["runs"]
@@ -100,12 +114,18 @@ def render_html(doc: dict[str, Any]) -> str:
     parts.append('<h2 id="summary">Summary</h2>')
     for i, run in enumerate(runs):
         col = color(run["system"], i)
-        disp = run["latencies"].get("dispatch", {})
+        sent = run["latencies"].get("submit_to_receive", {})
         e2e = run["latencies"].get("end_to_end", {})
+        cpu = run.get("cpu") or {}
+        per = cpu.get("servers", {}).get("ms_per_task") if cpu.get("measured") else None
         cards = [
             ("throughput (steady)", f"{run['throughput']['steady_per_s']:,.0f}/s"),
-            ("dispatch P99", f"{fmt_ms(disp.get('p99_ms', 0))} ms" if disp else "n/a"),
+            (
+                "submit sent → received P99",
+                f"{fmt_ms(sent.get('p99_ms', 0))} ms" if sent else "n/a",
+            ),
             ("end-to-end P99", f"{fmt_ms(e2e.get('p99_ms', 0))} ms" if e2e else "n/a"),
+            ("server CPU per task", f"{per:.3f} ms" if per is not None else "not measured"),
             ("completed", f"{run['completed']:,}"),
             ("lost / duplicated", f"{run['lost_count']} / {run['duplicated_count']}"),
         ]
@@ -116,6 +136,8 @@ def render_html(doc: dict[str, Any]) -> str:
         ]
         parts.append("</div>")
         parts.append(_latency_table(run))
+        parts.append(f"<p><b>{_e(headline(run))}</b></p>")
+        parts.append(_cpu_table(run))
         tp = run["throughput"]
         counters = ", ".join(f"{k}: {v}" for k, v in run["counters"].items())
         parts.append(

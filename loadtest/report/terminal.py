@@ -9,14 +9,31 @@ from rich.table import Table
 
 from loadtest.report.common import (
     COMPARISON_CLOSED_LOOP_NOTE,
+    CPU_HEADERS,
     SUMMARY_COLUMNS,
     SUMMARY_HEADERS,
+    cpu_caption,
+    cpu_rows,
     detail_lines,
     fmt_ms,
+    headline,
     metric_names,
     ratio_text,
     run_label,
 )
+
+
+def _print_cpu(run: dict[str, Any], console: Console) -> None:
+    console.print(f"  {cpu_caption(run)}")
+    rows = cpu_rows(run)
+    if not rows:
+        return
+    table = Table(show_edge=False, box=None, padding=(0, 1, 0, 2))
+    for i, header in enumerate(CPU_HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def print_summary(doc: dict[str, Any], console: Console | None = None) -> None:
@@ -37,6 +54,8 @@ def print_summary(doc: dict[str, Any], console: Console | None = None) -> None:
             cells = [str(lat["count"])] + [fmt_ms(lat[c]) for c in SUMMARY_COLUMNS[1:]]
             table.add_row(name, *cells)
         console.print(table)
+        console.print(f"  [bold]{headline(run)}[/]")
+        _print_cpu(run, console)
         tp = run["throughput"]
         console.print(
             f"  throughput: mean {tp['mean_per_s']:,.0f}/s, steady {tp['steady_per_s']:,.0f}/s, "

@@ -30,7 +30,7 @@ class Clock(Protocol):
 
     async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
         """`awaitable`'s result; TimeoutError (and `awaitable` cancelled) once `timeout_s`
-        has passed first (None: no limit). asyncio.wait_for on this clock's time."""
+        has passed first (None: no limit), as asyncio.wait_for on this clock's time."""
         ...
 
     def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
@@ -51,8 +51,10 @@ class SystemClock:
     async def wait_for(self, awaitable: Awaitable[T], timeout_s: float | None) -> T:
         # the event loop keeps this clock's time: its own timers are the cheap way (an
         # agent runs every task under one). asyncio.timeout, not 3.11's asyncio.wait_for:
-        # that one swallows a cancel that arrives as the work finishes, and a task that
-        # ignores its one cancel keeps a TaskGroup (a shutdown) waiting for ever.
+        # that one swallows a cancel that arrives as the work finishes (a task that ignores
+        # its one cancel keeps a TaskGroup, a shutdown, waiting for ever), and it wraps the
+        # coroutine in a new Task plus a waiter future, two more loop turns per call: a
+        # no-op task ran a third of its pool's CPU in that machinery (issue 13 profile).
         async with asyncio.timeout(timeout_s):
             return await awaitable
 

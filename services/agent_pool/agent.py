@@ -21,8 +21,8 @@ from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import Clock
+from services._common.follow import Leader
 from services.agent_pool.executors import Executor, ExecutorError
-from services.agent_pool.follow import Leader
 
 log = logging.getLogger(__name__)
 

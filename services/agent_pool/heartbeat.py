@@ -33,9 +33,9 @@ from protos.agentmesh.v1 import health_pb2_grpc as hpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.etcd import Etcd
 from services._common.clock import Clock
+from services._common.follow import Leader, reconnecting
 from services._common.grpcserver import OPTIONS
 from services.agent_pool.executors import Executor, ExecutorError, Outcome, Progress
-from services.agent_pool.follow import Leader, reconnecting
 
 log = logging.getLogger(__name__)
 

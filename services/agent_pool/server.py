@@ -14,12 +14,12 @@ from registry import discovery
 from registry.etcd import cmp_create, op_put
 from services._common.clock import Clock
 from services._common.errors import AlreadyExistsError, StoreUnavailableError
+from services._common.follow import Leader
 from services._common.runner import Runner
 from services.agent_pool.agent import Agent, PoolContext
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.core import AgentPool
 from services.agent_pool.executors import ExecutorContext, build_executors
-from services.agent_pool.follow import Leader
 from services.agent_pool.heartbeat import Heartbeater, TaskTracker
 from services.agent_pool.servicer import SERVICE, PoolServicer
 from services.agent_pool.voter import Policy, VoterInfo, VoterPool, parse_byzantine

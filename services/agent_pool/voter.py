@@ -38,8 +38,8 @@ from registry import discovery
 from registry.etcd import Etcd
 from services._common.clock import Clock
 from services._common.errors import StoreUnavailableError
+from services._common.follow import Leader, reconnecting
 from services.agent_pool.executors import ExecutorError, Outcome, Progress, SleepExecutor
-from services.agent_pool.follow import Leader, reconnecting
 from services.consensus import signing
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,8 @@ import grpc
 
 from protos.agentmesh.v1 import consensus_pb2 as pb
 from protos.agentmesh.v1 import consensus_pb2_grpc as pb_grpc
-from registry.election import current_leader
 from registry.etcd import Etcd
-from registry.leadership import parse_leader_value
-from services._common.errors import LEADER_METADATA_KEY, StoreUnavailableError
+from services._common.follow import Closing, find_leader, named_leader, no_leader
 
 RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 WAIT_MARGIN_S = 5.0
@@ -29,7 +27,7 @@ WAIT_MARGIN_S = 5.0
 commit and a failover fit in it)."""
 
 
-class ConsensusClient:
+class ConsensusClient(Closing):
     """Args:
     etcd: etcd endpoints (a string) or an open `Etcd` client to share.
     cluster: the cluster name (key prefix); ignored with an `Etcd` client.
@@ -55,12 +53,6 @@ class ConsensusClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ConsensusStub | None = None
 
-    async def __aenter__(self) -> ConsensusClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
@@ -69,11 +61,7 @@ class ConsensusClient:
 
     async def leader(self) -> str:
         """The active instance's endpoint ('' when none is elected or etcd is down)."""
-        try:
-            found = await current_leader(self.etcd, "consensus")
-        except StoreUnavailableError:
-            return ""
-        return parse_leader_value(found.value)[1] if found else ""
+        return await find_leader(self.etcd, "consensus")
 
     def _use(self, endpoint: str) -> pb_grpc.ConsensusStub:
         if endpoint != self._endpoint or self._stub is None:
@@ -89,19 +77,11 @@ class ConsensusClient:
             return self._stub
         endpoint = await self.leader()
         if not endpoint:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                "no active consensus instance is elected yet",
-            )
+            raise no_leader("no active consensus instance is elected yet")
         return self._use(endpoint)
 
     def _follow(self, err: grpc.aio.AioRpcError) -> None:
-        pointed = ""
-        for key, value in err.trailing_metadata() or ():
-            if key == LEADER_METADATA_KEY:
-                pointed = str(value)
+        pointed = named_leader(err)
         if pointed and pointed != self._endpoint:
             self._use(pointed)
         else:

@@ -10,7 +10,7 @@ from services._common.config import ServiceConfig
 @dataclass(frozen=True, kw_only=True)
 class ConsensusConfig(ServiceConfig):
     default_timeout_s: float = 30.0
-    """Timeout of a proposal that sets none."""
+    """Timeout of a proposal that sets none (more than 0, at most 3600)."""
     max_open_proposals: int = 10_000
     """Open proposals at once; a Propose beyond it is RESOURCE_EXHAUSTED (memory is
     bounded, and each open proposal fans out one request per voter)."""
@@ -23,3 +23,7 @@ class ConsensusConfig(ServiceConfig):
     enough: a decision carries the records it rests on in its own transaction, so
     no decision waits for these writes, and fewer, fuller transactions cost etcd and
     this process less CPU (measured: 9.4 → see README)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.default_timeout_s <= 3600:
+            raise ValueError("--default-timeout-s must be more than 0 and at most 3600")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 
 from protos.agentmesh.v1 import consensus_pb2 as pb
 from protos.agentmesh.v1 import consensus_pb2_grpc as pb_grpc
-from registry.election import current_leader, observe
-from registry.leadership import Term, parse_leader_value
-from services._common.errors import StoreUnavailableError
+from registry.leadership import Term
+from services._common.follow import Leader, leading
 from services._common.runner import Runner
 from services.consensus.config import ConsensusConfig
 from services.consensus.core import ConsensusCore
@@ -28,55 +26,32 @@ class ConsensusNode:
 
     def __init__(self, cfg: ConsensusConfig) -> None:
         self.cfg = cfg
-        self.runner = Runner("consensus", cfg, [SERVICE])
-        self.servicer = ConsensusServicer(ConsensusStore(self.runner.etcd), self._leader)
-        pb_grpc.add_ConsensusServicer_to_server(self.servicer, self.runner.server)
-
-    async def _leader(self) -> tuple[str, str, int]:
-        found = await current_leader(self.runner.etcd, ROLE)
-        if found is None:
-            return "", "", 0
-        node, endpoint = parse_leader_value(found.value)
-        return node, endpoint, found.term
+        self.runner = runner = Runner(ROLE, cfg, [SERVICE])
+        self.leader = Leader(runner.etcd, ROLE, runner.clock)
+        self.servicer = ConsensusServicer(ConsensusStore(runner.etcd), self.leader.current)
+        self.leader.servicer = self.servicer
+        pb_grpc.add_ConsensusServicer_to_server(self.servicer, runner.server)
 
     async def lead(self, term: Term) -> None:
-        runner, cfg, servicer = self.runner, self.cfg, self.servicer
-        store = ConsensusStore(
-            runner.etcd,
-            term.fenced,
-            max_ops=cfg.vote_batch_ops,
-            max_bytes=cfg.vote_batch_bytes,
-            max_inflight=cfg.vote_inflight,
-            sleep=runner.clock.sleep,
-        )
+        runner, cfg = self.runner, self.cfg
+        store = ConsensusStore.for_term(runner.etcd, term.fenced, cfg, runner.clock.sleep)
         core = ConsensusCore(store, runner.clock, cfg, term=term.number, node_id=runner.node_id)
-        servicer.core = core
-        servicer.leader_endpoint = runner.endpoint
-        await runner.serving(True)
-        log.info("active consensus instance", extra={"term": term.number})
+        self.servicer.core = core
         try:
-            await core.run()
+            async with leading(runner, self.leader):
+                log.info("active consensus instance", extra={"term": term.number})
+                await core.run()
         finally:
-            await runner.serving(False)
-            servicer.core = None
-            if servicer.leader_endpoint == runner.endpoint:
-                servicer.leader_endpoint = ""
+            self.servicer.core = None
             store.votes.close()
             await core.close()
 
-    async def follow(self) -> None:
-        """Keep the active instance's address at hand for the standby's redirects."""
-        while True:
-            try:
-                async for found in observe(self.runner.etcd, ROLE):
-                    endpoint = parse_leader_value(found.value)[1] if found else ""
-                    self.servicer.leader_endpoint = endpoint
-            except StoreUnavailableError:
-                await asyncio.sleep(0.5)
-
     async def run(self) -> None:
         leadership = self.runner.leadership(ROLE)
-        await self.runner.run(lambda: leadership.serve(self.lead), self.follow)
+        try:
+            await self.runner.run(lambda: leadership.serve(self.lead), self.leader.follow)
+        finally:
+            await self.leader.close()
 
 
 async def serve(cfg: ConsensusConfig) -> None:

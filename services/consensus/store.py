@@ -28,6 +28,7 @@ from aetcd import rpc
 from protos.agentmesh.v1 import consensus_pb2 as pb
 from registry.errors import NotLeaderError, StoreUnavailableError
 from registry.etcd import Etcd, cmp_create, cmp_value, op_delete, op_get, op_put, op_txn
+from services.consensus.config import ConsensusConfig
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,21 @@ class ConsensusStore:
         )
         self._log_lock = asyncio.Lock()
         self._log_head: int | None = None
+
+    @classmethod
+    def for_term(
+        cls, etcd: Etcd, fenced: Fenced, cfg: ConsensusConfig, sleep: Callable[[float], Any]
+    ) -> ConsensusStore:
+        """The active instance's store: writes fenced by its term, votes batched as
+        `cfg` says."""
+        return cls(
+            etcd,
+            fenced,
+            max_ops=cfg.vote_batch_ops,
+            max_bytes=cfg.vote_batch_bytes,
+            max_inflight=cfg.vote_inflight,
+            sleep=sleep,
+        )
 
     # ---- keys ----
 

@@ -10,15 +10,14 @@ import grpc
 
 from protos.agentmesh.v1 import health_pb2 as hpb
 from protos.agentmesh.v1 import health_pb2_grpc as hpb_grpc
-from registry.errors import StoreUnavailableError
-from services._common.errors import LEADER_METADATA_KEY
+from services._common.follow import LeaderClient, named_leader
 
 
 class NoMonitorError(Exception):
     """No health monitor is active (none runs, or an election is under way)."""
 
 
-class HealthClient:
+class HealthClient(LeaderClient):
     """Args:
     etcd: etcd endpoints; the active monitor is looked up there.
     monitor: a monitor's host:port, used when etcd is not given.
@@ -33,19 +32,9 @@ class HealthClient:
         cluster: str = "default",
         timeout_s: float = 5.0,
     ) -> None:
-        if not etcd and not monitor:
-            raise ValueError("give etcd endpoints or a health monitor address")
-        self._etcd = etcd
-        self._cluster = cluster
-        self._endpoint = monitor or ""
+        super().__init__("health", etcd, monitor, cluster, "health monitor")
         self._channel: grpc.aio.Channel | None = None
         self.timeout_s = timeout_s
-
-    async def __aenter__(self) -> HealthClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -54,29 +43,15 @@ class HealthClient:
 
     async def active(self) -> str:
         """The active monitor's host:port ('' when none is elected)."""
-        if not self._etcd:
-            return self._endpoint
-        from registry.election import current_leader
-        from registry.etcd import Etcd
-        from registry.leadership import parse_leader_value
-
-        etcd = Etcd(self._etcd, prefix=f"/agentmesh/{self._cluster}/", timeout_s=3.0)
-        try:
-            leader = await current_leader(etcd, "health")
-        except StoreUnavailableError:
-            return ""
-        finally:
-            await etcd.close()
-        return parse_leader_value(leader.value)[1] if leader else ""
+        return await self.leader()
 
     async def _stub(self) -> hpb_grpc.HealthMonitorStub:
         if self._channel is None:
-            endpoint = await self.active() if self._etcd else self._endpoint
+            endpoint = await self.active()
             if not endpoint:
                 raise NoMonitorError(
                     "no health monitor is active (is `agentmesh serve health` running?)"
                 )
-            self._endpoint = endpoint
             self._channel = grpc.aio.insecure_channel(endpoint)
         return hpb_grpc.HealthMonitorStub(self._channel)
 
@@ -86,14 +61,11 @@ class HealthClient:
             try:
                 return await getattr(stub, method)(request, timeout=self.timeout_s)
             except grpc.aio.AioRpcError as err:
-                pointed = ""
-                for key, value in err.trailing_metadata() or ():
-                    if key == LEADER_METADATA_KEY:
-                        pointed = str(value)
+                pointed = named_leader(err)
                 if attempt or err.code() != grpc.StatusCode.UNAVAILABLE or not pointed:
                     raise
                 await self.close()
-                self._etcd, self._endpoint = None, pointed
+                self._etcd_endpoints, self._fixed = None, pointed
         raise AssertionError("unreachable")
 
     async def summary(self) -> hpb.HealthSummary:

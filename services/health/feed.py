@@ -10,7 +10,7 @@ import grpc
 
 from protos.agentmesh.v1 import health_pb2 as hpb
 from protos.agentmesh.v1 import health_pb2_grpc as hpb_grpc
-from services._common.errors import LEADER_METADATA_KEY
+from services._common.follow import named_leader
 
 AGENTS_SHOWN = 1000
 """Agents' health read per refresh (one page): a view shows fewer than that."""
@@ -44,12 +44,11 @@ class HealthFeed:
                 return endpoint, summary
             except grpc.aio.AioRpcError as err:
                 last = err
-                for key, value in err.trailing_metadata() or ():
-                    if key == LEADER_METADATA_KEY and value:
-                        summary = await self._call(
-                            str(value), "GetHealthSummary", hpb.GetHealthSummaryRequest()
-                        )
-                        return str(value), summary
+                if pointed := named_leader(err):
+                    summary = await self._call(
+                        pointed, "GetHealthSummary", hpb.GetHealthSummaryRequest()
+                    )
+                    return pointed, summary
         assert last is not None
         raise last
 

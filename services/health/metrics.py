@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from prometheus_client import Counter, Gauge
 
@@ -53,3 +54,17 @@ def watch(core: HealthCore) -> Callable[[hpb.HealthEvent], None]:
             RECOVERIES.labels(kind=kind.lower(), outcome=outcome).inc()
 
     return count
+
+
+@contextlib.contextmanager
+def active(core: HealthCore) -> Iterator[None]:
+    """While this monitor is the active one: the gauges read `core` and its events are
+    counted; `agentmesh_health_is_active` says so."""
+    counter = watch(core)
+    core.subscribers.add(counter)
+    IS_ACTIVE.set(1)
+    try:
+        yield
+    finally:
+        IS_ACTIVE.set(0)
+        core.subscribers.discard(counter)

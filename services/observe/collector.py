@@ -25,7 +25,8 @@ from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.etcd import Etcd
 from services._common.clock import Clock
-from services._common.errors import LEADER_METADATA_KEY, StoreUnavailableError
+from services._common.errors import StoreUnavailableError
+from services._common.follow import named_leader
 from services.client import MeshClient
 from services.observe.model import ASSIGNED, QUEUED, RUNNING, SwarmModel
 
@@ -424,14 +425,7 @@ class Collector:
                 pending = asyncio.ensure_future(call.read())
         except grpc.aio.AioRpcError as err:
             # a standby's refusal names the leader; any other break: ask GetStatus again
-            self._pointed = next(
-                (
-                    str(v)
-                    for k, v in err.trailing_metadata() or ()
-                    if k == LEADER_METADATA_KEY and v
-                ),
-                "",
-            )
+            self._pointed = named_leader(err)
             self.model.stream_down(describe(err))
         finally:
             pending.cancel()

@@ -553,3 +553,54 @@ async def test_an_agent_id_in_use_on_another_lease_is_already_exists(
             assert (await real.expect("assign")).task.task_id == sub.task.task_id
     finally:
         await etcd.revoke(other)
+
+
+async def test_a_stopping_leader_leaves_its_agents_claims_to_the_next_leader(
+    etcd_server: EtcdServer,
+) -> None:
+    # On SIGTERM the leader steps down before it closes the agents' streams: a stream
+    # that ends then must not requeue its claim (the agent still runs the task and takes
+    # the claim to the next leader; a requeue would run it twice and use an attempt).
+    cluster = f"test-{uuid.uuid4().hex}"
+    node = CoordinatorNode(
+        CoordinatorConfig(
+            etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", grace_s=5.0
+        )
+    )
+    etcd = Etcd(etcd_server.endpoint, prefix=f"/agentmesh/{cluster}/")
+    lease_id = await etcd.grant(30)
+    runner = asyncio.ensure_future(node.run())
+    try:
+        async with asyncio.timeout(HANG_S):
+            while node.servicer.core is None:
+                await asyncio.sleep(0.01)
+        async with (
+            grpc.aio.insecure_channel(node.endpoint) as channel,
+            raw_agent(cpb_grpc.CoordinatorStub(channel), "keeper") as agent,
+        ):
+            await agent.hello(lease_id)
+            stub = cpb_grpc.CoordinatorStub(channel)
+            await within(
+                stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(task_id="t", kind="echo")))
+            )
+            assigned = (await agent.expect("assign")).task
+            node.runner.stop()
+            await within(runner, 30)
+        stored = await etcd.get(etcd.key("tasks", "t"))
+        assert stored is not None
+        task = tpb.Task.FromString(stored.value)
+        assert (task.state, task.agent_id, task.attempts) == (
+            tpb.TASK_STATE_ASSIGNED,
+            "keeper",
+            1,
+        )
+        assert int(stored.mod_revision) == assigned.claim_token  # not written since
+        claim = await etcd.get(etcd.key("claims", "t"))
+        assert claim is not None
+        assert int(claim.mod_revision) == assigned.claim_token
+        assert await candidates(etcd, "coordinator") == []  # its candidacy went with it
+    finally:
+        node.runner.stop()
+        await within(runner, 30)
+        await etcd.revoke(lease_id)
+        await etcd.close()

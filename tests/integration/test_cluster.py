@@ -283,6 +283,7 @@ async def test_agent_pool_killed_midrun_loses_no_task(cluster: Any) -> None:
 
             # The killed pool's tasks: requeued after the kill while held by one of its agents.
             requeued: dict[str, float] = {}
+            given_back: set[str] = set()  # requeued with its attempt handed back
             reassigned: dict[str, float] = {}
             for at, ev in events.events:
                 t = ev.task
@@ -294,12 +295,19 @@ async def test_agent_pool_killed_midrun_loses_no_task(cluster: Any) -> None:
                     and t.agent_id.startswith("pool-1-")
                 ):
                     requeued.setdefault(t.task_id, at)
+                    if t.attempts == 0:
+                        # its assignment committed after the agent had gone, so it never
+                        # reached an agent: the coordinator does not count that attempt
+                        given_back.add(t.task_id)
                 elif t.state in HELD and t.task_id in requeued:
                     # HELD, not ASSIGNED: see test_watch_events_report_each_transition_as_it_happened
                     reassigned.setdefault(t.task_id, at)
             retried = {i for i, t in tasks.items() if t.attempts == 2}
             assert requeued, "the killed pool held no task: kill it earlier or give it more work"
-            assert set(requeued) <= retried
+            assert set(requeued) - given_back <= retried, (
+                f"requeued after running on pool-1 but not counted: "
+                f"{sorted(set(requeued) - given_back - retried)[:10]}"
+            )
             assert all(t.attempts <= 2 for t in tasks.values())
             survivors = {i: tasks[i].agent_id for i in retried}
             assert all(a.startswith("pool-2-") for a in survivors.values()), (

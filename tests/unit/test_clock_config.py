@@ -9,6 +9,7 @@ import pytest
 
 from services._common.clock import FakeClock
 from services._common.config import load
+from services.consensus.config import ConsensusConfig
 
 # ---- FakeClock ----
 
@@ -160,3 +161,12 @@ def test_bad_value_names_the_variable(variable: str, raw: str) -> None:
     with pytest.raises(ValueError, match=variable) as info:
         load(_Config, environ={variable: raw})
     assert repr(raw) in str(info.value)
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, 3600.5])
+def test_consensus_config_refuses_a_default_timeout_out_of_range(timeout_s: float) -> None:
+    # checked by the config itself, so AGENTMESH_DEFAULT_TIMEOUT_S is held to it as
+    # well as the --default-timeout-s flag
+    with pytest.raises(ValueError, match="default-timeout-s"):
+        load(ConsensusConfig, environ={"AGENTMESH_DEFAULT_TIMEOUT_S": str(timeout_s)})
+    assert load(ConsensusConfig, environ={"AGENTMESH_DEFAULT_TIMEOUT_S": "3600"})

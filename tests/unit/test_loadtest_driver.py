@@ -18,6 +18,7 @@ import pytest
 
 from loadtest.client import CoordinatorClient, RpcFailed
 from loadtest.driver import Driver
+from loadtest.tracker import HOPS, task_hops
 from loadtest.workload import BurstSchedule, RateSchedule, Workload
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
@@ -162,6 +163,7 @@ class FakeCoordinator:
             f"agent-{self.token % self.agents}",
             1,
         )
+        held.assigned_at_us = time.time_ns() // 1000
         held.received_at_us = time.time_ns() // 1000
         self._publish(held, tpb.TASK_STATE_QUEUED)
         done = tpb.Task()
@@ -214,6 +216,13 @@ async def test_closed_loop_runs_every_task_once() -> None:
     assert result.metrics.latency("end_to_end").count == 300
     assert result.metrics.latency("dispatch").count == 300
     assert result.metrics.throughput.total == 300
+    # the split of each task's path, hop by hop, from the timestamps its record carries
+    split = result.extra["latency_split"]
+    assert list(split) == [name for name, _ in HOPS]
+    assert all(h["count"] >= 300 for h in split.values())
+    assert sum(h["share_pct"] for h in split.values()) == pytest.approx(100.0, abs=0.5)
+    # the fake runs each task 2 ms after its submit: that wait is "queued"
+    assert split["queued"]["p50_ms"] >= 1.5
     # the warm-up task is not part of the run
     assert "lt-t1-warmup" in fake.tasks
     assert all(t.startswith("lt-t1-") for t in fake.tasks)
@@ -394,3 +403,10 @@ async def test_no_agent_taking_the_warm_up_task_is_a_clear_error(
     with pytest.raises(RuntimeError, match="are agents connected"):
         await Driver(client_for(fake), workload(), run_id="t13").run()
     assert fake.watchers == []  # the event stream was closed
+
+
+def test_a_task_missing_a_timestamp_has_no_split() -> None:
+    task = tpb.Task(created_at_us=110, assigned_at_us=120, received_at_us=150, finished_at_us=170)
+    assert task_hops(100, task, 200) == (10, 10, 30, 20, 30)
+    task.received_at_us = 0  # never received by an agent (a poll found it dead-lettered)
+    assert task_hops(100, task, 200) is None

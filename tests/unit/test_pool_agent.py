@@ -8,8 +8,8 @@ from protos.agentmesh.v1 import agent_pool_pb2 as ppb
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import FakeClock
+from services._common.follow import Leader
 from services.agent_pool.agent import Agent, PoolContext
-from services.agent_pool.follow import Leader
 
 
 def agent() -> Agent:

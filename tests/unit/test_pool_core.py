@@ -16,10 +16,10 @@ from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import health_pb2 as hpb
 from services._common.clock import FakeClock
 from services._common.errors import InvalidArgumentError
+from services._common.follow import Leader
 from services.agent_pool.agent import Agent, PoolContext
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.core import AgentPool
-from services.agent_pool.follow import Leader
 
 
 class Registry:

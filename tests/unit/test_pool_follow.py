@@ -6,10 +6,19 @@ from __future__ import annotations
 import asyncio
 import random
 
+import grpc
 import pytest
 
 from services._common.clock import FakeClock
-from services.agent_pool.follow import Leader, reconnecting
+from services._common.errors import LEADER_METADATA_KEY
+from services._common.follow import (
+    Leader,
+    LeaderClient,
+    leading,
+    named_leader,
+    no_leader,
+    reconnecting,
+)
 
 
 def leader(clock: FakeClock) -> Leader:
@@ -133,3 +142,72 @@ async def test_moved_from_returns_at_once_if_the_leader_already_changed(to_none:
     followed = leader(FakeClock())
     followed.set("b:2")
     await asyncio.wait_for(followed.moved_from("a:1", to_none=to_none), 1)
+
+
+class _Servicer:
+    leader_endpoint = ""
+
+
+class _Runner:
+    """What `leading` uses of a Runner: its endpoint and its serving flag."""
+
+    endpoint = "me:1"
+
+    def __init__(self) -> None:
+        self.served: list[bool] = []
+
+    async def serving(self, ok: bool) -> None:
+        self.served.append(ok)
+
+
+async def test_a_servicer_redirects_to_the_leader_its_follower_knows() -> None:
+    servicer = _Servicer()
+    followed = Leader(None, "health", FakeClock(), servicer=servicer)  # type: ignore[arg-type]
+    followed.set("a:1")
+    assert servicer.leader_endpoint == "a:1"
+    followed.set("")
+    assert servicer.leader_endpoint == ""
+
+
+async def test_a_term_names_this_process_until_it_ends() -> None:
+    runner, servicer = _Runner(), _Servicer()
+    followed = Leader(None, "health", FakeClock(), servicer=servicer)  # type: ignore[arg-type]
+    async with leading(runner, followed):  # type: ignore[arg-type]
+        assert servicer.leader_endpoint == "me:1"  # before etcd's watch says so
+        assert runner.served == [True]
+    assert servicer.leader_endpoint == ""  # not us now; the watch names the next one
+    assert runner.served == [True, False]
+
+
+async def test_a_term_that_ends_after_another_leader_is_known_keeps_pointing_there() -> None:
+    runner = _Runner()
+    followed = leader(FakeClock())
+
+    async def term() -> None:
+        async with leading(runner, followed):  # type: ignore[arg-type]
+            followed.set("next:2")  # the watch saw the next leader first
+            raise RuntimeError("term over")
+
+    with pytest.raises(RuntimeError):
+        await term()
+    assert followed.endpoint == "next:2"
+    assert runner.served == [True, False]
+
+
+def test_a_standby_s_pointer_is_read_from_its_error_and_none_is_empty() -> None:
+    pointed = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(("other", "x"), (LEADER_METADATA_KEY, "b:2")),
+        "standby",
+    )
+    assert named_leader(pointed) == "b:2"
+    assert named_leader(no_leader("none elected")) == ""
+    assert no_leader("none elected").code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_client_without_etcd_goes_to_the_address_it_was_given() -> None:
+    client = LeaderClient("health", None, "h:1", "default", "health monitor")
+    assert await client.leader() == "h:1"
+    with pytest.raises(ValueError, match="give etcd endpoints or a health monitor address"):
+        LeaderClient("health", None, None, "default", "health monitor")

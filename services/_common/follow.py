@@ -1,10 +1,11 @@
-"""Following an elected service from the pool: its leader's endpoint, the channels to it,
-and the reconnect loop of a per-agent stream.
+"""Following an elected service: its leader's endpoint, the channels to it, the
+reconnect loop of a stream to it, and the leader's own side of a term.
 
 A pool's agents each hold a stream to three elected services: the coordinator
-(agent.py), the active health monitor (heartbeat.py) and the active consensus
-instance (voter.py). Each is found the same way (etcd names the leader; a redirect
-may name it first), and each agent's stream moves when the leader changes.
+(agent_pool/agent.py), the active health monitor (heartbeat.py) and the active
+consensus instance (voter.py). The health monitor calls the coordinator, and every
+elected service follows its own role so that a standby can redirect callers. Each is
+found the same way (etcd names the leader; a redirect may name it first).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import grpc
 
@@ -23,7 +24,11 @@ from registry.errors import StoreUnavailableError
 from registry.etcd import Etcd
 from registry.leadership import parse_leader_value
 from services._common.clock import Clock
+from services._common.errors import LEADER_METADATA_KEY
 from services._common.grpcserver import OPTIONS
+
+if TYPE_CHECKING:  # clients import this module; only the leader's side runs a Runner
+    from services._common.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +38,96 @@ FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 
 
-class Leader:
-    """The leader of `role` as etcd names it (`follow()` keeps it current), and one
-    channel per endpoint, which every agent's stream to it shares.
+async def find_leader(etcd: str | Etcd, role: str, cluster: str = "default") -> str:
+    """The endpoint etcd names for `role`'s leader: '' while none is elected or etcd is
+    out of reach (callers retry either way). Given endpoints (a string), it reads
+    through a client of its own, closed after the one read."""
+    client = (
+        Etcd(etcd, prefix=f"/agentmesh/{cluster}/", timeout_s=3.0)
+        if isinstance(etcd, str)
+        else etcd
+    )
+    try:
+        found = await current_leader(client, role)
+    except StoreUnavailableError:
+        return ""
+    finally:
+        if client is not etcd:
+            await client.close()
+    return parse_leader_value(found.value)[1] if found else ""
+
+
+def named_leader(err: grpc.aio.AioRpcError) -> str:
+    """The leader a standby named in its error's trailing metadata (see grpcserver's
+    `abort`), for the caller to go to at once; '' when it named none."""
+    for key, value in err.trailing_metadata() or ():
+        if key == LEADER_METADATA_KEY and value:
+            return str(value)
+    return ""
+
+
+def no_leader(message: str) -> grpc.aio.AioRpcError:
+    """The UNAVAILABLE a caller raises itself while no leader is known, so that its
+    retries treat it like a failover (the same code a standby answers)."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), message
+    )
+
+
+class Closing:
+    """`async with` for a client: the block's end calls its `close()`."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class LeaderClient(Closing):
+    """A client of an elected service: its leader is looked up in etcd when endpoints
+    are given (preferred), else it is the address given.
 
     Args:
-        etcd: the pool's etcd client.
+        role: the election ("coordinator", "health").
+        etcd: etcd endpoints, comma-separated.
+        address: a host:port of the service, used when etcd is not given.
+        cluster: the cluster name (key prefix).
+        what: the service's name in the error when neither is given.
+    """
+
+    def __init__(
+        self, role: str, etcd: str | None, address: str | None, cluster: str, what: str
+    ) -> None:
+        if not etcd and not address:
+            raise ValueError(f"give etcd endpoints or a {what} address")
+        self._role = role
+        self._etcd_endpoints = etcd
+        self._cluster = cluster
+        self._fixed = address or ""
+
+    async def leader(self) -> str:
+        """The leader's host:port ('' when none is elected, or etcd is out of reach)."""
+        if not self._etcd_endpoints:
+            return self._fixed
+        return await find_leader(self._etcd_endpoints, self._role, self._cluster)
+
+
+class Redirecting(Protocol):
+    """A servicer whose standby answers name the leader (`NotLeaderError`'s endpoint)."""
+
+    leader_endpoint: str
+
+
+class Leader:
+    """The leader of `role` as etcd names it (`follow()` keeps it current), and one
+    channel per endpoint, which every call and stream to it shares.
+
+    Args:
+        etcd: the process's etcd client.
         role: the election followed ("coordinator", "health", "consensus").
         clock: injected time.
         options: channel options.
@@ -46,6 +135,8 @@ class Leader:
             that died quietly then costs seconds, not every stream.
         close_stale: close the channel of a former leader when the leader changes (its
             streams are moving anyway), so a later leader on the same address starts fresh.
+        servicer: a servicer of this role's own service, whose `leader_endpoint` is kept
+            equal to `endpoint` (what its standby answers redirect to).
     """
 
     def __init__(
@@ -57,6 +148,7 @@ class Leader:
         options: Sequence[tuple[str, Any]] = OPTIONS,
         recheck_s: float | None = None,
         close_stale: bool = False,
+        servicer: Redirecting | None = None,
     ) -> None:
         self.etcd = etcd
         self.role = role
@@ -64,6 +156,7 @@ class Leader:
         self.options = list(options)
         self.recheck_s = recheck_s
         self.close_stale = close_stale
+        self.servicer = servicer
         self.endpoint = ""
         """The leader's endpoint now ('' while none is known)."""
         self._changed = asyncio.Event()
@@ -79,6 +172,8 @@ class Leader:
         if endpoint == self.endpoint:
             return
         self.endpoint = endpoint
+        if self.servicer is not None:
+            self.servicer.leader_endpoint = endpoint
         log.info("leader", extra={"role": self.role, "leader": endpoint or "none"})
         # wake every stream waiting on a change; later waiters wait for the next one
         self._changed.set()
@@ -121,6 +216,15 @@ class Leader:
             if recheck is not None:
                 recheck.cancel()
 
+    async def current(self) -> tuple[str, str, int]:
+        """Ask etcd now: the leader's node id, endpoint and term (empty and 0 while none
+        is elected). For the moment a watch may lag an election."""
+        found = await current_leader(self.etcd, self.role)
+        if found is None:
+            return "", "", 0
+        node, endpoint = parse_leader_value(found.value)
+        return node, endpoint, found.term
+
     async def _recheck(self) -> None:
         assert self.recheck_s is not None
         while True:
@@ -136,6 +240,21 @@ class Leader:
             await channel.close()
         self._channels.clear()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def leading(runner: Runner, leader: Leader) -> AsyncIterator[None]:
+    """One term of an elected service, on the leader's side: this process names itself
+    the leader (before etcd's watch says so) and serves; after, it stops serving and
+    stops naming itself (the watch names the next leader)."""
+    leader.set(runner.endpoint)
+    await runner.serving(True)
+    try:
+        yield
+    finally:
+        if leader.endpoint == runner.endpoint:
+            leader.set("")
+        await runner.serving(False)
 
 
 async def reconnecting(
