@@ -63,6 +63,7 @@ class Scenario(StrEnum):
 class ExecutorChoice(StrEnum):
     noop = "noop"
     sleep = "sleep"
+    llm = "llm"
 
 
 class Peer(StrEnum):
@@ -348,6 +349,9 @@ def main(
             keep_cluster_dir,
         )
         return
+    if executor == ExecutorChoice.llm:
+        _llm(agents, pools, max_tasks, out)
+        return
     if agents < 1 or pools < 1 or duration <= 0:
         raise typer.BadParameter("--agents and --pools must be at least 1, --duration positive")
     if peer_only and compare == Peer.none:
@@ -374,7 +378,7 @@ def main(
         duration_s=duration,
         rate_per_s=rate,
         concurrency=concurrency or agents * capacity,
-        executor=executor.value,
+        executor="noop" if executor == ExecutorChoice.noop else "sleep",  # llm returned above
         sleep_ms=sleep_ms,
         batch_size=batch_size,
         clients=clients,
@@ -520,3 +524,20 @@ def render(
     print_summary(doc, console)
     path = write_html(doc, html or report.with_suffix(".html"))
     console.print(f"wrote {path}")
+
+
+def _llm(agents: int, pools: int, max_tasks: int, out: Path | None) -> None:
+    """`--executor llm`: the burst experiment (loadtest/llm_burst.py) against the SIMULATED
+    Messages API, without admission control and then with it, in one report."""
+    from loadtest import llm_burst
+
+    if agents < 1 or pools < 1 or pools > agents:
+        raise typer.BadParameter("--agents and --pools must be at least 1, pools ≤ agents")
+    argv = ["--agents", str(agents), "--pools", str(pools), "--tasks", str(max_tasks or 2000)]
+    if out is not None:
+        argv += ["--out", str(out / "llm-burst.json")]
+    console.print(
+        "[bold yellow]SIMULATED API[/]: llm tasks run the real SDK against loadtest.fake_anthropic"
+        f" (limits at half of what {agents} agents could use), without admission, then with it"
+    )
+    llm_burst.main([*argv, "--compare"])

@@ -9,8 +9,11 @@ records) and the task outcomes. Bounded by --timeout-s; stops everything it star
 
     python -m loadtest.llm_burst --agents 200 --tasks 2000 --out out/llm-burst.json
 
-Without admission control today: every agent calls the server as soon as it gets a task
-and retries on its own (honouring retry-after). Phase 2 adds the leader's admission.
+With admission control (the default) the leader holds each `llm` task QUEUED until the
+model's buckets, set to the same limits as the server's, hold its estimate
+(services/coordinator/llm_admission.py). With `--no-admission` every agent calls the
+server as soon as it gets a task and retries on its own (honouring retry-after).
+`--compare` runs both, one after the other, and reports them side by side.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ class Plan:
     burst_s: float
     max_attempts: int
     model: str
+    admission: bool = True
     input_tokens: int = 0
     potential_rpm: float = 0.0
     rpm: int = 0
@@ -146,6 +150,10 @@ async def run(plan: Plan, timeout_s: float, data_dir: Path) -> dict[str, Any]:
             pools=plan.pools,
             env={
                 "AGENTMESH_KINDS": "llm",
+                # the leader's buckets: the server's limits and burst window
+                "AGENTMESH_LLM_ADMISSION": "true" if plan.admission else "false",
+                "AGENTMESH_LLM_LIMITS": f"{plan.model}={plan.rpm}/{plan.itpm}/{plan.otpm}",
+                "AGENTMESH_LLM_ADMISSION_BURST_S": str(plan.burst_s),
                 "ANTHROPIC_API_KEY": "sk-simulated-not-a-real-key",
                 "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
             },
@@ -220,7 +228,7 @@ def report(
     return {
         "simulated": True,
         "what": "llm burst against the SIMULATED Messages API (loadtest.fake_anthropic)",
-        "admission_control": False,
+        "admission_control": plan.admission,
         "plan": asdict(plan),
         "calls": calls,
         "calls_429": r429,
@@ -240,7 +248,15 @@ def report(
             )
             if plan.itpm
             else None,
+            "otpm_fraction_of_limit": round(
+                stats.get("output_tokens", 0) / window * 60 / plan.otpm, 3
+            )
+            if plan.otpm and "output_tokens" in stats
+            else None,
         },
+        # the middle 80 % of completions: leaves out the start (agents' first calls) and
+        # the tail (a few tasks retried after the rest finished)
+        "steady": steady(finished, plan.rpm),
         "end_to_end_ms": {
             "p50": round(percentile(e2e_ms, 50), 1),
             "p99": round(percentile(e2e_ms, 99), 1),
@@ -249,6 +265,30 @@ def report(
         "submit_to_all_terminal_s": round(wall_s, 2),
         "run_s": round(total_s, 2),
         "server": stats,
+    }
+
+
+def one_run(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    if args.keep:
+        where = Path(args.keep) / ("admission" if plan.admission else "no-admission")
+        where.mkdir(parents=True, exist_ok=True)
+        return asyncio.run(run(plan, args.timeout_s, where))
+    with tempfile.TemporaryDirectory(prefix="llm-burst-") as tmp:
+        return asyncio.run(run(plan, args.timeout_s, Path(tmp)))
+
+
+def steady(finished: list[tpb.Task], rpm: int) -> dict[str, Any]:
+    """Tasks finished per minute between the 10th and 90th percentile of finish times, and
+    that as a fraction of the RPM limit (each task is at least one call)."""
+    ends = sorted(t.finished_at_us for t in finished)
+    if len(ends) < 10:
+        return {}
+    lo, hi = ends[len(ends) // 10], ends[len(ends) * 9 // 10]
+    count = len(ends) * 9 // 10 - len(ends) // 10
+    per_min = count / max(1e-9, (hi - lo) / 1e6) * 60
+    return {
+        "tasks_per_min": round(per_min, 1),
+        "rpm_fraction_of_limit": round(per_min / rpm, 3) if rpm else None,
     }
 
 
@@ -277,6 +317,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--timeout-s", type=float, default=240.0, help="stop waiting for tasks after this long"
     )
+    p.add_argument(
+        "--admission",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the leader admits llm tasks through the limits (--no-admission: agents alone)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="run without admission, then with it, and report both",
+    )
     p.add_argument("--out", default="", help="write the JSON report here too")
     p.add_argument("--keep", default="", help="keep logs and data in this directory")
     args = p.parse_args(argv)
@@ -295,12 +346,16 @@ def main(argv: list[str] | None = None) -> None:
             model=args.model,
         )
     )
-    if args.keep:
-        Path(args.keep).mkdir(parents=True, exist_ok=True)
-        result = asyncio.run(run(plan, args.timeout_s, Path(args.keep)))
+    result: dict[str, Any]
+    if args.compare:
+        result = {
+            "command": "python -m loadtest.llm_burst " + " ".join(argv or sys.argv[1:]),
+            "without_admission": one_run(replace(plan, admission=False), args),
+            "with_admission": one_run(replace(plan, admission=True), args),
+        }
     else:
-        with tempfile.TemporaryDirectory(prefix="llm-burst-") as tmp:
-            result = asyncio.run(run(plan, args.timeout_s, Path(tmp)))
+        result = one_run(replace(plan, admission=args.admission), args)
+        result["command"] = "python -m loadtest.llm_burst " + " ".join(argv or sys.argv[1:])
     text = json.dumps(result, indent=2)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

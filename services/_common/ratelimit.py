@@ -328,14 +328,34 @@ class AdmissionControl:
     """
 
     def __init__(
-        self, limits: Mapping[str, ModelLimits], clock: MonotonicClock, burst_s: float = 60.0
+        self,
+        limits: Mapping[str, ModelLimits],
+        clock: MonotonicClock,
+        burst_s: float = 60.0,
+        headroom: float = 0.0,
     ) -> None:
+        """`headroom`: the fraction of every limit (configured or reported) left unused.
+
+        The leader admits a call some milliseconds before the service counts it, and calls
+        reach it in a slightly different order and spacing: admitting at exactly the limit
+        would meet the service's bucket empty now and then. A few percent of headroom lets
+        the service's bucket keep a little in hand for that jitter.
+        """
+        if not 0.0 <= headroom < 1.0:
+            raise ValueError(f"headroom must be in [0, 1), got {headroom}")
         self.clock = clock
         self.burst_s = burst_s
+        self.share = 1.0 - headroom
         now = clock.monotonic()
         self._families: dict[str, _Family] = {
-            key: _Family(ModelBuckets(lim, now, burst_s)) for key, lim in limits.items()
+            key: _Family(ModelBuckets(self._scaled(lim), now, burst_s))
+            for key, lim in limits.items()
         }
+
+    def _scaled(self, lim: ModelLimits) -> ModelLimits:
+        return ModelLimits(
+            *(math.ceil(v * self.share) if v else 0 for v in (lim.rpm, lim.itpm, lim.otpm))
+        )
 
     def key(self, model: str) -> str:
         """The limits entry `model` counts against: itself or its longest configured prefix."""
@@ -397,10 +417,17 @@ class AdmissionControl:
             self.clock.monotonic(),
         )
 
-    def observe_headers(self, model: str, headers: Mapping[str, str]) -> None:
+    def observe_headers(self, model: str, headers: Mapping[str, str], age_s: float = 0.0) -> None:
         """Follow what the service reports: adopt its limits, and never believe we have more
-        left than it says (other clients of the account, or estimates that were too low)."""
-        readings = parse_ratelimit_headers(headers, self.clock.wall_us() / 1e6)
+        left than it says (other clients of the account, or estimates that were too low).
+
+        `age_s`: how long ago the headers were read. `remaining` is then credited with the
+        refill since, which overstates what the service has left (our own admissions since
+        also took some): the cap only bites when we believe in far more than the service
+        does, never because a report took a while to arrive.
+        """
+        age_s = max(0.0, age_s)
+        readings = parse_ratelimit_headers(headers, self.clock.wall_us() / 1e6 - age_s)
         if not readings:
             return
         now = self.clock.monotonic()
@@ -413,10 +440,12 @@ class AdmissionControl:
             key = model
             family = self._families[key] = _Family(
                 ModelBuckets(
-                    ModelLimits(
-                        learned.get(REQUESTS, 0),
-                        learned.get(INPUT_TOKENS, 0),
-                        learned.get(OUTPUT_TOKENS, 0),
+                    self._scaled(
+                        ModelLimits(
+                            learned.get(REQUESTS, 0),
+                            learned.get(INPUT_TOKENS, 0),
+                            learned.get(OUTPUT_TOKENS, 0),
+                        )
                     ),
                     now,
                     self.burst_s,
@@ -425,10 +454,10 @@ class AdmissionControl:
         for dim, reading in readings.items():
             bucket = family.buckets.buckets.get(dim)
             if reading.limit and reading.limit > 0:
-                bucket = family.buckets.resize(dim, reading.limit, now)
+                bucket = family.buckets.resize(dim, math.ceil(reading.limit * self.share), now)
                 family.learned[dim] = reading.limit
             if bucket is not None and reading.remaining is not None:
-                bucket.cap_at(reading.remaining, now)
+                bucket.cap_at(reading.remaining + bucket.rate * age_s, now)
 
     def observe_retry_after(self, model: str, seconds: float) -> None:
         """A 429 said to wait: admit nothing more for this model's limits until then."""

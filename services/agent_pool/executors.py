@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common import config
 from services._common.clock import Clock, SystemClock
@@ -35,6 +36,8 @@ class ExecutorError(Exception):
 class Outcome:
     output: bytes
     usage: tpb.TokenUsage = field(default_factory=tpb.TokenUsage)
+    ratelimit: cpb.RateLimitReport | None = None
+    """llm: the rate-limit headers the call saw, for the leader's admission buckets."""
 
 
 Progress = Callable[[float, str], None]

@@ -25,6 +25,7 @@ from typing import Any
 import anthropic
 import httpx2
 
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common import tracing
 from services._common.clock import Clock, SystemClock
@@ -66,6 +67,8 @@ class LlmError(ExecutorError):
         self.ratelimit = ratelimit or {}
         self.attempts = attempts
         self.status = status
+        self.ratelimit_report: cpb.RateLimitReport | None = None
+        """What TaskFailure.ratelimit carries (set by the executor)."""
 
 
 @dataclass
@@ -75,6 +78,7 @@ class _Call:
     model: str
     attempts: int = 0
     ratelimit: dict[str, str] = field(default_factory=dict)
+    ratelimit_seen_us: int = 0
     failed_input_tokens: int = 0
     failed_output_tokens: int = 0
     waits: list[float] = field(default_factory=list)
@@ -261,6 +265,7 @@ class LlmExecutor:
         if not found:
             return
         call.ratelimit = found
+        call.ratelimit_seen_us = self.clock.wall_us()
         if self.on_ratelimit is not None:
             try:
                 self.on_ratelimit(call.model, found)
@@ -297,7 +302,7 @@ class LlmExecutor:
             why = f"gave up after {call.attempts} attempt{'s' if call.attempts != 1 else ''}"
         else:
             why = "not retried: the request itself was refused" if verdict.status else "not retried"
-        return LlmError(
+        failure = LlmError(
             f"llm call to {call.model} failed ({why}); last error: {verdict.what}",
             retryable=verdict.retry,
             usage=usage,
@@ -305,6 +310,8 @@ class LlmExecutor:
             attempts=call.attempts,
             status=verdict.status,
         )
+        failure.ratelimit_report = _report(call)
+        return failure
 
     def _outcome(self, request: LlmRequest, system: str, message: Any, call: _Call) -> Outcome:
         u = message.usage
@@ -340,7 +347,16 @@ class LlmExecutor:
             "id": message.id,
             "ratelimit": call.ratelimit,
         }
-        return Outcome(json.dumps(doc).encode(), usage)
+        return Outcome(json.dumps(doc).encode(), usage, _report(call))
+
+
+def _report(call: _Call) -> cpb.RateLimitReport | None:
+    """The headers the leader's admission buckets follow (None if the server sent none)."""
+    if not call.ratelimit:
+        return None
+    return cpb.RateLimitReport(
+        model=call.model, headers=call.ratelimit, seen_at_us=call.ratelimit_seen_us
+    )
 
 
 def llm_unavailable(environ: Mapping[str, str] | None = None) -> str | None:

@@ -68,6 +68,12 @@ class LlmConfig:
     """Seconds of refill the leader's buckets hold. Small on purpose: the service may enforce
     a per-minute limit over shorter intervals (60 RPM as 1 request per second), so
     admitting a whole minute's allowance at once could still meet 429s."""
+    admission: bool = True
+    """The leader holds llm tasks QUEUED until they fit the limits (False: agents call at
+    once and meet the limits as 429s; for comparison runs)."""
+    admission_headroom: float = 0.05
+    """Fraction of every limit the leader leaves unused, so the jitter between its admission
+    and the service's own count does not find the service's bucket empty."""
     budget_usd: float = 0.0
     """Cluster budget in $: new llm tasks are refused once it is spent (0: none)."""
     project_budgets: tuple[str, ...] = ()
@@ -85,6 +91,8 @@ class LlmConfig:
             )
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
             raise ValueError("AGENTMESH_LLM_DEFAULT_MAX_TOKENS must be 1..max_tokens_limit")
+        if not 0 <= self.admission_headroom < 1:
+            raise ValueError("AGENTMESH_LLM_ADMISSION_HEADROOM must be from 0 to below 1")
         if self.max_attempts < 1:
             raise ValueError("AGENTMESH_LLM_MAX_ATTEMPTS must be at least 1")
 

@@ -75,6 +75,8 @@ def _status_once(etcd: str | None, coordinator: str | None, cluster: str | None)
 
     s, h, why = call(go())
     print_once(console, s)
+    for line in llm_lines(s):
+        console.print(line, soft_wrap=True, markup=False)
     if h is None:
         console.print(f"health     {why}")
         return
@@ -176,3 +178,22 @@ def dashboard(
         pass
     except OSError as err:
         fail(f"cannot serve on {host}:{port}: {err}")
+
+
+def llm_lines(status: Any) -> list[str]:
+    """Why llm tasks wait (the leader's rate-limit admission), budgets, and spend per model
+    and project; nothing when the cluster has run no llm task and has no budget."""
+    lines = [f"llm wait   {w}" for w in status.llm_waiting]
+    for b in status.llm_budgets:
+        lines.append(
+            f"budget     {b.name}: ${b.spent_usd:,.4f} of ${b.cap_usd:,.2f} spent"
+            + ("  (REACHED: new llm tasks refused)" if b.spent_usd >= b.cap_usd else "")
+        )
+    for c in status.llm_costs:
+        if c.dimension in ("model", "project"):
+            lines.append(
+                f"llm {c.dimension:<7}{c.key or '(none)'}: {c.calls} calls, "
+                f"{c.usage.input_tokens:,} in / {c.usage.output_tokens:,} out tokens, "
+                f"${c.usage.cost_usd:,.4f}"
+            )
+    return lines

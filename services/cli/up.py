@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -38,13 +41,34 @@ def up(
     exit_when_done: bool = typer.Option(
         False, "--exit", help="stop the cluster after the backlog finishes"
     ),
+    executor: str = typer.Option(
+        "sleep",
+        help="what the backlog runs: sleep (simulated) or llm (a few short real prompts "
+        "through Claude; needs ANTHROPIC_API_KEY)",
+    ),
+    yes: bool = typer.Option(
+        False, "--yes", "-y", help="run the llm backlog without asking after the cost estimate"
+    ),
 ) -> None:
     """Start a local cluster (etcd, coordinators, health monitor, consensus, agent pools)
     as real processes. Ctrl-C stops it."""
     import signal
 
+    from rich.markup import escape
+
     from registry.etcd_server import EtcdNotFoundError, find_etcd_binary
     from services.cluster import ClusterSpec, LocalCluster
+    from services.llm_demo import EXECUTORS, LLM_KINDS, LLM_ROLES, llm_off_line
+
+    if executor not in EXECUTORS:
+        fail(f"--executor {executor!r}: use one of {', '.join(EXECUTORS)}", 2)
+    off = llm_off_line()
+    if off is not None:
+        # one line, whatever was asked: the demo works without a key, on simulated work
+        fallback = "; the backlog runs simulated `sleep` tasks" if executor == "llm" else ""
+        console.print(f"[yellow]{escape(off + fallback)}[/yellow]", soft_wrap=True)
+        executor = "sleep"
+    llm_specs = _llm_backlog(backlog, yes) if executor == "llm" and backlog else []
 
     if agents < 1 or pools < 1 or coordinators < 1 or health_monitors < 0 or consensus < 0:
         fail("--agents, --pools and --coordinators must be at least 1", 2)
@@ -81,6 +105,9 @@ def up(
             capacity=capacity,
             sleep_ms=sleep_ms,
             strategy=strategy,
+            env={"AGENTMESH_KINDS": LLM_KINDS, "AGENTMESH_ROLES": LLM_ROLES}
+            if executor == "llm"
+            else {},
         )
     )
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -109,10 +136,12 @@ def up(
         for ep in cluster.consensus_endpoints:
             console.print(f"  consensus    {ep}   (agentmesh propose …, agentmesh decisions)")
         console.print(f"  logs         {cluster.log_dir}")
-        if backlog:
+        if llm_specs:
+            call(_run_llm_backlog(cluster.etcd_endpoint, llm_specs))
+        elif backlog:
             call(_backlog(cluster.etcd_endpoint, backlog))
-            if exit_when_done:
-                return
+        if backlog and exit_when_done:
+            return
         console.print("press Ctrl-C to stop")
         while True:
             time.sleep(1)
@@ -147,3 +176,44 @@ async def _backlog(etcd: str, count: int) -> None:
     )
     async with MeshClient(etcd=etcd) as client:
         await submit_and_wait(client, specs, wait=True)
+
+
+MAX_LLM_BACKLOG = 24
+"""The llm demo is a handful of short prompts, not a load test: real calls cost money."""
+
+
+def _llm_backlog(count: int, yes: bool) -> list[Any]:
+    """The llm sample tasks, after printing what they may cost and (unless --yes) asking."""
+    from services._common import config
+    from services.agent_pool.llm_config import LlmConfig
+    from services.llm_demo import estimate, sample_specs
+
+    if count > MAX_LLM_BACKLOG:
+        console.print(f"--backlog {count} with --executor llm: running {MAX_LLM_BACKLOG} prompts")
+        count = MAX_LLM_BACKLOG
+    try:
+        cfg = config.load(LlmConfig, section="llm")
+    except ValueError as err:
+        fail(str(err), 2)
+    specs = sample_specs(count, f"{int(time.time())}")
+    console.print(f"cost estimate: {estimate(specs, cfg).line()}", soft_wrap=True, markup=False)
+    if not yes and not typer.confirm("run them?", default=False):
+        fail("not started (pass --yes to skip the question)", 1)
+    return specs
+
+
+async def _run_llm_backlog(etcd: str, specs: list[Any]) -> None:
+    from services.client import MeshClient
+    from services.llm_demo import spent_line
+
+    console.print(f"submitting {len(specs)} [bold]real[/bold] llm tasks (one per role, in turn)")
+    async with MeshClient(etcd=etcd) as client:
+        await submit_and_wait(client, specs, wait=True)
+        tasks = [await client.get(s.task_id) for s in specs]
+    for t in tasks:
+        text = t.result.decode(errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):
+            text = json.loads(text).get("text", text)
+        first = " ".join(text.split())[:100] or t.last_error[:100]
+        console.print(f"  {t.spec.role:<10} {t.task_id}: {first}", soft_wrap=True, markup=False)
+    console.print(spent_line(tasks), soft_wrap=True, markup=False)

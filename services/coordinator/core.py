@@ -55,7 +55,8 @@ from services._common.errors import (
 )
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
-from services.coordinator.limits import validate_hello, validate_spec
+from services.coordinator.limits import DEFAULT_LLM, validate_hello, validate_spec
+from services.coordinator.llm_admission import LlmGate
 from services.coordinator.port import READ_CHUNK, Committed, Store, Write
 from services.coordinator.queue import ReadyQueue
 from services.coordinator.sessions import AgentSession, Strategy
@@ -217,6 +218,8 @@ class CoordinatorCore:
         self._background: set[asyncio.Task[Any]] = set()
         self._creating: dict[str, asyncio.Future[None]] = {}
         """Task ids whose create is in flight: a replay of one waits for its outcome."""
+        self.llm = LlmGate(DEFAULT_LLM, clock)
+        """Admission, budgets and costs of `llm` tasks (the server sets the configured one)."""
         self._outage = _Outage()
         self._outage.back.set()
         self._reconcile_now = asyncio.Event()
@@ -498,7 +501,8 @@ class CoordinatorCore:
                 f"a batch holds at most {MAX_BATCH} tasks; split it ({len(specs)} given)"
             )
         for i, spec in enumerate(specs):
-            validate_spec(spec, self.cfg, f"specs[{i}]" if len(specs) > 1 else "spec")
+            validate_spec(spec, self.cfg, f"specs[{i}]" if len(specs) > 1 else "spec", self.llm.cfg)
+        self.llm.check_budgets(specs)  # FAILED_PRECONDITION for the whole batch
         self._check_term()
         return await self._owned(self._submit(list(specs)))
 
@@ -537,6 +541,8 @@ class CoordinatorCore:
                 task_id=task_id, spec=stored, state=QUEUED, created_at_us=now, term=self.term
             )
             agent = self.strategy.pick(stored, self.free) if fast and self.free else None
+            if agent is not None and not self.llm.admit(task):
+                agent = None  # over its model's rate limits: it waits in the queue
             if agent is None:
                 writes.append(Write(task, expect_mod=0))
             else:
@@ -945,6 +951,7 @@ class CoordinatorCore:
                 ack.reason = "the claim was lost before the report arrived (agent lease expired or task reassigned)"
                 return ack
             ack.accepted = True
+            self.llm.reported(new, agent_id, msg)  # settle its admission, follow, charge
             if agent is not None and not handed_back:
                 if ok:
                     agent.completed += 1
@@ -980,6 +987,7 @@ class CoordinatorCore:
     def _finish(self, entry: Entry, new: tpb.Task, previous: int) -> None:
         if self.active.get(new.task_id) is entry:
             del self.active[new.task_id]
+        self.llm.forget(new.task_id)
         self.finished[state_name(new.state)] += 1
         self._publish(new, previous)
 
@@ -1400,7 +1408,7 @@ class CoordinatorCore:
 
     def plan(self) -> list[tuple[Entry, AgentSession]]:
         """Match ready tasks to free agents (see `ReadyQueue.plan`)."""
-        return self.queue.plan(self.active, self.free, self.strategy.pick, self._reserve)
+        return self.queue.plan(self.active, self.free, self.strategy.pick, self._reserve, self.llm)
 
     async def _assign(self, entry: Entry, agent: AgentSession) -> None:
         """Write the claim of a planned assignment (plan() took the entry and the slot)."""
@@ -1465,6 +1473,9 @@ class CoordinatorCore:
             next_due = self.queue.promote_due(self.active)
             for entry, agent in self.plan():
                 self.run_in_background(self._assign(entry, agent))
+            llm_due = self.llm.next_try_s()  # a model held back by its rate limits
+            if llm_due is not None:
+                next_due = llm_due if next_due is None else min(next_due, llm_due)
             if next_due is None:
                 await self.wake.wait()
             else:

@@ -31,6 +31,8 @@ from typing import Any
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.errors import InvalidArgumentError
+from services.agent_pool.llm_config import LlmConfig
+from services.agent_pool.llm_payload import LlmRequest, PayloadError, parse_payload
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -313,7 +315,9 @@ def clip(text: str, limit: int) -> str:
 # ---- requests
 
 
-def validate_spec(spec: tpb.TaskSpec, cfg: Any, where: str = "spec") -> None:
+def validate_spec(
+    spec: tpb.TaskSpec, cfg: Any, where: str = "spec", llm: LlmConfig | None = None
+) -> None:
     """Raise InvalidArgumentError naming the field to fix. `cfg` has task_kinds and
     max_payload_bytes (a CoordinatorConfig)."""
     kinds = ", ".join(cfg.task_kinds)
@@ -363,6 +367,26 @@ def validate_spec(spec: tpb.TaskSpec, cfg: Any, where: str = "spec") -> None:
         TRACE_CONTEXT_KEY_BYTES,
         TRACE_CONTEXT_VALUE_BYTES,
     )
+    if spec.kind == "llm":
+        validate_llm_payload(spec, llm or DEFAULT_LLM, where)
+
+
+DEFAULT_LLM = LlmConfig()
+"""The llm section when the caller passes none (the built-in roles, models and max_tokens cap);
+the leader passes its configured one."""
+
+
+def validate_llm_payload(spec: tpb.TaskSpec, llm: LlmConfig, where: str = "spec") -> LlmRequest:
+    """An `llm` task's payload, checked at submit (the schema in
+    services/agent_pool/llm_payload.schema.json) so a mistake is refused with
+    INVALID_ARGUMENT instead of failing on an agent after it waited its turn."""
+    try:
+        return parse_payload(spec.payload, llm, spec.role)
+    except PayloadError as err:
+        raise InvalidArgumentError(
+            f"{where}.payload: {clip(str(err), 1024)} "
+            "(see services/agent_pool/llm_payload.schema.json)"
+        ) from None
 
 
 def validate_batch(specs: Any, cfg: Any) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import heapq
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import Clock
@@ -20,6 +20,14 @@ from services.coordinator.tasks import QUEUED
 
 if TYPE_CHECKING:  # core.py builds the queue; the queue only holds core's entries
     from services.coordinator.core import Entry
+
+
+class Gate(Protocol):
+    """What the dispatcher asks before it assigns (llm_admission.LlmGate)."""
+
+    def held(self, task: tpb.Task) -> bool: ...
+
+    def admit(self, task: tpb.Task) -> bool: ...
 
 
 class ReadyQueue:
@@ -73,6 +81,7 @@ class ReadyQueue:
         free: dict[str, AgentSession],
         pick: Callable[[tpb.TaskSpec, dict[str, AgentSession]], AgentSession | None],
         reserve: Callable[[AgentSession, str], None],
+        gate: Gate | None = None,
     ) -> list[tuple[Entry, AgentSession]]:
         """Match ready tasks to agents: highest priority first, FIFO within one. Each
         match takes its entry and reserves its slot (`reserve` drops a full agent from
@@ -92,13 +101,19 @@ class ReadyQueue:
                         entry.queued = False
                     continue
                 scanned += 1
-                if entry.busy:
+                if entry.busy or (gate is not None and gate.held(entry.task)):
                     kept.append(task_id)
                     continue
                 agent = pick(entry.task.spec, free)
                 if agent is None or task_id in agent.inflight:
                     # nobody free can run it now (or the one picked still lists an older
                     # claim of it, being settled): keep its place
+                    kept.append(task_id)
+                    continue
+                if gate is not None and not gate.admit(entry.task):
+                    # an llm task its model's rate limits cannot take now: it waits QUEUED
+                    # in its place (asked only once an agent is found, so an admission is
+                    # never spent on a task that then finds no agent)
                     kept.append(task_id)
                     continue
                 entry.queued = False

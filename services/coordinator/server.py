@@ -21,18 +21,22 @@ from registry import discovery
 from registry.election import candidates, current_leader
 from registry.errors import RegistryError
 from registry.leadership import Leadership, Term, parse_leader_value
-from services._common import telemetry
+from services._common import config, telemetry
 from services._common.clock import Clock, Timer
 from services._common.errors import StoreUnavailableError
 from services._common.follow import Leader
 from services._common.runner import Runner
+from services.agent_pool.llm_config import LlmConfig
 from services.coordinator import counts
 from services.coordinator.admission import admissions
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
 from services.coordinator.limits import check_config
+from services.coordinator.llm_admission import LlmGate
+from services.coordinator.llm_costs import flush_costs, load_costs
 from services.coordinator.servicer import CoordinatorServicer, split_services
 from services.coordinator.store import EtcdTaskStore
+from services.coordinator.tasks import QUEUED
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,8 @@ class CoordinatorNode:
 
     def __init__(self, cfg: CoordinatorConfig, clock: Clock | None = None) -> None:
         check_config(cfg)
+        # the llm section (limits, budgets, prices): a wrong value stops the process here
+        self.llm_cfg = config.load(LlmConfig, section="llm")
         self.cfg = cfg
         self.runner = Runner(ROLE, cfg, [SERVICE], clock=clock)
         self.clock = self.runner.clock
@@ -101,6 +107,9 @@ class CoordinatorNode:
             status.queue_depth = core.queue_depth()
             for name, count in core.counts().items():
                 status.task_counts[name] = count
+            core.llm.fill_status(
+                status, (e.task for e in core.active.values() if e.task.state == QUEUED)
+            )
         return status
 
     # ---- one term ----
@@ -114,6 +123,7 @@ class CoordinatorNode:
         core = CoordinatorCore(store, self.clock, cfg, term=term.number, node_id=self.node_id)
         core.subscribers = self.servicer.hub.subscribers
         core.on_progress = self.servicer.hub.progress
+        core.llm = LlmGate(self.llm_cfg, self.clock)
         counter = telemetry.watch_core(core)
         started = self.clock.monotonic()
         jobs: list[asyncio.Task[None]] = []
@@ -122,6 +132,7 @@ class CoordinatorNode:
             records, claims, revision = await store.load()
             core.finished.update(await counts.load(self.etcd))  # earlier terms' finished tasks
             orphans = core.load(records, claims)
+            core.llm.load(await load_costs(self.etcd))  # budgets survive a leader change
             self.term = term.number
             self.servicer.core = core
             self.leader.set(self.endpoint)
@@ -152,6 +163,7 @@ class CoordinatorNode:
                 "finished counts": lambda: counts.keep(
                     self.etcd, term.election, self.clock, core.finished
                 ),
+                "llm costs": lambda: flush_costs(self.etcd, core.llm, term.fenced),
             }
             jobs.extend(asyncio.ensure_future(job()) for job in named.values())
             names = ["health records", *named]

@@ -366,6 +366,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         used = 0
         for agent_id in sorted(a for a in core.agents if a > after):
             status = core.agents[agent_id].status()
+            core.llm.fill_agent(status)
             status_bytes = status.ByteSize()
             if out and (len(out) >= size or used + status_bytes > limits.LIST_PAGE_BYTES):
                 return cpb.ListAgentsResponse(agents=out, next_page_token=out[-1].agent_id)

@@ -115,9 +115,14 @@ async def test_rate_limit_headers_reach_the_observer_and_the_result() -> None:
     await server.start()
     try:
         ex = executor(server)
-        doc = json.loads((await run(ex, llm_task({"prompt": "x", "max_tokens": 100}))).output)
+        outcome = await run(ex, llm_task({"prompt": "x", "max_tokens": 100}))
+        doc = json.loads(outcome.output)
     finally:
         await server.stop()
+    # what TaskResult.ratelimit carries to the leader's admission buckets
+    assert outcome.ratelimit.model == "claude-sonnet-5-5"
+    assert dict(outcome.ratelimit.headers) == doc["ratelimit"]
+    assert outcome.ratelimit.seen_at_us > 0
     assert doc["ratelimit"]["anthropic-ratelimit-requests-limit"] == "50"
     assert doc["ratelimit"]["anthropic-ratelimit-requests-remaining"] == "49"
     assert doc["ratelimit"]["anthropic-ratelimit-output-tokens-limit"] == "8000"
@@ -151,6 +156,10 @@ async def test_the_account_limit_answers_429_with_retry_after() -> None:
     # whole seconds until the next token (30 s per token, less the time since the first call)
     assert 1 <= int(info.value.ratelimit["retry-after"]) <= 30
     assert info.value.ratelimit["anthropic-ratelimit-requests-remaining"] == "0"
+    # what TaskFailure.ratelimit carries to the leader (it pauses the model on retry-after)
+    report = info.value.ratelimit_report
+    assert report is not None
+    assert dict(report.headers) == info.value.ratelimit
     assert "2 requests per minute" in str(info.value)
 
 

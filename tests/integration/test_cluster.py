@@ -36,6 +36,9 @@ from services.cluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 
+# kind llm: no pool agent in these tests runs it; its payload is checked at submit
+LLM_PAYLOAD = b'{"prompt": "hello"}'
+
 S = tpb.TaskState
 QUEUED, ASSIGNED, RUNNING = S.TASK_STATE_QUEUED, S.TASK_STATE_ASSIGNED, S.TASK_STATE_RUNNING
 SUCCEEDED, CANCELLED, DEAD_LETTER = (
@@ -424,7 +427,7 @@ async def test_forged_and_stale_claim_tokens_are_refused(cluster: Any) -> None:
     async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
         leader = (await client.status()).leader_endpoint
         async with HandAgent(leader, "hand-1", lease) as agent:
-            await client.submit(tpb.TaskSpec(task_id="claimed-1", kind="llm", payload=b"hello"))
+            await client.submit(tpb.TaskSpec(task_id="claimed-1", kind="llm", payload=LLM_PAYLOAD))
             task = (await agent.expect("assign")).task
             assert (task.task_id, task.agent_id, task.attempts) == ("claimed-1", "hand-1", 1)
             token = task.claim_token
@@ -470,7 +473,7 @@ async def test_result_of_a_reassigned_attempt_is_refused(cluster: Any) -> None:
     async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
         leader = (await client.status()).leader_endpoint
         async with HandAgent(leader, "hand-1", lease) as first:
-            await client.submit(tpb.TaskSpec(task_id="moved-1", kind="llm"))
+            await client.submit(tpb.TaskSpec(task_id="moved-1", kind="llm", payload=LLM_PAYLOAD))
             old = (await first.expect("assign")).task
         # hand-1's stream dropped: its claim is released at once, without waiting for a lease
         async with HandAgent(leader, "hand-2", lease) as second:
@@ -511,7 +514,7 @@ async def test_refused_report_does_not_free_the_agents_slot(cluster: Any) -> Non
         leader = (await client.status()).leader_endpoint
         async with HandAgent(leader, "hand-1", lease) as agent:
             await client.submit_batch(
-                [tpb.TaskSpec(task_id=f"busy-{n}", kind="llm") for n in (1, 2)]
+                [tpb.TaskSpec(task_id=f"busy-{n}", kind="llm", payload=LLM_PAYLOAD) for n in (1, 2)]
             )
             first = (await agent.expect("assign")).task
             await agent.quiet(0.5)  # capacity 1: the second one waits
@@ -528,7 +531,7 @@ async def test_dropped_stream_requeues_a_task_after_a_refused_report(cluster: An
     async with MeshClient(etcd=c.etcd_endpoint) as client, agent_lease(c) as lease:
         leader = (await client.status()).leader_endpoint
         async with HandAgent(leader, "hand-1", lease) as agent:
-            await client.submit(tpb.TaskSpec(task_id="dropped-1", kind="llm"))
+            await client.submit(tpb.TaskSpec(task_id="dropped-1", kind="llm", payload=LLM_PAYLOAD))
             task = (await agent.expect("assign")).task
             assert not (await agent.report(task.task_id, task.claim_token + 1, b"forged")).accepted
         # the stream is gone; the lease (60 s) lives on, as a pool process's would
@@ -543,7 +546,8 @@ async def test_dropped_stream_requeues_a_task_after_a_refused_report(cluster: An
 # Both watch tests below make the watcher lag for certain: the client reads nothing while a
 # task event of about 500 KB (the full view) waits for HTTP/2 flow control (a 64 KiB stream
 # window, with the window auto-tuning off), so the coordinator's writer stays blocked on it.
-BIG_PAYLOAD = b"x" * 500_000
+# an llm payload (checked at submit) of nearly the 512 KiB limit
+BIG_PAYLOAD = b'{"prompt": "' + b"x" * 500_000 + b'"}'
 SLOW_READER = [("grpc.http2.bdp_probe", 0)]
 
 

@@ -957,7 +957,9 @@ async def test_assignment_lost_with_the_killed_leader_is_requeued(cluster: Any) 
             )
         )
         async with MeshClient(etcd=c.etcd_endpoint, retry_s=60) as client:
-            await client.submit(tpb.TaskSpec(task_id="lost-assign", kind="llm", payload=b"x"))
+            await client.submit(
+                tpb.TaskSpec(task_id="lost-assign", kind="llm", payload=b'{"prompt": "x"}')
+            )
             first = (await agents[0].expect("assign")).task
             assert first.attempts == 1
             # The leader dies right after committing the claim: the Assign message never

@@ -181,3 +181,38 @@ def test_the_readme_lists_every_limit() -> None:
         assert limit.past in table, limit.what
     assert len(rows) - 1 == len(L.LIMITS)  # and nothing else (the header row aside)
     assert not re.search(r"1 MiB payload|payload over 1 MiB", readme)
+
+
+# ---- llm payloads are checked at submit
+
+
+@pytest.mark.parametrize(
+    ("payload", "says"),
+    [
+        (b"", "must be a JSON object"),
+        (b"not json", "must be UTF-8 JSON"),
+        (b'{"max_tokens": 10}', "exactly one of 'prompt'"),
+        (b'{"prompt": "hi", "max_tokens": 0}', "'max_tokens' must be an integer from 1 to"),
+        (b'{"prompt": "hi", "temperature": 3}', "'temperature' must be a number from 0 to 1"),
+        (b'{"prompt": "hi", "colour": "red"}', "unknown fields ['colour']"),
+        (b'{"prompt": "hi", "complexity": "huge"}', "'complexity' must be one of"),
+    ],
+)
+def test_an_llm_payload_that_breaks_the_schema_is_refused_saying_what_to_fix(
+    payload: bytes, says: str
+) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        L.validate_batch([tpb.TaskSpec(kind="llm", payload=payload)], CFG)
+    assert str(info.value).startswith("spec.payload: llm payload")
+    assert says in str(info.value)
+    assert "llm_payload.schema.json" in str(info.value)
+
+
+def test_a_valid_llm_payload_passes_and_other_kinds_are_not_parsed() -> None:
+    L.validate_batch([tpb.TaskSpec(kind="llm", payload=b'{"prompt": "hi", "max_tokens": 5}')], CFG)
+    L.validate_batch([tpb.TaskSpec(kind="echo", payload=b"not json")], CFG)
+    # the batch index names the task to fix
+    with pytest.raises(InvalidArgumentError, match=r"^specs\[1\]\.payload"):
+        L.validate_batch(
+            [tpb.TaskSpec(kind="llm", payload=b'{"prompt": "a"}'), tpb.TaskSpec(kind="llm")], CFG
+        )

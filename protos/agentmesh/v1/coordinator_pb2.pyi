@@ -104,7 +104,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("agent_id", "pool_id", "roles", "labels", "kinds", "capacity", "inflight", "completed", "failed", "latency_ema_ms", "draining", "connected_at_us", "health_admission")
+    __slots__ = ("agent_id", "pool_id", "roles", "labels", "kinds", "capacity", "inflight", "completed", "failed", "latency_ema_ms", "draining", "connected_at_us", "health_admission", "llm_calls", "llm_usage")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,8 @@ class AgentStatus(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_AT_US_FIELD_NUMBER: _ClassVar[int]
     HEALTH_ADMISSION_FIELD_NUMBER: _ClassVar[int]
+    LLM_CALLS_FIELD_NUMBER: _ClassVar[int]
+    LLM_USAGE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     pool_id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
@@ -138,7 +140,9 @@ class AgentStatus(_message.Message):
     draining: bool
     connected_at_us: int
     health_admission: str
-    def __init__(self, agent_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., kinds: _Optional[_Iterable[str]] = ..., capacity: _Optional[int] = ..., inflight: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., latency_ema_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., connected_at_us: _Optional[int] = ..., health_admission: _Optional[str] = ...) -> None: ...
+    llm_calls: int
+    llm_usage: _task_pb2.TokenUsage
+    def __init__(self, agent_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., kinds: _Optional[_Iterable[str]] = ..., capacity: _Optional[int] = ..., inflight: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., latency_ema_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., connected_at_us: _Optional[int] = ..., health_admission: _Optional[str] = ..., llm_calls: _Optional[int] = ..., llm_usage: _Optional[_Union[_task_pb2.TokenUsage, _Mapping]] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents", "next_page_token")
@@ -172,7 +176,7 @@ class ServiceInstance(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("leader_endpoint", "leader_id", "term", "standbys", "agents_connected", "queue_depth", "task_counts", "services", "assignment_strategy")
+    __slots__ = ("leader_endpoint", "leader_id", "term", "standbys", "agents_connected", "queue_depth", "task_counts", "services", "assignment_strategy", "llm_waiting", "llm_costs", "llm_budgets")
     class TaskCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +193,9 @@ class ClusterStatus(_message.Message):
     TASK_COUNTS_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    LLM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    LLM_COSTS_FIELD_NUMBER: _ClassVar[int]
+    LLM_BUDGETS_FIELD_NUMBER: _ClassVar[int]
     leader_endpoint: str
     leader_id: str
     term: int
@@ -198,7 +205,49 @@ class ClusterStatus(_message.Message):
     task_counts: _containers.ScalarMap[str, int]
     services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
     assignment_strategy: str
-    def __init__(self, leader_endpoint: _Optional[str] = ..., leader_id: _Optional[str] = ..., term: _Optional[int] = ..., standbys: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., agents_connected: _Optional[int] = ..., queue_depth: _Optional[int] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., assignment_strategy: _Optional[str] = ...) -> None: ...
+    llm_waiting: _containers.RepeatedScalarFieldContainer[str]
+    llm_costs: _containers.RepeatedCompositeFieldContainer[CostTotal]
+    llm_budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
+    def __init__(self, leader_endpoint: _Optional[str] = ..., leader_id: _Optional[str] = ..., term: _Optional[int] = ..., standbys: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., agents_connected: _Optional[int] = ..., queue_depth: _Optional[int] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., assignment_strategy: _Optional[str] = ..., llm_waiting: _Optional[_Iterable[str]] = ..., llm_costs: _Optional[_Iterable[_Union[CostTotal, _Mapping]]] = ..., llm_budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ...) -> None: ...
+
+class CostTotal(_message.Message):
+    __slots__ = ("dimension", "key", "calls", "usage")
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    dimension: str
+    key: str
+    calls: int
+    usage: _task_pb2.TokenUsage
+    def __init__(self, dimension: _Optional[str] = ..., key: _Optional[str] = ..., calls: _Optional[int] = ..., usage: _Optional[_Union[_task_pb2.TokenUsage, _Mapping]] = ...) -> None: ...
+
+class BudgetStatus(_message.Message):
+    __slots__ = ("name", "cap_usd", "spent_usd")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CAP_USD_FIELD_NUMBER: _ClassVar[int]
+    SPENT_USD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    cap_usd: float
+    spent_usd: float
+    def __init__(self, name: _Optional[str] = ..., cap_usd: _Optional[float] = ..., spent_usd: _Optional[float] = ...) -> None: ...
+
+class RateLimitReport(_message.Message):
+    __slots__ = ("model", "headers", "seen_at_us")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    SEEN_AT_US_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    headers: _containers.ScalarMap[str, str]
+    seen_at_us: int
+    def __init__(self, model: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., seen_at_us: _Optional[int] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "accepted", "progress", "result", "failure", "draining")
@@ -274,34 +323,38 @@ class TaskProgress(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., fraction: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("task_id", "claim_token", "output", "usage", "received_at_us")
+    __slots__ = ("task_id", "claim_token", "output", "usage", "received_at_us", "ratelimit")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLAIM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_US_FIELD_NUMBER: _ClassVar[int]
+    RATELIMIT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     claim_token: int
     output: bytes
     usage: _task_pb2.TokenUsage
     received_at_us: int
-    def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., output: _Optional[bytes] = ..., usage: _Optional[_Union[_task_pb2.TokenUsage, _Mapping]] = ..., received_at_us: _Optional[int] = ...) -> None: ...
+    ratelimit: RateLimitReport
+    def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., output: _Optional[bytes] = ..., usage: _Optional[_Union[_task_pb2.TokenUsage, _Mapping]] = ..., received_at_us: _Optional[int] = ..., ratelimit: _Optional[_Union[RateLimitReport, _Mapping]] = ...) -> None: ...
 
 class TaskFailure(_message.Message):
-    __slots__ = ("task_id", "claim_token", "error", "retryable", "usage", "not_started")
+    __slots__ = ("task_id", "claim_token", "error", "retryable", "usage", "not_started", "ratelimit")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLAIM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     NOT_STARTED_FIELD_NUMBER: _ClassVar[int]
+    RATELIMIT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     claim_token: int
     error: str
     retryable: bool
     usage: _task_pb2.TokenUsage
     not_started: bool
-    def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., usage: _Optional[_Union[_task_pb2.TokenUsage, _Mapping]] = ..., not_started: _Optional[bool] = ...) -> None: ...
+    ratelimit: RateLimitReport
+    def __init__(self, task_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., usage: _Optional[_Union[_task_pb2.TokenUsage, _Mapping]] = ..., not_started: _Optional[bool] = ..., ratelimit: _Optional[_Union[RateLimitReport, _Mapping]] = ...) -> None: ...
 
 class AgentDraining(_message.Message):
     __slots__ = ("reason",)
