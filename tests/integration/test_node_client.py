@@ -379,6 +379,11 @@ async def test_node_agent_runs_tasks_reports_with_claims_and_is_fenced(
             return any(a.agent_id == agent_id for a in (await client.agents()).agents)
 
         await until(connected, "the Node agent to connect to the leader")
+
+        async def welcomed() -> bool:  # the leader lists it at its hello, before the welcome
+            return bool(agent.of("welcome"))
+
+        await until(welcomed, "the Node agent to print its welcome")
         # pointed at the standby, it was redirected and welcomed by the leader
         assert agent.of("redirect")[0]["leader_endpoint"] == leader, agent.events
         assert agent.of("welcome")[-1]["endpoint"] == leader, agent.events
