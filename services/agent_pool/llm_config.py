@@ -71,7 +71,7 @@ class LlmConfig:
     admission: bool = True
     """The leader holds llm tasks QUEUED until they fit the limits (False: agents call at
     once and meet the limits as 429s; for comparison runs)."""
-    admission_headroom: float = 0.05
+    admission_headroom: float = 0.02
     """Fraction of every limit the leader leaves unused, so the jitter between its admission
     and the service's own count does not find the service's bucket empty."""
     budget_usd: float = 0.0
