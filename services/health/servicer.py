@@ -21,6 +21,8 @@ from services.health import metrics
 from services.health.core import HealthCore
 
 WATCH_QUEUE_LIMIT = 10_000
+WRITER_GRACE_S = 1.0
+"""How long a closing stream waits for the directive being written before it ends."""
 _END = hpb.HealthEvent()
 """The sentinel a watcher gets when the term ends."""
 
@@ -93,6 +95,11 @@ class HealthServicer(hpb_grpc.HealthMonitorServicer):
             core.disconnect(agent_id, stream)
             self._outboxes.discard(outbox)
             read_task.cancel()
+            # the writer ends after the message it is writing: a context.write cancelled
+            # half-way can leave the call unable to send its status, and the stream hangs
+            outbox.put_nowait(None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(write_task), WRITER_GRACE_S)
             write_task.cancel()
         if read_task.done() and not read_task.cancelled():
             failure = read_task.exception()
