@@ -91,16 +91,21 @@ class HealthServicer(hpb_grpc.HealthMonitorServicer):
         write_task = asyncio.ensure_future(writer())
         try:
             await asyncio.wait({read_task, write_task}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            write_task.cancel()  # grpc cancelled the call: nothing more can be written
+            raise
         finally:
             core.disconnect(agent_id, stream)
             self._outboxes.discard(outbox)
             read_task.cancel()
-            # the writer ends after the message it is writing: a context.write cancelled
-            # half-way can leave the call unable to send its status, and the stream hangs
-            outbox.put_nowait(None)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(write_task), WRITER_GRACE_S)
+            outbox.put_nowait(None)  # the writer sends what is queued, then stops
+        # as in the coordinator's Connect: the call's status cannot go out while a write is
+        # pending, and a write cancelled half-way left this stream hanging for good; so the
+        # writer finishes, within a bound
+        done, _ = await asyncio.wait({write_task}, timeout=WRITER_GRACE_S)
+        if not done:
             write_task.cancel()
+            raise asyncio.CancelledError  # its peer reads nothing: no status can reach it
         if read_task.done() and not read_task.cancelled():
             failure = read_task.exception()
             if isinstance(failure, DomainError):
