@@ -153,9 +153,12 @@ class Runner:
         delay = 0.1
         while True:
             try:
-                await self.session.attach(*self._registration())
-                self._registered.set()
-                return
+                registration = self._registration()
+                await self.session.attach(*registration)
+                if self._registration() == registration:
+                    self._registered.set()
+                    return
+                continue  # published meanwhile (not written: not registered yet)
             except StoreUnavailableError:
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, 2.0)

@@ -129,6 +129,39 @@ async def test_one_leads_registers_and_reports_health(etcd_server: EtcdServer) -
         assert mine[0].metadata == {"agents": "7"}
 
 
+async def test_metadata_published_while_registering_is_not_lost(
+    etcd_server: EtcdServer,
+) -> None:
+    runner = Runner(
+        "example",
+        ServiceConfig(etcd=etcd_server.endpoint, cluster=f"test-{uuid.uuid4().hex}", grace_s=1.0),
+        [SERVICE],
+        node_id="r0",
+    )
+    attach = runner.session.attach
+    published = False
+
+    async def slow_attach(key: bytes, value: bytes) -> None:
+        nonlocal published
+        await attach(key, value)
+        if not published:  # the pool's count changes while the first put is in flight
+            published = True
+            await runner.publish(agents="7")
+
+    runner.session.attach = slow_attach  # type: ignore[method-assign]
+    task = asyncio.ensure_future(runner.run())
+    try:
+        async with asyncio.timeout(HANG_S):
+            while True:
+                found = await discovery.resolve(runner.etcd, "example")
+                if found and found[0].metadata == {"agents": "7"}:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        runner.stop()
+        await within(task, 30)
+
+
 async def test_stopping_the_leader_hands_over_at_once_and_fences_it(
     etcd_server: EtcdServer,
 ) -> None:
