@@ -188,8 +188,8 @@ async def test_byzantine_voters_are_excluded_under_bft(cluster: ClusterFactory) 
 async def test_a_voter_pool_killed_mid_vote_gives_timed_out_or_a_correct_decision(
     cluster: ClusterFactory,
 ) -> None:
-    # agents think 200-400 ms before voting, so the kill lands mid-vote
-    local = await start(cluster, env={"AGENTMESH_VOTE_DELAY_MS": "uniform:200:400"})
+    # agents think 1-1.5 s before voting, so the kill lands mid-vote
+    local = await start(cluster, env={"AGENTMESH_VOTE_DELAY_MS": "uniform:1000:1500"})
     store = store_of(local)
     try:
         async with client_of(local) as client:
@@ -205,7 +205,13 @@ async def test_a_voter_pool_killed_mid_vote_gives_timed_out_or_a_correct_decisio
                 for i in range(3)
             ]
             pending = asyncio.gather(*(client.propose(r) for r in requests))
-            await asyncio.sleep(0.1)
+            # every proposal open (its electorate of 100 taken) before the kill: a proposal
+            # opened after it has 50 voters, who can decide it
+            async with asyncio.timeout(10):
+                for r in requests:
+                    while (opened := await store.get_proposal(r.proposal_id)) is None:
+                        await asyncio.sleep(0.01)
+                    assert len(opened.voters) == VOTERS
             local.kill("pool-2")  # 50 of 100 voters gone before answering
             responses = await asyncio.wait_for(pending, 30)
             outcomes = Counter()
