@@ -103,6 +103,7 @@ class CoordinatorNode:
             )
         core = self.servicer.core
         if core is not None:
+            status.from_leader = True
             status.agents_connected = len(core.agents)
             status.queue_depth = core.queue_depth()
             for name, count in core.counts().items():

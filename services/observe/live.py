@@ -273,12 +273,15 @@ def print_once(console: Console, s: cpb.ClusterStatus) -> None:
     console.print(f"leader     {s.leader_id or '-'} at {s.leader_endpoint or '-'}  term {s.term}")
     for sb in s.standbys:
         console.print(f"standby    {sb.instance_id} at {sb.endpoint}")
-    console.print(
-        f"agents     {s.agents_connected} connected   queue depth {s.queue_depth}   strategy {s.assignment_strategy}"
-    )
-    console.print(
-        "tasks      " + ("  ".join(f"{k} {v}" for k, v in sorted(s.task_counts.items())) or "-")
-    )
+    if not s.from_leader:
+        console.print("agents     unknown: a standby answered, or the new leader is still loading")
+    else:
+        console.print(
+            f"agents     {s.agents_connected} connected   queue depth {s.queue_depth}   strategy {s.assignment_strategy}"
+        )
+        console.print(
+            "tasks      " + ("  ".join(f"{k} {v}" for k, v in sorted(s.task_counts.items())) or "-")
+        )
     for svc in sorted(s.services, key=lambda x: (x.kind, x.instance_id)):
         console.print(f"service    {svc.kind:<12} {svc.instance_id:<24} {svc.endpoint}")
 

@@ -356,6 +356,7 @@ class SwarmModel:
             status.CopyFrom(self.status)
         status.leader_id, status.leader_endpoint, status.term = leader_id, endpoint, term
         # the live figures are the leader's; from etcd alone they are unknown
+        status.from_leader = False
         status.agents_connected = 0
         status.queue_depth = 0
         status.ClearField("task_counts")

@@ -444,6 +444,7 @@ async def test_status_shows_the_leader_and_term(
     assert status.leader_endpoint == node.endpoint
     assert status.leader_id == node.node_id
     assert status.term == node.term > 0
+    assert status.from_leader
     assert status.assignment_strategy == "least-loaded"
     assert status.queue_depth == 1
     assert status.task_counts["QUEUED"] == 1

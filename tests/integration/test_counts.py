@@ -86,7 +86,8 @@ async def test_finished_counts_survive_the_leader(cluster: Any, how: str) -> Non
                 status = await client.status()
             except Exception:  # noqa: BLE001 - not elected yet
                 return None
-            return status if status.term not in (0, term_before) else None
+            # from_leader: the new leader has loaded its term (the counts with it)
+            return status if status.from_leader and status.term not in (0, term_before) else None
 
         after = await _until(new_term, 30, "a new leader")
         counts = dict(after.task_counts)

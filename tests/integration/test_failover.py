@@ -962,6 +962,16 @@ async def test_assignment_lost_with_the_killed_leader_is_requeued(cluster: Any) 
                 lambda: RawAgent.welcomed(node_of(old)[1], hello), HANG_S, "agent welcomed"
             )
         )
+        # a standby answers GetStatus too, and says its live figures are not the leader's
+        for endpoint in c.coordinator_endpoints:
+            async with grpc.aio.insecure_channel(endpoint) as channel:
+                status = await cpb_grpc.CoordinatorStub(channel).GetStatus(
+                    cpb.GetStatusRequest(), timeout=5
+                )
+            assert status.leader_endpoint == node_of(old)[1]
+            assert status.from_leader == (endpoint == node_of(old)[1]), endpoint
+            # the pool's agent and the raw one
+            assert status.agents_connected == (2 if status.from_leader else 0)
         async with MeshClient(etcd=c.etcd_endpoint, retry_s=60) as client:
             await client.submit(
                 tpb.TaskSpec(task_id="lost-assign", kind="llm", payload=b'{"prompt": "x"}')

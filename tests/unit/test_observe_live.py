@@ -108,6 +108,7 @@ def test_once_prints_the_lines_scripts_parse() -> None:
         assignment_strategy="least-loaded",
         task_counts={"QUEUED": 1},
         standbys=[cpb.ServiceInstance(kind="coordinator", instance_id="c2", endpoint="h:2")],
+        from_leader=True,
     )
     print_once(console, status)
     out = console.file.getvalue()  # type: ignore[attr-defined]
@@ -117,6 +118,14 @@ def test_once_prints_the_lines_scripts_parse() -> None:
         "agents     2 connected   queue depth 1   strategy least-loaded",
         "tasks      QUEUED 1",
     ]
+
+
+def test_once_says_when_the_figures_are_not_the_leaders() -> None:
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    print_once(console, cpb.ClusterStatus(leader_id="c1", term=3, from_leader=False))
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "agents     unknown: a standby answered" in out
+    assert "tasks" not in out  # no counts rather than zeros
 
 
 @pytest.mark.parametrize(

@@ -176,7 +176,7 @@ class ServiceInstance(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("leader_endpoint", "leader_id", "term", "standbys", "agents_connected", "queue_depth", "task_counts", "services", "assignment_strategy", "llm_waiting", "llm_costs", "llm_budgets")
+    __slots__ = ("leader_endpoint", "leader_id", "term", "standbys", "agents_connected", "queue_depth", "task_counts", "services", "assignment_strategy", "llm_waiting", "llm_costs", "llm_budgets", "from_leader")
     class TaskCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,7 @@ class ClusterStatus(_message.Message):
     LLM_WAITING_FIELD_NUMBER: _ClassVar[int]
     LLM_COSTS_FIELD_NUMBER: _ClassVar[int]
     LLM_BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    FROM_LEADER_FIELD_NUMBER: _ClassVar[int]
     leader_endpoint: str
     leader_id: str
     term: int
@@ -208,7 +209,8 @@ class ClusterStatus(_message.Message):
     llm_waiting: _containers.RepeatedScalarFieldContainer[str]
     llm_costs: _containers.RepeatedCompositeFieldContainer[CostTotal]
     llm_budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
-    def __init__(self, leader_endpoint: _Optional[str] = ..., leader_id: _Optional[str] = ..., term: _Optional[int] = ..., standbys: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., agents_connected: _Optional[int] = ..., queue_depth: _Optional[int] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., assignment_strategy: _Optional[str] = ..., llm_waiting: _Optional[_Iterable[str]] = ..., llm_costs: _Optional[_Iterable[_Union[CostTotal, _Mapping]]] = ..., llm_budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ...) -> None: ...
+    from_leader: bool
+    def __init__(self, leader_endpoint: _Optional[str] = ..., leader_id: _Optional[str] = ..., term: _Optional[int] = ..., standbys: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., agents_connected: _Optional[int] = ..., queue_depth: _Optional[int] = ..., task_counts: _Optional[_Mapping[str, int]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., assignment_strategy: _Optional[str] = ..., llm_waiting: _Optional[_Iterable[str]] = ..., llm_costs: _Optional[_Iterable[_Union[CostTotal, _Mapping]]] = ..., llm_budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ..., from_leader: _Optional[bool] = ...) -> None: ...
 
 class CostTotal(_message.Message):
     __slots__ = ("dimension", "key", "calls", "usage")
