@@ -20,7 +20,7 @@ from aetcd import rpc
 from google.protobuf.message import DecodeError
 
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
-from registry.errors import NotLeaderError, StoreUnavailableError
+from registry.errors import NotLeaderError, StoreRefusedError, StoreUnavailableError
 from registry.etcd import Etcd, op_put
 from services.coordinator.llm_admission import LlmGate, cost_key_parts
 
@@ -71,5 +71,13 @@ async def flush_once(etcd: Etcd, gate: LlmGate, fenced: Fenced) -> int:
             # outcome unknown: write them again next time (absolute totals, idempotent)
             gate.dirty.update((r.dimension, r.key) for r in records[i:])
             return written
+        except StoreRefusedError as err:
+            # etcd will refuse these again: say so and go on with the rest, rather than
+            # end the term (a job that raises ends it). They are written when they change.
+            log.warning(
+                "llm cost totals refused by etcd; not persisted until they change",
+                extra={"records": len(chunk), "error": str(err)[:200]},
+            )
+            continue
         written += len(chunk)
     return written

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
+from registry.errors import StoreRefusedError
 from services._common.clock import FakeClock
 from services._common.errors import NotLeaderError, StoreUnavailableError
 from services.agent_pool.llm_config import LlmConfig
@@ -65,3 +66,16 @@ async def test_an_unknown_outcome_is_written_again_and_a_lost_term_stops() -> No
 
     with pytest.raises(NotLeaderError):
         await flush_once(StubEtcd(), g, deposed)
+
+
+async def test_a_refused_write_is_logged_and_does_not_end_the_term(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    g = charged_gate()
+
+    async def refuses(request: Any) -> None:
+        raise StoreRefusedError("etcdserver: request is too large")
+
+    assert await flush_once(StubEtcd(), g, refuses) == 0  # no raise: the leader goes on
+    assert "refused by etcd" in caplog.text
+    assert not g.dirty  # not retried every second: written again once they change
