@@ -47,12 +47,12 @@ MAX_ERROR_BYTES = 512
 PROCESS_STATS_EVERY_S = 0.5
 FOLLOW_CHECK_S = 2.0
 SILENT_WARN_S = 5.0
+"""An agent whose heartbeats have not gone out for this long says so in the log."""
 PHASES = 10
 """Heartbeat phases per interval (see `spread`). Spread continuously, every heartbeat is
 a wake-up of its own in the pool and the monitor: at 200 agents about 0.1 cores more
 than all in one burst (measured at 100 tasks/s). In ten phases the beats of a phase
 share their wake-ups: about 0.035 cores more, with bursts of a tenth of the agents."""
-"""An agent whose heartbeats have not gone out for this long says so in the log."""
 CHANNEL_OPTIONS = [
     *OPTIONS,
     # gRPC's default reconnect backoff grows to 120 s: a monitor that comes back (or a
