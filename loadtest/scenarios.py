@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from loadtest import etcd_disk
 from loadtest.client import CHANNEL_OPTIONS, CoordinatorClient, RpcFailed
 from loadtest.cpu import CpuSampler
 from loadtest.driver import Action, Driver
@@ -686,7 +687,13 @@ async def run_agentmesh(
             stopper.attach(driver)
         if spawn_hist.count:
             driver.metrics.latencies["spawn"] = spawn_hist
+        etcd = str(target.info.get("etcd", ""))
+        disk_before = await etcd_disk.scrape(etcd) if etcd else None
         result = await driver.run()
+        disk_after = await etcd_disk.scrape(etcd) if disk_before else None
+        if disk_before and disk_after:
+            # how much of each durable commit is etcd's own disk
+            result.extra["etcd_disk"] = etcd_disk.summarise(disk_before, disk_after)
         if health is not None:
             result.extra["health"] = await health.finish(driver)
         result.extra.update(setup)

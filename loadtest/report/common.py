@@ -160,6 +160,21 @@ def detail_lines(run: dict[str, Any]) -> list[str]:
             if h.get("share_pct") is not None
         )
         lines.append(f"latency split, mean per hop (share): {hops}")
+        tails = ", ".join(
+            f"{name} {fmt_ms(h['p99_ms'])} ms" for name, h in split.items() if "p99_ms" in h
+        )
+        lines.append(f"latency split, P99 per hop: {tails}")
+    disk = extra.get("etcd_disk")
+    if isinstance(disk, dict) and disk:
+        lines.append(
+            "etcd's disk over the run: "
+            + ", ".join(
+                f"{name} {d['count']:,}x mean {d['mean_ms']} ms, P50 ≤ {d['p50_le_ms']} ms, "
+                f"P99 ≤ {d['p99_le_ms']} ms"
+                for name, d in disk.items()
+                if d.get("count")
+            )
+        )
     for action in extra.get("actions", []):
         facts = ", ".join(f"{k} {v}" for k, v in action.items() if k != "label")
         lines.append(f"{action.get('label', 'action')}: {facts}")

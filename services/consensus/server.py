@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 
 from protos.agentmesh.v1 import consensus_pb2 as pb
 from protos.agentmesh.v1 import consensus_pb2_grpc as pb_grpc
 from registry.leadership import Term
+from services._common import heap
 from services._common.follow import Leader, leading
 from services._common.runner import Runner
 from services.consensus.config import ConsensusConfig
@@ -58,8 +58,5 @@ async def serve(cfg: ConsensusConfig) -> None:
     node = ConsensusNode(cfg)
     # Every vote allocates a handful of short-lived objects; at CPython's default
     # gen-0 threshold (700) the collector runs thousands of times a second here.
-    # Freezing what startup allocated and collecting gen 0 less often leaves the
-    # cycles to the votes.
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    heap.settle()
     await node.run()

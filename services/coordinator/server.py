@@ -21,7 +21,7 @@ from registry import discovery
 from registry.election import candidates, current_leader
 from registry.errors import RegistryError
 from registry.leadership import Leadership, Term, parse_leader_value
-from services._common import config, telemetry
+from services._common import config, heap, telemetry
 from services._common.clock import Clock, Timer
 from services._common.errors import StoreUnavailableError
 from services._common.follow import Leader
@@ -250,4 +250,6 @@ class CoordinatorNode:
 
 
 async def serve(cfg: CoordinatorConfig) -> None:
-    await CoordinatorNode(cfg).run()
+    node = CoordinatorNode(cfg)
+    heap.settle()  # startup's objects stay out of every collection
+    await node.run()
