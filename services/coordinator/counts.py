@@ -20,7 +20,7 @@ import json
 import logging
 
 from registry.election import Election
-from registry.errors import NotLeaderError, StoreUnavailableError
+from registry.errors import NotLeaderError, StoreRefusedError, StoreUnavailableError
 from registry.etcd import Etcd, op_put
 from services._common.clock import Clock
 
@@ -86,6 +86,9 @@ async def keep(
             await save(etcd, election, collections.Counter(now))
         except StoreUnavailableError:
             continue  # etcd is away: the next tick writes the newer totals
+        except StoreRefusedError as err:  # not worth ending the term over (a raise would)
+            log.warning("finished counts refused by etcd", extra={"error": str(err)[:200]})
+            continue
         except NotLeaderError:
             return
         written = now

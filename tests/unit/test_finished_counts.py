@@ -6,7 +6,7 @@ import asyncio
 import collections
 from typing import Any
 
-from registry.errors import NotLeaderError, StoreUnavailableError
+from registry.errors import NotLeaderError, StoreRefusedError, StoreUnavailableError
 from services._common.clock import FakeClock
 from services.coordinator import counts
 
@@ -59,6 +59,13 @@ async def test_written_only_when_changed_and_after_an_outage() -> None:
     await clock.advance(1)
     assert counts.decode(election.writes[-1]) == {"SUCCEEDED": 7, "CANCELLED": 1}
     assert len(election.writes) == 2
+    election.fail = StoreRefusedError("refused")  # logged; the keeper (and term) goes on
+    finished["CANCELLED"] += 1
+    await clock.advance(1)
+    assert not keeper.done()
+    election.fail = None
+    await clock.advance(1)
+    assert counts.decode(election.writes[-1]) == {"SUCCEEDED": 7, "CANCELLED": 2}
     election.fail = NotLeaderError("deposed")
     finished["SUCCEEDED"] += 1
     await clock.advance(1)
