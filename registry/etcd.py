@@ -284,10 +284,17 @@ class Etcd:
     # ---- watches ----
 
     async def watch(
-        self, key: bytes, *, prefix: bool = False, start_revision: int = 0, prev_kv: bool = False
+        self,
+        key: bytes,
+        *,
+        prefix: bool = False,
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        no_put: bool = False,
     ) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
         """Yield (revision, events) for changes of `key` (or keys under it).
 
+        `no_put`: deletions only; etcd drops the puts before they are sent.
         Ends with StoreUnavailableError when the stream breaks, or
         WatchCompactedError when `start_revision` is gone. Callers resume from the
         last revision + 1 (see `watch_forever`).
@@ -297,6 +304,7 @@ class Etcd:
             range_end=prefix_end(key) if prefix else b"",
             start_revision=start_revision,
             prev_kv=prev_kv,
+            filters=[rpc.WatchCreateRequest.NOPUT] if no_put else [],
         )
         # Writer style, not a request generator: grpc.aio cancels a generator's consumer
         # task only when the call is cancelled while still live, so every stream that etcd
@@ -331,7 +339,13 @@ class Etcd:
             call.cancel()
 
     async def watch_forever(
-        self, key: bytes, *, prefix: bool = False, start_revision: int = 0, prev_kv: bool = False
+        self,
+        key: bytes,
+        *,
+        prefix: bool = False,
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        no_put: bool = False,
     ) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
         """Like `watch`, but survives etcd restarts by resuming after the last revision seen.
 
@@ -351,7 +365,7 @@ class Etcd:
                     )
                     next_rev = int(resp.header.revision) + 1
                 async for rev, events in self.watch(
-                    key, prefix=prefix, start_revision=next_rev, prev_kv=prev_kv
+                    key, prefix=prefix, start_revision=next_rev, prev_kv=prev_kv, no_put=no_put
                 ):
                     delay = 0.05
                     broken = False

@@ -484,9 +484,11 @@ class EtcdTaskStore:
         return tasks, last
 
     async def claim_deletions(self, start_revision: int) -> AsyncIterator[tuple[str, int]]:
-        """(task id, deleted claim's token) for every claim etcd deletes from now on."""
+        """(task id, deleted claim's token) for every claim etcd deletes from now on.
+        Claims are created as often as deleted (one each per task): etcd drops the
+        creations before they are sent, which halves this stream."""
         async for _, events in self.etcd.watch_forever(
-            self._claims, prefix=True, start_revision=start_revision, prev_kv=True
+            self._claims, prefix=True, start_revision=start_revision, prev_kv=True, no_put=True
         ):
             for ev in events:
                 if ev.kind == "delete" and ev.prev_kv is not None:

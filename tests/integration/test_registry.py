@@ -570,6 +570,45 @@ async def test_watch_forever_survives_an_etcd_restart(fresh_etcd_server: EtcdSer
     await within(_no_tasks_beyond(tasks_before))
 
 
+async def test_a_deletions_only_watch_gets_no_puts_and_resumes_after_a_restart(
+    fresh_etcd_server: EtcdServer,
+) -> None:
+    etcd = Etcd(fresh_etcd_server.endpoint, prefix="/agentmesh/noput/", timeout_s=1.0)
+    writer = Etcd(fresh_etcd_server.endpoint, prefix="/agentmesh/noput/", timeout_s=1.0)
+    prefix = etcd.key("claims") + b"/"
+    received: asyncio.Queue[WatchEvent] = asyncio.Queue()
+    start = await etcd.put(etcd.key("before-watch"), b"")
+    watcher = asyncio.create_task(
+        _collect(
+            etcd.watch_forever(
+                prefix, prefix=True, start_revision=start + 1, prev_kv=True, no_put=True
+            ),
+            received,
+        )
+    )
+    try:
+        await writer.put(etcd.key("claims", "1"), b"one")
+        await writer.put(etcd.key("claims", "2"), b"two")
+        await writer.delete(etcd.key("claims", "1"))
+        first = await within(received.get())
+        fresh_etcd_server.stop()
+        fresh_etcd_server.start()
+        await retry_until_up(lambda: writer.delete(etcd.key("claims", "2")))
+        second = await within(received.get())
+    finally:
+        await cancel(watcher)
+        await etcd.close()
+        await writer.close()
+    assert [(ev.kind, ev.kv.key) for ev in (first, second)] == [
+        ("delete", etcd.key("claims", "1")),
+        ("delete", etcd.key("claims", "2")),
+    ]
+    assert first.prev_kv is not None
+    assert first.prev_kv.value == b"one"
+    await asyncio.sleep(0)
+    assert received.empty()  # no puts, and nothing twice
+
+
 async def test_watch_forever_from_now_keeps_its_place_across_a_restart(
     fresh_etcd_server: EtcdServer,
 ) -> None:

@@ -68,7 +68,12 @@ async def test_watch_forever_resumes_after_the_last_event_it_delivered() -> None
     starts: list[int] = []
 
     async def broken_then_fine(
-        key: bytes, *, prefix: bool = False, start_revision: int = 0, prev_kv: bool = False
+        key: bytes,
+        *,
+        prefix: bool = False,
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        no_put: bool = False,
     ) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
         starts.append(start_revision)
         if len(starts) == 1:
