@@ -4,9 +4,10 @@ At CPython's defaults (700, 10, 10) the collector walks young objects every 700
 allocations, and now and then every object the process holds: grpc, protobuf and
 their descriptors make that a heap of a few hundred thousand objects, which one full
 collection walks in 20-45 ms of CPU here, up to 170 ms of wall time on a busy machine
-(the coordinator ran ten in a run at 770 tasks/s; every task in flight waited). Startup's objects live as long as the process, so they are frozen out of
-every later collection, and the young generation is collected less often: each pass
-is still short, and few tasks meet one.
+(the coordinator ran ten in a run at 770 tasks/s; every task in flight waited).
+Startup's objects live as long as the process, so they are frozen out of every later
+collection, and the young generation is collected less often: each pass is still
+short, and few tasks meet one.
 """
 
 from __future__ import annotations

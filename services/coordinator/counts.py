@@ -87,8 +87,8 @@ async def keep(
         except StoreUnavailableError:
             continue  # etcd is away: the next tick writes the newer totals
         except StoreRefusedError as err:  # not worth ending the term over (a raise would)
+            # as for llm costs: written again when the totals next change
             log.warning("finished counts refused by etcd", extra={"error": str(err)[:200]})
-            continue
         except NotLeaderError:
             return
         written = now
