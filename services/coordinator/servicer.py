@@ -39,6 +39,13 @@ BASIC, FULL = cpb.TASK_VIEW_BASIC, cpb.TASK_VIEW_FULL
 OVERFLOW_GRACE_S = 5.0
 # How long a Connect stream that ends waits for its last write before it is cancelled.
 WRITER_DRAIN_S = 2.0
+# An accepted report's ack waits this long for the agent's next message to ride on
+# (an assignment, most often) before it goes alone: one write per task instead of two
+# when agents are busy. Only the agent's copy of the report waits meanwhile, never a
+# task: the result is committed and published before its ack is sent. Refusals go at once.
+ACK_RIDE_S = 0.1
+# Acks held at most for one stream; past this they go at once.
+ACK_RIDE_MAX = 1000
 # Reads of LIST_READ_RECORDS records per ListTasks call: a sparse filter gets a short
 # page (with a token to go on), never a slow one.
 LIST_MAX_READS = 40
@@ -422,13 +429,39 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             raise InvalidArgumentError("the first message on Connect must be hello")
         outbox: asyncio.Queue[cpb.CoordinatorMessage | None] = asyncio.Queue()
         overflow = asyncio.Event()
+        riding: list[cpb.ReportAck] = []  # accepted acks waiting for a message to ride on
+        ride_timer: Timer | None = None
 
         def send(msg: cpb.CoordinatorMessage | None) -> None:
+            nonlocal ride_timer
+            if msg is not None and msg.WhichOneof("body") == "ack" and msg.ack.accepted:
+                riding.append(msg.ack)
+                if len(riding) >= ACK_RIDE_MAX:
+                    acks_alone()
+                elif ride_timer is None:
+                    ride_timer = self.clock.call_later(ACK_RIDE_S, acks_alone)
+                return
+            enqueue(msg)
+
+        def enqueue(msg: cpb.CoordinatorMessage | None) -> None:
             # an agent that stops reading must not make the leader queue without end
             if msg is not None and outbox.qsize() >= limits.CONNECT_BUFFER_MESSAGES:
                 overflow.set()
                 return
             outbox.put_nowait(msg)
+
+        def take_riding() -> list[cpb.ReportAck]:
+            nonlocal ride_timer
+            if ride_timer is not None:
+                ride_timer.cancel()
+                ride_timer = None
+            acks = riding[:]
+            riding.clear()
+            return acks
+
+        def acks_alone() -> None:  # nothing came for them to ride on
+            if acks := take_riding():
+                enqueue(cpb.CoordinatorMessage(ack=acks[0], acks=acks[1:]))
 
         async def writer() -> None:
             with contextlib.suppress(Exception):  # a dead peer: the reader side ends too
@@ -436,6 +469,13 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                     batch = [await outbox.get()]
                     while not outbox.empty():
                         batch.append(outbox.get_nowait())
+                    if acks := take_riding():
+                        # they ride on the batch's first message (an agent reads a
+                        # message's acks before its body), or go alone before the end
+                        if batch[0] is None:
+                            batch.insert(0, cpb.CoordinatorMessage(ack=acks[0], acks=acks[1:]))
+                        else:
+                            batch[0].acks.extend(acks)
                     for msg in _fold_acks(batch):
                         if msg is None:
                             return
@@ -528,6 +568,8 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             read_task.cancel()
             overflowed.cancel()
             outbox.put_nowait(None)  # the writer sends what is queued, then stops
+            if ride_timer is not None:  # the writer takes what still rides, if it gets to
+                ride_timer.cancel()
             if cancelled or overflow.is_set():
                 write_task.cancel()
         if overflow.is_set():

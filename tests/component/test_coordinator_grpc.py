@@ -21,6 +21,7 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.election import candidates
 from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
+from services.coordinator import servicer
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.server import CoordinatorNode
 
@@ -360,6 +361,98 @@ async def test_forged_claim_token_is_refused(stub: cpb_grpc.CoordinatorStub, lea
         assert now.state == S.TASK_STATE_ASSIGNED
         assert now.result == b""
         assert (await agent.result(task, b"real")).accepted
+
+
+async def _succeeded(stub: cpb_grpc.CoordinatorStub, task_id: str) -> None:
+    for _ in range(int(HANG_S / 0.01)):
+        got = await within(stub.GetTask(cpb.GetTaskRequest(task_id=task_id)))
+        if got.state == S.TASK_STATE_SUCCEEDED:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"task {task_id} did not succeed")
+
+
+async def test_an_accepted_ack_rides_on_the_next_assignment(
+    stub: cpb_grpc.CoordinatorStub, lease: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # long enough that it can only come on the assignment, never alone
+    monkeypatch.setattr(servicer, "ACK_RIDE_S", HANG_S * 3)
+    async with raw_agent(stub, "rider") as agent:
+        await agent.hello(lease)
+        first = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+        task = (await agent.expect("assign")).task
+        await agent.send(
+            cpb.AgentMessage(
+                result=cpb.TaskResult(task_id=task.task_id, claim_token=task.claim_token)
+            )
+        )
+        await _succeeded(stub, first.task.task_id)  # committed and published: the ack waits
+        second = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+        msg = await within(agent.call.read())
+        assert msg.WhichOneof("body") == "assign", msg
+        assert msg.assign.task.task_id == second.task.task_id
+        assert [(a.task_id, a.claim_token, a.accepted) for a in msg.acks] == [
+            (task.task_id, task.claim_token, True)
+        ]
+
+
+async def test_a_refusal_goes_at_once_and_takes_the_waiting_acks_along(
+    stub: cpb_grpc.CoordinatorStub, lease: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(servicer, "ACK_RIDE_S", HANG_S * 3)
+    async with raw_agent(stub, "refused") as agent:
+        await agent.hello(lease, capacity=2)
+        for _ in range(2):
+            await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+        one = (await agent.expect("assign")).task
+        two = (await agent.expect("assign")).task
+        await agent.send(
+            cpb.AgentMessage(
+                result=cpb.TaskResult(task_id=one.task_id, claim_token=one.claim_token)
+            )
+        )
+        await _succeeded(stub, one.task_id)
+        await agent.send(
+            cpb.AgentMessage(
+                result=cpb.TaskResult(task_id=two.task_id, claim_token=two.claim_token + 7)
+            )
+        )
+        msg = await within(agent.call.read())  # at once, not after ACK_RIDE_S
+        assert msg.WhichOneof("body") == "ack", msg
+        assert (msg.ack.task_id, msg.ack.accepted) == (two.task_id, False)
+        assert "token" in msg.ack.reason
+        assert [(a.task_id, a.accepted) for a in msg.acks] == [(one.task_id, True)]
+
+
+async def test_acks_still_riding_are_sent_when_the_agent_hangs_up(
+    stub: cpb_grpc.CoordinatorStub, lease: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(servicer, "ACK_RIDE_S", HANG_S * 3)
+    async with raw_agent(stub, "leaving") as agent:
+        await agent.hello(lease)
+        sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+        task = (await agent.expect("assign")).task
+        await agent.send(
+            cpb.AgentMessage(
+                result=cpb.TaskResult(task_id=task.task_id, claim_token=task.claim_token)
+            )
+        )
+        await _succeeded(stub, sub.task.task_id)
+        await within(agent.call.done_writing())
+        ack = await agent.expect("ack")
+        assert (ack.task_id, ack.accepted) == (task.task_id, True)
+        assert await within(agent.call.read()) is grpc.aio.EOF
+
+
+async def test_an_ack_with_nothing_to_ride_on_goes_alone_soon(
+    stub: cpb_grpc.CoordinatorStub, lease: int
+) -> None:
+    async with raw_agent(stub, "alone") as agent:
+        await agent.hello(lease)
+        await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+        task = (await agent.expect("assign")).task
+        ack = await agent.result(task, b"done")  # after ACK_RIDE_S, within HANG_S
+        assert (ack.task_id, ack.accepted) == (task.task_id, True)
 
 
 async def test_cancel_reaches_the_agent(stub: cpb_grpc.CoordinatorStub, lease: int) -> None:

@@ -422,7 +422,12 @@ async def test_node_agent_runs_tasks_reports_with_claims_and_is_fenced(
             agent_id,
         ), bin_task
 
-        # every accepted result carried the claim token the task was assigned with
+        # every accepted result carried the claim token the task was assigned with (an
+        # accepted ack may come up to ACK_RIDE_S after its task finished: it waits for a ride)
+        def acked() -> bool:
+            return {e["task_id"] for e in agent.of("ack") if e["accepted"]} >= set(tasks)
+
+        await until(acked, "the acks of every result")
         assigned = {e["task_id"]: e["claim_token"] for e in agent.of("assign")}
         accepted = {e["task_id"]: e["claim_token"] for e in agent.of("ack") if e["accepted"]}
         for task_id, task in tasks.items():
