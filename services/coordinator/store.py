@@ -114,6 +114,8 @@ class GroupCommitter:
             self._pending.append((op, fut))
             futures.append(fut)
         self._pump()
+        if len(futures) == 1:  # most writes (a report, a claim): no gather machinery
+            return [await futures[0]]
         return list(await asyncio.gather(*futures))
 
     def _take(self) -> list[tuple[Packable, asyncio.Future[Any]]]:
