@@ -197,9 +197,10 @@ class CoordinatorClient:
             if not token:
                 return
 
-    def watch_events(self, states: Sequence[Any] = ()) -> Any:
-        """Open WatchEvents on the current target; the caller iterates and cancels it."""
-        request = cpb.WatchEventsRequest()
+    def watch_events(self, states: Sequence[Any] = (), max_batch: int = 0) -> Any:
+        """Open WatchEvents on the current target; the caller iterates and cancels it.
+        With `max_batch` > 1 each message carries its events in `batched`."""
+        request = cpb.WatchEventsRequest(max_batch=max_batch)
         request.states.extend(states)
         return self.stub().WatchEvents(request)
 

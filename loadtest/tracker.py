@@ -36,6 +36,9 @@ POLL_INTERVAL_S = 1.0
 POLL_BATCH = 256
 POLL_CONCURRENCY = 32
 """GetTask calls in flight at once when re-reading tasks."""
+WATCH_BATCH = 256
+"""Events per WatchEvents message at most: at thousands of tasks a second one message
+per event costs the leader and the harness more than the events themselves."""
 RESYNC_AFTER_S = (0.05, 0.5, 1.5)
 """After the event stream reopens: when to re-read every task in flight."""
 
@@ -269,11 +272,13 @@ class Tracker:
         states: list[int] = [] if self.watch_all_states else sorted(TERMINAL)
         attempt = 0
         while True:
-            call = self.client.watch_events(states)
+            call = self.client.watch_events(states, max_batch=WATCH_BATCH)
             try:
-                async for ev in call:
+                async for msg in call:
                     attempt = 0
-                    self.on_event(ev, self.clock.monotonic())
+                    now = self.clock.monotonic()
+                    for ev in msg.batched or (msg,):  # (an older leader does not batch)
+                        self.on_event(ev, now)
                 self.counters.inc("watch_reconnects")
             except asyncio.CancelledError:
                 raise

@@ -93,6 +93,9 @@ ERROR_BYTES = 4 * KiB
 PROGRESS_MESSAGE_BYTES = 1 * KiB
 STATES_ITEMS = 16
 PAGE_SIZE_MAX = 1000
+WATCH_BATCH_MAX = 1000
+WATCH_BATCH_BYTES = 1024 * 1024
+"""A batched WatchEvents message: at most this many bytes of events (or one larger event)."""
 BATCH_ITEMS = 1000
 PRIORITY_MAX = 9
 MAX_ATTEMPTS_MAX = 100
@@ -170,6 +173,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("TaskSpec.timeout_s", "finite, 0 to 7 days", "INVALID_ARGUMENT"),
     Limit("CancelTaskRequest.reason, DrainPoolRequest.reason", "1 KiB", "INVALID_ARGUMENT"),
     Limit("ListTasksRequest.states, WatchEventsRequest.states", "16 states", "INVALID_ARGUMENT"),
+    Limit("WatchEventsRequest.max_batch", "0-1,000; 1 MiB a message", "INVALID_ARGUMENT"),
     Limit("ListTasksRequest.page_size, ListAgentsRequest.page_size", "1-1,000", "INVALID_ARGUMENT"),
     Limit(
         "one ListTasks or ListAgents page",
@@ -293,6 +297,13 @@ def check_states(where: str, states: Iterable[int]) -> None:
     states = list(states)
     if len(states) > STATES_ITEMS:
         raise InvalidArgumentError(f"{where} has {len(states)} items; the limit is {STATES_ITEMS}")
+
+
+def check_watch_batch(where: str, n: int) -> None:
+    if n > WATCH_BATCH_MAX:
+        raise InvalidArgumentError(
+            f"{where} {n} is too large: use 2-{WATCH_BATCH_MAX} to batch events, 0 or 1 not to"
+        )
 
 
 def check_page_size(where: str, size: int) -> None:

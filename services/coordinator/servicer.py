@@ -194,8 +194,10 @@ class Subscription:
             self._cancel.cancel()
 
     async def events(
-        self, leader: Callable[[], str], until_terminal: bool
+        self, leader: Callable[[], str], until_terminal: bool, max_batch: int = 1
     ) -> AsyncIterator[tpb.TaskEvent]:
+        """The events in order; with `max_batch` > 1, each message carries in `batched`
+        what is queued now (see WatchEventsRequest.max_batch): never waits for more."""
         cfg = self.hub.cfg
         while True:
             if self.overflow:
@@ -215,9 +217,26 @@ class Subscription:
                 )
             event, size = item
             self.bytes -= size
+            if max_batch > 1:
+                yield self._batch(event, size, max_batch)
+                continue
             yield event
             if until_terminal and event.task.state in TERMINAL and not event.HasField("progress"):
                 return
+
+    def _batch(self, event: tpb.TaskEvent, size: int, most: int) -> tpb.TaskEvent:
+        carrier = tpb.TaskEvent()
+        carrier.batched.append(event)
+        items = self.items
+        while len(carrier.batched) < most and items:
+            head = items[0]
+            if head is None or size + head[1] > limits.WATCH_BATCH_BYTES:
+                break  # the term's end goes on its own, after the events before it
+            items.popleft()
+            carrier.batched.append(head[0])
+            size += head[1]
+            self.bytes -= head[1]
+        return carrier
 
 
 class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
@@ -352,12 +371,15 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         self, request: cpb.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tpb.TaskEvent]:
         limits.check_states("states", request.states)
+        limits.check_watch_batch("max_batch", request.max_batch)
         self._core()
         states = frozenset(request.states)
         accept = (lambda t: t.state in states) if states else (lambda t: True)
         view = FULL if request.view == FULL else BASIC
         with self.hub.subscribe(accept, view) as sub:
-            async for event in sub.events(lambda: self.leader_endpoint, until_terminal=False):
+            async for event in sub.events(
+                lambda: self.leader_endpoint, until_terminal=False, max_batch=request.max_batch
+            ):
                 yield event
 
     @rpc_errors

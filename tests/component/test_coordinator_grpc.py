@@ -698,3 +698,67 @@ async def test_a_stopping_leader_leaves_its_agents_claims_to_the_next_leader(
         await within(runner, 30)
         await etcd.revoke(lease_id)
         await etcd.close()
+
+
+async def _watching(stub: cpb_grpc.CoordinatorStub, **request: Any) -> Any:
+    """A WatchEvents call that is subscribed: a probe task's event has come through it."""
+    call = stub.WatchEvents(cpb.WatchEventsRequest(**request))
+    probe = f"probe-{uuid.uuid4().hex[:8]}"
+    await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(task_id=probe, kind="echo"))))
+    while True:
+        msg = await within(call.read())
+        assert msg is not grpc.aio.EOF
+        if any(e.task.task_id == probe for e in msg.batched or (msg,)):
+            return call
+
+
+async def _batches(call: Any, expected: int) -> list[list[tpb.TaskEvent]]:
+    out: list[list[tpb.TaskEvent]] = []
+    while sum(len(b) for b in out) < expected:
+        msg = await within(call.read())
+        assert msg is not grpc.aio.EOF
+        assert not msg.HasField("task"), "a batch leaves its own fields empty"
+        assert not msg.previous_state
+        out.append(list(msg.batched))
+    return out
+
+
+async def test_watch_events_batches_what_queued_in_order_up_to_max_batch(
+    stub: cpb_grpc.CoordinatorStub,
+) -> None:
+    call = await _watching(stub, max_batch=5)
+    try:
+        ids = [f"batched-{i:02d}" for i in range(12)]
+        # one SubmitBatch publishes its 12 creations in one go, before the stream writes
+        specs = [tpb.TaskSpec(task_id=i, kind="echo") for i in ids]
+        await within(stub.SubmitBatch(cpb.SubmitBatchRequest(specs=specs)))
+        batches = await _batches(call, len(ids))
+        assert [len(b) for b in batches] == [5, 5, 2]
+        events = [e for b in batches for e in b]
+        assert [e.task.task_id for e in events] == ids
+        assert all(e.task.state == S.TASK_STATE_QUEUED for e in events)
+        assert all(e.previous_state == S.TASK_STATE_UNSPECIFIED for e in events)
+        assert not any(e.task.spec.payload for e in events)  # the BASIC view still
+    finally:
+        call.cancel()
+
+
+async def test_a_batch_stays_under_a_mebibyte_and_a_larger_event_goes_alone(
+    stub: cpb_grpc.CoordinatorStub,
+) -> None:
+    call = await _watching(stub, max_batch=100, view=cpb.TASK_VIEW_FULL)
+    try:
+        payload = b"p" * 400_000  # two fit in 1 MiB, three do not
+        specs = [tpb.TaskSpec(task_id=f"big-{i}", kind="echo", payload=payload) for i in range(5)]
+        await within(stub.SubmitBatch(cpb.SubmitBatchRequest(specs=specs)))
+        batches = await _batches(call, len(specs))
+        assert [len(b) for b in batches] == [2, 2, 1]
+        assert all(e.task.spec.payload == payload for b in batches for e in b)
+    finally:
+        call.cancel()
+
+
+async def test_max_batch_over_the_limit_is_invalid_argument(stub: cpb_grpc.CoordinatorStub) -> None:
+    err = await error_of(stub.WatchEvents(cpb.WatchEventsRequest(max_batch=1001)).read())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_batch 1001 is too large: use 2-1000" in (err.details() or "")

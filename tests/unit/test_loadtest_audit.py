@@ -3,6 +3,7 @@ it hands `audit()` after a run's events (no sockets, no cluster)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -184,3 +185,56 @@ def test_the_warm_up_task_is_not_part_of_the_run() -> None:
     assert t.warm.is_set()
     assert t.run_ids() == {"a"}
     assert t.completed == 0
+
+
+class BatchedWatch:
+    """WatchEvents as a leader that batches answers: one message with two events in
+    `batched`, then one plain event (an older leader), then nothing more."""
+
+    counters: Any = None
+
+    def __init__(self, *messages: Any) -> None:
+        self.messages = messages
+        self.asked: list[int] = []
+
+    def watch_events(self, states: Any = (), max_batch: int = 0) -> Any:
+        self.asked.append(max_batch)
+        messages = self.messages
+
+        class Call:
+            def __aiter__(self) -> Any:
+                return self.gen()
+
+            async def gen(self) -> Any:
+                for m in messages:
+                    yield m
+                await asyncio.Event().wait()  # the stream stays open
+
+            def cancel(self) -> None:
+                pass
+
+        return Call()
+
+
+async def test_the_watch_takes_batched_and_plain_events_in_order() -> None:
+    clock = Clock()
+    batched = tpb.TaskEvent()
+    batched.batched.extend(
+        [event(task("a", S.TASK_STATE_SUCCEEDED)), event(task("b", S.TASK_STATE_SUCCEEDED))]
+    )
+    client = BatchedWatch(batched, event(task("c", S.TASK_STATE_SUCCEEDED)))
+    t = Tracker(client, RunMetrics(start_s=clock.now), clock)  # type: ignore[arg-type]
+    t.sent(["a", "b", "c"], clock.now, clock.wall_us())
+    for tid in "abc":
+        t.acknowledged(task(tid, S.TASK_STATE_QUEUED), 100.0, 0)
+    loop = asyncio.ensure_future(t.watch_loop())
+    try:
+        for _ in range(100):
+            if t.completed == 3:
+                break
+            await asyncio.sleep(0)
+        assert t.completed == 3
+        assert t.first_terminal() == {tid: S.TASK_STATE_SUCCEEDED for tid in "abc"}
+        assert client.asked[0] > 1  # it asks for batches
+    finally:
+        loop.cancel()

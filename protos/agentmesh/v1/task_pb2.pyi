@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -118,14 +118,16 @@ class Task(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., agent_id: _Optional[str] = ..., claim_token: _Optional[int] = ..., result: _Optional[bytes] = ..., last_error: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., created_at_us: _Optional[int] = ..., assigned_at_us: _Optional[int] = ..., received_at_us: _Optional[int] = ..., finished_at_us: _Optional[int] = ..., not_before_us: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
-    __slots__ = ("task", "previous_state", "progress")
+    __slots__ = ("task", "previous_state", "progress", "batched")
     TASK_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
     task: Task
     previous_state: TaskState
     progress: ProgressUpdate
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., previous_state: _Optional[_Union[TaskState, str]] = ..., progress: _Optional[_Union[ProgressUpdate, _Mapping]] = ...) -> None: ...
+    batched: _containers.RepeatedCompositeFieldContainer[TaskEvent]
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., previous_state: _Optional[_Union[TaskState, str]] = ..., progress: _Optional[_Union[ProgressUpdate, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ...) -> None: ...
 
 class ProgressUpdate(_message.Message):
     __slots__ = ("fraction", "message")
