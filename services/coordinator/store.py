@@ -86,6 +86,10 @@ class GroupCommitter:
     A write goes out at once when fewer than `max_inflight` transactions are in
     flight (no added latency at light load); otherwise it waits for one to return
     and leaves with everything that queued up meanwhile (throughput under load).
+    One in flight is the default: at 770 tasks/s on two cores it halved the P99 of
+    submit → assignment against four (fewer, fuller transactions: etcd -18 % CPU per
+    task, the leader -6 %), with no change at 100/s or in the closed loop
+    (BENCHMARKS.md, issue 13).
     A transaction holds at most `max_ops` writes and `max_bytes` bytes (one larger
     write goes alone), never two writes of one key. When etcd refuses a transaction,
     only the writes at fault fail: the rest are committed in smaller packs, so every
@@ -96,7 +100,7 @@ class GroupCommitter:
         self,
         flush: Callable[[list[Any]], Awaitable[list[Any]]],
         max_ops: int = MAX_OPS,
-        max_inflight: int = 4,
+        max_inflight: int = 1,
         max_bytes: int = limits.TXN_PACK_BYTES,
     ) -> None:
         self._flush = flush
