@@ -43,7 +43,9 @@ WRITER_DRAIN_S = 2.0
 # (an assignment, most often) before it goes alone: one write per task instead of two
 # when agents are busy. Only the agent's copy of the report waits meanwhile, never a
 # task: the result is committed and published before its ack is sent. Refusals go at once.
-ACK_RIDE_S = 0.1
+# 0.3 s: at 770 tasks/s (an agent's next task ~260 ms away) the pools used 20 % less CPU
+# per task than with 0.1 s; 1 s gave nothing more.
+ACK_RIDE_S = 0.3
 # Acks held at most for one stream; past this they go at once.
 ACK_RIDE_MAX = 1000
 # Reads of LIST_READ_RECORDS records per ListTasks call: a sparse filter gets a short
