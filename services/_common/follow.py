@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 0.5
 """Pause before following again after etcd failed us."""
+RECHECK_S = 2.0
+"""How often a follower also reads the leader from etcd, on top of the watch."""
 FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 
@@ -132,7 +134,8 @@ class Leader:
         clock: injected time.
         options: channel options.
         recheck_s: also read the leader every this long (None: the watch alone). A watch
-            that died quietly then costs seconds, not every stream.
+            that died quietly, or a redirect that named a leader etcd no longer names,
+            then costs seconds, not every stream.
         close_stale: close the channel of a former leader when the leader changes (its
             streams are moving anyway), so a later leader on the same address starts fresh.
         servicer: a servicer of this role's own service, whose `leader_endpoint` is kept
@@ -146,7 +149,7 @@ class Leader:
         clock: Clock,
         *,
         options: Sequence[tuple[str, Any]] = OPTIONS,
-        recheck_s: float | None = None,
+        recheck_s: float | None = RECHECK_S,
         close_stale: bool = False,
         servicer: Redirecting | None = None,
     ) -> None:
@@ -162,6 +165,7 @@ class Leader:
         self._changed = asyncio.Event()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._checking: asyncio.Task[None] | None = None
 
     def changed(self) -> asyncio.Event:
         """An event set at the next change of leader."""
@@ -183,6 +187,24 @@ class Leader:
                 task = asyncio.ensure_future(self._channels.pop(old).close(grace=1.0))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
+
+    def redirected(self, endpoint: str) -> None:
+        """A redirect named the leader: go there at once (it may know first), then ask
+        etcd, which has the last word. A standby whose own view still lagged can name
+        the leader that was just killed, and the watch would never undo that: it
+        speaks only when etcd's answer changes, and etcd's answer had changed already."""
+        self.set(endpoint)
+        if self.etcd is None:  # a follower without etcd (tests)
+            return
+        if self._checking is not None:
+            self._checking.cancel()  # its read may predate this redirect
+        self._checking = asyncio.ensure_future(self._check())
+
+    async def _check(self) -> None:
+        with contextlib.suppress(Exception):  # the watch and the recheck still run
+            found = await current_leader(self.etcd, self.role)
+            if found is not None:
+                self.set(parse_leader_value(found.value)[1])
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         """The channel to `endpoint`: one HTTP/2 connection carries every agent's stream."""
@@ -236,6 +258,8 @@ class Leader:
             self.set(parse_leader_value(found.value)[1] if found else "")
 
     async def close(self) -> None:
+        if self._checking is not None:
+            self._checking.cancel()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()

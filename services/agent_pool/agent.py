@@ -229,7 +229,7 @@ class Agent:
             self.unacked.pop(msg.cancel.task_id, None)
         elif body == "redirect":
             if msg.redirect.leader_endpoint:
-                self.ctx.coordinator.set(msg.redirect.leader_endpoint)
+                self.ctx.coordinator.redirected(msg.redirect.leader_endpoint)
         elif body == "drain":
             log.info(
                 "coordinator asked the agent to drain",

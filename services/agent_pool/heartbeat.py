@@ -424,7 +424,7 @@ class Heartbeater:
                     self.interval_s = directive.welcome.heartbeat_interval_s
             elif body == "redirect":
                 if directive.redirect.monitor_endpoint:
-                    self.monitor.set(directive.redirect.monitor_endpoint)
+                    self.monitor.redirected(directive.redirect.monitor_endpoint)
             elif body == "pause":
                 self.paused.add(agent_id)
                 log.warning(

@@ -130,7 +130,7 @@ class Actuator:
             return await stub.ReleaseClaims(request, timeout=RELEASE_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
             if pointed := named_leader(err):
-                self.coordinator.set(pointed)  # a standby pointed at the leader
+                self.coordinator.redirected(pointed)  # a standby pointed at the leader
             raise
 
     async def replace(self, core: HealthCore, action: Replace) -> None:
