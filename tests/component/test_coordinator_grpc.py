@@ -121,11 +121,15 @@ class RawAgent:
         assert msg.WhichOneof("body") == body, msg
         return getattr(msg, body)
 
-    async def result(self, task: tpb.Task, output: bytes, token: int = 0) -> cpb.ReportAck:
+    async def report(self, task: tpb.Task, output: bytes = b"", token: int = 0) -> None:
+        """Send a result (with the task's own claim token unless `token` says otherwise)."""
         res = cpb.TaskResult(
             task_id=task.task_id, claim_token=token or task.claim_token, output=output
         )
         await self.send(cpb.AgentMessage(result=res))
+
+    async def result(self, task: tpb.Task, output: bytes, token: int = 0) -> cpb.ReportAck:
+        await self.report(task, output, token)
         ack: cpb.ReportAck = await self.expect("ack")
         return ack
 
@@ -381,11 +385,7 @@ async def test_an_accepted_ack_rides_on_the_next_assignment(
         await agent.hello(lease)
         first = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
         task = (await agent.expect("assign")).task
-        await agent.send(
-            cpb.AgentMessage(
-                result=cpb.TaskResult(task_id=task.task_id, claim_token=task.claim_token)
-            )
-        )
+        await agent.report(task)
         await _succeeded(stub, first.task.task_id)  # committed and published: the ack waits
         second = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
         msg = await within(agent.call.read())
@@ -406,17 +406,9 @@ async def test_a_refusal_goes_at_once_and_takes_the_waiting_acks_along(
             await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
         one = (await agent.expect("assign")).task
         two = (await agent.expect("assign")).task
-        await agent.send(
-            cpb.AgentMessage(
-                result=cpb.TaskResult(task_id=one.task_id, claim_token=one.claim_token)
-            )
-        )
+        await agent.report(one)
         await _succeeded(stub, one.task_id)
-        await agent.send(
-            cpb.AgentMessage(
-                result=cpb.TaskResult(task_id=two.task_id, claim_token=two.claim_token + 7)
-            )
-        )
+        await agent.report(two, token=two.claim_token + 7)
         msg = await within(agent.call.read())  # at once, not after ACK_RIDE_S
         assert msg.WhichOneof("body") == "ack", msg
         assert (msg.ack.task_id, msg.ack.accepted) == (two.task_id, False)
@@ -432,11 +424,7 @@ async def test_acks_still_riding_are_sent_when_the_agent_hangs_up(
         await agent.hello(lease)
         sub = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
         task = (await agent.expect("assign")).task
-        await agent.send(
-            cpb.AgentMessage(
-                result=cpb.TaskResult(task_id=task.task_id, claim_token=task.claim_token)
-            )
-        )
+        await agent.report(task)
         await _succeeded(stub, sub.task.task_id)
         await within(agent.call.done_writing())
         ack = await agent.expect("ack")
