@@ -192,7 +192,11 @@ class Leader:
         """A redirect named the leader: go there at once (it may know first), then ask
         etcd, which has the last word. A standby whose own view still lagged can name
         the leader that was just killed, and the watch would never undo that: it
-        speaks only when etcd's answer changes, and etcd's answer had changed already."""
+        speaks only when etcd's answer changes, and etcd's answer had changed already.
+        A redirect to where it already goes costs nothing (a failover redirects every
+        agent of a pool: one read, not one per agent)."""
+        if endpoint == self.endpoint:
+            return
         self.set(endpoint)
         if self.etcd is None:  # a follower without etcd (tests)
             return
