@@ -71,13 +71,15 @@ class RunResult:
 
 
 def machine_info() -> dict[str, Any]:
-    """Cores, CPU model, memory, OS and Python: what a figure depends on."""
+    """Cores, CPU model, memory, OS, Python and gRPC's I/O engine: what a figure depends on."""
     info: dict[str, Any] = {
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        # what the cluster's processes inherit (services/_common/grpcenv.py)
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS"),
     }
     with contextlib.suppress(AttributeError, OSError):
         info["cores_usable"] = len(os.sched_getaffinity(0))

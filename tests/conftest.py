@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from registry.etcd import Etcd
-from registry.etcd_server import EtcdNotFoundError, EtcdServer
+from services._common import grpcenv
+
+# the I/O engine every agentmesh process runs (services/cli), for the servers and
+# clients that tests start in this process; grpc reads it once, when first imported
+grpcenv.prefer_legacy_io()
+
+from registry.etcd import Etcd  # noqa: E402
+from registry.etcd_server import EtcdNotFoundError, EtcdServer  # noqa: E402
 
 
 def start_etcd(data_dir: Path) -> EtcdServer:

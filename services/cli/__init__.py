@@ -13,9 +13,13 @@ The load-test harness mounts as `loadtest`. `python -m services.cli` runs the sa
 
 from __future__ import annotations
 
-import typer
+from services._common import grpcenv
 
-from services.cli import agents, consensus, health, serve, status, tasks, up
+grpcenv.prefer_legacy_io()  # before anything below imports grpc
+
+import typer  # noqa: E402
+
+from services.cli import agents, consensus, health, serve, status, tasks, up  # noqa: E402
 
 app = typer.Typer(
     no_args_is_help=True,
