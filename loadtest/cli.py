@@ -72,6 +72,11 @@ class Peer(StrEnum):
     celery = "celery"
 
 
+class SubmitMode(StrEnum):
+    stream = "stream"
+    rpc = "rpc"
+
+
 # ---------------------------------------------------------------- live view
 
 
@@ -290,6 +295,12 @@ def main(
     compare: Peer = typer.Option(Peer.none, help="run the same workload on a peer in the same run"),
     max_tasks: int = typer.Option(0, help="tasks submitted at most (0: from duration and rate)"),
     batch_size: int = typer.Option(100, help="specs per SubmitBatch (1: Submit)"),
+    submit: SubmitMode = typer.Option(
+        SubmitMode.stream,
+        help="open loop: stream = one SubmitStream call, each task in a message of its own "
+        "as soon as it is due; rpc = a Submit, or a SubmitBatch of what is due, per send. "
+        "The closed loop always uses SubmitBatch (--batch-size)",
+    ),
     clients: int = typer.Option(0, help="closed loop: submit RPCs in flight (0: automatic)"),
     drain_timeout: float = typer.Option(
         30.0, help="seconds to wait for in-flight tasks at the end"
@@ -382,6 +393,7 @@ def main(
         executor="noop" if executor == ExecutorChoice.noop else "sleep",  # llm returned above
         sleep_ms=sleep_ms,
         batch_size=batch_size,
+        stream=submit == SubmitMode.stream,
         clients=clients,
         drain_timeout_s=drain_timeout,
     )
@@ -413,6 +425,7 @@ def main(
         "sleep_ms": sleep_ms if workload.simulated else None,
         "max_tasks": workload.max_tasks,
         "batch_size": batch_size,
+        "submit": "SubmitBatch" if workload.closed_loop else submit.value,
         "drain_timeout_s": drain_timeout,
         "compare": compare.value,
         "target": target or "local cluster started by the harness",

@@ -8,6 +8,8 @@ because every task id is chosen by the harness (Submit is idempotent on it).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -29,6 +31,12 @@ RETRY_CODES = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 )
+
+STREAM_RETRY_CODES = RETRY_CODES | {grpc.StatusCode.INTERNAL}
+"""SubmitStream: grpc.aio reports a write that meets a stream the server has just ended
+(a standby's UNAVAILABLE, a leader that stepped down) as INTERNAL, "Internal error from
+Core", in place of the server's status. The unanswered specs are unknown either way,
+and sending them again is safe."""
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -209,3 +217,96 @@ class CoordinatorClient:
             await channel.close(grace=None)
         self._channels.clear()
         self._stubs.clear()
+
+
+class SubmitStreamer:
+    """Submits one task per message on one SubmitStream call (open loop, `--submit stream`).
+
+    Answers come back in request order, so the oldest unanswered spec is the one each
+    answer is for. A stream that breaks leaves the outcome of every unanswered spec
+    unknown: they are sent again, in order, on a new stream (after following the
+    leader), which is safe because the harness chooses every task id. That goes on for
+    the client's `retry_s` from the first failure in a row; then `failed` gets them.
+
+    Args:
+        client: whose stub, leader following, backoff and retry window are used.
+        answered: called with each response.
+        failed: called with the specs given up on and why.
+    """
+
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        answered: Callable[[cpb.SubmitResponse], None],
+        failed: Callable[[list[Any], RpcFailed], None],
+    ) -> None:
+        self.client = client
+        self.answered = answered
+        self.failed = failed
+        self._unanswered: collections.deque[Any] = collections.deque()
+        self._call: Any = None
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def send(self, spec: Any) -> None:
+        async with self._lock:
+            self._unanswered.append(spec)
+            if self._call is None:
+                await self._open()
+                return  # _open sent every unanswered spec
+            # a broken stream is noticed by the reader, which sends this one again
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await self._call.write(cpb.SubmitRequest(spec=spec))
+
+    async def close(self) -> None:
+        """Send nothing more and wait until every spec is answered or given up on."""
+        async with self._lock:
+            if self._call is not None:
+                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                    await self._call.done_writing()
+        if self._reader is not None:
+            await self._reader
+
+    async def _open(self) -> None:
+        self._call = self.client.stub().SubmitStream()
+        for spec in self._unanswered:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await self._call.write(cpb.SubmitRequest(spec=spec))
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        give_up: float | None = None
+        attempt = 0
+        while self._call is not None:
+            call = self._call
+            try:
+                async for response in call:
+                    self._unanswered.popleft()
+                    give_up, attempt = None, 0
+                    self.answered(response)
+                if not self._unanswered:
+                    self._call = None  # closed and all answered; a later send opens anew
+                    return
+                code, details = (
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the stream ended with specs unanswered",
+                )
+            except (grpc.aio.AioRpcError, grpc.RpcError) as err:
+                code = _code(err)
+                details = str(err.details() if hasattr(err, "details") else err)
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self.client.follow(err)
+            give_up = give_up or loop.time() + self.client.retry_s
+            if code not in STREAM_RETRY_CODES or loop.time() >= give_up:
+                async with self._lock:
+                    lost, self._call = list(self._unanswered), None
+                    self._unanswered.clear()
+                self.failed(lost, RpcFailed("SubmitStream", code, details))
+                return
+            self.client.counters.inc("rpc_retries")
+            await self.client.backoff(attempt)
+            attempt += 1
+            async with self._lock:
+                await self._open()

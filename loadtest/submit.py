@@ -15,10 +15,11 @@ import json
 import logging
 
 from loadtest.audit import TERMINAL, state_name
-from loadtest.client import CoordinatorClient, RpcFailed
+from loadtest.client import CoordinatorClient, RpcFailed, SubmitStreamer
 from loadtest.metrics import RunMetrics
 from loadtest.tracker import Clock, Tracker
 from loadtest.workload import Schedule, Workload, task_id
+from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class Submitter:
         self._seq = 0
         self._free = workload.concurrency
         self._slot = asyncio.Event()
+        self._streamer: SubmitStreamer | None = None
+        self._sent_at: dict[str, float] = {}
+        """Streamed ids not answered yet: when each was sent."""
 
     def stop(self) -> None:
         """End the submit phase now."""
@@ -210,11 +214,41 @@ class Submitter:
             lateness = now - (start + schedule.next_at(self._seq - len(ids)))
             if lateness > LATE_AFTER_S:
                 self.late += len(ids)
+            if self.w.stream:
+                await self._stream(ids)
+                continue
             await rpcs.acquire()
             tg.create_task(send(ids))
         for _ in range(MAX_OPEN_LOOP_RPCS):  # every send has returned
             await rpcs.acquire()
+        if self._streamer is not None:  # every streamed task is answered or given up on
+            await self._streamer.close()
         self.over.set()
+
+    async def _stream(self, ids: list[str]) -> None:
+        """Open loop, `stream`: each task in a message of its own, as soon as it is due."""
+        if self._streamer is None:
+            self._streamer = SubmitStreamer(self.client, self._answered, self._stream_failed)
+        for tid in ids:
+            spec = self.spec(tid)
+            t_send = self.clock.monotonic()
+            self.tracker.sent([tid], t_send, self.clock.wall_us())
+            self.submitted += 1
+            self._sent_at[tid] = t_send
+            await self._streamer.send(spec)
+
+    def _answered(self, response: cpb.SubmitResponse) -> None:
+        ack_mono = self.clock.monotonic()
+        t_send = self._sent_at.pop(response.task.task_id, None)
+        if t_send is not None:
+            self.metrics.latency("submit_ack").record_s(ack_mono - t_send)
+        self._acknowledged([response], ack_mono, self.clock.wall_us())
+
+    def _stream_failed(self, specs: list[tpb.TaskSpec], err: RpcFailed) -> None:
+        ids = [spec.task_id for spec in specs]
+        for tid in ids:
+            self._sent_at.pop(tid, None)
+        self._submit_failed(ids, err)
 
     async def _send(self, ids: list[str]) -> None:
         specs = [self.spec(tid) for tid in ids]
@@ -227,16 +261,23 @@ class Submitter:
             else:
                 results = list((await self.client.submit_batch(specs)).results)
         except RpcFailed as err:
-            self.counters.inc("errors")
-            self.counters.inc("submit_failed_tasks", len(ids))
-            log.warning("submit failed", extra={"error": str(err), "tasks": len(ids)})
-            self.failed.update(ids)
-            if self.schedule is None:
-                self.release(len(ids))
+            self._submit_failed(ids, err)
             return
         ack_mono = self.clock.monotonic()
-        ack_wall = self.clock.wall_us()
         self.metrics.latency("submit_ack").record_s(ack_mono - t_send)
+        self._acknowledged(results, ack_mono, self.clock.wall_us())
+
+    def _submit_failed(self, ids: list[str], err: RpcFailed) -> None:
+        self.counters.inc("errors")
+        self.counters.inc("submit_failed_tasks", len(ids))
+        log.warning("submit failed", extra={"error": str(err), "tasks": len(ids)})
+        self.failed.update(ids)
+        if self.schedule is None:
+            self.release(len(ids))
+
+    def _acknowledged(
+        self, results: list[cpb.SubmitResponse], ack_mono: float, ack_wall: int
+    ) -> None:
         for r in results:
             if not self.tracker.acknowledged(r.task, ack_mono, ack_wall):
                 continue

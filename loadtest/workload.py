@@ -31,6 +31,9 @@ class Workload:
     """How long a `sleep` task sleeps, in milliseconds."""
     batch_size: int = 100
     """Closed loop: most specs per SubmitBatch (1 uses Submit). Open loop batches what is due."""
+    stream: bool = False
+    """Open loop: each task in a message of its own on one SubmitStream call, instead of
+    a Submit (or SubmitBatch of what is due) per send."""
     clients: int = 0
     """Closed loop: submit RPCs in flight at once (0: 4 when batching, else up to 64)."""
     drain_timeout_s: float = 30.0

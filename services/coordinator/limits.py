@@ -97,6 +97,9 @@ WATCH_BATCH_MAX = 1000
 WATCH_BATCH_BYTES = 1024 * 1024
 """A batched WatchEvents message: at most this many bytes of events (or one larger event)."""
 BATCH_ITEMS = 1000
+SUBMIT_STREAM_PENDING = 1000
+"""SubmitStream requests that wait for their response at once; the server reads no
+further until one is answered (a client that does not read is held by flow control)."""
 PRIORITY_MAX = 9
 MAX_ATTEMPTS_MAX = 100
 CAPACITY_MAX = 1000
@@ -155,6 +158,11 @@ LIMITS: tuple[Limit, ...] = (
     ),
     Limit("any gRPC request message", "8 MiB", "RESOURCE_EXHAUSTED (from gRPC)"),
     Limit("SubmitBatch.specs", "1,000 specs", "INVALID_ARGUMENT"),
+    Limit(
+        "SubmitStream requests awaiting their response",
+        "1,000",
+        "the server reads no further until one is answered (gRPC flow control holds the client)",
+    ),
     Limit("task_id (every request)", "128 bytes of A-Z a-z 0-9 . _ -", "INVALID_ARGUMENT"),
     Limit("TaskSpec.idempotency_key", "256 bytes", "INVALID_ARGUMENT"),
     Limit("TaskSpec.kind, ListTasksRequest.kind", "64 bytes", "INVALID_ARGUMENT"),

@@ -53,6 +53,12 @@ ACK_RIDE_MAX = 1000
 LIST_MAX_READS = 40
 
 
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    """Retrieve an outcome nobody will read, so that asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
+
+
 def basic(task: tpb.Task, *, shared: bool = True) -> tpb.Task:
     """`task` without its payload and result (the BASIC view). A task the caller does
     not own (`shared`) is copied first."""
@@ -293,6 +299,55 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         return cpb.SubmitBatchResponse(
             results=[cpb.SubmitResponse(task=t, created=c) for t, c in results]
         )
+
+    @rpc_errors
+    async def SubmitStream(
+        self, requests: AsyncIterator[cpb.SubmitRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cpb.SubmitResponse]:
+        core = self._core()
+        loop = asyncio.get_running_loop()
+        # a request's submit starts as soon as it is read, so that one group commit
+        # takes what arrived together; the answers go out in request order
+        answers: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(limits.SUBMIT_STREAM_PENDING)
+
+        def failed(err: BaseException) -> asyncio.Future[Any]:
+            future = loop.create_future()
+            future.set_exception(err)
+            return future
+
+        async def read() -> None:
+            unread = aiter(requests)
+            try:
+                while True:
+                    await slots.acquire()  # nothing more is read while all are pending
+                    try:
+                        request = await anext(unread)
+                    except StopAsyncIteration:
+                        break
+                    if request.HasField("spec"):
+                        tracing.stamp([request.spec])
+                        answers.put_nowait(asyncio.ensure_future(core.submit([request.spec])))
+                    else:
+                        answers.put_nowait(failed(InvalidArgumentError("spec is required")))
+            except Exception as err:  # noqa: BLE001 - an undecodable request: answered in turn
+                answers.put_nowait(failed(err))
+            answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                ((task, created),) = await answer
+                yield cpb.SubmitResponse(task=task, created=created)
+                slots.release()
+        finally:
+            reader.cancel()
+            # what was read after a refusal still runs to its end (the core owns it);
+            # only its outcome is not told
+            while not answers.empty():
+                left = answers.get_nowait()
+                if left is not None:
+                    left.add_done_callback(_ignore_outcome)
 
     @rpc_errors
     async def GetTask(

@@ -236,6 +236,112 @@ async def test_submit_get_and_idempotent_replay(stub: cpb_grpc.CoordinatorStub) 
     assert a.task.task_id == b.task.task_id
 
 
+async def _answers(call: Any) -> tuple[list[cpb.SubmitResponse], grpc.aio.AioRpcError | None]:
+    """A SubmitStream's responses until it ends, and the error it ended with (or None)."""
+    got: list[cpb.SubmitResponse] = []
+    try:
+        async with asyncio.timeout(HANG_S):
+            async for response in call:
+                got.append(response)
+    except grpc.aio.AioRpcError as err:
+        return got, err
+    return got, None
+
+
+async def test_submit_stream_answers_each_request_in_order(
+    stub: cpb_grpc.CoordinatorStub,
+) -> None:
+    before = await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo"))))
+    ids = [f"st-{i}" for i in range(50)]
+    ids.insert(25, before.task.task_id)  # a replay in the middle
+    call = stub.SubmitStream(
+        iter(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", task_id=t)) for t in ids)
+    )
+    got, err = await _answers(call)
+    assert err is None
+    assert [r.task.task_id for r in got] == ids
+    assert [r.created for r in got] == [t != before.task.task_id for t in ids]
+    for response in got[:3]:
+        stored = await within(stub.GetTask(cpb.GetTaskRequest(task_id=response.task.task_id)))
+        assert stored.state == response.task.state
+
+
+@pytest.mark.parametrize(
+    ("bad", "names"),
+    [
+        (cpb.SubmitRequest(), "spec is required"),
+        (cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", priority=12)), "spec.priority 12"),
+    ],
+)
+async def test_submit_stream_ends_at_a_refused_request_after_answering_the_earlier_ones(
+    stub: cpb_grpc.CoordinatorStub, bad: cpb.SubmitRequest, names: str
+) -> None:
+    good = [cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo")) for _ in range(3)]
+    got, err = await _answers(stub.SubmitStream(iter([*good, bad, *good])))
+    assert err is not None
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert names in (err.details() or "")
+    assert len(got) == 3
+    assert all(r.created for r in got)
+    for response in got:
+        await within(stub.GetTask(cpb.GetTaskRequest(task_id=response.task.task_id)))
+
+
+async def test_submit_stream_requests_read_before_the_client_left_are_written_once(
+    stub: cpb_grpc.CoordinatorStub,
+) -> None:
+    # the unknown outcome: the client goes away without reading an answer, and
+    # sends everything again; nothing is lost, nothing is made twice
+    specs = [tpb.TaskSpec(kind="echo", task_id=f"gone-{i}") for i in range(20)]
+    call = stub.SubmitStream()
+    for spec in specs:
+        await within(call.write(cpb.SubmitRequest(spec=spec)))
+    await within(call.done_writing())
+    async with asyncio.timeout(HANG_S):  # all read and written, no answer read
+        for spec in specs:
+            while True:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await stub.GetTask(cpb.GetTaskRequest(task_id=spec.task_id))
+                    break
+                await asyncio.sleep(0.01)
+    call.cancel()
+    again = await within(stub.SubmitBatch(cpb.SubmitBatchRequest(specs=specs)))
+    assert [r.created for r in again.results] == [False] * len(specs)
+    listed = await within(stub.ListTasks(cpb.ListTasksRequest(page_size=100)))
+    assert sorted(t.task_id for t in listed.tasks if t.task_id.startswith("gone-")) == sorted(
+        s.task_id for s in specs
+    )
+
+
+async def test_submit_stream_reads_no_further_while_the_limit_waits(
+    node: CoordinatorNode, stub: cpb_grpc.CoordinatorStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(servicer.limits, "SUBMIT_STREAM_PENDING", 3)
+    core = node.servicer.core
+    assert core is not None
+    submit, started, go = core.submit, [], asyncio.Event()
+
+    async def held(specs: Any) -> Any:
+        started.append(specs[0].task_id)
+        await go.wait()
+        return await submit(specs)
+
+    monkeypatch.setattr(core, "submit", held)
+    ids = [f"held-{i}" for i in range(10)]
+    call = stub.SubmitStream(
+        iter(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", task_id=t)) for t in ids)
+    )
+    async with asyncio.timeout(HANG_S):
+        while len(started) < 3:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)  # time for a fourth, which must not come
+    assert started == ids[:3]
+    go.set()
+    got, err = await _answers(call)
+    assert err is None
+    assert [r.task.task_id for r in got] == ids
+
+
 async def test_list_filters_and_pages(stub: cpb_grpc.CoordinatorStub) -> None:
     specs = [
         tpb.TaskSpec(kind="sleep" if i % 3 == 0 else "echo", task_id=f"t-{i:02d}")

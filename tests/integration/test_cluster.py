@@ -837,6 +837,22 @@ async def test_grpcurl_lists_describes_and_calls_the_services(cluster: Any) -> N
     assert submitted["task"]["task_id"] == "curl-1"
     assert submitted["created"] is True
 
+    # the README's SubmitStream example: one answer per request, in order (a replay first)
+    code, out = await grpcurl(
+        "-plaintext",
+        "-d",
+        '{"spec": {"kind": "echo", "task_id": "curl-1"}}\n{"spec": {"kind": "echo", "task_id": "curl-2"}}',
+        coordinator,
+        "agentmesh.v1.Coordinator/SubmitStream",
+    )
+    assert code == 0, out
+    answers, rest, decoder = [], out.strip(), json.JSONDecoder()
+    while rest:
+        answer, end = decoder.raw_decode(rest)
+        answers.append((answer["task"]["task_id"], answer.get("created", False)))
+        rest = rest[end:].strip()
+    assert answers == [("curl-1", False), ("curl-2", True)], out
+
     code, out = await grpcurl(
         "-plaintext",
         "-d",

@@ -19,7 +19,7 @@ import pytest
 from loadtest.client import CoordinatorClient, RpcFailed
 from loadtest.driver import Driver
 from loadtest.tracker import HOPS, task_hops
-from loadtest.workload import BurstSchedule, RateSchedule, Workload
+from loadtest.workload import BurstSchedule, RateSchedule, Workload, task_id
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import task_pb2 as tpb
 
@@ -65,6 +65,42 @@ class FakeCall:
             yield item
 
 
+class FakeSubmitStream:
+    """A SubmitStream call: each write is submitted at once and answered in order.
+    `break_at`: the write with this index is submitted, but the stream then fails with
+    `code` instead of answering (the reply of an applied submit is lost)."""
+
+    def __init__(self, owner: FakeCoordinator, break_at: int | None, code: grpc.StatusCode) -> None:
+        self.owner, self.break_at, self.code = owner, break_at, code
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.written: list[str] = []
+        self.over = False
+
+    async def write(self, req: cpb.SubmitRequest) -> None:
+        if self.over:
+            raise asyncio.InvalidStateError("the call is over")
+        self.written.append(req.spec.task_id)
+        resp = await self.owner.SubmitBatch(cpb.SubmitBatchRequest(specs=[req.spec]), 1.0)
+        if len(self.written) - 1 == self.break_at:
+            self.over = True
+            self.queue.put_nowait(FakeRpcError(self.code, "leader gone"))
+        else:
+            self.queue.put_nowait(resp.results[0])
+
+    async def done_writing(self) -> None:
+        self.over = True
+        self.queue.put_nowait(None)
+
+    def __aiter__(self) -> AsyncIterator[cpb.SubmitResponse]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[cpb.SubmitResponse]:
+        while (item := await self.queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
 class FakeCoordinator:
     def __init__(
         self,
@@ -75,7 +111,11 @@ class FakeCoordinator:
         silent: frozenset[str] = frozenset(),
         unavailable_submits: int = 0,
         agents: int = 4,
+        stream_breaks: tuple[int, ...] = (),
+        stream_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
     ) -> None:
+        self.streams: list[FakeSubmitStream] = []
+        self.stream_breaks, self.stream_code = list(stream_breaks), stream_code
         self.delay_s = delay_s
         self.duplicate, self.lose, self.silent = duplicate, lose, silent
         self.unavailable_submits = unavailable_submits
@@ -141,6 +181,11 @@ class FakeCoordinator:
         self, req: cpb.GetStatusRequest, timeout: float | None = None
     ) -> cpb.ClusterStatus:
         return cpb.ClusterStatus(agents_connected=self.agents, leader_id="c1", term=7)
+
+    def SubmitStream(self) -> FakeSubmitStream:
+        breaks = self.stream_breaks.pop(0) if self.stream_breaks else None
+        self.streams.append(FakeSubmitStream(self, breaks, self.stream_code))
+        return self.streams[-1]
 
     def WatchEvents(self, req: cpb.WatchEventsRequest) -> FakeCall:
         return FakeCall(self, frozenset(req.states))
@@ -311,6 +356,44 @@ async def test_open_loop_follows_the_rate() -> None:
     assert result.ok
     # 100/s for 1 s: about 100 tasks (the schedule sends the first at t=0)
     assert 90 <= result.submitted <= 102
+
+
+async def test_open_loop_streams_one_task_per_message() -> None:
+    fake = FakeCoordinator()
+    w = workload(max_tasks=1000, duration_s=0.5, rate_per_s=100.0, stream=True)
+    result = await Driver(client_for(fake), w, run_id="t9s").run()
+    assert result.ok
+    assert len(fake.streams) == 1
+    assert fake.streams[0].written == [task_id("t9s", i) for i in range(result.submitted)]
+    assert result.metrics.latency("submit_ack").count == result.submitted
+
+
+async def test_a_broken_submit_stream_sends_the_unanswered_again_on_a_new_one() -> None:
+    # the 6th submit is applied but its answer is lost, and the stream ends: it and
+    # everything written after it go again on a new stream; nothing lost or doubled
+    fake = FakeCoordinator(stream_breaks=(5,))
+    w = workload(max_tasks=1000, duration_s=0.5, rate_per_s=100.0, stream=True)
+    result = await Driver(client_for(fake), w, run_id="t9b").run()
+    assert result.ok
+    assert result.completed == result.submitted == result.acknowledged
+    first, second = fake.streams
+    assert first.written[5] == second.written[0] == task_id("t9b", 5)
+    assert result.metrics.counters["rpc_retries"] == 1
+    assert result.metrics.counters["submit_replays"] >= 1  # the lost answer's task
+
+
+async def test_a_submit_stream_refused_for_good_fails_its_unanswered_tasks() -> None:
+    fake = FakeCoordinator(stream_breaks=(5,), stream_code=grpc.StatusCode.INVALID_ARGUMENT)
+    w = workload(max_tasks=20, duration_s=0.5, rate_per_s=100.0, stream=True)
+    result = await Driver(client_for(fake), w, run_id="t9f").run()
+    # no retry: the one task unanswered then is given up on, and the next send opens
+    # a new stream (the store has that task all the same, so the audit finds it done)
+    assert result.metrics.counters["errors"] == 1
+    assert result.metrics.counters["submit_failed_tasks"] == 1
+    assert result.metrics.counters["rpc_retries"] == 0
+    assert len(fake.streams) == 2
+    assert fake.streams[1].written[0] == task_id("t9f", 6)
+    assert result.ok
 
 
 def test_schedules() -> None:

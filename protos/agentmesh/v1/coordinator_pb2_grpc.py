@@ -48,6 +48,11 @@ class CoordinatorStub:
                 request_serializer=agentmesh_dot_v1_dot_coordinator__pb2.SubmitBatchRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.SubmitBatchResponse.FromString,
                 _registered_method=True)
+        self.SubmitStream = channel.stream_stream(
+                '/agentmesh.v1.Coordinator/SubmitStream',
+                request_serializer=agentmesh_dot_v1_dot_coordinator__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.SubmitResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/agentmesh.v1.Coordinator/GetTask',
                 request_serializer=agentmesh_dot_v1_dot_coordinator__pb2.GetTaskRequest.SerializeToString,
@@ -113,6 +118,25 @@ class CoordinatorServicer:
         transactions as fit.
         All-or-nothing validation: one bad spec rejects the batch with
         INVALID_ARGUMENT naming its index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitStream(self, request_iterator, context):
+        """Submit tasks one message at a time on one stream: for a client that submits
+        often and one task at a time. It costs the server about half of a Submit call
+        per task. Each request is checked and written exactly like a Submit
+        (idempotent on task_id / idempotency_key). Each gets one response, in request
+        order, once it and every earlier request are in etcd. A request that Submit
+        would refuse ends the stream with Submit's status, after the responses to every
+        earlier request. Requests after it may or may not have been written: send them
+        again (a replay returns the task with created = false). The same holds when the
+        stream breaks for any other reason (a failover, a standby's UNAVAILABLE; a
+        client library may report a write that met the stream's end as its own error,
+        grpc.aio as INTERNAL). At most 1,000 requests wait for their response at once;
+        the server reads no further until one is answered, so gRPC's flow control holds
+        the client back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,6 +232,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SubmitBatch,
                     request_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.SubmitBatchRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_coordinator__pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            'SubmitStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitStream,
+                    request_deserializer=agentmesh_dot_v1_dot_coordinator__pb2.SubmitRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_coordinator__pb2.SubmitResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -312,6 +341,33 @@ class Coordinator:
             '/agentmesh.v1.Coordinator/SubmitBatch',
             agentmesh_dot_v1_dot_coordinator__pb2.SubmitBatchRequest.SerializeToString,
             agentmesh_dot_v1_dot_coordinator__pb2.SubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/agentmesh.v1.Coordinator/SubmitStream',
+            agentmesh_dot_v1_dot_coordinator__pb2.SubmitRequest.SerializeToString,
+            agentmesh_dot_v1_dot_coordinator__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,
