@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -152,6 +152,37 @@ class MeshClient(LeaderClient):
                 span.end()
         return reply
 
+    async def submit_stream(
+        self, specs: Iterable[tpb.TaskSpec] | AsyncIterable[tpb.TaskSpec]
+    ) -> AsyncIterator[cpb.SubmitResponse]:
+        """Submit `specs` on one SubmitStream call, each as soon as it is produced, and
+        yield each answer, in order, once its task is in etcd.
+
+        A spec without an id gets an idempotency key first, in place (as with `submit`).
+        The stream is not retried: if it fails, the error is raised (after a standby's
+        pointer is followed, so the next call goes to the leader), and the specs not
+        answered yet have an unknown outcome. Submit those same spec objects again: a
+        replay returns the task with `created` false.
+        """
+        stub = await self.stub()
+
+        async def requests() -> AsyncIterator[cpb.SubmitRequest]:
+            async for spec in _aiter(specs):
+                if not spec.task_id and not spec.idempotency_key:
+                    spec.idempotency_key = _new_key()
+                yield cpb.SubmitRequest(spec=spec)
+
+        call = stub.SubmitStream(requests())
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as err:
+            if err.code() in _RETRY_CODES:
+                self._follow(err)
+            raise
+        finally:
+            call.cancel()
+
     async def get(self, task_id: str) -> tpb.Task:
         return await self._call("GetTask", cpb.GetTaskRequest(task_id=task_id))  # type: ignore[no-any-return]
 
@@ -234,6 +265,15 @@ def _traced(event: tpb.TaskEvent) -> None:
             "agentmesh.previous_state": tpb.TaskState.Name(event.previous_state),
         },
     )
+
+
+async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 def _now_us() -> int:

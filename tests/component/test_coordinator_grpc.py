@@ -21,6 +21,7 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.election import candidates
 from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
+from services.client import MeshClient
 from services.coordinator import servicer
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.server import CoordinatorNode
@@ -311,6 +312,25 @@ async def test_submit_stream_requests_read_before_the_client_left_are_written_on
     assert sorted(t.task_id for t in listed.tasks if t.task_id.startswith("gone-")) == sorted(
         s.task_id for s in specs
     )
+
+
+async def test_the_python_client_streams_and_a_second_pass_replays(node: CoordinatorNode) -> None:
+    # the client's unknown-outcome recipe: the same spec objects, sent again, are
+    # replays (each got an idempotency key in place on the first pass)
+    specs = [tpb.TaskSpec(kind="echo", payload=f"{i}".encode()) for i in range(5)]
+
+    async def produced() -> AsyncIterator[tpb.TaskSpec]:
+        for spec in specs:
+            yield spec
+
+    async with MeshClient(coordinator=node.endpoint) as client:
+        first = [r async for r in client.submit_stream(produced())]
+        again = [r async for r in client.submit_stream(specs)]
+    assert [r.created for r in first] == [True] * 5
+    assert all(spec.idempotency_key for spec in specs)
+    assert [r.created for r in again] == [False] * 5
+    assert [r.task.task_id for r in again] == [r.task.task_id for r in first]
+    assert [r.task.spec.payload for r in first] == [s.payload for s in specs]
 
 
 async def test_submit_stream_reads_no_further_while_the_limit_waits(
