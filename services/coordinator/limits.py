@@ -98,8 +98,11 @@ WATCH_BATCH_BYTES = 1024 * 1024
 """A batched WatchEvents message: at most this many bytes of events (or one larger event)."""
 BATCH_ITEMS = 1000
 SUBMIT_STREAM_PENDING = 1000
-"""SubmitStream requests that wait for their response at once; the server reads no
-further until one is answered (a client that does not read is held by flow control)."""
+SUBMIT_STREAM_PENDING_BYTES = MAX_REQUEST_BYTES
+"""SubmitStream requests that wait for their response at once, by count and by bytes
+(what one SubmitBatch may hold): the server reads no further until one is answered (a
+client that does not read is held by flow control). A request larger than the bytes
+left waits until every earlier one is answered."""
 PRIORITY_MAX = 9
 MAX_ATTEMPTS_MAX = 100
 CAPACITY_MAX = 1000
@@ -160,7 +163,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("SubmitBatch.specs", "1,000 specs", "INVALID_ARGUMENT"),
     Limit(
         "SubmitStream requests awaiting their response",
-        "1,000",
+        "1,000 requests, 8 MiB",
         "the server reads no further until one is answered (gRPC flow control holds the client)",
     ),
     Limit("task_id (every request)", "128 bytes of A-Z a-z 0-9 . _ -", "INVALID_ARGUMENT"),

@@ -308,8 +308,10 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
         loop = asyncio.get_running_loop()
         # a request's submit starts as soon as it is read, so that one group commit
         # takes what arrived together; the answers go out in request order
-        answers: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
+        answers: asyncio.Queue[tuple[asyncio.Future[Any], int] | None] = asyncio.Queue()
         slots = asyncio.Semaphore(limits.SUBMIT_STREAM_PENDING)
+        held = 0  # bytes of the requests pending
+        freed = asyncio.Event()
 
         def failed(err: BaseException) -> asyncio.Future[Any]:
             future = loop.create_future()
@@ -317,6 +319,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             return future
 
         async def read() -> None:
+            nonlocal held
             unread = aiter(requests)
             try:
                 while True:
@@ -325,20 +328,30 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
                         request = await anext(unread)
                     except StopAsyncIteration:
                         break
+                    size = request.ByteSize()
+                    while held and held + size > limits.SUBMIT_STREAM_PENDING_BYTES:
+                        freed.clear()
+                        await freed.wait()
+                    held += size
+                    answer: asyncio.Future[Any]
                     if request.HasField("spec"):
                         tracing.stamp([request.spec])
-                        answers.put_nowait(asyncio.ensure_future(core.submit([request.spec])))
+                        answer = asyncio.ensure_future(core.submit([request.spec]))
                     else:
-                        answers.put_nowait(failed(InvalidArgumentError("spec is required")))
+                        answer = failed(InvalidArgumentError("spec is required"))
+                    answers.put_nowait((answer, size))
             except Exception as err:  # noqa: BLE001 - an undecodable request: answered in turn
-                answers.put_nowait(failed(err))
+                answers.put_nowait((failed(err), 0))
             answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
-            while (answer := await answers.get()) is not None:
+            while (pending := await answers.get()) is not None:
+                answer, size = pending
                 ((task, created),) = await answer
                 yield cpb.SubmitResponse(task=task, created=created)
+                held -= size
+                freed.set()
                 slots.release()
         finally:
             reader.cancel()
@@ -347,7 +360,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             while not answers.empty():
                 left = answers.get_nowait()
                 if left is not None:
-                    left.add_done_callback(_ignore_outcome)
+                    left[0].add_done_callback(_ignore_outcome)
 
     @rpc_errors
     async def GetTask(

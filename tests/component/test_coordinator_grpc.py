@@ -361,6 +361,27 @@ async def test_submit_stream_reads_no_further_while_the_limit_waits(
     assert err is None
     assert [r.task.task_id for r in got] == ids
 
+    # and by bytes: three 100 KB requests against a 250 KB budget
+    monkeypatch.setattr(servicer.limits, "SUBMIT_STREAM_PENDING_BYTES", 250_000)
+    started.clear()
+    go.clear()
+    big = [f"big-{i}" for i in range(3)]
+    call = stub.SubmitStream(
+        iter(
+            cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", task_id=t, payload=b"x" * 100_000))
+            for t in big
+        )
+    )
+    async with asyncio.timeout(HANG_S):
+        while len(started) < 2:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)  # the third must wait for an answer
+    assert started == big[:2]
+    go.set()
+    got, err = await _answers(call)
+    assert err is None
+    assert [r.task.task_id for r in got] == big
+
 
 async def test_list_filters_and_pages(stub: cpb_grpc.CoordinatorStub) -> None:
     specs = [

@@ -134,9 +134,9 @@ class CoordinatorServicer:
         again (a replay returns the task with created = false). The same holds when the
         stream breaks for any other reason (a failover, a standby's UNAVAILABLE; a
         client library may report a write that met the stream's end as its own error,
-        grpc.aio as INTERNAL). At most 1,000 requests wait for their response at once;
-        the server reads no further until one is answered, so gRPC's flow control holds
-        the client back.
+        grpc.aio as INTERNAL). At most 1,000 requests, and 8 MiB of them, wait for
+        their response at once; the server reads no further until one is answered, so
+        gRPC's flow control holds the client back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
