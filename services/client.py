@@ -4,6 +4,7 @@ follows a standby's pointer to the leader, and retries what is safe to retry."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar
@@ -165,16 +166,35 @@ class MeshClient(LeaderClient):
         replay returns the task with `created` false.
         """
         stub = await self.stub()
+        # with tracing on, each spec gets a submit span of its own (a root, as in a
+        # batch), from its send to its answer; None stands for a spec already traced
+        spans: collections.deque[Any] = collections.deque()
 
         async def requests() -> AsyncIterator[cpb.SubmitRequest]:
             async for spec in _aiter(specs):
                 if not spec.task_id and not spec.idempotency_key:
                     spec.idempotency_key = _new_key()
+                span = None
+                if tracing.enabled() and not spec.trace_context:
+                    # a root: this runs inside the stream's own RPC span
+                    span = tracing.tracer().start_span(
+                        "client.submit",
+                        context=_root(),
+                        kind=_producer(),
+                        attributes={"agentmesh.kind": spec.kind},
+                    )
+                    tracing.inject(spec.trace_context, _in(span))
+                spans.append(span)
                 yield cpb.SubmitRequest(spec=spec)
 
         call = stub.SubmitStream(requests())
         try:
             async for response in call:
+                span = spans.popleft()
+                if span is not None:
+                    span.set_attribute("agentmesh.task_id", response.task.task_id)
+                    span.set_attribute("agentmesh.created", response.created)
+                    span.end()
                 yield response
         except grpc.aio.AioRpcError as err:
             if err.code() in _RETRY_CODES:
@@ -182,6 +202,9 @@ class MeshClient(LeaderClient):
             raise
         finally:
             call.cancel()
+            for span in spans:  # unanswered: their outcome is unknown
+                if span is not None:
+                    span.end()
 
     async def get(self, task_id: str) -> tpb.Task:
         return await self._call("GetTask", cpb.GetTaskRequest(task_id=task_id))  # type: ignore[no-any-return]
@@ -286,6 +309,12 @@ def _producer() -> Any:
     from opentelemetry.trace import SpanKind
 
     return SpanKind.PRODUCER
+
+
+def _root() -> Any:
+    from opentelemetry.context import Context
+
+    return Context()
 
 
 def _in(span: Any) -> Any:

@@ -143,6 +143,17 @@ async def test_requeued_task_is_one_trace_from_submit_to_completion_across_proce
                 return task if task.state == S.TASK_STATE_SUCCEEDED else None
 
             plain = await _until(plain_done, 20, "the untraced client's task to finish")
+
+            # a task sent on a SubmitStream: a trace of its own, rooted at its submit span
+            streamed_spec = tpb.TaskSpec(task_id="streamed-1", kind="noop")
+            answers = [r async for r in client.submit_stream([streamed_spec])]
+            assert [r.task.task_id for r in answers] == ["streamed-1"]
+
+            async def streamed_done() -> tpb.Task | None:
+                task = await client.get("streamed-1")
+                return task if task.state == S.TASK_STATE_SUCCEEDED else None
+
+            streamed = await _until(streamed_done, 20, "the streamed task to finish")
     finally:
         await asyncio.to_thread(tracing.stop)  # flush the client's spans (off the loop)
 
@@ -209,6 +220,22 @@ async def test_requeued_task_is_one_trace_from_submit_to_completion_across_proce
         "/agentmesh.v1.Coordinator/Submit"
     ]
     assert {"coordinator.commit", "agent.execute"} <= {r.span.name for r in got}
+
+    # the streamed task: its own trace, rooted at the client's submit span, through
+    # the leader and the pool (the client's span arrived when the tracer flushed)
+    streamed_trace = _trace_id(streamed)
+
+    async def streamed_spans() -> list[Received] | None:
+        got = spans.trace(streamed_trace)
+        return got if "coordinator.complete" in {r.span.name for r in got} else None
+
+    got = await _until(streamed_spans, 15, "the streamed task's spans")
+    roots = [r for r in got if not r.span.parent_span_id]
+    assert [(r.span.name, r.service) for r in roots] == [("client.submit", "agentmesh-test-client")]
+    assert _attr(roots[0].span, "agentmesh.task_id") == "streamed-1"
+    assert {"coordinator.commit", "agent.execute", "coordinator.complete"} <= {
+        r.span.name for r in got
+    }
 
 
 def _attr(span: trace_pb2.Span, key: str) -> Any:
