@@ -247,6 +247,7 @@ class SubmitStreamer:
         self._call: Any = None
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def send(self, spec: Any) -> None:
         async with self._lock:
@@ -261,6 +262,7 @@ class SubmitStreamer:
     async def close(self) -> None:
         """Send nothing more and wait until every spec is answered or given up on."""
         async with self._lock:
+            self._closing = True  # a stream opened again from now on is closed at once
             if self._call is not None:
                 with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                     await self._call.done_writing()
@@ -269,9 +271,11 @@ class SubmitStreamer:
 
     async def _open(self) -> None:
         self._call = self.client.stub().SubmitStream()
-        for spec in self._unanswered:
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            for spec in self._unanswered:
                 await self._call.write(cpb.SubmitRequest(spec=spec))
+            if self._closing:
+                await self._call.done_writing()
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read())
 

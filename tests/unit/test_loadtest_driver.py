@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from loadtest.client import CoordinatorClient, RpcFailed
+from loadtest.client import CoordinatorClient, RpcFailed, SubmitStreamer
 from loadtest.driver import Driver
 from loadtest.tracker import HOPS, task_hops
 from loadtest.workload import BurstSchedule, RateSchedule, Workload, task_id
@@ -380,6 +380,28 @@ async def test_a_broken_submit_stream_sends_the_unanswered_again_on_a_new_one() 
     assert first.written[5] == second.written[0] == task_id("t9b", 5)
     assert result.metrics.counters["rpc_retries"] == 1
     assert result.metrics.counters["submit_replays"] >= 1  # the lost answer's task
+
+
+async def test_a_submit_stream_closed_while_it_waits_to_reopen_still_ends() -> None:
+    # close() comes during the backoff before the second stream: that stream must be
+    # half-closed too, or the reader would wait for its end for ever
+    fake = FakeCoordinator(stream_breaks=(1,))
+    client = client_for(fake)
+    closing, answered = asyncio.Event(), []
+
+    async def backoff(attempt: int) -> None:
+        await closing.wait()
+
+    client.backoff = backoff  # type: ignore[method-assign]
+    streamer = SubmitStreamer(client, answered.append, lambda specs, err: None)
+    for i in range(3):
+        await streamer.send(tpb.TaskSpec(task_id=f"c-{i}", kind="noop"))
+    closed = asyncio.ensure_future(streamer.close())
+    await asyncio.sleep(0.01)
+    closing.set()
+    await asyncio.wait_for(closed, 5.0)
+    assert [r.task.task_id for r in answered] == ["c-0", "c-1", "c-2"]
+    assert fake.streams[1].written == ["c-1", "c-2"]
 
 
 async def test_a_submit_stream_refused_for_good_fails_its_unanswered_tasks() -> None:
