@@ -77,8 +77,6 @@ class Submitter:
         self._free = workload.concurrency
         self._slot = asyncio.Event()
         self._streamer: SubmitStreamer | None = None
-        self._sent_at: dict[str, float] = {}
-        """Streamed ids not answered yet: when each was sent."""
 
     def stop(self) -> None:
         """End the submit phase now."""
@@ -231,24 +229,19 @@ class Submitter:
             self._streamer = SubmitStreamer(self.client, self._answered, self._stream_failed)
         for tid in ids:
             spec = self.spec(tid)
-            t_send = self.clock.monotonic()
-            self.tracker.sent([tid], t_send, self.clock.wall_us())
+            self.tracker.sent([tid], self.clock.monotonic(), self.clock.wall_us())
             self.submitted += 1
-            self._sent_at[tid] = t_send
             await self._streamer.send(spec)
 
     def _answered(self, response: cpb.SubmitResponse) -> None:
         ack_mono = self.clock.monotonic()
-        t_send = self._sent_at.pop(response.task.task_id, None)
-        if t_send is not None:
-            self.metrics.latency("submit_ack").record_s(ack_mono - t_send)
+        record = self.tracker.records.get(response.task.task_id)
+        if record is not None:  # from the first send, as a retried Submit counts it
+            self.metrics.latency("submit_ack").record_s(ack_mono - record.sent_mono)
         self._acknowledged([response], ack_mono, self.clock.wall_us())
 
     def _stream_failed(self, specs: list[tpb.TaskSpec], err: RpcFailed) -> None:
-        ids = [spec.task_id for spec in specs]
-        for tid in ids:
-            self._sent_at.pop(tid, None)
-        self._submit_failed(ids, err)
+        self._submit_failed([spec.task_id for spec in specs], err)
 
     async def _send(self, ids: list[str]) -> None:
         specs = [self.spec(tid) for tid in ids]
