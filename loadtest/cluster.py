@@ -62,6 +62,7 @@ async def local_cluster(
         consensus=0,
         capacity=capacity,
         env=env,
+        coordinator_metrics=True,  # the report reads the leader's group commit from them
     )
     cluster = LocalCluster(spec)
     loop = asyncio.get_running_loop()
@@ -131,6 +132,7 @@ async def local_cluster(
             info={
                 "etcd": cluster.etcd_endpoint,
                 "coordinators": list(cluster.coordinator_endpoints),
+                "coordinator_metrics": list(cluster.coordinator_metrics),
                 "pools": pools,
                 "processes_started_s": round(started_s, 3),
                 "data_dir": str(root) if keep_data or not owned else "",

@@ -34,9 +34,10 @@ class Histogram:
     count: float = 0.0
 
 
-def parse(text: str) -> dict[str, Histogram]:
-    """The histograms of HISTOGRAMS found in a /metrics page, by their short name."""
-    names = {metric: short for short, metric in HISTOGRAMS.items()}
+def parse(text: str, histograms: dict[str, str] = HISTOGRAMS) -> dict[str, Histogram]:
+    """The histograms named in `histograms` (short name → metric) found in a /metrics
+    page, by their short name."""
+    names = {metric: short for short, metric in histograms.items()}
     out: dict[str, Histogram] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -96,7 +97,7 @@ def summarise(before: str, after: str) -> dict[str, Any]:
 
 
 async def scrape(endpoint: str) -> str | None:
-    """etcd's /metrics page (endpoint: host:port of its client URL); None if unreachable."""
+    """A /metrics page (endpoint: host:port, e.g. etcd's client URL); None if unreachable."""
     url = endpoint if "://" in endpoint else f"http://{endpoint}"
 
     def get() -> str:

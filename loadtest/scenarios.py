@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from loadtest import etcd_disk
+from loadtest import commits, etcd_disk
 from loadtest.client import CHANNEL_OPTIONS, CoordinatorClient, RpcFailed
 from loadtest.cpu import CpuSampler
 from loadtest.driver import Action, Driver
@@ -688,12 +688,22 @@ async def run_agentmesh(
         if spawn_hist.count:
             driver.metrics.latencies["spawn"] = spawn_hist
         etcd = str(target.info.get("etcd", ""))
+        metrics = [str(m) for m in target.info.get("coordinator_metrics", ()) if m]
         disk_before = await etcd_disk.scrape(etcd) if etcd else None
+        commits_before = [await etcd_disk.scrape(m) for m in metrics]
+        window_from = time.monotonic()
         result = await driver.run()
+        window_s = time.monotonic() - window_from
+        commits_after = [await etcd_disk.scrape(m) for m in metrics]
         disk_after = await etcd_disk.scrape(etcd) if disk_before else None
         if disk_before and disk_after:
             # how much of each durable commit is etcd's own disk
             result.extra["etcd_disk"] = etcd_disk.summarise(disk_before, disk_after)
+        read = [(a, b) for a, b in zip(commits_before, commits_after, strict=True) if a and b]
+        if read and (commits_summary := commits.summarise(read, window_s)):
+            # how busy the leader's group commit was, and how long writes queued for it
+            commits_summary["coordinators_read"] = len(read)
+            result.extra["commits"] = commits_summary
         if health is not None:
             result.extra["health"] = await health.finish(driver)
         result.extra.update(setup)

@@ -46,6 +46,9 @@ class ClusterSpec:
     strategy: str = "least-loaded"
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment for every service process."""
+    coordinator_metrics: bool = False
+    """Serve each coordinator's Prometheus /metrics on a free port of 127.0.0.1
+    (`LocalCluster.coordinator_metrics` lists them)."""
 
 
 class LocalCluster:
@@ -66,6 +69,10 @@ class LocalCluster:
         first = spec.coordinator_port
         self.coordinator_endpoints = [
             f"127.0.0.1:{first + i if first else free_port()}" for i in range(spec.coordinators)
+        ]
+        self.coordinator_metrics = [
+            f"127.0.0.1:{free_port()}" if spec.coordinator_metrics else ""
+            for _ in self.coordinator_endpoints
         ]
         first = spec.consensus_port
         self.consensus_endpoints = [
@@ -101,6 +108,7 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.etcd.start()
         for i, endpoint in enumerate(self.coordinator_endpoints):
+            metrics = self.coordinator_metrics[i]
             self._spawn(
                 f"coordinator-{i + 1}",
                 [
@@ -112,6 +120,7 @@ class LocalCluster:
                     f"coordinator-{i + 1}",
                     "--strategy",
                     self.spec.strategy,
+                    *(["--metrics-port", metrics.rpartition(":")[2]] if metrics else []),
                 ],
             )
         for i in range(self.spec.health_monitors):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from loadtest.commits import describe as describe_commits
+
 JSON_NAME = "report.json"
 HTML_NAME = "report.html"
 
@@ -175,6 +177,8 @@ def detail_lines(run: dict[str, Any]) -> list[str]:
                 if d.get("count")
             )
         )
+    if isinstance(commits := extra.get("commits"), dict) and commits:
+        lines.append(describe_commits(commits))
     for action in extra.get("actions", []):
         facts = ", ".join(f"{k} {v}" for k, v in action.items() if k != "label")
         lines.append(f"{action.get('label', 'action')}: {facts}")

@@ -14,10 +14,28 @@ TASKS = Counter("agentmesh_tasks_total", "Task state changes made by this coordi
 QUEUE_DEPTH = Gauge("agentmesh_queue_depth", "Tasks waiting for an agent")
 AGENTS = Gauge("agentmesh_agents_connected", "Agents connected to this coordinator")
 IS_LEADER = Gauge("agentmesh_is_leader", "1 while this coordinator is the elected root")
+_COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
 COMMIT_SECONDS = Histogram(
     "agentmesh_etcd_commit_seconds",
     "Latency of one fenced etcd commit",
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
+    buckets=_COMMIT_BUCKETS,
+)
+# The leader's group committer is a queue with one server (one transaction in flight):
+# these three say how long task writes wait for it, how full its transactions are, and
+# how busy it is. A busy rate near 1 means writes queue: latency grows with the load.
+COMMIT_WAIT_SECONDS = Histogram(
+    "agentmesh_etcd_commit_wait_seconds",
+    "Time a task write waited in the group committer before its transaction went out",
+    buckets=_COMMIT_BUCKETS,
+)
+COMMIT_WRITES = Histogram(
+    "agentmesh_etcd_commit_writes",
+    "Task writes packed into one etcd transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+COMMIT_BUSY_SECONDS = Counter(
+    "agentmesh_etcd_commit_busy_seconds",
+    "Time the group committer had a transaction in flight (its rate is the utilisation)",
 )
 
 

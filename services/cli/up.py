@@ -105,6 +105,7 @@ def up(
             capacity=capacity,
             sleep_ms=sleep_ms,
             strategy=strategy,
+            coordinator_metrics=True,
             env={"AGENTMESH_KINDS": LLM_KINDS, "AGENTMESH_ROLES": LLM_ROLES}
             if executor == "llm"
             else {},
@@ -127,8 +128,10 @@ def up(
         console.print(
             f"  etcd         {cluster.etcd_endpoint}   (export AGENTMESH_ETCD={cluster.etcd_endpoint})"
         )
-        for ep in cluster.coordinator_endpoints:
-            console.print(f"  coordinator  {ep}")
+        for ep, metrics in zip(
+            cluster.coordinator_endpoints, cluster.coordinator_metrics, strict=True
+        ):
+            console.print(f"  coordinator  {ep}   (Prometheus: http://{metrics}/metrics)")
         if health_monitors:
             console.print(
                 f"  health       {health_monitors} monitor(s); `agentmesh health agents` lists the agents"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -34,7 +35,12 @@ from registry.errors import StoreRefusedError
 from registry.etcd import Etcd, LeaseNotFoundError, prefix_end
 from services._common.clock import Clock
 from services._common.errors import RecordTooLargeError
-from services._common.telemetry import COMMIT_SECONDS
+from services._common.telemetry import (
+    COMMIT_BUSY_SECONDS,
+    COMMIT_SECONDS,
+    COMMIT_WAIT_SECONDS,
+    COMMIT_WRITES,
+)
 from services.coordinator import limits
 from services.coordinator.port import READ_CHUNK, Committed, OpenTasks, Write
 from services.coordinator.tasks import TERMINAL
@@ -94,6 +100,8 @@ class GroupCommitter:
     write goes alone), never two writes of one key. When etcd refuses a transaction,
     only the writes at fault fail: the rest are committed in smaller packs, so every
     caller gets its own answer (a refused write's is its error, as its result).
+    Prometheus sees each write's wait, each transaction's size, and the time with one
+    in flight (`agentmesh_etcd_commit_*`, telemetry.py).
     """
 
     def __init__(
@@ -107,28 +115,30 @@ class GroupCommitter:
         self._max_ops = max_ops
         self._max_bytes = max_bytes
         self._max_inflight = max_inflight
-        self._pending: list[tuple[Packable, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Packable, asyncio.Future[Any], float]] = []
         self._inflight = 0
+        self._busy_since = 0.0
 
     async def submit(self, ops: Sequence[Packable]) -> list[Any]:
         loop = asyncio.get_running_loop()
         futures = []
+        now = time.monotonic()
         for op in ops:
             fut: asyncio.Future[Any] = loop.create_future()
-            self._pending.append((op, fut))
+            self._pending.append((op, fut, now))
             futures.append(fut)
         self._pump()
         if len(futures) == 1:  # most writes (a report, a claim): no gather machinery
             return [await futures[0]]
         return list(await asyncio.gather(*futures))
 
-    def _take(self) -> list[tuple[Packable, asyncio.Future[Any]]]:
+    def _take(self) -> list[tuple[Packable, asyncio.Future[Any], float]]:
         """The next transaction's writes, in arrival order. What does not fit, or writes a
         key already in it, keeps its place at the front for the next one. The scan looks
         at most LOOKAHEAD writes ahead, so a long queue of large writes costs no more."""
         pending = self._pending
-        batch: list[tuple[Packable, asyncio.Future[Any]]] = []
-        skipped: list[tuple[Packable, asyncio.Future[Any]]] = []
+        batch: list[tuple[Packable, asyncio.Future[Any], float]] = []
+        skipped: list[tuple[Packable, asyncio.Future[Any], float]] = []
         keys: set[bytes] = set()
         used = 0
         end = min(len(pending), LOOKAHEAD)
@@ -150,21 +160,29 @@ class GroupCommitter:
     def _pump(self) -> None:
         while self._pending and self._inflight < self._max_inflight:
             batch = self._take()
+            now = time.monotonic()
+            for _, _, queued in batch:
+                COMMIT_WAIT_SECONDS.observe(now - queued)
+            COMMIT_WRITES.observe(len(batch))
+            if not self._inflight:
+                self._busy_since = now
             self._inflight += 1
             asyncio.ensure_future(self._run(batch))
 
-    async def _run(self, batch: list[tuple[Packable, asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[tuple[Packable, asyncio.Future[Any], float]]) -> None:
         try:
-            responses = await self._isolating([op for op, _ in batch])
-            for (_, fut), resp in zip(batch, responses, strict=True):
+            responses = await self._isolating([op for op, _, _ in batch])
+            for (_, fut, _), resp in zip(batch, responses, strict=True):
                 if not fut.done():
                     fut.set_result(resp)
         except BaseException as err:  # noqa: BLE001 - handed to every waiter
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(err)
         finally:
             self._inflight -= 1
+            if not self._inflight:
+                COMMIT_BUSY_SECONDS.inc(time.monotonic() - self._busy_since)
             self._pump()
 
     async def _isolating(self, ops: list[Packable]) -> list[Any]:

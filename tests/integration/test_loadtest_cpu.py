@@ -1,5 +1,6 @@
 """The load-test harness on a real local cluster: CPU per task is measured for every
-server process it started, and the latency split comes from the task records."""
+server process it started, the latency split comes from the task records, and the
+leader's group commit from its Prometheus page."""
 
 from __future__ import annotations
 
@@ -35,3 +36,12 @@ async def test_a_short_run_measures_cpu_per_task_for_every_process_role(etcd_bin
     split = result.extra["latency_split"]
     assert list(split) == [name for name, _ in HOPS]
     assert sum(h["share_pct"] for h in split.values()) == pytest.approx(100.0, abs=0.5)
+    # every task is written twice (created with its claim, then finished), each write in
+    # one of the leader's transactions; the warm-up task adds its own two
+    commits = result.extra["commits"]
+    assert commits["coordinators_read"] == 1
+    assert commits["writes"] >= 2 * result.completed
+    assert 1 <= commits["transactions"] <= commits["writes"]
+    assert 0.0 < commits["busy_pct"] <= 100.0
+    assert commits["round_trip"]["mean_ms"] > 0.0
+    assert commits["wait"]["mean_ms"] is not None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from registry.errors import LeaseNotFoundError, StoreRefusedError, StoreUnavailableError
 from services.coordinator.store import GroupCommitter
@@ -103,3 +104,53 @@ async def test_an_unreachable_etcd_is_every_callers_answer() -> None:
         *(committer.submit([Op(f"w{i}")]) for i in range(10)), return_exceptions=True
     )
     assert all(isinstance(o, StoreUnavailableError) for o in outcomes)
+
+
+def _sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+async def test_prometheus_sees_each_writes_wait_each_transactions_size_and_the_busy_time() -> None:
+    """Two writes queue behind a transaction held for 50 ms: three writes, two
+    transactions (one of two writes), two waits of about 50 ms, and about 100 ms busy
+    (the two transactions back to back; wall-clock bounds only from below)."""
+    release = asyncio.Event()
+    etcd = FakeEtcd()
+
+    async def slow_flush(ops: list[Any]) -> list[Any]:
+        if ops[0].name == "first":
+            await release.wait()
+        else:
+            await asyncio.sleep(0.05)
+        return await etcd.flush(ops)
+
+    before = {
+        name: _sample(name)
+        for name in (
+            "agentmesh_etcd_commit_writes_count",
+            "agentmesh_etcd_commit_writes_sum",
+            "agentmesh_etcd_commit_wait_seconds_count",
+            "agentmesh_etcd_commit_wait_seconds_sum",
+            "agentmesh_etcd_commit_busy_seconds_total",
+        )
+    }
+    committer = GroupCommitter(slow_flush, max_inflight=1)
+    first = asyncio.ensure_future(committer.submit([Op("first")]))
+    await asyncio.sleep(0)
+    rest = asyncio.ensure_future(submit_each(committer, [Op("a"), Op("b")]))
+    await asyncio.sleep(0.05)
+    release.set()
+    assert await first == ["ok:first"]
+    assert await rest == ["ok:a", "ok:b"]
+
+    def added(name: str) -> float:
+        return _sample(name) - before[name]
+
+    assert etcd.txns == [[Op("first")], [Op("a"), Op("b")]]
+    assert added("agentmesh_etcd_commit_writes_count") == 2
+    assert added("agentmesh_etcd_commit_writes_sum") == 3
+    assert added("agentmesh_etcd_commit_wait_seconds_count") == 3
+    # "a" and "b" waited for "first" (50 ms); "first" went out at once
+    assert added("agentmesh_etcd_commit_wait_seconds_sum") >= 2 * 0.045
+    # busy from "first" going out to the second transaction's return: ≥ 50 + 50 ms
+    assert added("agentmesh_etcd_commit_busy_seconds_total") >= 0.095
