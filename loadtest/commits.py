@@ -74,12 +74,19 @@ def summarise(pages: list[tuple[str, str]], window_s: float) -> dict[str, Any]:
 def describe(commits: dict[str, Any]) -> str:
     """One line for the text report."""
     wait, trip = commits["wait"], commits["round_trip"]
+    read, all_ = commits.get("coordinators_read", 0), commits.get("coordinators", 0)
+    partial = (
+        f" (read from {read} of {all_} coordinators: the others did not answer before and "
+        "after the run, and their commits are not counted)"
+        if read < all_
+        else ""
+    )
     return (
         f"leader's etcd commits over the run: {commits['transactions']:,} transactions of "
         f"{commits['writes_per_transaction']} task writes, one in flight "
         f"{commits['busy_pct']} % of the time; a write waited mean {wait['mean_ms']} ms "
         f"(P99 {_bound(wait)}) for its transaction to leave, which took mean "
-        f"{trip['mean_ms']} ms (P99 {_bound(trip)})"
+        f"{trip['mean_ms']} ms (P99 {_bound(trip)}){partial}"
     )
 
 

@@ -703,6 +703,7 @@ async def run_agentmesh(
         if read and (commits_summary := commits.summarise(read, window_s)):
             # how busy the leader's group commit was, and how long writes queued for it
             commits_summary["coordinators_read"] = len(read)
+            commits_summary["coordinators"] = len(metrics)
             result.extra["commits"] = commits_summary
         if health is not None:
             result.extra["health"] = await health.finish(driver)

@@ -54,6 +54,10 @@ def test_only_the_runs_commits_count_summed_over_the_coordinators_read() -> None
     assert "105 transactions of 3.05 task writes" in line
     assert "one in flight 62.5 % of the time" in line
     assert "which took mean 100.0 ms (P99 ≤ 100.0 ms)" in line
+    assert "read from" not in line
+    # a leader killed during the run cannot be read at the end: the line says so
+    out.update(coordinators_read=1, coordinators=2)
+    assert "(read from 1 of 2 coordinators" in describe(out)
 
 
 def test_no_transaction_in_the_window_gives_nothing() -> None:
