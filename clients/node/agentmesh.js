@@ -14,8 +14,10 @@ const USAGE = `usage: node agentmesh.js COMMAND [options]
 
 client commands
   submit --kind K [--payload TEXT | --payload-base64 B64] [--count N] [--task-id ID]
-         [--priority 0-9] [--max-attempts N] [--wait] [--timeout S]
+         [--priority 0-9] [--max-attempts N] [--stream] [--wait] [--timeout S]
                         submit one task (Submit) or N (SubmitBatch, 500 a call);
+                        --stream sends each as a message of one SubmitStream call
+                        (the unanswered ones again on a new stream if it breaks);
                         --wait watches each to its end (WatchTask)
   watch ID [ID ...] [--timeout S]   every change of each task until it ends
   get ID                            one task (GetTask)
@@ -41,7 +43,7 @@ common options
   --retry-ms MS                         how long a call retries while no leader answers (default 15000)
 `;
 
-const BOOLEAN = new Set(['wait', 'json', 'probe-fencing', 'help']);
+const BOOLEAN = new Set(['wait', 'json', 'stream', 'probe-fencing', 'help']);
 
 function parseArgs(argv) {
   const opts = {};
@@ -155,7 +157,9 @@ async function cmdSubmit(opts, out) {
   const mesh = client(opts, out);
   try {
     let results;
-    if (count === 1) {
+    if (opts.stream) {
+      results = await mesh.submitStream(specs);
+    } else if (count === 1) {
       results = [await mesh.submit(specs[0])];
     } else {
       results = [];

@@ -224,6 +224,33 @@ async def test_node_client_follows_the_leader_submits_and_watches(
     assert summary["redirects"] >= 1, summary
     assert summary["states"] == {"SUCCEEDED": 20}, summary
 
+    # 30 more as messages of one SubmitStream call, also at the standby; then the same
+    # ids again, which the stream answers as replays
+    for round_ in ("new", "replay"):
+        code, events, err = await run_node(
+            node_cli,
+            "submit",
+            *at_standby,
+            "--kind",
+            "echo",
+            "--payload",
+            text,
+            "--count",
+            "30",
+            "--task-id",
+            "node-stream",
+            "--stream",
+            "--wait",
+        )
+        assert code == 0, (round_, events, err)
+        submitted = [e for e in events if e["event"] == "submitted"]
+        (summary,) = [e for e in events if e["event"] == "summary"]
+        assert [e["task"]["task_id"] for e in submitted] == [f"node-stream-{i}" for i in range(30)]
+        assert all(e["created"] is (round_ == "new") for e in submitted), (round_, events)
+        assert summary["states"] == {"SUCCEEDED": 30}, summary
+        assert summary["endpoint"] == leader, summary
+        assert summary["redirects"] >= 1, summary
+
     # one task through Submit with a payload that is not UTF-8, then WatchTask and GetTask
     raw = bytes([0, 0xFF, 0xFE, 0x80]) + "ü".encode()
     b64 = "AP/+gMO8"
@@ -279,7 +306,7 @@ async def test_node_client_follows_the_leader_submits_and_watches(
     )
     assert code == 0, (events, err)
     listed = [e["task"] for e in events if e["event"] == "task"]
-    assert len(listed) == 21, listed
+    assert len(listed) == 20 + 30 + 1, listed  # the batch, the stream, the single one
     assert all(t["state"] == "SUCCEEDED" for t in listed), listed
 
     # an error that retrying cannot fix comes back at once, with its code

@@ -4,6 +4,7 @@
 const crypto = require('crypto');
 const { coordinatorStub } = require('./protos');
 const { EtcdGateway } = require('./etcd');
+const { status } = require('@grpc/grpc-js');
 const { retryable, leaderHint, backoffMs, sleep, unavailable } = require('./retry');
 
 const TERMINAL = new Set(['TASK_STATE_SUCCEEDED', 'TASK_STATE_CANCELLED', 'TASK_STATE_DEAD_LETTER']);
@@ -114,6 +115,98 @@ class MeshClient {
   /** Submit up to 1,000 specs in one call; resolves to {results: [{task, created}]}. */
   submitBatch(specs) {
     return this.call('SubmitBatch', { specs: specs.map(withKey) });
+  }
+
+  /**
+   * Submit specs as messages of SubmitStream calls; resolves to their answers
+   * ({task, created}), in the specs' order. Each spec without a task_id gets an
+   * idempotency key first. When a stream ends before every spec is answered, with
+   * UNAVAILABLE or DEADLINE_EXCEEDED (a standby's pointer is followed), or with INTERNAL
+   * (what a write that meets the stream's end can look like), the unanswered specs are
+   * sent again, in order, on a new stream: a replay is answered with created false.
+   * Retries are bounded like `call`'s. A refusal (INVALID_ARGUMENT, ...) rejects with
+   * that error, whose `answered` holds the answers that came before it.
+   * @param {object[]} specs
+   */
+  async submitStream(specs) {
+    const pending = specs.map(withKey);
+    const answers = [];
+    const started = Date.now();
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this._streamOnce(pending.slice(answers.length), answers);
+        return answers;
+      } catch (err) {
+        const again = retryable(err) || err.code === status.INTERNAL;
+        const pointed = again && this._follow(err);
+        if (!again || attempt + 1 >= this.maxAttempts || Date.now() - started >= this.retryMs) {
+          err.answered = answers.slice();
+          throw err;
+        }
+        this.log('stream interrupted; sending the unanswered specs again', { code: err.code, details: err.details, answered: answers.length, of: pending.length });
+        if (!pointed) await sleep(backoffMs(attempt));
+      }
+    }
+  }
+
+  /**
+   * One SubmitStream call for `specs`, pushing each answer onto `answers`. Resolves when
+   * all are answered; rejects with the stream's error, or DEADLINE_EXCEEDED when no
+   * answer came for `timeoutMs` while some were owed.
+   */
+  async _streamOnce(specs, answers) {
+    const stub = await this._stub();
+    await new Promise((resolve, reject) => {
+      const call = stub.SubmitStream();
+      let owed = specs.length;
+      let timer = null;
+      let done = false;
+      const finish = (err) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        if (err) {
+          call.cancel();
+          reject(err);
+        } else {
+          resolve();
+        }
+      };
+      const arm = () => {
+        clearTimeout(timer);
+        timer = setTimeout(() => {
+          const err = new Error(`${status.DEADLINE_EXCEEDED} DEADLINE_EXCEEDED: no answer within ${this.timeoutMs} ms`);
+          err.code = status.DEADLINE_EXCEEDED;
+          err.details = `no answer within ${this.timeoutMs} ms`;
+          finish(err);
+        }, this.timeoutMs);
+      };
+      // an error status comes as 'error'; an OK one as 'end' (after the last answer) and
+      // 'status', in either order: decide once both are in
+      let ended = false;
+      let ok = false;
+      const settle = () => {
+        if (ended && ok) finish(owed ? unavailable(`the stream ended with ${owed} request(s) unanswered`) : null);
+      };
+      call.on('data', (resp) => {
+        if (done) return; // after a failure: the replay answers it again
+        answers.push(resp);
+        owed -= 1;
+        arm();
+      });
+      call.on('error', (err) => finish(err));
+      call.on('status', (st) => {
+        ok = st.code === status.OK;
+        settle();
+      });
+      call.on('end', () => {
+        ended = true;
+        settle();
+      });
+      arm();
+      for (const spec of specs) call.write({ spec });
+      call.end(); // half-close: the server answers what it read, then ends the call
+    });
   }
 
   getTask(taskId) {

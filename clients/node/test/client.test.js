@@ -127,3 +127,80 @@ test('task views: UTF-8 bytes as text, others as base64 only, times as ISO dates
   assert.strictEqual(v.created_at, '2023-11-14T22:13:20.000Z');
   assert.strictEqual(v.finished_at, '');
 });
+
+/**
+ * Fake SubmitStream calls: `script(endpoint, specs)` gets the specs a stream carried once
+ * it is half-closed and returns {answer: n, error}: the first n are answered ({task,
+ * created}), then the call ends with `error`, or with OK when there is none.
+ */
+function fakeStreams(script) {
+  const streams = [];
+  const EventEmitter = require('node:events');
+  const factory = (endpoint) => ({
+    close() {},
+    SubmitStream() {
+      const call = new EventEmitter();
+      const specs = [];
+      streams.push({ endpoint, specs });
+      call.write = (msg) => specs.push(msg.spec);
+      call.cancel = () => {};
+      call.end = () => setImmediate(() => {
+        const { answer = specs.length, error = null } = script(endpoint, specs) || {};
+        for (const spec of specs.slice(0, answer)) {
+          call.emit('data', { task: { task_id: spec.task_id || `by-key-${spec.idempotency_key}` }, created: true });
+        }
+        if (error) {
+          call.emit('error', error);
+          call.emit('status', { code: error.code });
+        } else {
+          call.emit('status', { code: grpc.status.OK });
+          call.emit('end');
+        }
+      });
+      return call;
+    },
+  });
+  return { streams, factory };
+}
+
+test('submitStream answers in order and sends only the unanswered again, to the leader a standby names', async () => {
+  const { streams, factory } = fakeStreams((endpoint) =>
+    endpoint === 'leader:1' ? {} : { answer: 2, error: grpcError(grpc.status.UNAVAILABLE, 'standby', 'leader:1') });
+  const client = new MeshClient({ coordinator: 'standby:1', stubFactory: factory, retryMs: 1000 });
+  const specs = [{ kind: 'echo', task_id: 'a' }, { kind: 'echo' }, { kind: 'echo', task_id: 'c' }, { kind: 'echo' }];
+  const answers = await client.submitStream(specs);
+  assert.strictEqual(answers.length, 4);
+  assert.deepStrictEqual(streams.map((s) => s.endpoint), ['standby:1', 'leader:1']);
+  assert.deepStrictEqual(streams[1].specs, streams[0].specs.slice(2), 'the two unanswered, in order, with the same keys');
+  assert.ok(streams[0].specs[1].idempotency_key, 'a spec without task_id gets an idempotency key');
+  assert.strictEqual(answers[0].task.task_id, 'a');
+  assert.strictEqual(answers[2].task.task_id, 'c');
+  assert.strictEqual(client.endpoint, 'leader:1');
+});
+
+test('submitStream: INTERNAL (a write that met the end) is sent again; a refusal is not, and says what was answered', async () => {
+  let n = 0;
+  const internal = fakeStreams(() => (n++ === 0 ? { answer: 1, error: grpcError(grpc.status.INTERNAL, 'Internal error from Core') } : {}));
+  const client = new MeshClient({ coordinator: 'a:1', stubFactory: internal.factory, retryMs: 1000 });
+  assert.strictEqual((await client.submitStream([{ kind: 'echo', task_id: 'x' }, { kind: 'echo', task_id: 'y' }])).length, 2);
+  assert.deepStrictEqual(internal.streams.map((s) => s.specs.map((spec) => spec.task_id)), [['x', 'y'], ['y']]);
+
+  const refused = fakeStreams(() => ({ answer: 1, error: grpcError(grpc.status.INVALID_ARGUMENT, 'spec.kind is unknown') }));
+  const strict = new MeshClient({ coordinator: 'a:1', stubFactory: refused.factory });
+  await assert.rejects(strict.submitStream([{ kind: 'echo', task_id: 'ok' }, { kind: 'nope', task_id: 'bad' }]), (err) =>
+    err.code === grpc.status.INVALID_ARGUMENT && err.answered.length === 1 && err.answered[0].task.task_id === 'ok');
+  assert.strictEqual(refused.streams.length, 1, 'a refusal is not retried');
+});
+
+test('submitStream: a stream that ends OK with answers owed counts as broken; a silent one times out', async () => {
+  let n = 0;
+  const early = fakeStreams(() => (n++ === 0 ? { answer: 1 } : {}));
+  const client = new MeshClient({ coordinator: 'a:1', stubFactory: early.factory, retryMs: 1000 });
+  assert.strictEqual((await client.submitStream([{ kind: 'echo', task_id: 'p' }, { kind: 'echo', task_id: 'q' }])).length, 2);
+  assert.strictEqual(early.streams.length, 2);
+
+  const EventEmitter = require('node:events');
+  const silent = () => ({ close() {}, SubmitStream: () => Object.assign(new EventEmitter(), { write() {}, end() {}, cancel() {} }) });
+  const waiting = new MeshClient({ coordinator: 'a:1', stubFactory: silent, timeoutMs: 50, retryMs: 120, maxAttempts: 3 });
+  await assert.rejects(waiting.submitStream([{ kind: 'echo', task_id: 'z' }]), (err) => err.code === grpc.status.DEADLINE_EXCEEDED);
+});
