@@ -9,7 +9,9 @@ puts), each from a plain synchronous gRPC client and from grpc.aio on uvloop (th
 client the services use). A gap of 0.01 s is what each call sees at 100 tasks/s:
 the processes on both ends (and etcd's goroutines) have gone idle in between.
 Also times a one-byte ping-pong between two processes over a socketpair, the
-machine's own wake-up cost. Prints P50/P90/P99 in ms, and one JSON line.
+machine's own wake-up cost. Prints P50/P90/P99 in ms, and one JSON line. gRPC uses
+the services' I/O engine (`services/_common/grpcenv.py`); `GRPC_EXPERIMENTS=""` gives
+grpcio's default, which the figures of issue 13's third session were measured with.
 
 This is the floor under the light-load latency of a durable task: every task waits
 for one such commit before its agent gets it, and for another before its client
@@ -30,6 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services._common.grpcenv import prefer_legacy_io  # noqa: E402
+
+prefer_legacy_io()  # the services' gRPC I/O engine, unless GRPC_EXPERIMENTS says otherwise
 
 import grpc  # noqa: E402
 import uvloop  # noqa: E402
