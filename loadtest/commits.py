@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loadtest.etcd_disk import Histogram, delta, parse, percentile_bound_ms
+from loadtest.etcd_disk import Histogram, delta, figures, parse
 
 HISTOGRAMS = {
     "wait": "agentmesh_etcd_commit_wait_seconds",
@@ -31,14 +31,6 @@ def busy_seconds(text: str) -> float:
         if name == BUSY:
             return float(value)
     return 0.0
-
-
-def _timing(hist: Histogram) -> dict[str, Any]:
-    return {
-        "mean_ms": round(1000.0 * hist.total_s / hist.count, 3) if hist.count > 0 else None,
-        "p50_le_ms": percentile_bound_ms(hist, 50.0),
-        "p99_le_ms": percentile_bound_ms(hist, 99.0),
-    }
 
 
 def summarise(pages: list[tuple[str, str]], window_s: float) -> dict[str, Any]:
@@ -66,8 +58,8 @@ def summarise(pages: list[tuple[str, str]], window_s: float) -> dict[str, Any]:
         "writes_per_transaction": round(txns.total_s / txns.count, 2),
         "busy_s": round(busy, 3),
         "busy_pct": round(100.0 * busy / window_s, 1) if window_s > 0 else None,
-        "wait": _timing(total["wait"]),
-        "round_trip": _timing(total["round_trip"]),
+        "wait": figures(total["wait"]),
+        "round_trip": figures(total["round_trip"]),
     }
 
 

@@ -78,22 +78,25 @@ def percentile_bound_ms(hist: Histogram, q: float) -> float | None:
     return None
 
 
+def figures(hist: Histogram) -> dict[str, Any]:
+    """Count, exact mean and bucket-bound percentiles of a histogram of seconds, in ms."""
+    return {
+        "count": int(hist.count),
+        "mean_ms": round(1000.0 * hist.total_s / hist.count, 3) if hist.count > 0 else None,
+        "p50_le_ms": percentile_bound_ms(hist, 50.0),
+        "p99_le_ms": percentile_bound_ms(hist, 99.0),
+        "p999_le_ms": percentile_bound_ms(hist, 99.9),
+    }
+
+
 def summarise(before: str, after: str) -> dict[str, Any]:
     """The report's `etcd_disk` section from two /metrics pages."""
     first, last = parse(before), parse(after)
-    out: dict[str, Any] = {}
-    for name in HISTOGRAMS:
-        if name not in first or name not in last:
-            continue
-        d = delta(first[name], last[name])
-        out[name] = {
-            "count": int(d.count),
-            "mean_ms": round(1000.0 * d.total_s / d.count, 3) if d.count > 0 else None,
-            "p50_le_ms": percentile_bound_ms(d, 50.0),
-            "p99_le_ms": percentile_bound_ms(d, 99.0),
-            "p999_le_ms": percentile_bound_ms(d, 99.9),
-        }
-    return out
+    return {
+        name: figures(delta(first[name], last[name]))
+        for name in HISTOGRAMS
+        if name in first and name in last
+    }
 
 
 async def scrape(endpoint: str) -> str | None:

@@ -197,18 +197,8 @@ async def test_node_client_follows_the_leader_submits_and_watches(
 
     # a batch of 20, submitted at the standby: the client must end up at the leader
     text = "héllo from node ✓"
-    code, events, err = await run_node(
-        node_cli,
-        "submit",
-        *at_standby,
-        "--kind",
-        "echo",
-        "--payload",
-        text,
-        "--count",
-        "20",
-        "--wait",
-    )
+    echoes = ["submit", *at_standby, "--kind", "echo", "--payload", text, "--wait"]
+    code, events, err = await run_node(node_cli, *echoes, "--count", "20")
     assert code == 0, (events, err)
     submitted = [e for e in events if e["event"] == "submitted"]
     finished = [e["task"] for e in events if e["event"] == "finished"]
@@ -228,19 +218,7 @@ async def test_node_client_follows_the_leader_submits_and_watches(
     # ids again, which the stream answers as replays
     for round_ in ("new", "replay"):
         code, events, err = await run_node(
-            node_cli,
-            "submit",
-            *at_standby,
-            "--kind",
-            "echo",
-            "--payload",
-            text,
-            "--count",
-            "30",
-            "--task-id",
-            "node-stream",
-            "--stream",
-            "--wait",
+            node_cli, *echoes, "--count", "30", "--task-id", "node-stream", "--stream"
         )
         assert code == 0, (round_, events, err)
         submitted = [e for e in events if e["event"] == "submitted"]
