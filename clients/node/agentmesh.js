@@ -181,7 +181,7 @@ async function cmdSubmit(opts, out) {
         out.emit('finished', { task: v }, humanTask(v));
       });
     }
-    const summary = { submitted: results.length, created: results.filter((r) => r.created).length, states, endpoint: mesh.endpoint, redirects: mesh.redirects };
+    const summary = { submitted: results.length, created: results.filter((r) => r.created).length, states, endpoint: mesh.endpoint, redirects: mesh.redirects, stream_retries: mesh.streamRetries };
     out.emit('summary', summary, `${summary.submitted} submitted (${summary.created} new) via ${summary.endpoint}` + (opts.wait ? `; ${Object.entries(states).map(([k, v]) => `${k} ${v}`).join(', ')}` : ''));
     if (opts.wait && (states.SUCCEEDED || 0) !== results.length) return 3;
     return 0;
@@ -348,17 +348,36 @@ async function main(argv) {
   }
 }
 
+/**
+ * Exit once stdout and stderr have flushed. A write to a full pipe (`| jq`) is queued,
+ * and process.exit() would drop the queue: the output would end early, with exit code 0.
+ */
+function exitFlushed(code) {
+  let left = 2;
+  const flushed = () => {
+    left -= 1;
+    if (left === 0) process.exit(code);
+  };
+  process.stdout.write('', flushed);
+  process.stderr.write('', flushed);
+}
+
 if (require.main === module) {
+  // a reader that went away (`| head`) ends the output, not with a stack trace
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on('error', (err) => process.exit(err.code === 'EPIPE' ? 0 : 1));
+  }
   main(process.argv.slice(2)).then(
-    (code) => process.exit(code),
+    (code) => exitFlushed(code),
     (err) => {
       if (err instanceof UsageError) {
         process.stderr.write(`error: ${err.message}\n\n${USAGE}`);
-        process.exit(2);
+        exitFlushed(2);
+        return;
       }
       const name = CODE_NAMES[err.code];
       process.stderr.write(`error: ${name ? `${name}: ${err.details}` : err.message}\n`);
-      process.exit(1);
+      exitFlushed(1);
     },
   );
 }

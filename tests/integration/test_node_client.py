@@ -294,6 +294,66 @@ async def test_node_client_follows_the_leader_submits_and_watches(
     assert "    at " not in err, err  # a message, not a JS stack trace
 
 
+STREAMED = 6000
+# a SubmitStream holds at most this many requests read but unanswered (limits.py): only
+# those can have an unknown outcome when the leader dies, and come back as replays
+STREAM_PENDING = 1000
+
+
+@pytest.mark.timeout(150)
+async def test_node_stream_through_a_killed_leader_loses_and_doubles_nothing(
+    cluster: Any, node_cli: NodeCli
+) -> None:
+    """SIGKILL the leader while one `submit --stream` call is sending 6,000 tasks: the
+    client sends what was unanswered again on a new stream to the next leader. Every
+    task ends up in etcd once and runs to SUCCEEDED, and every answer reaches stdout
+    (about 2 MB of JSON through a pipe)."""
+    c: LocalCluster = await cluster(agents=4, pools=1, coordinators=2)
+    leader, standby = await roles(c)
+    leader_name = f"coordinator-{c.coordinator_endpoints.index(leader) + 1}"
+    args = ["submit", "--coordinator", standby, "--kind", "noop", "--stream"]
+    args += ["--count", str(STREAMED), "--task-id", "node-kill"]
+    sending = asyncio.ensure_future(run_node(node_cli, *args, timeout_s=60))
+    async with etcd_client(c.etcd_endpoint) as etcd:
+        prefix = etcd.key("tasks") + b"/"
+
+        async def a_quarter_stored() -> int:
+            count = int((await etcd.range(prefix, count_only=True)).count)
+            return count if count >= STREAMED // 4 else 0
+
+        try:
+            # kill once a quarter is in etcd: the stream has answered some and owes the rest
+            written = await until(a_quarter_stored, "a quarter of the tasks in etcd")
+            assert written < STREAMED, "the stream ended before the kill; make it longer"
+            c.kill(leader_name, signal.SIGKILL)
+            code, events, err = await sending
+        finally:
+            if not sending.done():
+                sending.cancel()
+        assert code == 0, (events[-3:], err[-2000:])
+        summary = events[-1] if events else {}
+        assert summary.get("event") == "summary", f"stdout ended early: {len(events)} lines"
+        submitted = [e for e in events if e["event"] == "submitted"]
+        ids = [f"node-kill-{i}" for i in range(STREAMED)]
+        assert [e["task"]["task_id"] for e in submitted] == ids
+        assert summary["stream_retries"] >= 1, (summary, err[-2000:])
+        assert "stream interrupted" in err, err[-2000:]
+        assert summary["endpoint"] not in (leader, ""), summary
+        # a replay (created false) can only be a request whose answer the kill lost
+        replays = [e["task"]["task_id"] for e in submitted if not e["created"]]
+        assert len(replays) <= STREAM_PENDING, len(replays)
+
+        async def all_succeeded() -> bool:
+            states = {
+                t.task_id: t.state
+                for t in [tpb.Task.FromString(kv.value) async for kv in etcd.scan(prefix)]
+            }
+            assert sorted(states) == sorted(ids)  # none lost, none extra
+            return all(s == S.TASK_STATE_SUCCEEDED for s in states.values())
+
+        await until(all_succeeded, "every streamed task to succeed", timeout_s=60)
+
+
 class AgentProcess:
     """The Node agent as a subprocess whose JSON events are read as they come."""
 

@@ -45,6 +45,7 @@ class MeshClient {
     this.stubFactory = stubFactory;
     this.endpoint = '';
     this.redirects = 0;
+    this.streamRetries = 0; // SubmitStream calls opened again after a break
     this._stubs = new Map();
     this._fixedIndex = 0;
     this._known = false; // whether `endpoint` is still believed to be the leader
@@ -143,6 +144,7 @@ class MeshClient {
           err.answered = answers.slice();
           throw err;
         }
+        this.streamRetries += 1;
         this.log('stream interrupted; sending the unanswered specs again', { code: err.code, details: err.details, answered: answers.length, of: pending.length });
         if (!pointed) await sleep(backoffMs(attempt));
       }
