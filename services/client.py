@@ -65,7 +65,7 @@ class MeshClient(LeaderClient):
             if self._stub is None:
                 endpoint = await self.leader() if self._etcd_endpoints else self._endpoint
                 if not endpoint:
-                    raise no_leader("no coordinator leader is elected yet")
+                    raise no_leader(self.no_leader_message("no coordinator leader is elected yet"))
                 self._use(endpoint)
         assert self._stub is not None
         return self._stub

@@ -40,9 +40,12 @@ FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 
 
-async def find_leader(etcd: str | Etcd, role: str, cluster: str = "default") -> str:
+async def find_leader(
+    etcd: str | Etcd, role: str, cluster: str = "default", *, quiet: bool = True
+) -> str:
     """The endpoint etcd names for `role`'s leader: '' while none is elected or etcd is
-    out of reach (callers retry either way). Given endpoints (a string), it reads
+    out of reach (callers retry either way; `quiet=False` raises StoreUnavailableError
+    for the latter, so a caller can say which). Given endpoints (a string), it reads
     through a client of its own, closed after the one read."""
     client = (
         Etcd(etcd, prefix=f"/agentmesh/{cluster}/", timeout_s=3.0)
@@ -52,7 +55,9 @@ async def find_leader(etcd: str | Etcd, role: str, cluster: str = "default") -> 
     try:
         found = await current_leader(client, role)
     except StoreUnavailableError:
-        return ""
+        if quiet:
+            return ""
+        raise
     finally:
         if client is not etcd:
             await client.close()
@@ -66,6 +71,15 @@ def named_leader(err: grpc.aio.AioRpcError) -> str:
         if key == LEADER_METADATA_KEY and value:
             return str(value)
     return ""
+
+
+def etcd_unreachable(endpoints: str) -> str:
+    """What a client says when the etcd it was given does not answer: most often the
+    cluster is not running, or the endpoint is not the one `agentmesh up` printed."""
+    return (
+        f"etcd at {endpoints} does not answer; is the cluster running? `agentmesh up` "
+        "prints its etcd endpoint: pass it with --etcd or AGENTMESH_ETCD"
+    )
 
 
 def no_leader(message: str) -> grpc.aio.AioRpcError:
@@ -110,12 +124,25 @@ class LeaderClient(Closing):
         self._etcd_endpoints = etcd
         self._cluster = cluster
         self._fixed = address or ""
+        self._etcd_down = False
 
     async def leader(self) -> str:
         """The leader's host:port ('' when none is elected, or etcd is out of reach)."""
         if not self._etcd_endpoints:
             return self._fixed
-        return await find_leader(self._etcd_endpoints, self._role, self._cluster)
+        try:
+            found = await find_leader(self._etcd_endpoints, self._role, self._cluster, quiet=False)
+        except StoreUnavailableError:
+            self._etcd_down = True
+            return ""
+        self._etcd_down = False
+        return found
+
+    def no_leader_message(self, none_elected: str) -> str:
+        """Why the last lookup found no leader: `none_elected`, or etcd not answering."""
+        if self._etcd_down and self._etcd_endpoints:
+            return etcd_unreachable(self._etcd_endpoints)
+        return none_elected
 
 
 class Redirecting(Protocol):

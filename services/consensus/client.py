@@ -18,8 +18,15 @@ import grpc
 
 from protos.agentmesh.v1 import consensus_pb2 as pb
 from protos.agentmesh.v1 import consensus_pb2_grpc as pb_grpc
+from registry.errors import StoreUnavailableError
 from registry.etcd import Etcd
-from services._common.follow import Closing, find_leader, named_leader, no_leader
+from services._common.follow import (
+    Closing,
+    etcd_unreachable,
+    find_leader,
+    named_leader,
+    no_leader,
+)
 
 RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 WAIT_MARGIN_S = 5.0
@@ -75,7 +82,10 @@ class ConsensusClient(Closing):
     async def _stub_now(self) -> pb_grpc.ConsensusStub:
         if self._stub is not None:
             return self._stub
-        endpoint = await self.leader()
+        try:
+            endpoint = await find_leader(self.etcd, "consensus", quiet=False)
+        except StoreUnavailableError:
+            raise no_leader(etcd_unreachable(self.etcd.endpoints)) from None
         if not endpoint:
             raise no_leader("no active consensus instance is elected yet")
         return self._use(endpoint)

@@ -50,7 +50,9 @@ class HealthClient(LeaderClient):
             endpoint = await self.active()
             if not endpoint:
                 raise NoMonitorError(
-                    "no health monitor is active (is `agentmesh serve health` running?)"
+                    self.no_leader_message(
+                        "no health monitor is active (is `agentmesh serve health` running?)"
+                    )
                 )
             self._channel = grpc.aio.insecure_channel(endpoint)
         return hpb_grpc.HealthMonitorStub(self._channel)
