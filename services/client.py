@@ -6,11 +6,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -55,6 +61,8 @@ class MeshClient(LeaderClient):
         self._lookup = asyncio.Lock()
         self.timeout_s = timeout_s
         self.retry_s = retry_s
+        # told once per call, at its first retry, why it retries (the CLI prints it)
+        self.on_retry: Callable[[str], None] | None = None
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -110,8 +118,16 @@ class MeshClient(LeaderClient):
             wait=wait_random_exponential(multiplier=0.05, max=1.0),
             stop=stop_after_delay(self.retry_s),
             retry=retry_if_exception(_retryable),
+            before_sleep=self._first_retry,
             reraise=True,
         )
+
+    def _first_retry(self, state: RetryCallState) -> None:
+        if self.on_retry is None or state.attempt_number != 1 or state.outcome is None:
+            return
+        err = state.outcome.exception()
+        if isinstance(err, grpc.aio.AioRpcError):
+            self.on_retry(f"{err.code().name}: {err.details()}")
 
     async def submit(self, spec: tpb.TaskSpec) -> cpb.SubmitResponse:
         if not spec.task_id and not spec.idempotency_key:

@@ -74,11 +74,27 @@ def where(etcd: str | None, cluster: str | None) -> ServiceConfig:
         fail(str(err), EXIT_USAGE)
 
 
+CLIENT_RETRY_S = 15.0
+"""How long a command retries while no leader answers (a failover takes about 2 s)."""
+
+
 def mesh_client(etcd: str | None, coordinator: str | None, cluster: str | None) -> Any:
-    """A MeshClient of the leader found in etcd, or of `coordinator` when given."""
+    """A MeshClient of the leader found in etcd, or of `coordinator` when given. A call
+    that has to retry says so once on stderr, so a wait is never silent."""
     from services.client import MeshClient
 
     at = where(etcd, cluster)
-    return MeshClient(
-        etcd=None if coordinator else at.etcd, coordinator=coordinator, cluster=at.cluster
+    client = MeshClient(
+        etcd=None if coordinator else at.etcd,
+        coordinator=coordinator,
+        cluster=at.cluster,
+        retry_s=CLIENT_RETRY_S,
     )
+
+    def retrying(why: str) -> None:
+        err_console.print(
+            f"[yellow]retrying:[/yellow] {escape(why)} (for up to {client.retry_s:g} s)"
+        )
+
+    client.on_retry = retrying
+    return client

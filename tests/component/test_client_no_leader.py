@@ -8,8 +8,11 @@ import uuid
 
 import grpc
 import pytest
+from typer.testing import CliRunner
 
 from registry.etcd_server import EtcdServer, free_port
+from services import cli
+from services.cli import common as cli_common
 from services.client import MeshClient
 from services.consensus.client import ConsensusClient
 from services.health.client import HealthClient, NoMonitorError
@@ -51,3 +54,26 @@ async def test_an_etcd_that_answers_without_a_leader_is_no_leader(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await consensus.decision("p-1")
     assert err.value.details() == "no active consensus instance is elected yet"
+
+
+async def test_a_call_that_retries_says_why_once() -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+    told: list[str] = []
+    async with MeshClient(etcd=endpoint, retry_s=0.5, timeout_s=1.0) as client:
+        client.on_retry = told.append
+        with pytest.raises(grpc.aio.AioRpcError):
+            await client.get("t-1")
+    assert len(told) == 1, told  # the first retry only, though it retried several times
+    assert told[0].startswith(f"UNAVAILABLE: etcd at {endpoint} does not answer"), told
+
+
+def test_the_cli_says_it_retries_then_why_it_gave_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+    monkeypatch.setattr(cli_common, "CLIENT_RETRY_S", 0.5)
+    result = CliRunner().invoke(cli.app, ["tasks", "--etcd", endpoint])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    retrying = said.index(f"retrying: UNAVAILABLE: etcd at {endpoint} does not answer")
+    assert "(for up to 0.5 s)" in said
+    assert said.index(f"error: UNAVAILABLE: etcd at {endpoint} does not answer") > retrying
+    assert said.count("retrying:") == 1, said
