@@ -80,17 +80,15 @@ def up(
         fail(str(err))
     import socket
 
-    for p in [
-        etcd_port,
-        etcd_port + 1,
-        *range(port, port + coordinators),
-        *range(consensus_port, consensus_port + consensus),
-    ]:
+    wanted = [
+        *((p, "--etcd-port") for p in (etcd_port, etcd_port + 1)),
+        *((p, "--port") for p in range(port, port + coordinators)),
+        *((p, "--consensus-port") for p in range(consensus_port, consensus_port + consensus)),
+    ]
+    for p, flag in wanted:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", p)) == 0:
-                fail(
-                    f"port {p} is in use (another cluster running?); stop it or pass --etcd-port/--port"
-                )
+                fail(f"port {p} is in use (another cluster running?); stop it or pass {flag}")
     cluster = LocalCluster(
         ClusterSpec(
             data_dir=data_dir,
