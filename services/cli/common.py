@@ -5,8 +5,8 @@ coroutine, and where the cluster is (--etcd and --cluster, generated from
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Annotated, Any, NoReturn, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, NoReturn, Protocol, TypeVar
 
 import typer
 from rich.console import Console
@@ -90,6 +90,22 @@ def mesh_client(etcd: str | None, coordinator: str | None, cluster: str | None) 
         cluster=at.cluster,
         retry_s=CLIENT_RETRY_S,
     )
+    return telling_retries(client)
+
+
+class Retrying(Protocol):
+    """A client that retries while no leader answers (MeshClient, ConsensusClient)."""
+
+    retry_s: float
+    on_retry: Callable[[str], None] | None
+
+
+R = TypeVar("R", bound=Retrying)
+
+
+def telling_retries(client: R) -> R:
+    """`client` with an `on_retry` that prints one line on stderr at a call's first
+    retry, so a wait for a leader is never silent."""
 
     def retrying(why: str) -> None:
         err_console.print(

@@ -9,7 +9,17 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from services.cli.common import Cluster, Etcd, call, console, fail, parse_labels, where
+from services.cli.common import (
+    CLIENT_RETRY_S,
+    Cluster,
+    Etcd,
+    call,
+    console,
+    fail,
+    parse_labels,
+    telling_retries,
+    where,
+)
 
 PROTOCOL_NAMES = ("quorum", "fast", "bft", "ordered")
 
@@ -115,7 +125,9 @@ def propose(
     at = where(etcd, cluster)
 
     async def go() -> Any:
-        async with ConsensusClient(at.etcd, at.cluster) as client:
+        async with telling_retries(
+            ConsensusClient(at.etcd, at.cluster, retry_s=CLIENT_RETRY_S)
+        ) as client:
             return await client.propose(req)
 
     resp = call(go())
@@ -158,7 +170,9 @@ def decisions(
             console.print(_decision_table(items))
 
     async def go() -> None:
-        async with ConsensusClient(at.etcd, at.cluster) as client:
+        async with telling_retries(
+            ConsensusClient(at.etcd, at.cluster, retry_s=CLIENT_RETRY_S)
+        ) as client:
             if proposal_id:
                 d = await client.decision(proposal_id)
                 show([d])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -56,6 +56,8 @@ class ConsensusClient(Closing):
             self._own_etcd = True
         self.timeout_s = timeout_s
         self.retry_s = retry_s
+        # told once per call, at its first retry, why it retries (the CLI prints it)
+        self.on_retry: Callable[[str], None] | None = None
         self._endpoint = ""
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ConsensusStub | None = None
@@ -98,18 +100,35 @@ class ConsensusClient(Closing):
             self._stub = None  # look the active instance up again
 
     async def _call(self, name: str, request: Any, timeout_s: float | None = None) -> Any:
-        deadline = asyncio.get_running_loop().time() + self.retry_s + (timeout_s or 0)
+        """Retried while no active instance answers: finding one takes at most `retry_s`
+        (from the start, or from the last call that reached one), and the whole call at
+        most `retry_s` plus `timeout_s` (a waiting Propose may outlive a failover)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_s + (timeout_s or 0)
+        lookup_deadline = loop.time() + self.retry_s
         backoff = 0.05
+        told = False
         while True:
             try:
                 stub = await self._stub_now()
-                return await getattr(stub, name)(request, timeout=timeout_s or self.timeout_s)
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRY_CODES:
+            except grpc.aio.AioRpcError as err:  # none to call: only retry_s for that
+                if loop.time() >= min(deadline, lookup_deadline):
                     raise
-                self._follow(err)
-                if asyncio.get_running_loop().time() >= deadline:
-                    raise
+                failed = err
+            else:
+                try:
+                    return await getattr(stub, name)(request, timeout=timeout_s or self.timeout_s)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() not in RETRY_CODES:
+                        raise
+                    self._follow(err)
+                    if loop.time() >= deadline:
+                        raise
+                    lookup_deadline = loop.time() + self.retry_s
+                    failed = err
+            if self.on_retry is not None and not told:
+                told = True
+                self.on_retry(f"{failed.code().name}: {failed.details()}")
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, 1.0)
 

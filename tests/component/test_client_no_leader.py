@@ -10,6 +10,7 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
+from protos.agentmesh.v1 import consensus_pb2 as pb
 from registry.etcd_server import EtcdServer, free_port
 from services import cli
 from services.cli import common as cli_common
@@ -77,3 +78,19 @@ def test_the_cli_says_it_retries_then_why_it_gave_up(monkeypatch: pytest.MonkeyP
     assert "(for up to 0.5 s)" in said
     assert said.index(f"error: UNAVAILABLE: etcd at {endpoint} does not answer") > retrying
     assert said.count("retrying:") == 1, said
+
+
+async def test_a_waiting_proposal_does_not_wait_its_timeout_for_an_instance(
+    etcd_server: EtcdServer,
+) -> None:
+    """With no consensus instance, Propose(wait) gives up after `retry_s`, not after the
+    proposal's own timeout: nothing is waiting for a decision yet."""
+    cluster = f"test-{uuid.uuid4().hex}"
+    told: list[str] = []
+    request = pb.ProposeRequest(topic="ship it?", options=["yes", "no"], timeout_s=600, wait=True)
+    async with ConsensusClient(etcd_server.endpoint, cluster=cluster, retry_s=0.3) as consensus:
+        consensus.on_retry = told.append
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await consensus.propose(request)  # the test's 30 s limit fails it if it waits
+    assert err.value.details() == "no active consensus instance is elected yet"
+    assert told == ["UNAVAILABLE: no active consensus instance is elected yet"]
