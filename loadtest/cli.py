@@ -33,6 +33,7 @@ from loadtest.target import Target, TargetError
 from loadtest.targets import evaluate
 from loadtest.workload import BurstSchedule, ProgressSnapshot, Schedule, Workload
 from services._common import heap
+from services.coordinator import limits
 
 T = TypeVar("T")
 
@@ -349,6 +350,8 @@ def main(
     """Run a load-test scenario and report P50/P95/P99, throughput and the exactly-once check."""
     if ctx.invoked_subcommand:
         return
+    if pools >= 1 and (problem := limits.agents_per_pool_problem(agents, pools)):
+        raise typer.BadParameter(problem)
     if scenario == Scenario.consensus:
         _consensus(
             agents,

@@ -13,6 +13,7 @@ import typer
 from services.agent_pool.config import PoolConfig
 from services.cli.common import call, console, fail, run
 from services.cli.tasks import submit_and_wait
+from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
 
 
@@ -74,6 +75,8 @@ def up(
         fail("--agents, --pools and --coordinators must be at least 1", 2)
     if pools > agents:
         fail(f"--pools {pools} is more than --agents {agents}", 2)
+    if problem := limits.agents_per_pool_problem(agents, pools):
+        fail(problem, 2)
     try:
         find_etcd_binary()
     except EtcdNotFoundError as err:

@@ -299,6 +299,18 @@ def check_id(where: str, value: str, *, required: bool = True) -> None:
         )
 
 
+def agents_per_pool_problem(agents: int, pools: int) -> str:
+    """'' when `agents` spread over `pools` (at least 1) fit what one pool starts at once,
+    else what to change: for `agentmesh up` and `loadtest`, before any process starts."""
+    share = -(-agents // pools)
+    if share <= SPAWN_MAX:
+        return ""
+    return (
+        f"--agents {agents:,} over --pools {pools} is {share:,} agents a pool, and a pool "
+        f"starts at most {SPAWN_MAX:,}: use --pools {-(-agents // SPAWN_MAX)} or more"
+    )
+
+
 def check_finite(where: str, value: float, low: float, high: float) -> None:
     if not (math.isfinite(value) and low <= value <= high):
         raise InvalidArgumentError(f"{where} {value!r} is out of range: use {low:g}-{high:g}")

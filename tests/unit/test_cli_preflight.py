@@ -1,0 +1,54 @@
+"""`agentmesh up` and `agentmesh loadtest` refuse what cannot start, before they start
+anything, and say which flag to change."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from registry import etcd_server
+from registry.etcd_server import free_port
+from services import cli
+from services.coordinator import limits
+
+
+@pytest.mark.parametrize("flag", ["--etcd-port", "--port", "--consensus-port"])
+def test_up_names_the_flag_of_the_port_in_use(
+    flag: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(etcd_server, "find_etcd_binary", lambda: "/usr/bin/etcd")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = {f: str(free_port()) for f in ("--etcd-port", "--port", "--consensus-port")}
+        ports[flag] = str(busy)
+        args = ["up", "--agents", "1", "--pools", "1", "--data-dir", str(tmp_path)]
+        result = CliRunner().invoke(cli.app, [*args, *(x for kv in ports.items() for x in kv)])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert f"port {busy} is in use (another cluster running?); stop it or pass {flag}" in said
+
+
+@pytest.mark.parametrize("command", ["up", "loadtest"])
+def test_more_agents_than_the_pools_can_start_is_a_usage_error(
+    command: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(etcd_server, "find_etcd_binary", lambda: "/usr/bin/etcd")
+    args = [command, "--agents", "500000", "--pools", "2"]
+    if command == "up":
+        args += ["--data-dir", str(tmp_path), "--etcd-port", str(free_port())]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.replace("│", " ").split())
+    assert "--agents 500,000 over --pools 2 is 250,000 agents a pool" in said, said
+    assert "use --pools 50 or more" in said, said
+    assert "Traceback" not in result.output
+
+
+def test_agents_per_pool_at_the_limit_are_fine() -> None:
+    assert limits.agents_per_pool_problem(20_000, 2) == ""
+    assert limits.agents_per_pool_problem(20_001, 2).endswith("use --pools 3 or more")
