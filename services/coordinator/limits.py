@@ -228,6 +228,11 @@ LIMITS: tuple[Limit, ...] = (
         "AGENTMESH_WATCH_BUFFER_EVENTS, AGENTMESH_WATCH_BUFFER_BYTES",
     ),
     Limit("SpawnAgents.count, SpawnWaves.count", "1-10,000", "INVALID_ARGUMENT"),
+    Limit(
+        "`agentmesh up` and `loadtest`: `--agents` per `--pools`",
+        "10,000 a pool",
+        "exit 2 before anything starts, naming the `--pools` that would fit",
+    ),
     Limit("SpawnWaves.wave_interval_s", "finite, 0-3,600", "INVALID_ARGUMENT"),
     Limit(
         "StopAgents.agent_ids, .count",
