@@ -450,6 +450,8 @@ def _drive(
         workload, redis_url, worker.queue, book, metrics, run_id, end - start, worker_ready_s
     )
     result.cpu = sampler.summary(completed=result.completed, window_s=end - start)
+    if not stop.is_set() and (behind := workload.fell_behind(result.submitted)):
+        result.notes.append(behind)
     return result
 
 

@@ -340,6 +340,8 @@ class Driver:
             self.extra["latency_split"] = split_summary(self.tracker.hops)
         if self.submitter.stopped.is_set():
             self.notes.append(f"stopped early (Ctrl-C) after {duration_s:.1f} s of submitting")
+        elif behind := self.w.fell_behind(self.submitter.submitted):
+            self.notes.append(behind)
         if verdict.unfinished:
             states_text = ", ".join(
                 f"{k} {v}" for k, v in sorted(verdict.unfinished_states.items())

@@ -63,6 +63,21 @@ class Workload:
     def closed_loop(self) -> bool:
         return self.rate_per_s == 0
 
+    def fell_behind(self, submitted: int) -> str:
+        """A note for the report when the open loop sent under 95 % of what its schedule
+        held for the run ('' otherwise): the harness, or the system under test taking its
+        submits, could not keep up, and the figures describe the load it reached."""
+        if self.closed_loop:
+            return ""
+        due = min(self.max_tasks, round(self.rate_per_s * self.duration_s))
+        if submitted >= 0.95 * due:
+            return ""
+        return (
+            f"the open loop fell behind its schedule: it sent {submitted:,} of the {due:,} "
+            f"tasks due in {self.duration_s:g} s ({submitted / self.duration_s:,.0f}/s of the "
+            f"{self.rate_per_s:,.10g}/s asked); the figures describe the load it reached"
+        )
+
     def describe(self, mode: str | None = None) -> str:
         """One line for reports; `mode` replaces the loop description (bursts)."""
         mode = mode or (

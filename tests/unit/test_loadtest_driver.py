@@ -356,6 +356,18 @@ async def test_open_loop_follows_the_rate() -> None:
     assert result.ok
     # 100/s for 1 s: about 100 tasks (the schedule sends the first at t=0)
     assert 90 <= result.submitted <= 102
+    assert not [n for n in result.notes if "fell behind" in n], result.notes
+
+
+async def test_an_open_loop_that_cannot_keep_its_rate_says_so() -> None:
+    fake = FakeCoordinator()
+    w = workload(max_tasks=1_000_000, duration_s=0.2, rate_per_s=5_000_000.0, stream=True)
+    result = await Driver(client_for(fake), w, run_id="t9b").run()
+    assert result.ok
+    assert result.submitted < 1_000_000  # no harness sends five million a second
+    (note,) = [n for n in result.notes if "fell behind" in n]
+    assert f"it sent {result.submitted:,} of the 1,000,000 tasks due in 0.2 s" in note
+    assert "of the 5,000,000/s asked" in note
 
 
 async def test_open_loop_streams_one_task_per_message() -> None:
