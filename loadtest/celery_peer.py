@@ -49,6 +49,7 @@ from loadtest.workload import (
     new_run_id,
     task_id,
 )
+from registry.etcd_server import free_port
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class RedisServer:
             )
         last = ""
         for _ in range(3):  # a free port can be taken between probe and bind
-            self.port = procs.free_port()
+            self.port = free_port()
             self.proc = procs.start(
                 [
                     self.binary,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -37,8 +38,36 @@ def find_etcd_binary() -> str:
     return found
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PORTS_FROM = 10_000
+"""Ports for child processes are picked from here up to the kernel's ephemeral range."""
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a child process to listen on.
+
+    It is picked below the kernel's ephemeral range, never twice by one process. A port
+    the kernel gives for port 0 comes from that range, which is also where every outgoing
+    connection takes its source port: in the time a child took to start and bind it, a
+    connection could take it first. A consensus process of a CI run died of that.
+    """
+    try:
+        low = int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    for _ in range(100 if low - PORTS_FROM >= 1000 else 0):
+        port = PORTS_FROM + secrets.randbelow(low - PORTS_FROM)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken, or still in TIME_WAIT
+        _given.add(port)
+        return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
