@@ -68,10 +68,6 @@ class ConsensusClient(Closing):
         if self._own_etcd:
             await self.etcd.close()
 
-    async def leader(self) -> str:
-        """The active instance's endpoint ('' when none is elected or etcd is down)."""
-        return await find_leader(self.etcd, "consensus")
-
     def _use(self, endpoint: str) -> pb_grpc.ConsensusStub:
         if endpoint != self._endpoint or self._stub is None:
             if self._channel is not None:
