@@ -9,7 +9,8 @@ puts), each from a plain synchronous gRPC client and from grpc.aio on uvloop (th
 client the services use). A gap of 0.01 s is what each call sees at 100 tasks/s:
 the processes on both ends (and etcd's goroutines) have gone idle in between.
 Also times a one-byte ping-pong between two processes over a socketpair, the
-machine's own wake-up cost. Prints P50/P90/P99 in ms, and one JSON line. gRPC uses
+machine's own wake-up cost, and a 300-byte write + fdatasync of a file beside etcd's
+data, the disk's own share of every commit (etcd fsyncs its WAL once per commit). Prints P50/P90/P99 in ms, and one JSON line. gRPC uses
 the services' I/O engine (`services/_common/grpcenv.py`); `GRPC_EXPERIMENTS=""` gives
 grpcio's default, which the figures of issue 13's third session were measured with.
 
@@ -134,6 +135,21 @@ def ping_pong(calls: int, gap: float) -> dict[str, float]:
     return percentiles(took)
 
 
+def disk_sync(directory: Path, calls: int, gap: float) -> dict[str, float]:
+    fd = os.open(directory / "fdatasync-probe", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    took = []
+    try:
+        for _ in range(calls):
+            t = time.perf_counter()
+            os.write(fd, b"w" * 300)
+            os.fdatasync(fd)
+            took.append(time.perf_counter() - t)
+            idle(gap)
+    finally:
+        os.close(fd)
+    return percentiles(took)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300, help="calls per kind and gap")
@@ -150,6 +166,7 @@ def main() -> None:
                     "sync": timed_sync(server.endpoint, args.calls, gap, run),
                     "aio": uvloop.run(timed_aio(server.endpoint, args.calls, gap, run)),
                     "ping_pong": ping_pong(args.calls, gap),
+                    "fdatasync": disk_sync(Path(tmp), args.calls, gap),
                 }
                 results[str(gap)] = row
                 print(f"gap {gap * 1e3:g} ms between calls ({args.calls} calls each):")
@@ -160,11 +177,15 @@ def main() -> None:
                             f"  etcd {kind:5} {client:4}  P50 {p['p50_ms']:.3f}  "
                             f"P90 {p['p90_ms']:.3f}  P99 {p['p99_ms']:.3f} ms"
                         )
-                p = row["ping_pong"]
-                print(
-                    f"  socketpair ping-pong   P50 {p['p50_ms']:.3f}  P90 {p['p90_ms']:.3f}  "  # type: ignore[index]
-                    f"P99 {p['p99_ms']:.3f} ms"  # type: ignore[index]
-                )
+                for name, label in (
+                    ("ping_pong", "socketpair ping-pong"),
+                    ("fdatasync", "disk fdatasync"),
+                ):
+                    p = row[name]
+                    print(
+                        f"  {label:22} P50 {p['p50_ms']:.3f}  P90 {p['p90_ms']:.3f}  "  # type: ignore[index]
+                        f"P99 {p['p99_ms']:.3f} ms"  # type: ignore[index]
+                    )
         finally:
             server.stop()
     print(json.dumps({"calls": args.calls, "results": results}))
