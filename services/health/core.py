@@ -290,7 +290,12 @@ class HealthCore:
         self.changed = asyncio.Event()
         """Set when there are actions to carry out or records to write."""
         self.subscribers: set[Callable[[hpb.HealthEvent], None]] = set()
-        self.started = clock.monotonic()
+        self._looked = clock.monotonic()
+        """When the monitor last looked at anything (see `_now`)."""
+        self.blind_s = 0.0
+        """Time the monitor itself did not run this term, left out of every timer."""
+        self._blind_after_s = max(cfg.heartbeat_interval_s, 2 * cfg.tick_s)
+        self.started = self._looked
         self.started_us = clock.wall_us()
         self.stats: collections.Counter[str] = collections.Counter()
         self._streams = itertools.count(1)
@@ -312,7 +317,7 @@ class HealthCore:
         Every timer starts now: an agent not heard yet is not judged for
         `takeover_grace_s`, and its silence counts from now, so no agent is declared
         FAILED for not having reported to a monitor that did not exist yet."""
-        now, wall = self.clock.monotonic(), self.clock.wall_us()
+        now, wall = self._now(), self.clock.wall_us()
         for rec in records:
             view = self._view(rec.agent_id, rec.info if rec.HasField("info") else None, now)
             if not view.info.pool_id:
@@ -362,7 +367,7 @@ class HealthCore:
         """A Report stream opened with `first`; returns its token (newest stream wins).
         The caller passes `first` to `heartbeat` next."""
         validate_heartbeat(first, first=True)
-        now = self.clock.monotonic()
+        now = self._now()
         info = first.info
         view = self.agents.get(first.agent_id)
         if (
@@ -408,14 +413,14 @@ class HealthCore:
         if view is None or view.stream != stream:
             return
         view.send = None
-        view.closed_at = self.clock.monotonic()
+        view.closed_at = self._now()
 
     def heartbeat(self, stream: int, hb: hpb.Heartbeat) -> None:
         validate_heartbeat(hb, first=False)
         view = self.agents.get(hb.agent_id)
         if view is None or view.stream != stream:
             return  # a stream that a newer one replaced
-        now = self.clock.monotonic()
+        now = self._now()
         self.stats["heartbeats"] += 1
         if hb.leaving:
             self._forget(view, "the agent left")
@@ -453,7 +458,7 @@ class HealthCore:
 
     def tick(self) -> None:
         """Check every timer: silence, hung work, ejections, replacements."""
-        now = self.clock.monotonic()
+        now = self._now()
         cfg = self.cfg
         for view in tuple(self.agents.values()):
             if view.state == FAILED:
@@ -508,7 +513,7 @@ class HealthCore:
         )
         if error:
             if view is not None and action.hung:
-                now = self.clock.monotonic()
+                now = self._now()
                 for key in action.claims:
                     # detect it again (and retry) after a pause, not on every tick
                     view.released.pop(key, None)
@@ -517,7 +522,7 @@ class HealthCore:
         self.stats["claims_released"] += len(released)
         if not action.hung or view is None:
             return
-        now = self.clock.monotonic()
+        now = self._now()
         done = set(released)
         for key in action.claims:
             if key in done:
@@ -538,7 +543,7 @@ class HealthCore:
             return
         successor = self.agents.get(new_agent_id)
         if successor is not None:
-            self._link(successor, agent_id, self.clock.monotonic())
+            self._link(successor, agent_id, self._now())
         else:
             self._expected[new_agent_id] = agent_id  # linked on its first heartbeat
 
@@ -555,14 +560,14 @@ class HealthCore:
             return
         view.replace_pending = None
         self.stats["replacements"] -= 1  # the same replacement, sent elsewhere
-        self._dispatch_replacement(view, self.clock.monotonic(), view.reason)
+        self._dispatch_replacement(view, self._now(), view.reason)
 
     def replace_failed(self, agent_id: str, why: str) -> None:
         """A replacement order failed (or none came up in time): count it, retry or escalate."""
         view = self.agents.get(agent_id)
         if view is None or view.replaced_by:
             return
-        now = self.clock.monotonic()
+        now = self._now()
         view.replace_pending = None
         view.lineage_failures += 1
         self._event(
@@ -598,7 +603,7 @@ class HealthCore:
             state=view.state,  # type: ignore[arg-type]
             state_since_us=view.since_us,
             reason=view.reason,
-            response_s=self._response(view, self.clock.monotonic()),
+            response_s=self._response(view, self._now()),
             baseline_latency_ms=view.baseline_ms,
             recent_latency_ms=view.recent_ms,
             breaker=b.state,  # type: ignore[arg-type]
@@ -729,7 +734,7 @@ class HealthCore:
         self._changed(view, previous, reason)
 
     def _fail(self, view: AgentView, why: str) -> None:
-        now = self.clock.monotonic()
+        now = self._now()
         self._set_state(view, FAILED, why)
         view.failed_at = now
         self.stats["failed_declared"] += 1
@@ -1070,6 +1075,21 @@ class HealthCore:
         )
 
     # ---- plumbing ----
+
+    def _now(self) -> float:
+        """The monitor's time: its monotonic clock less the stretches it did not run.
+
+        It looks every `tick_s` and at every heartbeat, so a gap over a heartbeat interval
+        between two looks means the monitor itself was stopped (SIGSTOP, a blocked event
+        loop, a paused VM): meanwhile the agents' heartbeats waited unread, and their
+        silence is the monitor's. Counted, it declared every agent FAILED when it resumed
+        (before reading the backlog) and had each one replaced."""
+        raw = self.clock.monotonic()
+        gap = raw - self._looked
+        self._looked = raw
+        if gap > self._blind_after_s:
+            self.blind_s += gap
+        return raw - self.blind_s
 
     def _view(self, agent_id: str, info: hpb.AgentInfo | None, now: float) -> AgentView:
         view = self.agents.get(agent_id)

@@ -86,9 +86,17 @@ class HealthMonitorNode:
             log.info("health monitor term over", extra={"term": term.number})
 
     async def _tick(self, core: HealthCore) -> None:
+        blind_s = core.blind_s
         while not self._stopping:
             await self.clock.sleep(self.cfg.tick_s)
             core.tick()
+            if core.blind_s > blind_s:
+                log.warning(
+                    "the health monitor did not run for a while (stopped, or its event loop "
+                    "blocked); that time is not counted against any agent",
+                    extra={"term": core.term, "blind_s": round(core.blind_s - blind_s, 2)},
+                )
+                blind_s = core.blind_s
 
     async def _drain(self) -> None:
         """Stop judging (streams are about to close because this process stops, not

@@ -5,7 +5,9 @@
 - a pool killed with SIGKILL: its agents are replaced;
 - an agent that fails every task: ejected, then let back in (half-open);
 - the active monitor killed with SIGKILL: the standby takes over and declares no agent
-  FAILED for having been silent during the switch.
+  FAILED for having been silent during the switch;
+- the active monitor stopped (SIGSTOP) past the FAILED threshold and resumed: it counts
+  its own pause against no agent.
 
 The faults are the SIMULATED ones (`hang`, `block` executors, `flaky_agents`). Figures
 printed here (run with -s) are observations; timing targets belong to the load test.
@@ -296,6 +298,56 @@ async def test_the_standby_monitor_takes_over_and_declares_no_agent_failed(clust
     print(
         f"\nmonitor {first.monitor_id} killed: {second.monitor_id} active with all 20 agents reporting after {took:.2f} s"
     )
+
+
+@pytest.mark.timeout(90)
+async def test_a_monitor_stopped_and_resumed_replaces_no_healthy_agent(cluster: Any) -> None:
+    # SIGSTOP past failed_after_s, then SIGCONT. A lease TTL longer than the stop keeps
+    # its term, so whatever it decides on resuming is carried out. The agents kept
+    # heartbeating all along: it must not count its own pause as their silence.
+    env = {
+        "AGENTMESH_CRITICAL_AFTER_S": "3",
+        "AGENTMESH_FAILED_AFTER_S": "4",
+        "AGENTMESH_RECONNECT_GRACE_S": "2",
+        "AGENTMESH_LEASE_TTL_S": "15",
+    }
+    c: LocalCluster = await cluster(agents=4, pools=1, env=env)
+    first = await eventually(lambda: all_reporting(c, 4), "every agent reporting")
+    async with MeshClient(etcd=c.etcd_endpoint) as client:
+        before = sorted(a.agent_id for a in (await client.agents()).agents)
+    events: list[hpb.HealthEvent] = []
+
+    async def watch() -> None:
+        async with health(c) as hc:
+            async for event in hc.watch():
+                events.append(event)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.sleep(0.5)
+        c.kill(first.monitor_id, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(6)
+        finally:
+            c.kill(first.monitor_id, signal.SIGCONT)
+        await asyncio.sleep(4)  # past reconnect_grace_s and critical_after_s once resumed
+    finally:
+        watcher.cancel()
+    failed = [
+        e.change.agent_id
+        for e in events
+        if e.WhichOneof("body") == "change" and e.change.state == hpb.HEALTH_STATE_FAILED
+    ]
+    assert not failed, f"declared FAILED after the monitor's own pause: {failed}"
+    s = await summary(c)
+    assert s.term == first.term  # the same term: it kept leading
+    assert s.failed_declared == 0
+    assert s.replacements == 0
+    assert s.state_counts["HEALTHY"] == 4
+    async with MeshClient(etcd=c.etcd_endpoint) as client:
+        after = sorted(a.agent_id for a in (await client.agents()).agents)
+    assert after == before, "healthy agents were replaced"
+    assert "did not run for a while" in (c.log_dir / f"{first.monitor_id}.log").read_text()
 
 
 async def test_release_claims_from_a_stale_term_is_refused(cluster: Any) -> None:

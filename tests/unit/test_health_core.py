@@ -297,6 +297,34 @@ async def test_a_loaded_ejection_keeps_its_remaining_time(clock: FakeClock) -> N
     assert a.view.breaker.state == HALF_OPEN
 
 
+async def test_a_monitor_that_did_not_run_for_a_while_judges_nobody_for_it(
+    clock: FakeClock,
+) -> None:
+    # SIGSTOP and SIGCONT, a blocked event loop: the agents kept heartbeating into
+    # buffers the monitor did not read; their silence is its own
+    core = make(clock, stall_limit_s=5.0)
+    a, b = Agent(core, clock, "a1"), Agent(core, clock, "b1")
+    start = clock.wall_us()
+    a.connect(tasks=[task("t1", 3, start)])
+    b.connect()
+    await advance(clock, core, 0.5)
+    b.close()  # its stream broke just before: its reconnect waits in the backlog too
+    await clock.advance(12.0)  # past failed_after_s, reconnect_grace_s, stall_limit_s
+    core.tick()  # the timer fires before the backlog is read
+    assert {v.agent_id: v.state for v in core.agents.values()} == {"a1": HEALTHY, "b1": HEALTHY}
+    assert not core.take_actions()
+    assert not core.alerts
+    assert core.summary().failed_declared == 0
+    a.beat(tasks=[task("t1", 3, start, progress_us=clock.wall_us())])
+    b.connect()
+    assert not a.told("replace")
+    assert not a.told("drain")
+    # from then on it judges again: an agent that stays silent is FAILED on time
+    await live(clock, core, [b], 10.2)
+    assert a.view.state == FAILED
+    assert b.view.state == HEALTHY
+
+
 # ---------------------------------------------------------------- latency
 
 
