@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from protos.agentmesh.v1 import health_pb2 as hpb
 from services._common.clock import Clock
-from services._common.errors import InvalidArgumentError, NotFoundError
+from services._common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from services.health.config import HealthConfig
 
 HEALTHY = hpb.HEALTH_STATE_HEALTHY
@@ -380,6 +380,24 @@ class HealthCore:
             # a new agent took a FAILED agent's id (its pool restarted): a fresh start
             self._forget(view, "a new incarnation of the agent took its id")
             view = None
+        if (
+            view is not None
+            and view.send is not None
+            and view.info.incarnation
+            and view.info.incarnation != info.incarnation
+            and now - view.last_heartbeat < self.cfg.degraded_after_s
+        ):
+            # Another process says it is this agent, whose stream is open and answering.
+            # The newest stream would win: it would close the real agent's, speak for it
+            # (a `leaving` deleted its record, an ejection with it) and flap with it. As
+            # the coordinator's hello: the newcomer is refused. A restarted pool's agent
+            # (the old run silent) still takes its id over.
+            raise AlreadyExistsError(
+                f"agent id {first.agent_id!r} reports already from pool "
+                f"{view.info.pool_id!r} (another incarnation, heard "
+                f"{now - view.last_heartbeat:.1f} s ago); every agent id must be unique "
+                "(give each agent pool its own --pool-id)"
+            )
         if view is None:
             view = self._view(first.agent_id, info, now)
             view.last_heartbeat = now

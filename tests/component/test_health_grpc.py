@@ -360,6 +360,36 @@ async def test_a_stream_is_one_agents(make_mesh: MeshFactory) -> None:
         assert "one stream per agent" in (err.value.details() or "")
 
 
+async def test_a_live_agents_id_from_another_process_is_already_exists(
+    make_mesh: MeshFactory,
+) -> None:
+    # an impostor (or a second pool started with a copied --pool-id) reporting under a
+    # real agent's id: refused, and the real agent keeps its stream and its health
+    mesh = await make_mesh()
+    (real,) = await spawn(mesh, 1)
+    core = mesh.active().core
+    assert core is not None
+    await until(lambda: _true(real in core.agents and core.agents[real].heard))
+    view = core.agents[real]
+    stream, incarnation = view.stream, view.info.incarnation
+    async with grpc.aio.insecure_channel(mesh.active().endpoint) as channel:
+        call = hpb_grpc.HealthMonitorStub(channel).Report()
+        info = hpb.AgentInfo(pool_id="pool-x", incarnation="impostor", capacity=1, kinds=["x"])
+        await call.write(hpb.Heartbeat(agent_id=real, sent_at_us=1, info=info, leaving=True))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await within(_read_to_end(call))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"{real!r} reports already" in (err.value.details() or "")
+    assert core.agents.get(real) is view, "the impostor's leaving made the monitor forget it"
+    assert view.stream == stream
+    assert view.send is not None
+    assert view.info.incarnation == incarnation
+    async with HealthClient(monitor=mesh.active().endpoint) as hc:
+        got = await hc.get(real)
+    assert got.connected
+    assert got.pool_id == mesh.pool_node.pool_id
+
+
 async def _read_to_end(call: Any) -> None:
     while await call.read() is not grpc.aio.EOF:
         pass

@@ -10,7 +10,7 @@ import pytest
 
 from protos.agentmesh.v1 import health_pb2 as hpb
 from services._common.clock import FakeClock
-from services._common.errors import InvalidArgumentError
+from services._common.errors import AlreadyExistsError, InvalidArgumentError
 from services.health.config import HealthConfig
 from services.health.core import (
     ALL,
@@ -764,6 +764,40 @@ async def test_a_pool_restart_reusing_an_id_is_a_new_agent(clock: FakeClock) -> 
     b.connect()
     assert b.view.state == HEALTHY
     assert not b.told("drain")
+
+
+async def test_another_incarnation_cannot_take_a_live_agents_id(clock: FakeClock) -> None:
+    # as the coordinator's hello: a second process reporting under a live agent's id
+    # (a copied --pool-id, a hostile client) is refused, instead of closing the real
+    # agent's stream and speaking for it (a `leaving` from it wiped the agent's
+    # record, and with it an ejection the coordinator enforced)
+    core = make(clock, failed_after_s=30.0)
+    real = Agent(core, clock, "pool-1-a0001", incarnation="run-1")
+    real.connect()
+    for i in range(3):  # under the ejection cap
+        Agent(core, clock, f"pool-1-b{i}").connect()
+    for _ in range(5):
+        real.beat(outcomes=[fail()])
+    assert real.view.breaker.state == OPEN
+    core.take_dirty()
+    for incarnation in ("run-2", ""):
+        impostor = Agent(core, clock, "pool-1-a0001", pool_id="pool-9", incarnation=incarnation)
+        with pytest.raises(AlreadyExistsError, match="'pool-1-a0001' reports already"):
+            impostor.connect(leaving=True)
+    assert None not in real.directives  # its stream stays
+    assert real.view.info.pool_id == "pool-1"
+    assert real.view.breaker.state == OPEN
+    assert not core.take_dirty()  # its record stays
+    # the same run reconnecting (it saw the break first) still takes over its stream
+    again = Agent(core, clock, "pool-1-a0001", incarnation="run-1")
+    again.connect()
+    assert None in real.directives
+    # a restarted pool (another run) takes the id once the old agent stopped answering
+    await advance(clock, core, 2.1)
+    assert again.view.state == DEGRADED
+    restarted = Agent(core, clock, "pool-1-a0001", incarnation="run-3")
+    restarted.connect()
+    assert restarted.view.info.incarnation == "run-3"
 
 
 async def test_an_agent_that_leaves_is_forgotten(clock: FakeClock) -> None:

@@ -85,8 +85,10 @@ class HealthMonitorServicer:
         heartbeat every `HealthWelcome.heartbeat_interval_s` (1 s by default); the
         first heartbeat of every stream carries `info`. The monitor answers with
         `welcome`, then directives. A heartbeat that breaks a limit ends the stream
-        with INVALID_ARGUMENT naming the field. Reconnect with jittered backoff,
-        at once when `redirect` names a new monitor.
+        with INVALID_ARGUMENT naming the field; an agent id that another process
+        (another `info.incarnation`) reports under, connected and answering, ends it
+        with ALREADY_EXISTS. Reconnect with jittered backoff, at once when `redirect`
+        names a new monitor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
