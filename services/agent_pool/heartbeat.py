@@ -242,6 +242,8 @@ class Heartbeater:
         clock: injected time.
         interval_s: heartbeat period until the monitor's welcome says otherwise.
         rng: picks each stream's phase within the interval (see `spread`).
+        replaces: a replacement's agent id → the agent it replaced: the pool's own map
+            (it fills it on a `replace` directive), told in each new stream's `info`.
     """
 
     def __init__(
@@ -254,6 +256,7 @@ class Heartbeater:
         clock: Clock,
         interval_s: float = 1.0,
         rng: random.Random | None = None,
+        replaces: dict[str, str] | None = None,
     ) -> None:
         self.pool_id = pool_id
         self.rng = rng or random.Random()
@@ -274,7 +277,7 @@ class Heartbeater:
         )
         self.incarnation = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.paused: set[str] = set()
-        self.replaces: dict[str, str] = {}
+        self.replaces: dict[str, str] = {} if replaces is None else replaces
         """A replacement's agent id → the agent it replaced (told to the monitor)."""
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._sent: dict[str, float] = {}

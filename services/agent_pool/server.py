@@ -83,6 +83,9 @@ class PoolNode:
             self.core.on_health_directive,
             clock,
             cfg.heartbeat_interval_s,
+            # the replacements the core starts on a `replace` directive: each one's first
+            # heartbeat names the agent it replaced, so the monitor links the two
+            replaces=self.core.replaces,
         )
         ppb_grpc.add_AgentPoolServicer_to_server(PoolServicer(self.core), runner.server)
 

@@ -321,6 +321,30 @@ async def test_a_flaky_agent_is_ejected_and_let_back_in_half_open(
         assert all(t.agent_id != flaky for t in tasks)
 
 
+async def test_an_agent_replaced_on_a_directive_reports_whom_it_replaces(
+    make_mesh: MeshFactory,
+) -> None:
+    # the `replace` directive (a released task its executor does not stop): the pool
+    # starts a fresh agent that says whom it replaces, so the monitor links the two
+    # (the line's failures, hence the escalation after max_replacements, carry over)
+    mesh = await make_mesh()
+    (old,) = await spawn(mesh, 1)
+    core = mesh.active().core
+    assert core is not None
+    await until(lambda: _true(old in core.agents and core.agents[old].heard))
+    core._order_replacement(core.agents[old], core._now(), "its executor does not stop")
+
+    async def successor() -> str:
+        return next((a for a in mesh.pool_node.core.agents if a != old), "")
+
+    new = await until(successor)
+    await until(lambda: _true(new in core.agents and core.agents[new].heard))
+    async with HealthClient(monitor=mesh.active().endpoint) as hc:
+        got = await hc.get(new)
+    assert got.replaces == old
+    assert got.info.replaces == old
+
+
 async def test_a_heartbeat_over_a_limit_ends_the_stream_naming_the_field(
     make_mesh: MeshFactory,
 ) -> None:
