@@ -178,12 +178,27 @@ class AgentPool:
         batch_size: int,
         template: ppb.AgentTemplate | None,
         timeout_s: float = WELCOME_TIMEOUT_S,
+        *,
+        replaces: str = "",
     ) -> Spawned:
         """Start `count` agents, `batch_size` at a time (0: all at once); each batch waits
         (up to `timeout_s`) until its agents are welcomed. Warm agents go first when no
-        template is given."""
+        template is given.
+
+        `replaces`: the one agent started replaces that agent (the health monitor's
+        order). An order sent again (its reply lost, a new active monitor) gets the
+        replacement started already, not a second one."""
         check_count(count)
         merged = self.template(template)
+        if replaces:
+            limits.check_id("replaces", replaces)
+            if count != 1:
+                raise InvalidArgumentError(
+                    f"count {count} with replaces: an agent is replaced by one agent (count 1)"
+                )
+            done = [a for a, old in self.replaces.items() if old == replaces and a in self.agents]
+            if done:
+                return Spawned([self.agents[done[0]]], 0, 0.0)
         t0 = self.clock.monotonic()
         batch = batch_size or count
         started: list[Agent] = []
@@ -197,6 +212,8 @@ class AgentPool:
                     from_warm += 1
                 else:
                     agent = self._new_agent(merged)
+                if replaces:
+                    self.replaces[agent.agent_id] = replaces  # its first heartbeat says so
                 wave.append(agent)
             await self._start(wave)
             with contextlib.suppress(TimeoutError):

@@ -29,7 +29,9 @@ class PoolServicer(ppb_grpc.AgentPoolServicer):
     async def SpawnAgents(
         self, request: ppb.SpawnAgentsRequest, context: grpc.aio.ServicerContext
     ) -> ppb.SpawnAgentsResponse:
-        spawned = await self.core.spawn(request.count, request.batch_size, _template(request))
+        spawned = await self.core.spawn(
+            request.count, request.batch_size, _template(request), replaces=request.replaces
+        )
         return ppb.SpawnAgentsResponse(
             agents=[a.info() for a in spawned.agents],
             elapsed_s=spawned.elapsed_s,

@@ -234,6 +234,7 @@ LIMITS: tuple[Limit, ...] = (
         "exit 2 before anything starts, naming the `--pools` that would fit",
     ),
     Limit("SpawnWaves.wave_interval_s", "finite, 0-3,600", "INVALID_ARGUMENT"),
+    Limit("SpawnAgents.replaces", "an agent id (128 bytes), with count 1", "INVALID_ARGUMENT"),
     Limit(
         "StopAgents.agent_ids, .count",
         "10,000 ids of 128 bytes (an id given twice counts once); count 0-10,000",

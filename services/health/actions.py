@@ -149,7 +149,12 @@ class Actuator:
                         timeout=STOP_TIMEOUT_S,
                     )
             resp = await stub.SpawnAgents(
-                ppb.SpawnAgentsRequest(count=1, batch_size=1, template=template),
+                # naming the agent replaced: a pool that started its replacement already
+                # (this order's reply was lost, or the last monitor sent it) answers
+                # with that one rather than starting a second
+                ppb.SpawnAgentsRequest(
+                    count=1, batch_size=1, template=template, replaces=action.agent_id
+                ),
                 timeout=SPAWN_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as err:

@@ -170,10 +170,20 @@ async def test_stop_agents_gracefully(mesh: Mesh) -> None:
         lambda pool: pool.SpawnAgents(
             ppb.SpawnAgentsRequest(count=1, template=ppb.AgentTemplate(kinds=["llm-x"]))
         ),
+        lambda pool: pool.SpawnAgents(ppb.SpawnAgentsRequest(count=2, replaces="a-1")),
+        lambda pool: pool.SpawnAgents(ppb.SpawnAgentsRequest(count=1, replaces="a 1")),
         lambda pool: pool.StopAgents(ppb.StopAgentsRequest()),
         lambda pool: pool.StopAgents(ppb.StopAgentsRequest(agent_ids=["not-mine"])),
     ],
-    ids=["count-0", "count-too-big", "unknown-kind", "stop-nothing", "stop-unknown"],
+    ids=[
+        "count-0",
+        "count-too-big",
+        "unknown-kind",
+        "replaces-with-count-2",
+        "replaces-not-an-id",
+        "stop-nothing",
+        "stop-unknown",
+    ],
 )
 async def test_bad_pool_requests_are_invalid_argument(mesh: Mesh, call: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:

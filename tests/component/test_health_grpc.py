@@ -30,6 +30,7 @@ from services.coordinator.config import CoordinatorConfig
 from services.coordinator.server import CoordinatorNode
 from services.health.client import HealthClient
 from services.health.config import HealthConfig
+from services.health.core import Replace
 from services.health.server import HealthMonitorNode
 
 S = tpb.TaskState
@@ -343,6 +344,28 @@ async def test_an_agent_replaced_on_a_directive_reports_whom_it_replaces(
         got = await hc.get(new)
     assert got.replaces == old
     assert got.info.replaces == old
+
+
+async def test_a_replacement_ordered_again_starts_one_agent(make_mesh: MeshFactory) -> None:
+    # a FAILED agent's replacement order went out and its outcome is unknown (a deadline,
+    # or the monitor failed over and the next one orders it again): sent twice, it
+    # must start one agent, which the monitor links to the agent it replaces
+    mesh = await make_mesh()
+    (old,) = await spawn(mesh, 1)
+    monitor = mesh.active()
+    core = monitor.core
+    assert core is not None
+    await until(lambda: _true(old in core.agents and core.agents[old].heard))
+    pool = mesh.pool_node
+    order = Replace(
+        old, pool.pool_id, pool.endpoint, own_pool=True, info=core.agents[old].info, reason="t"
+    )
+    await within(monitor.actuator.replace(core, order))
+    await within(monitor.actuator.replace(core, order))
+    (new,) = pool.core.agents
+    assert new != old
+    await until(lambda: _true(new in core.agents and core.agents[new].heard))
+    assert core.agents[new].replaces == old
 
 
 async def test_a_heartbeat_over_a_limit_ends_the_stream_naming_the_field(

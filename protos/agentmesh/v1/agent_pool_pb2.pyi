@@ -44,14 +44,16 @@ class AgentTemplate(_message.Message):
     def __init__(self, roles: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., kinds: _Optional[_Iterable[str]] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class SpawnAgentsRequest(_message.Message):
-    __slots__ = ("count", "batch_size", "template")
+    __slots__ = ("count", "batch_size", "template", "replaces")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
     count: int
     batch_size: int
     template: AgentTemplate
-    def __init__(self, count: _Optional[int] = ..., batch_size: _Optional[int] = ..., template: _Optional[_Union[AgentTemplate, _Mapping]] = ...) -> None: ...
+    replaces: str
+    def __init__(self, count: _Optional[int] = ..., batch_size: _Optional[int] = ..., template: _Optional[_Union[AgentTemplate, _Mapping]] = ..., replaces: _Optional[str] = ...) -> None: ...
 
 class SpawnAgentsResponse(_message.Message):
     __slots__ = ("agents", "elapsed_s", "from_warm")
