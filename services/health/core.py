@@ -59,6 +59,8 @@ MAX_TIMEOUT_S = 1e7
 MAX_HEARTBEAT_BYTES = 1 << 20
 """A heartbeat within every field limit is far smaller (about 300 KiB at most)."""
 MAX_LISTED_ALERTS = 100
+MAX_REGISTERED_UNSEEN = 100_000
+"""Registered agents kept while none of them has reported yet (10 pools' worth)."""
 WINDOW_CAP = 10_000
 """Outcomes kept per breaker window, whatever its length (bounded memory)."""
 
@@ -251,6 +253,9 @@ class AgentView:
     drain_sent: bool = False
     hung_tasks: int = 0
     failed_at: float | None = None
+    registered: bool = False
+    """Registered in etcd (agents/<id>) while a monitor watched: hosted by a pool or an
+    agent process, so a failure is worth a replacement through the AgentPool API."""
 
     @property
     def admission(self) -> int:
@@ -303,6 +308,8 @@ class HealthCore:
         """A replacement's agent id (from a pool's answer) → the agent it replaces."""
         self._placed: collections.Counter[str] = collections.Counter()
         """Replacements sent to each pool this term (its registered count lags)."""
+        self._registered: set[str] = set()
+        """Agents registered in etcd that this monitor has no view of yet."""
         self._lineage: dict[str, int] = {}
         """An agent that left while its replacement was under way → its line's failures
         (a pool stops the old agent before the new one reports)."""
@@ -337,6 +344,7 @@ class HealthCore:
             view.lineage_failures = rec.replacement_failures
             view.escalated = rec.escalated
             view.hung_tasks = rec.hung_tasks
+            view.registered = rec.registered
             if view.state != HEALTHY:
                 self._open_alert(K.ALERT_KIND_STATE, view, _state_message(view), rec.state_since_us)
             if b.state in (OPEN, HALF_OPEN):
@@ -351,9 +359,24 @@ class HealthCore:
         for agent_id, pool_id in registered:
             if agent_id not in self.agents and _ID_RE.match(agent_id):
                 self._view(agent_id, hpb.AgentInfo(pool_id=pool_id, capacity=1), now)
+            if agent_id in self.agents:
+                self.agents[agent_id].registered = True
         for view in self.agents.values():
             view.last_heartbeat = now
             view.judge_after = now + self.cfg.takeover_grace_s
+
+    def registered(self, added: Iterable[str], removed: Iterable[str] = ()) -> None:
+        """Agents registered in etcd (agents/<id>) since the last call, and those whose
+        registration went. An agent stays `registered` once seen: its registration goes
+        with its pool's lease when the pool dies, which is when it needs replacing."""
+        for agent_id in added:
+            view = self.agents.get(agent_id)
+            if view is not None:
+                view.registered = True
+            elif len(self._registered) < MAX_REGISTERED_UNSEEN:
+                self._registered.add(agent_id)
+        for agent_id in removed:
+            self._registered.discard(agent_id)
 
     def set_pools(self, pools: Iterable[PoolInfo]) -> None:
         """The agent pools registered now (services/agent-pool/)."""
@@ -379,6 +402,8 @@ class HealthCore:
         ):
             # a new agent took a FAILED agent's id (its pool restarted): a fresh start
             self._forget(view, "a new incarnation of the agent took its id")
+            if view.registered:
+                self._registered.add(view.agent_id)  # its pool registered the id again
             view = None
         if (
             view is not None
@@ -643,6 +668,7 @@ class HealthCore:
             info=view.info,
             hung_tasks=view.hung_tasks,
             latency_alert=view.latency_alert,
+            registered=view.registered,
         )
 
     def get(self, agent_id: str) -> hpb.AgentHealth:
@@ -1000,6 +1026,22 @@ class HealthCore:
         self._dispatch_replacement(view, now, why)
 
     def _dispatch_replacement(self, view: AgentView, now: float, why: str) -> None:
+        if (view.state == FAILED or view.send is None) and not view.registered:
+            # Anyone can open a Report stream under a made-up id and close it: a pool
+            # must not start a real agent for each one. Only an agent a pool (or its own
+            # process) registered is replaced through the AgentPool API.
+            self._event(
+                recovery=hpb.RecoveryAction(
+                    kind=R.RECOVERY_KIND_REPLACE,
+                    agent_id=view.agent_id,
+                    ok=False,
+                    detail=(
+                        "not replaced: it was never registered in etcd (agents/<id>), "
+                        "so no agent pool hosts it"
+                    ),
+                )
+            )
+            return
         view.replace_pending = now
         self.stats["replacements"] += 1
         self._persist(view)
@@ -1117,6 +1159,9 @@ class HealthCore:
                 copy.CopyFrom(info)
             view = AgentView(agent_id, copy, born=now, since_us=self.clock.wall_us())
             view.breaker.calm_since = now
+            if agent_id in self._registered:
+                self._registered.discard(agent_id)
+                view.registered = True
             self.agents[agent_id] = view
         return view
 

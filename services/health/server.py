@@ -14,10 +14,12 @@ import logging
 from protos.agentmesh.v1 import health_pb2 as hpb
 from protos.agentmesh.v1 import health_pb2_grpc as hpb_grpc
 from registry import discovery
+from registry.errors import StoreUnavailableError
+from registry.etcd import WatchCompactedError
 from registry.leadership import Term
 from services._common import heap
 from services._common.clock import Clock
-from services._common.follow import Leader, leading
+from services._common.follow import RETRY_S, Leader, leading
 from services._common.runner import Runner
 from services.health import metrics
 from services.health.actions import Actuator
@@ -60,6 +62,7 @@ class HealthMonitorNode:
             await asyncio.Event().wait()  # won again while shutting down: hold, decide nothing
         started = self.clock.monotonic()
         records = await read_records(self.etcd)
+        since = await self._revision()
         agents = await discovery.resolve_agents(self.etcd)
         node_id = self.runner.node_id
         core = HealthCore(
@@ -77,6 +80,8 @@ class HealthMonitorNode:
                 async with leading(self.runner, self.leader), asyncio.TaskGroup() as group:
                     log.info("active health monitor", extra={**extra, "load_ms": load_ms})
                     group.create_task(self._tick(core), name="tick")
+                    registrations = self._follow_registrations(core, since)
+                    group.create_task(registrations, name="registrations")
                     group.create_task(self.actuator.run(core, term, flush, group), name="act")
                     write = write_records(self.etcd, self.clock, core, term.fenced, flush, stored)
                     group.create_task(write, name="flush")
@@ -97,6 +102,36 @@ class HealthMonitorNode:
                     extra={"term": core.term, "blind_s": round(core.blind_s - blind_s, 2)},
                 )
                 blind_s = core.blind_s
+
+    async def _revision(self) -> int:
+        resp = await self.etcd.range(self.etcd.key("agents") + b"/", limit=1, keys_only=True)
+        return int(resp.header.revision)
+
+    async def _follow_registrations(self, core: HealthCore, since: int) -> None:
+        """Tell the core which agents are registered in etcd (agents/<id>) as they come
+        and go, from revision `since` on: only those are replaced through the AgentPool
+        API. etcd away: the watch resumes; history compacted: list again."""
+        prefix = self.etcd.key("agents") + b"/"
+        while True:
+            try:
+                async for _, events in self.etcd.watch_forever(
+                    prefix, prefix=True, start_revision=since + 1
+                ):
+                    ids = [
+                        (e.kind, e.kv.key[len(prefix) :].decode(errors="replace")) for e in events
+                    ]
+                    core.registered(
+                        [a for kind, a in ids if kind == "put"],
+                        [a for kind, a in ids if kind != "put"],
+                    )
+            except WatchCompactedError:
+                try:
+                    since = await self._revision()
+                    core.registered(a.agent_id for a in await discovery.resolve_agents(self.etcd))
+                except StoreUnavailableError:
+                    await self.clock.sleep(RETRY_S)
+            except StoreUnavailableError:
+                await self.clock.sleep(RETRY_S)
 
     async def _drain(self) -> None:
         """Stop judging (streams are about to close because this process stops, not

@@ -368,6 +368,31 @@ async def test_a_replacement_ordered_again_starts_one_agent(make_mesh: MeshFacto
     assert core.agents[new].replaces == old
 
 
+async def test_report_streams_under_made_up_ids_make_no_pool_start_agents(
+    make_mesh: MeshFactory,
+) -> None:
+    # anyone can open a Report stream: one per made-up id, then gone, used to make a
+    # pool start a real agent for each (FAILED after reconnect_grace_s, "replaced")
+    mesh = await make_mesh()
+    (real,) = await spawn(mesh, 1)
+    monitor = mesh.active()
+    core = monitor.core
+    assert core is not None
+    await until(lambda: _true(real in core.agents and core.agents[real].heard))
+    async with grpc.aio.insecure_channel(monitor.endpoint) as channel:
+        for i in range(3):
+            call = hpb_grpc.HealthMonitorStub(channel).Report()
+            info = hpb.AgentInfo(pool_id="", capacity=1, kinds=["echo"])
+            await call.write(hpb.Heartbeat(agent_id=f"ghost-{i}", sent_at_us=1, info=info))
+            await within(call.read())
+            call.cancel()
+    ghosts = [f"ghost-{i}" for i in range(3)]
+    await until(lambda: _true(all(core.agents[g].state == hpb.HEALTH_STATE_FAILED for g in ghosts)))
+    await asyncio.sleep(0.5)  # what a replacement takes here, many times over
+    assert list(mesh.pool_node.core.agents) == [real]
+    assert not any(core.agents[g].replaced_by for g in ghosts)
+
+
 async def test_a_heartbeat_over_a_limit_ends_the_stream_naming_the_field(
     make_mesh: MeshFactory,
 ) -> None:

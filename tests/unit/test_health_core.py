@@ -49,8 +49,17 @@ def config(**overrides: Any) -> HealthConfig:
 class Agent:
     """One agent's stream to the core: what it sent, what it was told."""
 
-    def __init__(self, core: HealthCore, clock: FakeClock, agent_id: str, **info: Any) -> None:
+    def __init__(
+        self,
+        core: HealthCore,
+        clock: FakeClock,
+        agent_id: str,
+        registered: bool = True,
+        **info: Any,
+    ) -> None:
         self.core, self.clock, self.agent_id = core, clock, agent_id
+        if registered:  # its pool registered it in etcd (agents/<id>)
+            core.registered([agent_id])
         info.setdefault("pool_id", "pool-1")
         info.setdefault("capacity", 1)
         info.setdefault("kinds", ["sleep"])
@@ -798,6 +807,34 @@ async def test_another_incarnation_cannot_take_a_live_agents_id(clock: FakeClock
     restarted = Agent(core, clock, "pool-1-a0001", incarnation="run-3")
     restarted.connect()
     assert restarted.view.info.incarnation == "run-3"
+
+
+async def test_only_a_registered_agent_is_replaced_through_a_pool(clock: FakeClock) -> None:
+    # a Report stream under a made-up id, then gone: a pool must not start a real agent
+    # for it (one stream each, and the pools grew without bound)
+    core = make(clock)
+    ghost = Agent(core, clock, "ghost-1", registered=False, pool_id="")
+    real = Agent(core, clock, "pool-1-a0001")
+    seen: list[hpb.HealthEvent] = []
+    core.subscribers.add(seen.append)
+    for a in (ghost, real):
+        a.connect()
+        a.close()
+    await advance(clock, core, 5.1)
+    assert ghost.view.state == real.view.state == FAILED
+    replaced = [x.agent_id for x in core.take_actions() if isinstance(x, Replace)]
+    assert replaced == ["pool-1-a0001"]
+    (refused,) = [
+        e.recovery for e in seen if e.recovery.agent_id == "ghost-1" and not e.recovery.ok
+    ]
+    assert "never registered" in refused.detail
+    assert core.record("ghost-1").registered is False  # type: ignore[union-attr]
+    assert core.record("pool-1-a0001").registered  # type: ignore[union-attr]
+    # the next monitor trusts what the record says
+    later = make(clock)
+    later.load([core.record("pool-1-a0001"), core.record("ghost-1")], [])  # type: ignore[list-item]
+    assert later.agents["pool-1-a0001"].registered
+    assert not later.agents["ghost-1"].registered
 
 
 async def test_an_agent_that_leaves_is_forgotten(clock: FakeClock) -> None:

@@ -224,7 +224,7 @@ class HealthRedirect(_message.Message):
     def __init__(self, monitor_endpoint: _Optional[str] = ...) -> None: ...
 
 class AgentHealth(_message.Message):
-    __slots__ = ("agent_id", "pool_id", "state", "state_since_us", "reason", "response_s", "baseline_latency_ms", "recent_latency_ms", "breaker", "consecutive_failures", "ejections", "ejected_until_us", "admission", "tasks_in_flight", "completed", "failed", "rss_bytes", "cpu_seconds", "connected", "last_heartbeat_us", "replaces", "replaced_by", "replacement_failures", "escalated", "info", "term", "hung_tasks", "latency_alert")
+    __slots__ = ("agent_id", "pool_id", "state", "state_since_us", "reason", "response_s", "baseline_latency_ms", "recent_latency_ms", "breaker", "consecutive_failures", "ejections", "ejected_until_us", "admission", "tasks_in_flight", "completed", "failed", "rss_bytes", "cpu_seconds", "connected", "last_heartbeat_us", "replaces", "replaced_by", "replacement_failures", "escalated", "info", "term", "hung_tasks", "latency_alert", "registered")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class AgentHealth(_message.Message):
     TERM_FIELD_NUMBER: _ClassVar[int]
     HUNG_TASKS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_ALERT_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     pool_id: str
     state: HealthState
@@ -281,7 +282,8 @@ class AgentHealth(_message.Message):
     term: int
     hung_tasks: int
     latency_alert: bool
-    def __init__(self, agent_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., state: _Optional[_Union[HealthState, str]] = ..., state_since_us: _Optional[int] = ..., reason: _Optional[str] = ..., response_s: _Optional[float] = ..., baseline_latency_ms: _Optional[float] = ..., recent_latency_ms: _Optional[float] = ..., breaker: _Optional[_Union[BreakerState, str]] = ..., consecutive_failures: _Optional[int] = ..., ejections: _Optional[int] = ..., ejected_until_us: _Optional[int] = ..., admission: _Optional[_Union[Admission, str]] = ..., tasks_in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., connected: _Optional[bool] = ..., last_heartbeat_us: _Optional[int] = ..., replaces: _Optional[str] = ..., replaced_by: _Optional[str] = ..., replacement_failures: _Optional[int] = ..., escalated: _Optional[bool] = ..., info: _Optional[_Union[AgentInfo, _Mapping]] = ..., term: _Optional[int] = ..., hung_tasks: _Optional[int] = ..., latency_alert: _Optional[bool] = ...) -> None: ...
+    registered: bool
+    def __init__(self, agent_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., state: _Optional[_Union[HealthState, str]] = ..., state_since_us: _Optional[int] = ..., reason: _Optional[str] = ..., response_s: _Optional[float] = ..., baseline_latency_ms: _Optional[float] = ..., recent_latency_ms: _Optional[float] = ..., breaker: _Optional[_Union[BreakerState, str]] = ..., consecutive_failures: _Optional[int] = ..., ejections: _Optional[int] = ..., ejected_until_us: _Optional[int] = ..., admission: _Optional[_Union[Admission, str]] = ..., tasks_in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., connected: _Optional[bool] = ..., last_heartbeat_us: _Optional[int] = ..., replaces: _Optional[str] = ..., replaced_by: _Optional[str] = ..., replacement_failures: _Optional[int] = ..., escalated: _Optional[bool] = ..., info: _Optional[_Union[AgentInfo, _Mapping]] = ..., term: _Optional[int] = ..., hung_tasks: _Optional[int] = ..., latency_alert: _Optional[bool] = ..., registered: _Optional[bool] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("alert_id", "kind", "agent_id", "task_id", "message", "opened_at_us", "closed_at_us")
