@@ -132,6 +132,9 @@ class HealthMonitorNode:
                     await self.clock.sleep(RETRY_S)
             except StoreUnavailableError:
                 await self.clock.sleep(RETRY_S)
+            except Exception:  # noqa: BLE001 - a follower that stops would end the term
+                log.warning("following agent registrations failed; again", exc_info=True)
+                await self.clock.sleep(RETRY_S)
 
     async def _drain(self) -> None:
         """Stop judging (streams are about to close because this process stops, not
