@@ -50,6 +50,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+RELEASED_BY_US = "released by the health monitor: "
+"""How the coordinator stores a release's reason as the task's last_error
+(services/coordinator/core.py, `_release_claim`): the read-back after a lost reply."""
 
 
 def _retryable(err: BaseException) -> bool:
@@ -92,6 +95,7 @@ class Actuator:
             reason=action.reason[:256],
             health_term=term.number,
         )
+        lost = False
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_retryable),
@@ -101,7 +105,11 @@ class Actuator:
                 reraise=True,
             ):
                 with attempt:
-                    resp = await self._call_coordinator(request)
+                    try:
+                        resp = await self._call_coordinator(request)
+                    except grpc.aio.AioRpcError:
+                        lost = True  # it may have been applied, its reply lost
+                        raise
         except grpc.aio.AioRpcError as err:
             log.warning(
                 "release failed",
@@ -110,6 +118,10 @@ class Actuator:
             core.release_done(action, [], error=f"{err.code().name}: {err.details()}")
             return
         released = [(c.task_id, c.claim_token) for c in resp.released]
+        if lost and resp.skipped and action.hung:
+            # A retry finds the claims an earlier attempt released gone, like claims
+            # that moved on by themselves: read the tasks back and decide.
+            released += await self._released_before(request, resp.skipped)
         log.info(
             "claims released",
             extra={
@@ -120,6 +132,27 @@ class Actuator:
             },
         )
         core.release_done(action, released)
+
+    async def _released_before(
+        self, request: cpb.ReleaseClaimsRequest, skipped: Any
+    ) -> list[tuple[str, int]]:
+        """Of `skipped`, the claims whose task says this release requeued it."""
+        endpoint = self.coordinator.endpoint
+        if not endpoint:
+            return []
+        stub = cpb_grpc.CoordinatorStub(self.coordinator.channel(endpoint))
+        ours = RELEASED_BY_US + request.reason
+        out = []
+        for claim in skipped:
+            try:
+                task = await stub.GetTask(
+                    cpb.GetTaskRequest(task_id=claim.task_id), timeout=RELEASE_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError:
+                continue  # unknown still: counted as moved on, as before
+            if task.last_error == ours:
+                out.append((claim.task_id, claim.claim_token))
+        return out
 
     async def _call_coordinator(self, request: cpb.ReleaseClaimsRequest) -> Any:
         endpoint = self.coordinator.endpoint

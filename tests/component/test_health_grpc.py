@@ -275,6 +275,52 @@ async def test_a_hung_task_is_released_and_finishes_on_another_agent(
                 await watcher
 
 
+async def test_a_release_whose_reply_was_lost_still_counts_the_hang(
+    make_mesh: MeshFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the coordinator applies the release, its reply is lost (a deadline, a reset): the
+    # retry finds the claim gone, like one that moved on by itself; the monitor reads
+    # the task back instead of deciding that the agent did not hang
+    mesh = await make_mesh()
+    await spawn(mesh, 3)
+    monitor = mesh.active()
+    actuator = monitor.actuator
+    real_call = actuator._call_coordinator
+    calls: list[cpb.ReleaseClaimsResponse] = []
+
+    async def reply_lost_once(request: cpb.ReleaseClaimsRequest) -> Any:
+        resp = await real_call(request)
+        calls.append(resp)
+        if len(calls) == 1:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "reply lost (test)",
+            )
+        return resp
+
+    monkeypatch.setattr(actuator, "_call_coordinator", reply_lost_once)
+    async with MeshClient(coordinator=mesh.coordinator.endpoint) as client:
+        sub = await client.submit(
+            tpb.TaskSpec(kind="hang", payload=json.dumps({"attempts": 1}).encode())
+        )
+        task_id = sub.task.task_id
+
+        async def finished() -> tpb.Task | None:
+            t = await client.get(task_id)
+            return t if t.state == S.TASK_STATE_SUCCEEDED else None
+
+        done = await until(finished)
+    assert done.attempts == 2
+    assert [len(r.released) for r in calls] == [1, 0]  # applied, then skipped on the retry
+    s = await summary(mesh)
+    assert s.hung_released == 1
+    core = monitor.core
+    assert core is not None
+    assert sum(v.hung_tasks for v in core.agents.values()) == 1
+
+
 async def test_a_flaky_agent_is_ejected_and_let_back_in_half_open(
     make_mesh: MeshFactory,
 ) -> None:
