@@ -27,6 +27,7 @@ from services._common.follow import (
     named_leader,
     no_leader,
 )
+from services.consensus.limits import MAX_TIMEOUT_S
 
 RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 WAIT_MARGIN_S = 5.0
@@ -132,7 +133,10 @@ class ConsensusClient(Closing):
         """Open a proposal; with `request.wait`, return once it is decided."""
         if not request.proposal_id:
             request.proposal_id = f"p-{secrets.token_hex(8)}"
-        timeout = (request.timeout_s or 30.0) + WAIT_MARGIN_S if request.wait else None
+        # a timeout the service refuses (nan, inf, 1e10) must not become this call's
+        # deadline: a deadline gRPC cannot hold fails at once and would be retried forever
+        wait_s = request.timeout_s if 0 < request.timeout_s <= MAX_TIMEOUT_S else 30.0
+        timeout = wait_s + WAIT_MARGIN_S if request.wait else None
         return await self._call("Propose", request, timeout)  # type: ignore[no-any-return]
 
     async def decision(self, proposal_id: str) -> pb.Decision:
