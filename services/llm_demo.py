@@ -107,3 +107,20 @@ def spent_line(tasks: Iterable[tpb.Task]) -> str:
         f"llm backlog cost: ${cost:.4f} for {n} task(s) "
         f"({inp:,} input and {out:,} output tokens, as the API counted them)"
     )
+
+
+def answer_line(task: tpb.Task) -> str:
+    """One sample task's line: its answer's first words, or, when it has no answer, its
+    state and its whole last error (the reason is at the error's end)."""
+    text = task.result.decode(errors="replace")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+        text = doc["text"]
+    head = f"  {task.spec.role:<10} {task.task_id}: "
+    if words := " ".join(text.split())[:100]:
+        return head + words
+    state = tpb.TaskState.Name(task.state).removeprefix("TASK_STATE_")
+    return head + state + (f": {' '.join(task.last_error.split())}" if task.last_error else "")

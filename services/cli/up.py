@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -208,16 +206,12 @@ def _llm_backlog(count: int, yes: bool) -> list[Any]:
 
 async def _run_llm_backlog(etcd: str, specs: list[Any]) -> None:
     from services.client import MeshClient
-    from services.llm_demo import spent_line
+    from services.llm_demo import answer_line, spent_line
 
     console.print(f"submitting {len(specs)} [bold]real[/bold] llm tasks (one per role, in turn)")
     async with MeshClient(etcd=etcd) as client:
         await submit_and_wait(client, specs, wait=True)
         tasks = [await client.get(s.task_id) for s in specs]
     for t in tasks:
-        text = t.result.decode(errors="replace")
-        with contextlib.suppress(ValueError, AttributeError):
-            text = json.loads(text).get("text", text)
-        first = " ".join(text.split())[:100] or t.last_error[:100]
-        console.print(f"  {t.spec.role:<10} {t.task_id}: {first}", soft_wrap=True, markup=False)
+        console.print(answer_line(t), soft_wrap=True, markup=False)
     console.print(spent_line(tasks), soft_wrap=True, markup=False)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services.agent_pool.llm_config import LlmConfig
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
-from services.llm_demo import MAX_TOKENS, estimate, llm_off_line, sample_specs, spent_line
+from services.llm_demo import (
+    MAX_TOKENS,
+    answer_line,
+    estimate,
+    llm_off_line,
+    sample_specs,
+    spent_line,
+)
 
 
 def test_without_a_key_one_line_says_the_executor_is_off_and_why() -> None:
@@ -77,3 +86,32 @@ def test_status_says_why_llm_tasks_wait_and_what_was_spent() -> None:
     assert lines[2].startswith("llm model  claude-haiku-5-5: 3 calls")
     assert len(lines) == 3  # per-agent totals are in `agentmesh agents`, not here
     assert llm_lines(cpb.ClusterStatus()) == []
+
+
+def test_a_failed_sample_shows_its_state_and_whole_error() -> None:
+    """The reason sits at the end of an llm error ('... last error: connection to the API
+    failed or dropped: ConnectError: [Errno -2] Name or service not known'); the line cut
+    it at 100 characters, in the middle of 'connection to the API fa'."""
+    error = (
+        "llm call to claude-haiku-5-5 failed (gave up after 4 attempts); last error: "
+        "connection to the API failed or dropped: ConnectError: [Errno -2] Name or service "
+        "not known"
+    )
+    task = tpb.Task(
+        task_id="llm-sample-1-0000",
+        spec=tpb.TaskSpec(kind="llm", role="researcher"),
+        state=tpb.TASK_STATE_DEAD_LETTER,
+        last_error=error,
+    )
+    assert answer_line(task) == f"  researcher llm-sample-1-0000: DEAD_LETTER: {error}"
+
+
+def test_an_answered_sample_shows_its_first_words() -> None:
+    text = "A token bucket " * 20
+    task = tpb.Task(
+        task_id="llm-sample-1-0001",
+        spec=tpb.TaskSpec(kind="llm", role="coder"),
+        state=tpb.TASK_STATE_SUCCEEDED,
+        result=json.dumps({"text": text, "stop_reason": "end_turn"}).encode(),
+    )
+    assert answer_line(task) == "  coder      llm-sample-1-0001: " + " ".join(text.split())[:100]
