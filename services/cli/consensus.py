@@ -20,6 +20,7 @@ from services.cli.common import (
     telling_retries,
     where,
 )
+from services.consensus import limits
 
 PROTOCOL_NAMES = ("quorum", "fast", "bft", "ordered")
 
@@ -102,6 +103,14 @@ def propose(
 
     if sum(bool(x) for x in (role, label, agent)) > 1:
         fail("give at most one of --role, --label, --agent", 2)
+    if not 0 <= timeout_s <= limits.MAX_TIMEOUT_S:  # also refuses nan
+        fail(
+            f"--timeout-s {timeout_s:g} is out of range: use 0 to {limits.MAX_TIMEOUT_S:g} (0: 30)",
+            2,
+        )
+    for flag, value in (("--quorum", quorum), ("--max-faulty", max_faulty)):
+        if not 0 <= value <= limits.MAX_VOTERS:
+            fail(f"{flag} {value} is out of range: use 0 to {limits.MAX_VOTERS:,}", 2)
     req = pb.ProposeRequest(
         proposal_id=proposal_id or "",
         topic=topic,
@@ -158,7 +167,10 @@ def decisions(
     from google.protobuf import json_format
 
     from services.consensus.client import ConsensusClient
+    from services.consensus.servicer import MAX_PAGE
 
+    if not 1 <= limit <= MAX_PAGE:
+        fail(f"--limit {limit} is out of range: use 1 to {MAX_PAGE}", 2)
     proto = _protocol(protocol) if protocol else 0
     at = where(etcd, cluster)
 

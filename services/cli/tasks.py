@@ -21,11 +21,15 @@ from services.cli.common import (
     mesh_client,
     parse_labels,
 )
+from services.coordinator import limits
 
 task_app = typer.Typer(no_args_is_help=True, help="One task: get or cancel.")
 
 
 TERMINAL_NAMES = {"SUCCEEDED", "CANCELLED", "DEAD_LETTER"}
+MAX_COUNT = 100_000
+"""`submit --count` at most: the CLI builds every copy in memory (about 1 KB each) and
+the leader holds every queued task; `agentmesh loadtest` is the tool for load."""
 
 
 async def submit_and_wait(client: Any, specs: list[Any], wait: bool) -> None:
@@ -126,11 +130,13 @@ def submit(
     kind: str = typer.Option(None, help="task kind (echo, sleep, noop, llm, fail)"),
     payload: str = typer.Option("", help="payload text (JSON for sleep/fail)"),
     priority: int = typer.Option(0, help="0 (lowest) to 9"),
-    count: int = typer.Option(1, help="submit this many copies"),
+    count: int = typer.Option(1, help=f"submit this many copies (1-{MAX_COUNT:,})"),
     task_id: str = typer.Option(None, help="client-chosen id (idempotent)"),
     role: str = typer.Option("", help="required agent role"),
     label: list[str] = typer.Option([], help="required agent label key=value (repeatable)"),
-    max_attempts: int = typer.Option(0, help="attempts before DEAD_LETTER (0: default 3)"),
+    max_attempts: int = typer.Option(
+        0, help=f"attempts before DEAD_LETTER, 0-{limits.MAX_ATTEMPTS_MAX} (0: default 3)"
+    ),
     file: Path = typer.Option(
         None, help="JSONL file, one TaskSpec per line (fields as in the proto)"
     ),
@@ -146,8 +152,14 @@ def submit(
 
     if not 0 <= priority <= 9:
         fail(f"--priority {priority} is out of range: use 0 (lowest) to 9", 2)
-    if count < 1:
-        fail("--count must be at least 1", 2)
+    if not 1 <= count <= MAX_COUNT:
+        fail(f"--count {count} is out of range: use 1 to {MAX_COUNT:,}", 2)
+    if not 0 <= max_attempts <= limits.MAX_ATTEMPTS_MAX:
+        fail(
+            f"--max-attempts {max_attempts} is out of range: use 0 (the default) to "
+            f"{limits.MAX_ATTEMPTS_MAX}",
+            2,
+        )
     specs: list[tpb.TaskSpec] = []
     if file is not None:
         if not file.exists():
@@ -218,7 +230,7 @@ def tasks(
     ),
     kind: str = typer.Option("", help="only this kind"),
     agent: str = typer.Option("", help="only tasks held by this agent"),
-    limit: int = typer.Option(50, help="rows to show (1-1000)"),
+    limit: int = typer.Option(50, help=f"rows to show (1-{limits.PAGE_SIZE_MAX})"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
     etcd: Etcd = None,
     coordinator: Coordinator = None,
@@ -229,6 +241,8 @@ def tasks(
 
     from protos.agentmesh.v1 import task_pb2 as tpb
 
+    if not 1 <= limit <= limits.PAGE_SIZE_MAX:
+        fail(f"--limit {limit} is out of range: use 1 to {limits.PAGE_SIZE_MAX}", 2)
     try:
         states = [tpb.TaskState.Value("TASK_STATE_" + s.upper()) for s in state]
     except ValueError:
