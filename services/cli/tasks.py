@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from services._common.latency import HOUR_US, LatencyRecorder
@@ -17,6 +18,7 @@ from services.cli.common import (
     Etcd,
     call,
     console,
+    err_console,
     fail,
     mesh_client,
     parse_labels,
@@ -190,6 +192,8 @@ def submit(
 
     async def go() -> None:
         async with mesh_client(etcd, coordinator, cluster) as client:
+            for line in unrunnable(specs, (await client.agents()).agents):
+                err_console.print(f"[yellow]note:[/yellow] {escape(line)}", soft_wrap=True)
             if wait:
                 for s in specs:
                     if not s.task_id:
@@ -208,6 +212,35 @@ def submit(
                         console.print(f"{r.task.task_id} {'created' if r.created else 'exists'}")
 
     call(go())
+
+
+def unrunnable(specs: list[Any], agents: Any) -> list[str]:
+    """A line for each kind (with its role and labels) that no connected agent runs: such
+    tasks stay QUEUED, without a word, until an agent that can run them connects."""
+    wanted: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = {}
+    for s in specs:
+        key = (s.kind, s.role, tuple(sorted(s.required_labels.items())))
+        wanted[key] = wanted.get(key, 0) + 1
+    lines = []
+    for (kind, role, labels), n in wanted.items():
+        if any(
+            kind in a.kinds
+            and (not role or role in a.roles)
+            and all(a.labels.get(k) == v for k, v in labels)
+            for a in agents
+        ):
+            continue
+        what = f"kind {kind!r}" + (f" with role {role!r}" if role else "")
+        what += "".join(f" and label {k}={v}" for k, v in labels)
+        lines.append(
+            f"no connected agent runs {what}: {n} task(s) stay QUEUED until one connects"
+            + (
+                " (an agent pool started with --kinds llm and ANTHROPIC_API_KEY)"
+                if kind == "llm"
+                else ""
+            )
+        )
+    return lines
 
 
 def _task_row(t: Any) -> list[str]:
