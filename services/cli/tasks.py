@@ -129,8 +129,8 @@ def summary(tasks: list[Any], wall_s: float) -> None:
 
 
 def submit(
-    kind: str = typer.Option(None, help="task kind (echo, sleep, noop, llm, fail)"),
-    payload: str = typer.Option("", help="payload text (JSON for sleep/fail)"),
+    kind: str = typer.Option(None, help="task kind (echo, sleep, noop, llm, fail, propose)"),
+    payload: str = typer.Option("", help="payload text (JSON for sleep, fail, propose, llm)"),
     priority: int = typer.Option(0, help="0 (lowest) to 9"),
     count: int = typer.Option(1, help=f"submit this many copies (1-{MAX_COUNT:,})"),
     task_id: str = typer.Option(None, help="client-chosen id (idempotent)"),
