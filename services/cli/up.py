@@ -10,6 +10,7 @@ import typer
 
 from services.agent_pool.config import PoolConfig
 from services.cli.common import call, console, fail, run
+from services.cli.serve import check_coordinator, check_pool
 from services.cli.tasks import submit_and_wait
 from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
@@ -61,6 +62,8 @@ def up(
 
     if executor not in EXECUTORS:
         fail(f"--executor {executor!r}: use one of {', '.join(EXECUTORS)}", 2)
+    if backlog < 0:
+        fail(f"--backlog {backlog} is negative: use 0 (none) or more", 2)
     off = llm_off_line()
     if off is not None:
         # one line, whatever was asked: the demo works without a key, on simulated work
@@ -70,11 +73,22 @@ def up(
     llm_specs = _llm_backlog(backlog, yes) if executor == "llm" and backlog else []
 
     if agents < 1 or pools < 1 or coordinators < 1 or health_monitors < 0 or consensus < 0:
-        fail("--agents, --pools and --coordinators must be at least 1", 2)
+        fail(
+            "--agents, --pools and --coordinators must be at least 1, "
+            "--health-monitors and --consensus at least 0",
+            2,
+        )
     if pools > agents:
         fail(f"--pools {pools} is more than --agents {agents}", 2)
     if problem := limits.agents_per_pool_problem(agents, pools):
         fail(problem, 2)
+    try:
+        # the checks `serve` makes, so a bad value stops `up` before anything starts
+        # rather than as 'pool-1 exited during start'
+        check_pool(PoolConfig(capacity=capacity, sleep_ms=sleep_ms))
+        check_coordinator(CoordinatorConfig(strategy=strategy))
+    except ValueError as err:
+        fail(str(err), 2)
     try:
         find_etcd_binary()
     except EtcdNotFoundError as err:
@@ -86,6 +100,13 @@ def up(
         *((p, "--port") for p in range(port, port + coordinators)),
         *((p, "--consensus-port") for p in range(consensus_port, consensus_port + consensus)),
     ]
+    for p, flag in wanted:
+        if not 1 <= p <= 65535:
+            fail(f"{flag}: port {p} is out of range 1-65535", 2)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(f"--data-dir {data_dir} cannot be created: {err.strerror or err}", 2)
     for p, flag in wanted:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", p)) == 0:

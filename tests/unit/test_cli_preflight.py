@@ -52,3 +52,40 @@ def test_more_agents_than_the_pools_can_start_is_a_usage_error(
 def test_agents_per_pool_at_the_limit_are_fine() -> None:
     assert limits.agents_per_pool_problem(20_000, 2) == ""
     assert limits.agents_per_pool_problem(20_001, 2).endswith("use --pools 3 or more")
+
+
+class NoCluster:
+    """Stands in for LocalCluster: reaching it means `up` got as far as starting."""
+
+    def __init__(self, spec: object) -> None:
+        raise RuntimeError("up started a cluster")
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--capacity", "0"], "--capacity must be 1-1000"),
+        (["--sleep-ms", "bogus"], "latency 'bogus' must be fixed:MS"),
+        (["--strategy", "bogus"], "--strategy 'bogus' is unknown"),
+        (["--backlog", "-1"], "--backlog -1 is negative"),
+        (["--etcd-port", "70000"], "--etcd-port: port 70000 is out of range 1-65535"),
+        (["--port", "-5"], "--port: port -5 is out of range 1-65535"),
+        (["--health-monitors", "-1"], "--health-monitors and --consensus at least 0"),
+        (["--data-dir", "/proc/agentmesh"], "--data-dir /proc/agentmesh cannot be created"),
+    ],
+)
+def test_up_refuses_a_bad_value_before_it_starts_anything(
+    args: list[str], said: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """These started etcd and every process and then said 'pool-1 exited during start;
+    see <logs>' (exit 1), ran an empty backlog (exit 0), or ended in a traceback
+    (OverflowError for a port, FileNotFoundError for a data dir)."""
+    from services import cluster
+
+    monkeypatch.setattr(etcd_server, "find_etcd_binary", lambda: "/usr/bin/etcd")
+    monkeypatch.setattr(cluster, "LocalCluster", NoCluster)
+    ports = [(f, str(free_port())) for f in ("--etcd-port", "--port", "--consensus-port")]
+    base = ["up", "--agents", "2", "--pools", "1", "--data-dir", str(tmp_path), "--exit"]
+    result = CliRunner().invoke(cli.app, [*base, *(x for kv in ports for x in kv), *args])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert said in " ".join(result.output.split()), result.output
