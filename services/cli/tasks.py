@@ -43,61 +43,75 @@ async def submit_and_wait(client: Any, specs: list[Any], wait: bool) -> None:
     pending = set()
     terminal: dict[str, Any] = {}
     events = client.watch_events() if wait else None
-    first_event = asyncio.ensure_future(events.__anext__()) if events is not None else None
+    nxt = asyncio.ensure_future(events.__anext__()) if events is not None else None
     t0 = time.monotonic()
     created = 0
-    for i in range(0, len(specs), 500):
-        resp = await client.submit_batch(specs[i : i + 500])
-        for r in resp.results:
-            created += r.created
-            if r.task.state in (
-                tpb.TASK_STATE_SUCCEEDED,
-                tpb.TASK_STATE_CANCELLED,
-                tpb.TASK_STATE_DEAD_LETTER,
-            ):
-                terminal[r.task.task_id] = r.task
-            else:
-                pending.add(r.task.task_id)
-    submitted_s = time.monotonic() - t0
-    console.print(f"submitted {len(specs)} tasks ({created} new) in {submitted_s:.2f} s")
-    if not wait or events is None or first_event is None:
-        if first_event is not None:
-            first_event.cancel()
-        return
-    with Progress(
-        TextColumn("[bold]tasks"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        job = bar.add_task("tasks", total=len(ids), completed=len(terminal))
-        last_poll = time.monotonic()
-        nxt: asyncio.Future[Any] = first_event
-        while pending:
-            done, _ = await asyncio.wait({nxt}, timeout=1.0)
-            if done:
-                event = nxt.result()
-                nxt = asyncio.ensure_future(events.__anext__())
-                t = event.task
-                if (
-                    t.task_id in pending
-                    and tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") in TERMINAL_NAMES
+    try:
+        for i in range(0, len(specs), 500):
+            resp = await client.submit_batch(specs[i : i + 500])
+            for r in resp.results:
+                created += r.created
+                if r.task.state in (
+                    tpb.TASK_STATE_SUCCEEDED,
+                    tpb.TASK_STATE_CANCELLED,
+                    tpb.TASK_STATE_DEAD_LETTER,
                 ):
-                    pending.discard(t.task_id)
-                    terminal[t.task_id] = t
+                    terminal[r.task.task_id] = r.task
+                else:
+                    pending.add(r.task.task_id)
+        submitted_s = time.monotonic() - t0
+        console.print(f"submitted {len(specs)} tasks ({created} new) in {submitted_s:.2f} s")
+        if events is None or nxt is None:
+            return
+        with Progress(
+            TextColumn("[bold]tasks"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            job = bar.add_task("tasks", total=len(ids), completed=len(terminal))
+            last_poll = time.monotonic()
+            while pending:
+                done, _ = await asyncio.wait({nxt}, timeout=1.0)
+                if done:
+                    event = nxt.result()
+                    nxt = asyncio.ensure_future(events.__anext__())
+                    t = event.task
+                    if (
+                        t.task_id in pending
+                        and tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_")
+                        in TERMINAL_NAMES
+                    ):
+                        pending.discard(t.task_id)
+                        terminal[t.task_id] = t
+                        bar.update(job, completed=len(terminal))
+                # a missed event (failover) must not hang the wait
+                if time.monotonic() - last_poll > 5:
+                    last_poll = time.monotonic()
+                    for task_id in list(pending)[:200]:
+                        t = await client.get(task_id)
+                        if (
+                            tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_")
+                            in TERMINAL_NAMES
+                        ):
+                            pending.discard(task_id)
+                            terminal[task_id] = t
                     bar.update(job, completed=len(terminal))
-            if time.monotonic() - last_poll > 5:  # a missed event (failover) must not hang the wait
-                last_poll = time.monotonic()
-                for task_id in list(pending)[:200]:
-                    t = await client.get(task_id)
-                    if tpb.TaskState.Name(t.state).removeprefix("TASK_STATE_") in TERMINAL_NAMES:
-                        pending.discard(task_id)
-                        terminal[task_id] = t
-                bar.update(job, completed=len(terminal))
-        nxt.cancel()
+    finally:
+        if nxt is not None:
+            _drop(nxt)
     wall = time.monotonic() - t0
     summary(list(terminal.values()), wall)
+
+
+def _drop(read: asyncio.Future[Any]) -> None:
+    """Stop a pending read of the events stream. A read that already failed has its error
+    taken: the command reports the error that ended the wait, and asyncio would print
+    this one afterwards with a traceback ('Task exception was never retrieved')."""
+    read.cancel()
+    if read.done() and not read.cancelled():
+        read.exception()
 
 
 def summary(tasks: list[Any], wall_s: float) -> None:

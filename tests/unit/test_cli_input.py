@@ -3,6 +3,13 @@ before they connect: no traceback, no 15 s of retries, no memory filled first.""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import itertools
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
+import grpc
 import pytest
 from typer.testing import CliRunner
 
@@ -116,3 +123,55 @@ def test_submit_says_when_no_connected_agent_can_run_the_tasks(
     assert mesh.submitted, "the tasks are still submitted"
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert notes == ([note] if note else []), result.output
+
+
+def unavailable() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        "etcd at 127.0.0.1:1 does not answer; is the cluster running?",
+    )
+
+
+class StoppedMesh:
+    """A cluster stopped while `submit --wait` waits: the events stream and the poll that
+    backs it up both fail, the stream's read first."""
+
+    def __init__(self) -> None:
+        self.polled = asyncio.Event()
+
+    async def watch_events(self) -> AsyncIterator[tpb.TaskEvent]:
+        await self.polled.wait()
+        raise unavailable()
+        yield tpb.TaskEvent()  # an async generator, like MeshClient's
+
+    async def submit_batch(self, specs: list[tpb.TaskSpec]) -> cpb.SubmitBatchResponse:
+        return cpb.SubmitBatchResponse(
+            results=[
+                cpb.SubmitResponse(
+                    task=tpb.Task(task_id=s.task_id, state=tpb.TASK_STATE_QUEUED), created=True
+                )
+                for s in specs
+            ]
+        )
+
+    async def get(self, task_id: str) -> tpb.Task:
+        self.polled.set()
+        await asyncio.sleep(0.05)  # the stream's read fails meanwhile
+        raise unavailable()
+
+
+def test_a_wait_cut_short_by_a_stopped_cluster_prints_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`submit --wait` while the cluster stopped said 'error: UNAVAILABLE: etcd ... does
+    not answer' (exit 1) and then 'Task exception was never retrieved' with a traceback:
+    the events stream's pending read had failed too, and nobody took its error."""
+    ticks = itertools.count(step=10.0)  # every poll of the wait is due at once
+    monkeypatch.setattr(cli_tasks, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    specs = [tpb.TaskSpec(task_id=f"t-{i}", kind="sleep") for i in range(3)]
+    with pytest.raises(grpc.aio.AioRpcError):
+        asyncio.run(cli_tasks.submit_and_wait(StoppedMesh(), specs, wait=True))
+    gc.collect()  # where an unretrieved task error is reported
+    assert "exception was never retrieved" not in caplog.text, caplog.text
