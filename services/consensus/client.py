@@ -154,18 +154,25 @@ class ConsensusClient(Closing):
         self, protocol: int = 0, after_revision: int = 0
     ) -> AsyncIterator[pb.Decision]:
         """Every decision after `after_revision` (0: from now), in etcd revision order,
-        resuming after the last one seen across reconnects: nothing is missed."""
+        resuming after the last one seen across reconnects: nothing is missed. Gives up
+        (the last UNAVAILABLE) once no instance has answered for `retry_s`."""
+        loop = asyncio.get_running_loop()
         after = after_revision
         backoff = 0.05
+        failing_since: float | None = None
+        told = False
         while True:
+            opened: float | None = None
             try:
                 stub = await self._stub_now()
+                opened = loop.time()
                 call = stub.WatchDecisions(
                     pb.WatchDecisionsRequest(protocol=protocol, after_revision=after)  # type: ignore[arg-type]
                 )
                 try:
                     async for decision in call:
                         backoff = 0.05
+                        failing_since = None
                         after = decision.revision
                         yield decision
                 finally:
@@ -174,6 +181,15 @@ class ConsensusClient(Closing):
             except grpc.aio.AioRpcError as err:
                 if err.code() not in RETRY_CODES:
                     raise
+                now = loop.time()
+                # a stream that stayed open for retry_s was being answered: a new outage
+                if failing_since is None or (opened is not None and now - opened >= self.retry_s):
+                    failing_since, told = now, False
+                if now - failing_since >= self.retry_s:
+                    raise
                 self._follow(err)
+                if self.on_retry is not None and not told:
+                    told = True
+                    self.on_retry(f"{err.code().name}: {err.details()}")
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, 1.0)

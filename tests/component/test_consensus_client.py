@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from protos.agentmesh.v1 import consensus_pb2 as pb
-from registry.etcd_server import EtcdServer
+from registry.etcd_server import EtcdServer, free_port
 from services.consensus.client import ConsensusClient
 from tests.component.test_consensus_grpc import active_of, instances
 
@@ -33,3 +33,19 @@ async def test_a_timeout_the_service_refuses_is_an_answer_not_a_retry_loop(
                 await client.propose(request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     assert "timeout_s must be 0 (default) to 3600 seconds" in (err.value.details() or "")
+
+
+@pytest.mark.timeout(30)
+async def test_a_watch_with_no_instance_to_reach_gives_up_after_retry_s() -> None:
+    """`agentmesh decisions --watch` went on silently for ever once the cluster was
+    stopped: the watch retried without a deadline and without a word."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    told: list[str] = []
+    async with ConsensusClient(endpoint, retry_s=0.5) as client:
+        client.on_retry = told.append
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in client.watch_decisions():
+                pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"etcd at {endpoint} does not answer" in (err.value.details() or "")
+    assert len(told) == 1, told
