@@ -180,13 +180,19 @@ def submit(
     if file is not None:
         if not file.exists():
             fail(f"{file} does not exist", 2)
-        for n, line in enumerate(file.read_text().splitlines(), start=1):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            fail(f"--file {file} cannot be read: {getattr(err, 'strerror', None) or err}", 2)
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 specs.append(json_format.Parse(line, tpb.TaskSpec()))
             except json_format.ParseError as err:
                 fail(f"{file}:{n}: not a TaskSpec: {err}", 2)
+        if not specs:
+            fail(f"--file {file} holds no TaskSpec (one JSON object a line)", 2)
     else:
         if not kind:
             fail("give --kind (or --file)", 2)

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import itertools
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -175,3 +176,30 @@ def test_a_wait_cut_short_by_a_stopped_cluster_prints_no_traceback(
         asyncio.run(cli_tasks.submit_and_wait(StoppedMesh(), specs, wait=True))
     gc.collect()  # where an unretrieved task error is reported
     assert "exception was never retrieved" not in caplog.text, caplog.text
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (None, "cannot be read: Is a directory"),
+        (b"", "holds no TaskSpec"),
+        (b"\n  \n", "holds no TaskSpec"),
+        (b"\xff\xfe{}\n", "cannot be read: 'utf-8' codec can't decode"),
+    ],
+)
+def test_a_file_with_no_tasks_in_it_is_a_usage_error(
+    content: bytes | None, said: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`submit --file DIR` and a file that is not UTF-8 ended in a traceback
+    (IsADirectoryError, UnicodeDecodeError); an empty file submitted nothing, said
+    nothing and exited 0."""
+    monkeypatch.setattr(cli_common, "CLIENT_RETRY_S", 0.3)
+    path = tmp_path
+    if content is not None:
+        path = tmp_path / "tasks.jsonl"
+        path.write_bytes(content)
+    args = ["submit", "--file", str(path), "--etcd", f"127.0.0.1:{free_port()}"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert said in " ".join(result.output.split()), result.output
