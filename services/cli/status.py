@@ -43,7 +43,16 @@ def status(
     if not 0 <= watch_s <= 3600 or not 0.1 <= refresh_s <= 60:
         fail("--watch-s must be 0-3600 and --refresh-s 0.1-60", 2)
     if as_json:
-        print(_observe(etcd, coordinator, cluster, group_by, "json", watch_s, refresh_s))
+        import json
+
+        out = _observe(etcd, coordinator, cluster, group_by, "json", watch_s, refresh_s)
+        print(out)
+        source = json.loads(out)["source"]
+        if not source["last_ok_us"]:  # not one reading succeeded: the cluster is not there
+            errors: dict[str, dict[str, str]] = source["errors"]
+            why = errors["status"]["message"] if "status" in errors else ""
+            why = why or "; ".join(e.get("message", "") for e in errors.values())
+            fail(f"nothing could be read: {why}")
     elif once or not console.is_terminal:
         _status_once(etcd, coordinator, cluster)
     else:

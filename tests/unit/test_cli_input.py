@@ -203,3 +203,15 @@ def test_a_file_with_no_tasks_in_it_is_a_usage_error(
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 2, (result.output, result.exception)
     assert said in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.timeout(60)
+def test_status_json_of_a_cluster_that_is_not_there_exits_1() -> None:
+    """`status --once` exits 1 when etcd does not answer; `status --json` printed a
+    snapshot of errors and exited 0, so a script could not tell."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(cli.app, ["status", "--json", "--etcd", endpoint])
+    assert result.exit_code == 1, (result.output, result.exception)
+    said = " ".join(result.output.split())
+    assert f"error: nothing could be read: UNAVAILABLE: etcd at {endpoint} does not answer" in said
+    assert '"errors": {' in result.output  # the snapshot is still printed
