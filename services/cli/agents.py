@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from services.cli.common import Cluster, Coordinator, Etcd, call, console, mesh_client
+from services.cli.common import Cluster, Coordinator, Etcd, call, console, id_column, mesh_client
 
 
 def agents(
@@ -22,8 +22,8 @@ def agents(
 
     resp = call(go())
     table = Table(title=f"{len(resp.agents)} agents")
+    id_column(table, "agent", (a.agent_id for a in resp.agents))
     for col in (
-        "agent",
         "pool",
         "kinds",
         "roles",
@@ -37,8 +37,8 @@ def agents(
         table.add_row(
             a.agent_id,
             a.pool_id,
-            ",".join(a.kinds),
-            ",".join(a.roles),
+            ", ".join(a.kinds),
+            ", ".join(a.roles),
             f"{a.inflight}/{a.capacity}",
             str(a.completed),
             str(a.failed),

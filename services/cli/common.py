@@ -5,7 +5,7 @@ coroutine, and where the cluster is (--etcd and --cluster, generated from
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Annotated, Any, NoReturn, Protocol, TypeVar
 
 import typer
@@ -35,6 +35,13 @@ Coordinator = Annotated[
 def fail(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
+
+
+def id_column(table: Any, name: str, ids: Iterable[str]) -> None:
+    """A table's id column, never cut to '…': rich shrinks a table to the terminal (80
+    columns in a pipe), and a cut id is one the next command (`task get`) cannot use."""
+    width = max((len(i) for i in ids), default=0)
+    table.add_column(name, no_wrap=True, min_width=max(width, len(name)))
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from services.cli.common import (
     call,
     console,
     fail,
+    id_column,
     parse_labels,
     telling_retries,
     where,
@@ -58,8 +59,8 @@ def _decision_row(d: Any) -> list[str]:
 
 def _decision_table(decisions: list[Any], title: str = "") -> Table:
     table = Table(title=title or None)
+    id_column(table, "proposal", (d.proposal_id for d in decisions))
     for col in (
-        "proposal",
         "protocol",
         "outcome",
         "round",

@@ -7,7 +7,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from services.cli.common import Cluster, Etcd, call, console, fail, where
+from services.cli.common import Cluster, Etcd, call, console, fail, id_column, where
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -83,8 +83,8 @@ def health_agents(
             print(json_format.MessageToJson(a, indent=None))
         return
     table = Table(title=f"{len(agents)} agents")
+    id_column(table, "agent", (a.agent_id for a in agents))
     for col in (
-        "agent",
         "pool",
         "state",
         "breaker",

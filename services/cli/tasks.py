@@ -20,6 +20,7 @@ from services.cli.common import (
     console,
     err_console,
     fail,
+    id_column,
     mesh_client,
     parse_labels,
 )
@@ -314,7 +315,8 @@ def tasks(
             print(json_format.MessageToJson(t, indent=None))
         return
     table = Table()
-    for col in ("id", "kind", "state", "prio", "attempts", "agent", "last error"):
+    id_column(table, "id", (t.task_id for t in resp.tasks))
+    for col in ("kind", "state", "prio", "attempts", "agent", "last error"):
         table.add_column(col)
     for t in resp.tasks:
         table.add_row(*_task_row(t))

@@ -215,3 +215,34 @@ def test_status_json_of_a_cluster_that_is_not_there_exits_1() -> None:
     said = " ".join(result.output.split())
     assert f"error: nothing could be read: UNAVAILABLE: etcd at {endpoint} does not answer" in said
     assert '"errors": {' in result.output  # the snapshot is still printed
+
+
+def test_ids_in_tables_are_never_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a pipe (80 columns) or a narrow terminal rich shrank `agentmesh tasks` and
+    `agentmesh agents` by cutting every column, ids included: 'k-110330a…' and
+    'pool-1-…' are ids no next command (`task get`) can use."""
+    from services.cli import agents as cli_agents
+
+    task_id = "k-110330a1b2c3d4e5f60718293a4b5c6d"
+    listed = cpb.ListTasksResponse(
+        tasks=[
+            tpb.Task(
+                task_id=task_id,
+                spec=tpb.TaskSpec(kind="sleep"),
+                state=tpb.TASK_STATE_DEAD_LETTER,
+                agent_id="pool-1-a0001",
+                last_error="sleep payload must be JSON like {'ms': 50}",
+            )
+        ]
+    )
+    monkeypatch.setattr(cli_tasks, "call", lambda coro: coro.close() or listed)
+    out = CliRunner().invoke(cli.app, ["tasks"]).output
+    assert task_id in out, out
+
+    agent = cpb.AgentStatus(
+        agent_id="pool-12-a0001", pool_id="pool-12", kinds=["echo", "fail", "noop", "sleep"]
+    )
+    connected = cpb.ListAgentsResponse(agents=[agent] * 2)
+    monkeypatch.setattr(cli_agents, "call", lambda coro: coro.close() or connected)
+    out = CliRunner().invoke(cli.app, ["agents"]).output
+    assert "pool-12-a0001" in out, out
