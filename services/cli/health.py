@@ -33,6 +33,8 @@ def health_check(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if not 0 < timeout_s <= 3600:  # also refuses nan
+        fail(f"--timeout-s {timeout_s:g} is out of range: use more than 0, at most 3600", 2)
     try:
         with grpc.insecure_channel(target) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -246,3 +247,16 @@ def test_ids_in_tables_are_never_cut(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli_agents, "call", lambda coro: coro.close() or connected)
     out = CliRunner().invoke(cli.app, ["agents"]).output
     assert "pool-12-a0001" in out, out
+
+
+@pytest.mark.parametrize("timeout_s", ["-1", "nan", "0"])
+def test_health_check_refuses_a_deadline_it_cannot_keep(timeout_s: str) -> None:
+    """`health check HOST:PORT --timeout-s -1` (or nan, or 0) said 'DEADLINE_EXCEEDED' as
+    if the service had not answered (with 0 a live one sometimes answered SERVING)."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()  # accepts, never answers
+        target = f"127.0.0.1:{listening.getsockname()[1]}"
+        result = CliRunner().invoke(cli.app, ["health", "check", target, "--timeout-s", timeout_s])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert f"--timeout-s {timeout_s} is out of range" in result.output
