@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -182,8 +183,8 @@ class ConsensusCore:
         self._timers: list[tuple[int, int, str, str]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._creating: dict[str, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._creating: dict[str, asyncio.Future[Any]] = {}
         self.closed = False
 
     # ---- lifecycle ----
@@ -344,7 +345,7 @@ class ConsensusCore:
         await self.loaded.wait()
         pid = req.proposal_id or f"p-{self.clock.wall_us():x}-{secrets.token_hex(4)}"
         while pid in self._creating:  # the same id being created by a concurrent call
-            await asyncio.shield(self._creating[pid])
+            await asyncio.wait({self._creating[pid]})
         existing = self.open.get(pid)
         if existing is not None:
             if not same_content(existing.proposal, req):
@@ -360,23 +361,47 @@ class ConsensusCore:
                 f"{len(self.open)} proposals are open (the limit); retry when some are decided"
             )
         proposal = self._new_proposal(pid, req)
-        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._creating[pid] = marker
+        # The core's own task, not the caller's: a create that has gone out is
+        # settled and its proposal adopted even if the caller goes away meanwhile (a
+        # client's deadline cancels the handler); otherwise the proposal would sit
+        # open in etcd with no timer and no vote request until the next failover.
+        task = asyncio.ensure_future(self._create(proposal, req))
+        self._creating[pid] = task
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._created, pid))
         try:
-            stored, decision, created = await self.store.create_proposal(proposal)
-            if not created and not same_content(stored, req):
-                raise AlreadyExistsError(f"proposal {pid} exists with other content")
-            if decision is not None:
-                return stored, decision, False, None
-            p = self.open.get(pid)
-            if p is None:
-                # created now, or open in etcd from before and not yet here
-                records = [] if created else await self.store.votes_of(pid)
-                p = self._adopt(stored, records)
-            return stored, None, created, p.done
-        finally:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                # the term ended under the create, not the caller
+                raise NotLeaderError(
+                    "the consensus term ended; retry on the active instance (same id)"
+                ) from None
+            raise
+
+    async def _create(
+        self, proposal: pb.Proposal, req: pb.ProposeRequest
+    ) -> tuple[pb.Proposal, pb.Decision | None, bool, asyncio.Future[pb.Decision] | None]:
+        pid = proposal.proposal_id
+        stored, decision, created = await self.store.create_proposal(proposal)
+        if not created and not same_content(stored, req):
+            raise AlreadyExistsError(f"proposal {pid} exists with other content")
+        if decision is not None:
+            return stored, decision, False, None
+        p = self.open.get(pid)
+        if p is None:
+            # created now, or open in etcd from before and not yet here
+            records = [] if created else await self.store.votes_of(pid)
+            p = self._adopt(stored, records)
+        return stored, None, created, p.done
+
+    def _created(self, pid: str, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if self._creating.get(pid) is task:
             del self._creating[pid]
-            marker.set_result(None)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller may be gone
 
     def _new_proposal(self, pid: str, req: pb.ProposeRequest) -> pb.Proposal:
         protocol = req.protocol or pb.PROTOCOL_QUORUM

@@ -108,6 +108,19 @@ async def call(endpoint: str, method: str, request: Any) -> Any:
         return await getattr(pb_grpc.ConsensusStub(channel), method)(request, timeout=HANG_S)
 
 
+async def decision_of(endpoint: str, proposal_id: str) -> pb.Decision | None:
+    """The decision, or None while there is none (NOT_FOUND)."""
+    try:
+        got: pb.Decision = await call(
+            endpoint, "GetDecision", pb.GetDecisionRequest(proposal_id=proposal_id)
+        )
+    except grpc.aio.AioRpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return None
+    return got
+
+
 async def test_active_instance_decides_and_the_standby_points_to_it(
     etcd_server: EtcdServer,
 ) -> None:
@@ -213,3 +226,46 @@ async def test_participate_needs_a_valid_hello_first(
                 async for _ in stream:
                     pass
             assert info.value.code() == code
+
+
+async def test_a_propose_whose_caller_leaves_during_the_create_is_still_decided(
+    etcd_server: EtcdServer,
+) -> None:
+    """The create reaches etcd, its reply is slow, and the caller's deadline fires
+    meanwhile: the proposal it opened must still be asked, decided and closed."""
+    async with instances(etcd_server.endpoint, 1) as nodes:
+        active = await active_of(nodes)
+        core = active.servicer.core
+        assert core is not None
+        ep = active.runner.endpoint
+        etcd = Etcd(etcd_server.endpoint, prefix=active.runner.etcd.prefix.decode())
+        voter = StubVoter(ep, "g0", etcd, pb.CHOICE_APPROVE)
+        fenced = core.store._fenced  # type: ignore[attr-defined]
+        slowed = asyncio.Event()
+
+        async def slow_reply(request: Any) -> Any:
+            resp = await fenced(request)  # applied in etcd ...
+            if not slowed.is_set():
+                slowed.set()
+                await asyncio.sleep(1.0)  # ... and the answer comes late
+            return resp
+
+        try:
+            await voter.start()
+            core.store._fenced = slow_reply  # type: ignore[attr-defined]
+            async with grpc.aio.insecure_channel(ep) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await pb_grpc.ConsensusStub(channel).Propose(
+                        pb.ProposeRequest(proposal_id="gone", topic="t", timeout_s=60),
+                        timeout=0.3,
+                    )
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert slowed.is_set(), "the create was sent before the caller left"
+            async with asyncio.timeout(HANG_S):
+                while (got := await decision_of(ep, "gone")) is None:
+                    await asyncio.sleep(0.05)
+            assert got.outcome == pb.OUTCOME_APPROVED
+            assert core.status().open_proposals == 0
+        finally:
+            await voter.close()
+            await etcd.close()

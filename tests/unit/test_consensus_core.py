@@ -536,6 +536,39 @@ async def test_a_deposed_core_stops_and_fails_its_waiters(world: World) -> None:
     assert all(a.closed for a in agents)
 
 
+class SlowCreateStore(MemoryConsensusStore):
+    """Applies a create at once and answers it only when `answer` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+        self.applied = asyncio.Event()
+
+    async def create_proposal(
+        self, proposal: pb.Proposal
+    ) -> tuple[pb.Proposal, pb.Decision | None, bool]:
+        got = await super().create_proposal(proposal)
+        self.applied.set()
+        await self.answer.wait()
+        return got
+
+
+async def test_a_create_still_being_answered_when_the_term_ends_fails_its_caller() -> None:
+    w = World(SlowCreateStore())
+    await w.start()
+    try:
+        await w.connect(1)
+        caller = asyncio.ensure_future(
+            w.core.propose(pb.ProposeRequest(proposal_id="p1", topic="t"))
+        )
+        await asyncio.wait_for(w.store.applied.wait(), 1)  # type: ignore[attr-defined]
+        await w.core.close()
+        with pytest.raises(NotLeaderError, match="term ended"):
+            await asyncio.wait_for(caller, 1)
+    finally:
+        await w.stop()
+
+
 # ---- group commit of votes ----
 
 
