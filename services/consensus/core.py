@@ -217,6 +217,7 @@ class ConsensusCore:
         """End the term: close every stream, fail every waiter (its client retries on
         the next active instance, which finishes the proposal)."""
         self.closed = True
+        self.loaded.set()  # wakes the calls waiting for a load that will not finish
         for voter in tuple(self.voters.values()):
             voter.send(None)
         self.voters.clear()
@@ -230,6 +231,16 @@ class ConsensusCore:
                     NotLeaderError("the consensus term ended; the next active instance decides")
                 )
                 p.done.exception()  # retrieved: a waiter may be gone
+
+    async def _ready(self) -> None:
+        """Wait for the open proposals to be loaded; NotLeaderError if the term ended
+        first (a load that failed never finishes: the caller retries on the next term)."""
+        await self.loaded.wait()
+        if self.closed:
+            raise self._ended()
+
+    def _ended(self) -> NotLeaderError:
+        return NotLeaderError("the consensus term ended; retry on the active instance")
 
     def _fail(self, err: BaseException) -> None:
         if self.failed is None:
@@ -262,8 +273,10 @@ class ConsensusCore:
     async def connect(self, hello: pb.VoterHello, send: Send) -> Voter:
         """An agent's Participate stream said hello; it gets the open requests it owes."""
         limits.check_hello(hello)
-        await self.loaded.wait()
+        await self._ready()
         raw = await self.store.public_key(hello.agent_id)
+        if self.closed:  # ended during the read: close() no longer ends this stream
+            raise self._ended()
         voter = Voter(
             hello.agent_id,
             hello.pool_id,
@@ -342,7 +355,7 @@ class ConsensusCore:
         Returns (proposal, decision if already decided, created, a future of the
         decision while it is open)."""
         limits.check_propose(req)
-        await self.loaded.wait()
+        await self._ready()
         pid = req.proposal_id or f"p-{self.clock.wall_us():x}-{secrets.token_hex(4)}"
         while pid in self._creating:  # the same id being created by a concurrent call
             await asyncio.wait({self._creating[pid]})
@@ -361,6 +374,8 @@ class ConsensusCore:
                 f"{len(self.open)} proposals are open (the limit); retry when some are decided"
             )
         proposal = self._new_proposal(pid, req)
+        if self.closed:  # ended during a read above: close() has cancelled its tasks
+            raise self._ended()
         # The core's own task, not the caller's: a create that has gone out is
         # settled and its proposal adopted even if the caller goes away meanwhile (a
         # client's deadline cancels the handler); otherwise the proposal would sit
@@ -375,9 +390,7 @@ class ConsensusCore:
             current = asyncio.current_task()
             if task.cancelled() and not (current is not None and current.cancelling()):
                 # the term ended under the create, not the caller
-                raise NotLeaderError(
-                    "the consensus term ended; retry on the active instance (same id)"
-                ) from None
+                raise self._ended() from None
             raise
 
     async def _create(

@@ -16,12 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.agentmesh.v1 import consensus_pb2 as pb
 from protos.agentmesh.v1 import consensus_pb2_grpc as pb_grpc
+from registry.errors import StoreUnavailableError
 from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
 from services._common.errors import LEADER_METADATA_KEY
 from services.consensus import signing
 from services.consensus.config import ConsensusConfig
 from services.consensus.server import SERVICE, ConsensusNode
+from services.consensus.store import ConsensusStore
 
 HANG_S = 10.0
 
@@ -269,3 +271,53 @@ async def test_a_propose_whose_caller_leaves_during_the_create_is_still_decided(
         finally:
             await voter.close()
             await etcd.close()
+
+
+async def end_of(stream: Any) -> grpc.StatusCode:
+    """Read a stream to its end; its status."""
+    try:
+        async for _ in stream:
+            pass
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+async def test_streams_and_proposals_that_wait_for_a_load_that_fails_are_told_to_retry(
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new active instance's load of the open proposals fails (etcd went away
+    meanwhile): an agent that said hello and a Propose that came during the load
+    are answered UNAVAILABLE, so they retry on the next term, instead of hanging."""
+    loading = asyncio.Event()
+    fail_now = asyncio.Event()
+    load_open = ConsensusStore.load_open
+    failed = 0
+
+    async def failing_once(self: ConsensusStore) -> Any:
+        nonlocal failed
+        if not failed:
+            failed += 1
+            loading.set()
+            await fail_now.wait()
+            raise StoreUnavailableError("etcd is unreachable (injected)")
+        return await load_open(self)
+
+    monkeypatch.setattr(ConsensusStore, "load_open", failing_once)
+    async with instances(etcd_server.endpoint, 1) as nodes:
+        await asyncio.wait_for(loading.wait(), HANG_S)
+        ep = nodes[0].runner.endpoint
+        async with grpc.aio.insecure_channel(ep) as channel:
+            stub = pb_grpc.ConsensusStub(channel)
+            stream = stub.Participate()
+            await stream.write(pb.VoterMessage(hello=pb.VoterHello(agent_id="early")))
+            propose = asyncio.ensure_future(
+                stub.Propose(pb.ProposeRequest(proposal_id="early", topic="t"), timeout=HANG_S)
+            )
+            await asyncio.sleep(0.2)  # both are in, waiting for the load
+            fail_now.set()
+            assert await asyncio.wait_for(end_of(stream), HANG_S) == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await propose
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            stream.cancel()
