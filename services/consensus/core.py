@@ -32,6 +32,7 @@ from services._common.errors import (
     InvalidArgumentError,
     NotLeaderError,
     ResourceExhaustedError,
+    StoreUnavailableError,
 )
 from services.consensus import limits, rules, signing
 from services.consensus.config import ConsensusConfig
@@ -699,8 +700,13 @@ class ConsensusCore:
         known = False
         with contextlib.suppress(InvalidArgumentError):
             limits.check_id(pid, "proposal_id")
-            # decided by an earlier term: a late vote, not a fault
-            known = await self.store.get_proposal(pid) is not None
+            try:
+                # decided by an earlier term: a late vote, not a fault
+                known = await self.store.get_proposal(pid) is not None
+            except StoreUnavailableError:
+                # etcd is away: a late vote cannot be told from a fault, and the vote
+                # counts nowhere either way; not a reason to end the term
+                return
         if not known:
             exclusion = self._exclusion(
                 voter.agent_id, vote, pb.FAULT_UNKNOWN_PROPOSAL, "no such proposal"

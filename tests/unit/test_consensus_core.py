@@ -18,6 +18,7 @@ from services._common.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotLeaderError,
+    StoreUnavailableError,
 )
 from services.consensus import signing
 from services.consensus.config import ConsensusConfig
@@ -444,6 +445,26 @@ async def test_votes_on_unknown_proposals_are_reported(world: World) -> None:
         (agent.agent_id, pb.FAULT_UNKNOWN_PROPOSAL)
     ]
     assert agent.rejections()[0].fault == pb.FAULT_UNKNOWN_PROPOSAL
+
+
+async def test_a_vote_on_an_unknown_proposal_during_an_etcd_outage_keeps_the_term(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the proposal is known cannot be read while etcd is away: that is no
+    reason to end the term (every open proposal's waiter would get UNAVAILABLE)."""
+    (agent,) = await world.connect(1)
+    done = await propose(world, "p1")
+
+    async def unreachable(_: str) -> pb.Proposal | None:
+        raise StoreUnavailableError("etcd is unreachable (injected)")
+
+    monkeypatch.setattr(world.store, "get_proposal", unreachable)
+    agent.vote("late")
+    await world.settle()
+    assert world.core.failed is None
+    agent.vote("p1")
+    await world.settle()
+    assert done.result().outcome == pb.OUTCOME_APPROVED
 
 
 async def test_outsiders_are_reported_in_the_decision(world: World) -> None:
