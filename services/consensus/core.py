@@ -501,6 +501,12 @@ class ConsensusCore:
     def on_vote(self, voter: Voter, vote: pb.Vote) -> None:
         """A vote arrived on `voter`'s stream. It counts once committed; a fault is
         reported (and, for an eligible voter, excludes it)."""
+        problem = limits.vote_size_problem(vote)
+        if problem:
+            # turned away before anything keeps it: as a fault's evidence it would go
+            # to etcd whole, and a record over etcd's request limit ends the term
+            self._reject(voter, vote, problem)
+            return
         pid = vote.proposal_id
         p = self.open.get(pid) or self.finished.get(pid)
         if p is None:

@@ -116,14 +116,25 @@ def check_hello(hello: pb.VoterHello) -> None:
         _bytes(value, "hello.labels value", MAX_LABEL_BYTES)
 
 
+def vote_size_problem(vote: pb.Vote) -> str:
+    """Which field of a vote is over its limit ('' when none). Checked before anything
+    else, so no vote record (nor the evidence of a fault) outgrows an etcd request."""
+    if len(vote.reason.encode()) > MAX_REASON_BYTES:
+        return f"reason is over {MAX_REASON_BYTES} bytes"
+    if len(vote.agent_id.encode()) > MAX_ID:
+        return f"agent_id is over {MAX_ID} characters"
+    if len(vote.option.encode()) > MAX_OPTION_BYTES or len(vote.signature) > 128:
+        return "option or signature is too long"
+    return ""
+
+
 def vote_problem(vote: pb.Vote, options: tuple[str, ...]) -> str:
     """What is malformed about a vote ('' when nothing): it is rejected, not recorded."""
     if not vote.reason:
         return "reason is required: every vote says why"
-    if len(vote.reason.encode()) > MAX_REASON_BYTES:
-        return f"reason is over {MAX_REASON_BYTES} bytes"
-    if len(vote.option.encode()) > MAX_OPTION_BYTES or len(vote.signature) > 128:
-        return "option or signature is too long"
+    problem = vote_size_problem(vote)
+    if problem:
+        return problem
     if vote.choice == pb.CHOICE_OPTION:
         if vote.option not in options:
             return f"option {vote.option[:40]!r} is not one of the proposal's options"

@@ -321,3 +321,58 @@ async def test_streams_and_proposals_that_wait_for_a_load_that_fails_are_told_to
                 await propose
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             stream.cancel()
+
+
+async def test_an_oversized_vote_naming_another_agent_is_refused_and_the_term_goes_on(
+    etcd_server: EtcdServer,
+) -> None:
+    """A voter sends a vote naming another agent with a 2 MB reason: it is turned
+    away, and nothing of it goes to etcd as evidence (a record over etcd's request
+    limit would be refused, and a refused vote write ends the term)."""
+    async with instances(etcd_server.endpoint, 1) as nodes:
+        active = await active_of(nodes)
+        core = active.servicer.core
+        assert core is not None
+        ep = active.runner.endpoint
+        etcd = Etcd(etcd_server.endpoint, prefix=active.runner.etcd.prefix.decode())
+        honest = [StubVoter(ep, f"h{i}", etcd, pb.CHOICE_APPROVE) for i in range(2)]
+        async with grpc.aio.insecure_channel(ep) as channel:
+            stub = pb_grpc.ConsensusStub(channel)
+            hostile = stub.Participate()
+            try:
+                await hostile.write(pb.VoterMessage(hello=pb.VoterHello(agent_id="x0")))
+                assert (await hostile.read()).HasField("welcome")
+                proposal = await stub.Propose(
+                    pb.ProposeRequest(
+                        proposal_id="big",
+                        topic="t",
+                        voters=pb.VoterSelector(agents=pb.AgentList(agent_ids=["h0", "h1", "x0"])),
+                    ),
+                    timeout=HANG_S,
+                )
+                assert proposal.created
+                assert (await hostile.read()).HasField("request")
+                vote = pb.Vote(
+                    proposal_id="big",
+                    agent_id="h0",
+                    round=1,
+                    choice=pb.CHOICE_APPROVE,
+                    reason="x" * 2_000_000,
+                )
+                await hostile.write(pb.VoterMessage(vote=vote))
+                answer = await asyncio.wait_for(hostile.read(), HANG_S)
+                assert answer.HasField("rejected")
+                assert "reason" in answer.rejected.reason
+                for v in honest:
+                    await v.start()
+                async with asyncio.timeout(HANG_S):
+                    while (got := await decision_of(ep, "big")) is None:
+                        await asyncio.sleep(0.05)
+                assert got.outcome == pb.OUTCOME_APPROVED
+                assert core.failed is None
+                assert active.servicer.core is core, "the term went on"
+            finally:
+                hostile.cancel()
+                for v in honest:
+                    await v.close()
+                await etcd.close()
