@@ -370,11 +370,20 @@ class ConsensusCore:
             if stored is not None and not same_content(stored, req):
                 raise AlreadyExistsError(f"proposal {pid} exists with other content")
             return stored or pb.Proposal(proposal_id=pid), self.recent[pid], False, None
-        if len(self.open) >= self.cfg.max_open_proposals:
-            raise ResourceExhaustedError(
-                f"{len(self.open)} proposals are open (the limit); retry when some are decided"
-            )
-        proposal = self._new_proposal(pid, req)
+        try:
+            if len(self.open) >= self.cfg.max_open_proposals:
+                raise ResourceExhaustedError(
+                    f"{len(self.open)} proposals are open (the limit); retry when some are decided"
+                )
+            proposal = self._new_proposal(pid, req)
+        except (ResourceExhaustedError, FailedPreconditionError, InvalidArgumentError):
+            # Perhaps a replay of a proposal decided before (by an earlier term, whose
+            # reply was lost with it, or long ago): its voters were fixed when it
+            # opened, so the agents connected now must not turn it away.
+            replay = await self._decided(pid, req) if req.proposal_id else None
+            if replay is None:
+                raise
+            return replay
         if self.closed:  # ended during a read above: close() has cancelled its tasks
             raise self._ended()
         # The core's own task, not the caller's: a create that has gone out is
@@ -393,6 +402,18 @@ class ConsensusCore:
                 # the term ended under the create, not the caller
                 raise self._ended() from None
             raise
+
+    async def _decided(
+        self, pid: str, req: pb.ProposeRequest
+    ) -> tuple[pb.Proposal, pb.Decision, bool, None] | None:
+        """The stored proposal and its decision, if `pid` was decided (None if not)."""
+        stored = await self.store.get_proposal(pid)
+        if stored is None:
+            return None
+        if not same_content(stored, req):
+            raise AlreadyExistsError(f"proposal {pid} exists with other content")
+        decision = await self.store.get_decision(pid)
+        return (stored, decision, False, None) if decision is not None else None
 
     async def _create(
         self, proposal: pb.Proposal, req: pb.ProposeRequest

@@ -280,6 +280,47 @@ async def test_propose_is_idempotent_on_its_id(world: World) -> None:
 
 
 @pytest.mark.parametrize(
+    "selector",
+    [
+        {"voters": pb.VoterSelector(role="reviewer")},
+        {"quorum": 3},
+        {"protocol": pb.PROTOCOL_BFT, "max_faulty": 1},
+    ],
+)
+async def test_a_replay_after_a_failover_gets_the_decision_whoever_is_connected(
+    selector: dict[str, Any],
+) -> None:
+    """The decision's reply was lost with the instance that committed it; the client
+    retries (same id) on the next one before any agent is back: it gets the decision,
+    not FAILED_PRECONDITION for the voters connected now."""
+    first = World()
+    await first.start()
+    try:
+        agents = await first.connect(4, roles=["reviewer"])
+        await propose(first, "r1", **selector)
+        all_vote(agents, "r1")
+        await first.settle()
+        assert "r1" in first.store.decisions
+    finally:
+        await first.stop()
+    second = World(first.store, term=9)
+    await second.start()
+    try:
+        await second.connect(1, "late")  # no reviewer, and fewer than the quorum or BFT needs
+        proposal, decision, created, pending = await second.core.propose(
+            pb.ProposeRequest(proposal_id="r1", topic="t", **selector)
+        )
+        assert decision is not None
+        assert decision.outcome == pb.OUTCOME_APPROVED
+        assert (created, pending, proposal.proposal_id) == (False, None, "r1")
+        assert len(proposal.voters) == 4
+        with pytest.raises(AlreadyExistsError):
+            await second.core.propose(pb.ProposeRequest(proposal_id="r1", topic="other"))
+    finally:
+        await second.stop()
+
+
+@pytest.mark.parametrize(
     ("field", "value", "message"),
     [
         ("topic", "", "topic is required"),
