@@ -24,6 +24,12 @@ MAX_LABEL_BYTES = 128
 MAX_REASON_BYTES = 1024
 MAX_TIMEOUT_S = 3600.0
 MAX_PROPOSER_BYTES = 256
+LIST_PAGE_BYTES = 3 * 1024 * 1024
+"""ListDecisions stops a page at this size, under a default gRPC client's 4 MiB receive
+limit (a decision with 16 winning votes of 1 KiB reasons is about 20 KB)."""
+LIST_READ_RECORDS = 100
+"""Decisions read from etcd per range while listing (each well under 640 KiB, so a
+read stays under the etcd client's 64 MiB receive limit)."""
 
 _ID = re.compile(r"^[A-Za-z0-9._-]+$")
 

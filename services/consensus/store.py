@@ -28,6 +28,7 @@ from aetcd import rpc
 from protos.agentmesh.v1 import consensus_pb2 as pb
 from registry.errors import NotLeaderError, StoreUnavailableError
 from registry.etcd import Etcd, cmp_create, cmp_value, op_delete, op_get, op_put, op_txn
+from services.consensus import limits
 from services.consensus.config import ConsensusConfig
 
 log = logging.getLogger(__name__)
@@ -381,25 +382,31 @@ class ConsensusStore:
     async def list_decisions(
         self, after_revision: int, limit: int, protocol: int = 0
     ) -> tuple[list[pb.Decision], int]:
-        """Decisions created after `after_revision`, oldest first; returns them and the
-        create revision to continue after (0 when there are no more)."""
+        """Decisions created after `after_revision`, oldest first: at most `limit`, and
+        no more than limits.LIST_PAGE_BYTES (at least one); returns them and the create
+        revision to continue after (0 when there are no more)."""
         out: list[pb.Decision] = []
+        used = 0
         prefix = self.prefix("decisions")
         cursor = after_revision
-        while len(out) < limit:
+        while True:
             resp = await self.etcd.range(
-                prefix, limit=limit, min_create_revision=cursor + 1, by_create="asc"
+                prefix,
+                limit=min(limit, limits.LIST_READ_RECORDS),
+                min_create_revision=cursor + 1,
+                by_create="asc",
             )
             for kv in resp.kvs:
-                cursor = int(kv.create_revision)
                 decision = decode_decision(kv)
                 if not protocol or decision.protocol == protocol:
+                    size = decision.ByteSize()
+                    if out and (len(out) >= limit or used + size > limits.LIST_PAGE_BYTES):
+                        return out, cursor
                     out.append(decision)
-                    if len(out) == limit:
-                        return out, cursor if (resp.more or kv is not resp.kvs[-1]) else 0
+                    used += size
+                cursor = int(kv.create_revision)
             if not resp.more:
                 return out, 0
-        return out, cursor
 
 
 class _HeadMoved(Exception):

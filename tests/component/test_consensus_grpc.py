@@ -376,3 +376,40 @@ async def test_an_oversized_vote_naming_another_agent_is_refused_and_the_term_go
                 for v in honest:
                     await v.close()
                 await etcd.close()
+
+
+async def test_list_decisions_pages_by_size_under_a_default_clients_receive_limit(
+    etcd_server: EtcdServer,
+) -> None:
+    """300 decisions of about 20 KB (16 winning votes with 1 KiB reasons, as an LLM
+    voter writes them): ListDecisions with page_size 1,000 must answer in pages a
+    default gRPC client (4 MiB) can receive, and paging must still list them all."""
+    async with instances(etcd_server.endpoint, 1) as nodes:
+        active = await active_of(nodes)
+        ep = active.runner.endpoint
+        etcd = Etcd(etcd_server.endpoint, prefix=active.runner.etcd.prefix.decode())
+        try:
+            vote = pb.Vote(proposal_id="p", agent_id="a" * 128, choice=pb.CHOICE_APPROVE)
+            vote.reason = "r" * 1024
+            ids = [f"big-{i:03d}" for i in range(300)]
+            for pid in ids:
+                d = pb.Decision(
+                    proposal_id=pid, outcome=pb.OUTCOME_APPROVED, winning_votes=[vote] * 16
+                )
+                await etcd.put(etcd.key("decisions", pid), d.SerializeToString())
+            seen: list[str] = []
+            token = ""
+            async with grpc.aio.insecure_channel(ep) as channel:  # default 4 MiB receive
+                stub = pb_grpc.ConsensusStub(channel)
+                for _ in range(len(ids)):
+                    page = await stub.ListDecisions(
+                        pb.ListDecisionsRequest(page_size=1000, page_token=token), timeout=HANG_S
+                    )
+                    assert page.decisions
+                    seen.extend(d.proposal_id for d in page.decisions)
+                    token = page.next_page_token
+                    if not token:
+                        break
+            assert seen == ids
+        finally:
+            await etcd.close()
