@@ -108,6 +108,7 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
                 if not cursor:
                     break
         start = after + 1 if after else 0
+        sent = after  # the revision of the last decision delivered (or skipped)
         while True:
             try:
                 async for _, events in etcd.watch_forever(
@@ -117,16 +118,28 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
                         if ev.kind != "put" or ev.kv.version != 1:
                             continue  # a decision is written once: only creations count
                         decision = decode_decision(ev.kv)
-                        start = decision.revision + 1
+                        if decision.revision <= sent:
+                            continue  # listed already, after a compaction
+                        sent = decision.revision
+                        start = sent + 1
                         if not request.protocol or decision.protocol == request.protocol:
                             yield decision
                 return
-            except WatchCompactedError:
-                # history compacted under a slow watcher: list what it missed, go on
-                page, _ = await self.reader.list_decisions(start - 1, MAX_PAGE, request.protocol)
-                for decision in page:
-                    start = decision.revision + 1
-                    yield decision
+            except WatchCompactedError as err:
+                # history compacted under a slow or idle watcher: list what it missed,
+                # then watch from the compaction on (from `start` again, the watch
+                # would be refused at once, forever, whenever nothing was missed)
+                cursor = start - 1
+                while True:
+                    page, cursor = await self.reader.list_decisions(
+                        cursor, MAX_PAGE, request.protocol
+                    )
+                    for decision in page:
+                        sent = max(sent, decision.revision)
+                        yield decision
+                    if not cursor:
+                        break
+                start = max(sent, err.compact_revision) + 1
 
     @rpc_errors
     async def GetStatus(

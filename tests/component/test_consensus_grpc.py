@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from aetcd import rpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.agentmesh.v1 import consensus_pb2 as pb
@@ -412,4 +413,51 @@ async def test_list_decisions_pages_by_size_under_a_default_clients_receive_limi
                         break
             assert seen == ids
         finally:
+            await etcd.close()
+
+
+async def test_a_watch_resumed_past_compacted_history_waits_quietly_for_the_next_decision(
+    fresh_etcd_server: EtcdServer,
+) -> None:
+    """`agentmesh decisions --watch` on a cluster whose last decision is older than
+    etcd's compaction: WatchDecisions(after_revision) must wait for the next decision,
+    not re-list in a loop (each turn a watch on a compacted revision and an etcd read)."""
+    async with instances(fresh_etcd_server.endpoint, 1) as nodes:
+        active = await active_of(nodes)
+        ep = active.runner.endpoint
+        etcd = Etcd(fresh_etcd_server.endpoint, prefix=active.runner.etcd.prefix.decode())
+        voter = StubVoter(ep, "c0", etcd, pb.CHOICE_APPROVE)
+        relists = 0
+        list_decisions = active.servicer.reader.list_decisions
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            nonlocal relists
+            relists += 1
+            return await list_decisions(*args, **kw)
+
+        try:
+            await voter.start()
+            old = await call(
+                ep, "Propose", pb.ProposeRequest(proposal_id="old", topic="t", wait=True)
+            )
+            for i in range(5):  # history moves on; then etcd compacts it
+                latest = await etcd.put(etcd.key("elsewhere", str(i)), b"")
+            async with grpc.aio.insecure_channel(fresh_etcd_server.endpoint) as channel:
+                await rpc.KVStub(channel).Compact(
+                    rpc.CompactionRequest(revision=latest, physical=True), timeout=HANG_S
+                )
+            active.servicer.reader.list_decisions = counted  # type: ignore[method-assign]
+            async with grpc.aio.insecure_channel(ep) as channel:
+                stream = pb_grpc.ConsensusStub(channel).WatchDecisions(
+                    pb.WatchDecisionsRequest(after_revision=old.decision.revision)
+                )
+                await asyncio.sleep(1.0)
+                quiet = relists
+                await call(ep, "Propose", pb.ProposeRequest(proposal_id="new", topic="t"))
+                got = await asyncio.wait_for(stream.read(), HANG_S)
+                stream.cancel()
+            assert got.proposal_id == "new"
+            assert quiet <= 3, f"{quiet} listings in 1 s while no decision was made"
+        finally:
+            await voter.close()
             await etcd.close()
