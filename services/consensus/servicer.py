@@ -80,10 +80,13 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
             raise InvalidArgumentError(f"page_size must be 1-{MAX_PAGE} (0: 100)")
         after = 0
         if request.page_token:
-            try:
-                after = int(request.page_token)
-            except ValueError:
-                raise InvalidArgumentError("page_token is not one this service gave") from None
+            token = request.page_token
+            # an etcd revision: ASCII digits that fit an int64 (int() would also take
+            # "-5", "1_000" or other scripts' digits, and a longer number overflows
+            # the etcd request, INTERNAL)
+            if not (token.isascii() and token.isdigit() and len(token) <= 18):
+                raise InvalidArgumentError("page_token is not one this service gave")
+            after = int(token)
         decisions, cursor = await self.reader.list_decisions(after, size, request.protocol)
         return pb.ListDecisionsResponse(
             decisions=decisions, next_page_token=str(cursor) if cursor else ""

@@ -461,3 +461,17 @@ async def test_a_watch_resumed_past_compacted_history_waits_quietly_for_the_next
         finally:
             await voter.close()
             await etcd.close()
+
+
+@pytest.mark.parametrize("token", ["9" * 30, "-5", "٣"])
+async def test_a_page_token_the_service_never_gave_is_invalid_argument(
+    etcd_server: EtcdServer, token: str
+) -> None:
+    async with instances(etcd_server.endpoint, 1) as nodes:
+        active = await active_of(nodes)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(
+                active.runner.endpoint, "ListDecisions", pb.ListDecisionsRequest(page_token=token)
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in (info.value.details() or "")
