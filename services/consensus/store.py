@@ -27,7 +27,16 @@ from aetcd import rpc
 
 from protos.agentmesh.v1 import consensus_pb2 as pb
 from registry.errors import NotLeaderError, StoreUnavailableError
-from registry.etcd import Etcd, cmp_create, cmp_value, op_delete, op_get, op_put, op_txn
+from registry.etcd import (
+    Etcd,
+    cmp_create,
+    cmp_value,
+    op_delete,
+    op_get,
+    op_put,
+    op_txn,
+    prefix_end,
+)
 from services.consensus import limits
 from services.consensus.config import ConsensusConfig
 
@@ -40,6 +49,8 @@ RETRY_FIRST_S = 0.05
 RETRY_CAP_S = 1.0
 # Overhead per op in a txn request beyond its key and value (tags, lengths).
 OP_OVERHEAD = 32
+LOAD_READS = 16
+"""Open proposals read at once when a term starts."""
 
 
 class VoteBatcher:
@@ -345,23 +356,46 @@ class ConsensusStore:
     # ---- reads (any instance) ----
 
     async def load_open(self) -> list[tuple[pb.Proposal, list[pb.VoteRecord]]]:
-        """Every undecided proposal with the vote records committed for it."""
-        opened = await self.etcd.range(self.prefix("open"), keys_only=True)
-        out = []
-        for kv in opened.kvs:
-            pid = bytes(kv.key)[len(self.prefix("open")) :].decode()
-            decided = await self.etcd.get(self.key("decisions", pid))
-            stored = await self.etcd.get(self.key("proposals", pid))
-            if stored is None or decided is not None:
-                continue
-            votes = await self.etcd.range(self.key("votes", pid) + b"/")
-            out.append(
-                (
-                    pb.Proposal.FromString(stored.value),
-                    [pb.VoteRecord.FromString(v.value) for v in votes.kvs],
+        """Every undecided proposal with the vote records committed for it.
+
+        One read transaction per proposal (its decision, itself, its votes), LOAD_READS
+        at a time: a new active instance serves nothing until this is done, and three
+        sequential reads each took 1.35 ms a proposal (14 s for 10,000 open)."""
+        prefix = self.prefix("open")
+        opened = await self.etcd.range(prefix, keys_only=True)
+        gate = asyncio.Semaphore(LOAD_READS)
+
+        async def one(pid: str) -> tuple[pb.Proposal, list[pb.VoteRecord]] | None:
+            votes = self.key("votes", pid) + b"/"
+            async with gate:
+                resp = await self.etcd.txn(
+                    [],
+                    [
+                        op_get(self.key("decisions", pid)),
+                        op_get(self.key("proposals", pid)),
+                        rpc.RequestOp(
+                            request_range=rpc.RangeRequest(key=votes, range_end=prefix_end(votes))
+                        ),
+                    ],
                 )
+            decided, stored, records = (r.response_range.kvs for r in resp.responses)
+            if decided or not stored:
+                return None
+            return (
+                pb.Proposal.FromString(stored[0].value),
+                [pb.VoteRecord.FromString(v.value) for v in records],
             )
-        return out
+
+        reads = [
+            asyncio.ensure_future(one(bytes(kv.key)[len(prefix) :].decode())) for kv in opened.kvs
+        ]
+        try:
+            loaded = await asyncio.gather(*reads)
+        except BaseException:
+            for read in reads:
+                read.cancel()
+            raise
+        return [item for item in loaded if item is not None]
 
     async def public_key(self, agent_id: str) -> bytes | None:
         kv = await self.etcd.get(self.key("keys", agent_id))

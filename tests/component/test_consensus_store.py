@@ -80,3 +80,24 @@ async def test_a_proposal_created_with_a_lost_reply_is_known_as_mine(etcd: Etcd)
     assert not created
     loaded = await store.load_open()
     assert [p.proposal_id for p, _ in loaded] == ["p1"]
+
+
+async def test_the_load_finds_each_open_proposal_with_its_votes_and_skips_the_decided(
+    etcd: Etcd,
+) -> None:
+    store = ConsensusStore(etcd, LosingFence(etcd, lose=0), sleep=no_sleep)
+    for i in range(40):
+        await store.create_proposal(pb.Proposal(proposal_id=f"l{i:02d}", topic="t", term=1))
+    for i in range(0, 40, 3):
+        await store.put_vote(
+            pb.VoteRecord(proposal_id=f"l{i:02d}", agent_id="a1", votes=[pb.Vote(reason="r")])
+        )
+    for i in range(0, 40, 4):
+        await store.commit_decision(decision(f"l{i:02d}"))
+    # an open marker whose decision landed without removing it, and one without a proposal
+    await etcd.put(etcd.key("decisions", "l01"), decision("l01").SerializeToString())
+    await etcd.put(etcd.key("open", "ghost"), b"")
+    loaded = {p.proposal_id: [r.agent_id for r in votes] for p, votes in await store.load_open()}
+    want = {f"l{i:02d}" for i in range(40) if i % 4 and i != 1}
+    assert set(loaded) == want
+    assert all(loaded[pid] == (["a1"] if int(pid[1:]) % 3 == 0 else []) for pid in want)
