@@ -89,6 +89,13 @@ class ConsensusClient(Closing):
             raise no_leader("no active consensus instance is elected yet")
         return self._use(endpoint)
 
+    async def _revision_now(self) -> int:
+        try:
+            resp = await self.etcd.range(self.etcd.key("decisions") + b"/", count_only=True)
+        except StoreUnavailableError:
+            raise no_leader(etcd_unreachable(self.etcd.endpoints)) from None
+        return int(resp.header.revision)
+
     def _follow(self, err: grpc.aio.AioRpcError) -> None:
         pointed = named_leader(err)
         if pointed and pointed != self._endpoint:
@@ -164,6 +171,11 @@ class ConsensusClient(Closing):
         while True:
             opened: float | None = None
             try:
+                if not after:
+                    # Pin "now" once: a stream that broke before its first decision
+                    # would otherwise resume from a later "now" and miss the decisions
+                    # of the failover itself.
+                    after = await self._revision_now()
                 stub = await self._stub_now()
                 opened = loop.time()
                 call = stub.WatchDecisions(

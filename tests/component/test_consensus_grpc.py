@@ -22,8 +22,10 @@ from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
 from services._common.errors import LEADER_METADATA_KEY
 from services.consensus import signing
+from services.consensus.client import ConsensusClient
 from services.consensus.config import ConsensusConfig
 from services.consensus.server import SERVICE, ConsensusNode
+from services.consensus.servicer import ConsensusServicer
 from services.consensus.store import ConsensusStore
 
 HANG_S = 10.0
@@ -475,3 +477,51 @@ async def test_a_page_token_the_service_never_gave_is_invalid_argument(
             )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token" in (info.value.details() or "")
+
+
+async def test_a_client_watching_from_now_misses_no_decision_when_its_stream_breaks(
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ConsensusClient.watch_decisions() from now: the stream breaks (the instance goes
+    away) before its first decision, a decision is committed meanwhile, and the client
+    reconnects: that decision must still come, first."""
+    watch_decisions = ConsensusServicer.WatchDecisions
+    entered, release = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def breaking_once(self: ConsensusServicer, request: Any, context: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            await release.wait()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the instance went away (injected)")
+        async for decision in watch_decisions(self, request, context):
+            yield decision
+
+    monkeypatch.setattr(ConsensusServicer, "WatchDecisions", breaking_once)
+    async with instances(etcd_server.endpoint, 1) as nodes:
+        active = await active_of(nodes)
+        ep = active.runner.endpoint
+        etcd = Etcd(etcd_server.endpoint, prefix=active.runner.etcd.prefix.decode())
+        voter = StubVoter(ep, "w0", etcd, pb.CHOICE_APPROVE)
+        client = ConsensusClient(etcd, timeout_s=HANG_S, retry_s=HANG_S)
+        watch = client.watch_decisions()
+        try:
+            await voter.start()
+            first = asyncio.ensure_future(anext(watch))
+            await asyncio.wait_for(entered.wait(), HANG_S)
+            await call(ep, "Propose", pb.ProposeRequest(proposal_id="gap", topic="t", wait=True))
+            release.set()
+            async with asyncio.timeout(HANG_S):
+                while calls < 2:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # the second stream is watching
+            await call(ep, "Propose", pb.ProposeRequest(proposal_id="later", topic="t", wait=True))
+            assert (await asyncio.wait_for(first, HANG_S)).proposal_id == "gap"
+            assert (await asyncio.wait_for(anext(watch), HANG_S)).proposal_id == "later"
+        finally:
+            await watch.aclose()
+            await client.close()
+            await voter.close()
+            await etcd.close()
