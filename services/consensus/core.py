@@ -119,6 +119,8 @@ class Open:
     """Agents whose latest record is not known to be in etcd."""
     cleaned: asyncio.Event = field(default_factory=asyncio.Event)
     previous_tally: dict[str, int] = field(default_factory=dict)
+    request: pb.ConsensusMessage | None = None
+    """The vote request of the current round, built once and shared by every stream."""
     state: str = "open"
     """open → (advancing → open) → deciding → decided."""
 
@@ -308,6 +310,11 @@ class ConsensusCore:
         )
 
     def _request(self, p: Open) -> pb.ConsensusMessage:
+        # One message a round, shared by every stream's queue (never changed once
+        # built): a copy per stream cost 1.3 GB when 100 agents reconnected after a
+        # failover to 2,000 open proposals of 1 KiB payloads.
+        if p.request is not None and p.request.request.round == p.proposal.round:
+            return p.request
         msg = pb.ConsensusMessage()
         req = msg.request
         req.proposal.CopyFrom(p.proposal)
@@ -316,6 +323,7 @@ class ConsensusCore:
         del req.proposal.voters[:]
         req.round = p.proposal.round
         req.previous_tally.update(p.previous_tally)
+        p.request = msg
         return msg
 
     def _ask(self, p: Open) -> None:
