@@ -849,6 +849,7 @@ class ConsensusCore:
         pid = p.proposal.proposal_id
         self.open.pop(pid, None)
         p.state = "decided"
+        p.request = None  # nobody is asked any more; the finished keep only their votes
         # kept a while: an equivocation that shows after the decision is still
         # detected, recorded and reported
         self.finished[pid] = p
