@@ -99,7 +99,7 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
         etcd = self.reader.etcd
         prefix = self.reader.prefix("decisions")
         after = request.after_revision
-        if after < 0:
+        if not 0 <= after < 2**63 - 1:  # the next revision must fit etcd's int64 too
             raise InvalidArgumentError("after_revision must be 0 or a Decision.revision")
         if after:
             # catch up from etcd first, then watch from where the listing ended

@@ -525,3 +525,16 @@ async def test_a_client_watching_from_now_misses_no_decision_when_its_stream_bre
             await client.close()
             await voter.close()
             await etcd.close()
+
+
+async def test_a_watch_after_the_largest_revision_is_invalid_argument(
+    etcd_server: EtcdServer,
+) -> None:
+    async with instances(etcd_server.endpoint, 1) as nodes:
+        active = await active_of(nodes)
+        async with grpc.aio.insecure_channel(active.runner.endpoint) as channel:
+            stream = pb_grpc.ConsensusStub(channel).WatchDecisions(
+                pb.WatchDecisionsRequest(after_revision=2**63 - 1)
+            )
+            code = await asyncio.wait_for(end_of(stream), HANG_S)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
