@@ -1,4 +1,4 @@
-"""Hostile input, generated: every RPC of the Coordinator and AgentPool services gets
+"""Hostile input, generated: every RPC of the Coordinator, AgentPool and Consensus services gets
 malformed and extreme requests (hypothesis), and undecodable bytes, over loopback to
 real in-process grpc.aio servers backed by a real etcd.
 
@@ -30,12 +30,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protos.agentmesh.v1 import agent_pool_pb2 as ppb
+from protos.agentmesh.v1 import consensus_pb2 as kpb
 from protos.agentmesh.v1 import coordinator_pb2 as cpb
 from protos.agentmesh.v1 import coordinator_pb2_grpc as cpb_grpc
 from protos.agentmesh.v1 import task_pb2 as tpb
 from registry.etcd_server import EtcdServer
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.server import PoolNode
+from services.consensus.config import ConsensusConfig
+from services.consensus.server import ConsensusNode
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.server import CoordinatorNode
 
@@ -52,7 +55,7 @@ FINE = {
     grpc.StatusCode.OUT_OF_RANGE,
 }
 # a watch that was accepted stays open until the client leaves: our deadline ends it
-OPEN_BY_DESIGN = {"WatchEvents", "WatchTask"}
+OPEN_BY_DESIGN = {"WatchEvents", "WatchTask", "WatchDecisions"}
 CLIENT_OPTIONS = [
     ("grpc.max_send_message_length", 64 * MiB),
     ("grpc.max_receive_message_length", 64 * MiB),
@@ -65,7 +68,8 @@ MALFORMED_EXAMPLES = 25
 
 
 class Servers:
-    """A coordinator and an agent pool of one cluster, on an event loop in a thread."""
+    """A coordinator, an agent pool and a consensus instance of one cluster, on an event
+    loop in a thread."""
 
     def __init__(self, etcd_endpoint: str) -> None:
         self.etcd_endpoint = etcd_endpoint
@@ -74,6 +78,7 @@ class Servers:
         self.failed: BaseException | None = None
         self.coordinator_endpoint = ""
         self.pool_endpoint = ""
+        self.consensus_endpoint = ""
         self.lease_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -117,7 +122,12 @@ class Servers:
                 kinds=("echo", "sleep", "noop", "fail"),
             )
         )
-        runs = [asyncio.ensure_future(coordinator.run())]
+        consensus = ConsensusNode(
+            ConsensusConfig(
+                etcd=self.etcd_endpoint, cluster=self.cluster, listen="127.0.0.1:0", grace_s=1.0
+            )
+        )
+        runs = [asyncio.ensure_future(coordinator.run()), asyncio.ensure_future(consensus.run())]
         try:
             async with asyncio.timeout(30):
                 while coordinator.servicer.core is None:
@@ -125,14 +135,20 @@ class Servers:
                 runs.append(asyncio.ensure_future(pool.run()))
                 while not pool.runner.session.id:
                     await asyncio.sleep(0.01)
+                while (
+                    consensus.servicer.core is None or not consensus.servicer.core.loaded.is_set()
+                ):
+                    await asyncio.sleep(0.01)
             self.coordinator_endpoint = coordinator.endpoint
             self.pool_endpoint = pool.endpoint
+            self.consensus_endpoint = consensus.runner.endpoint
             self.lease_id = await coordinator.etcd.grant(600)  # for hand-written hellos
             self.ready.set()
             await self._stop.wait()
         finally:
             coordinator.runner.stop()
             pool.runner.stop()
+            consensus.runner.stop()
             await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 30)
 
 
@@ -147,6 +163,7 @@ def channels(servers: Servers) -> Iterator[dict[str, grpc.Channel]]:
     chans = {
         "Coordinator": grpc.insecure_channel(servers.coordinator_endpoint, options=CLIENT_OPTIONS),
         "AgentPool": grpc.insecure_channel(servers.pool_endpoint, options=CLIENT_OPTIONS),
+        "Consensus": grpc.insecure_channel(servers.consensus_endpoint, options=CLIENT_OPTIONS),
     }
     yield chans
     for ch in chans.values():
@@ -362,6 +379,7 @@ METHODS: list[tuple[str, MethodDescriptor]] = [
     for svc in (
         cpb.DESCRIPTOR.services_by_name["Coordinator"],
         ppb.DESCRIPTOR.services_by_name["AgentPool"],
+        kpb.DESCRIPTOR.services_by_name["Consensus"],
     )
     for m in svc.methods
 ]
