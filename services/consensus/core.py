@@ -567,13 +567,9 @@ class ConsensusCore:
             return
         if p.proposal.protocol == pb.PROTOCOL_BFT:
             if voter.key is None:
-                self._fault(
-                    voter,
-                    vote,
-                    pb.FAULT_UNKNOWN_AGENT,
-                    "no public key registered under keys/<agent id>",
-                    p,
-                )
+                # read at hello, but a pool whose lease was lost registers its agents'
+                # keys again only after they may have reconnected: look again first
+                self._spawn(self._vote_with_key(voter, vote))
                 return
             if not signing.verify(voter.key, vote):
                 self._fault(voter, vote, pb.FAULT_FORGED_SIGNATURE, "signature does not verify", p)
@@ -647,6 +643,33 @@ class ConsensusCore:
                 self._flush_agent(p, agent)
 
         fut.add_done_callback(written)
+
+    async def _vote_with_key(self, voter: Voter, vote: pb.Vote) -> None:
+        """A BFT vote from a stream that had no key at its hello: read the key again,
+        then take the vote; without one the voter is UNKNOWN_AGENT."""
+        try:
+            raw = await self.store.public_key(voter.agent_id)
+        except StoreUnavailableError:
+            self._reject(
+                voter, vote, "your public key cannot be read now (etcd unreachable); vote again"
+            )
+            return
+        if self.closed or self.voters.get(voter.agent_id) is not voter:
+            return  # the term or the stream ended meanwhile
+        if voter.key is None and raw:
+            voter.key = signing.load_public(raw)
+        if voter.key is not None:
+            self.on_vote(voter, vote)
+            return
+        p = self.open.get(vote.proposal_id) or self.finished.get(vote.proposal_id)
+        if p is not None and voter.agent_id not in p.excluded:
+            self._fault(
+                voter,
+                vote,
+                pb.FAULT_UNKNOWN_AGENT,
+                "no public key registered under keys/<agent id>",
+                p,
+            )
 
     # ---- faults ----
 

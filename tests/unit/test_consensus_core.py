@@ -462,12 +462,33 @@ async def test_bft_agent_without_a_registered_key_is_unknown(world: World) -> No
     assert agents[0].closed, "the reconnect replaced the older stream"
     done = await propose(world, protocol=pb.PROTOCOL_BFT)
     ghost.vote("p1")
+    await world.settle()  # its key is looked up once more before it is excluded
     all_vote(agents[1:], "p1")
     await world.settle()
     decision = done.result()
     assert [(e.agent_id, e.fault) for e in decision.excluded] == [
         (ghost.agent_id, pb.FAULT_UNKNOWN_AGENT)
     ]
+
+
+async def test_bft_key_registered_after_the_hello_is_found_when_the_agent_votes(
+    world: World,
+) -> None:
+    """A pool whose lease was lost (etcd paused longer than its TTL) puts its agents'
+    keys back only after they may have reconnected: an agent whose hello found no key
+    but whose key is there by the time it votes is an honest voter, not UNKNOWN_AGENT."""
+    agents = await world.connect(4)
+    late = agents[0]
+    key = world.store.keys.pop(late.agent_id)
+    late.voter = await world.core.connect(pb.VoterHello(agent_id=late.agent_id), late.send)
+    world.store.keys[late.agent_id] = key  # the pool registered it again
+    done = await propose(world, protocol=pb.PROTOCOL_BFT, quorum=4)
+    all_vote(agents, "p1")
+    await world.settle()
+    decision = done.result()
+    assert decision.outcome == pb.OUTCOME_APPROVED
+    assert (decision.votes_counted, list(decision.excluded)) == (4, [])
+    assert not late.rejections()
 
 
 async def test_bft_refuses_too_few_voters(world: World) -> None:
