@@ -280,6 +280,8 @@ class Heartbeater:
         self.replaces: dict[str, str] = {} if replaces is None else replaces
         """A replacement's agent id → the agent it replaced (told to the monitor)."""
         self._streams: dict[str, asyncio.Task[None]] = {}
+        self._reporting: set[str] = set()
+        """Agents whose Report stream is open now."""
         self._sent: dict[str, float] = {}
         """agent id → when its last heartbeat went out (clock time)."""
         self._last_error = ""
@@ -300,6 +302,15 @@ class Heartbeater:
                 self._warn_if_silent()
                 with contextlib.suppress(TimeoutError):
                     await self.clock.wait_for(self._closing.wait(), self.interval_s)
+            # closing: an open stream sends its goodbye and ends by itself (`close` bounds
+            # the wait, the runner then cancels this job). Cancelled here, as the event that
+            # woke this loop wakes them, they never sent it: a pool stopped with SIGTERM had
+            # its agents declared FAILED and replaced. One waiting to reconnect has nobody
+            # to tell (with no monitor it would wait out the bound).
+            for agent_id, stream in self._streams.items():
+                if agent_id not in self._reporting:
+                    stream.cancel()
+            await asyncio.gather(*self._streams.values(), return_exceptions=True)
         finally:
             follow.cancel()
             for task in self._streams.values():
@@ -370,6 +381,7 @@ class Heartbeater:
         agent_id = agent.agent_id
         clock = self.clock
         call = hpb_grpc.HealthMonitorStub(self.monitor.channel(endpoint)).Report()
+        self._reporting.add(agent_id)
         reader = asyncio.ensure_future(self._read(agent_id, call))
         closing = asyncio.ensure_future(self._closing.wait())
         moved = asyncio.ensure_future(self.monitor.moved_from(endpoint))
@@ -415,6 +427,7 @@ class Heartbeater:
                         await call.done_writing()
                     return
         finally:
+            self._reporting.discard(agent_id)
             for task in (reader, closing, moved):
                 task.cancel()
             call.cancel()

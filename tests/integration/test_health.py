@@ -3,6 +3,7 @@
 - an agent whose executor hangs while its streams stay open: its task finishes elsewhere;
 - a pool frozen by a blocking executor: the same;
 - a pool killed with SIGKILL: its agents are replaced;
+- a pool stopped with SIGTERM: its agents say goodbye and are forgotten, not replaced;
 - an agent that fails every task: ejected, then let back in (half-open);
 - the active monitor killed with SIGKILL: the standby takes over and declares no agent
   FAILED for having been silent during the switch;
@@ -194,6 +195,48 @@ async def test_a_pool_killed_with_sigkill_has_its_agents_replaced(cluster: Any) 
     assert "FAILED 3" in out, out
     assert "state" in out, out  # the open alerts: three FAILED agents
     print(f"\npool-1 killed: {len(killed)} agents replaced in pool-2 within {took:.2f} s")
+
+
+@pytest.mark.timeout(90)
+async def test_a_pool_stopped_with_sigterm_says_goodbye_and_is_not_replaced(
+    cluster: Any,
+) -> None:
+    # the SIGKILL test's cluster, stopped on purpose instead: its agents leave, and
+    # nothing of what a dead pool's agents get (FAILED, alerts, replacements) happens
+    c: LocalCluster = await cluster(agents=4, pools=2, env={"AGENTMESH_RECONNECT_GRACE_S": "2"})
+    await eventually(lambda: all_reporting(c, 4), "every agent reporting")
+    async with MeshClient(etcd=c.etcd_endpoint) as client:
+        stopped = {a.agent_id for a in (await client.agents()).agents if a.pool_id == "pool-1"}
+    assert len(stopped) == 2
+    events: list[hpb.HealthEvent] = []
+
+    async def watch() -> None:
+        async with health(c) as hc:
+            async for event in hc.watch():
+                events.append(event)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.sleep(0.5)  # the watch open
+        c.stop_process("pool-1")  # SIGTERM, and wait for it to exit
+        assert c.procs["pool-1"].returncode == 0
+        await asyncio.sleep(2 + 3)  # past reconnect_grace_s, and a replacement's start
+    finally:
+        watcher.cancel()
+    changes = [e.change for e in events if e.WhichOneof("body") == "change"]
+    left = {ch.agent_id for ch in changes if ch.removed and ch.reason == "the agent left"}
+    assert left == stopped, changes
+    failed = [ch.agent_id for ch in changes if ch.state == hpb.HEALTH_STATE_FAILED]
+    assert not failed, f"declared FAILED after a clean stop: {failed}"
+    assert not [e for e in events if e.WhichOneof("body") in ("alert", "recovery")], events
+    s = await summary(c)
+    assert (s.failed_declared, s.replacements, s.open_alert_count) == (0, 0, 0)
+    assert s.reporting == 2
+    assert s.state_counts["HEALTHY"] == 2
+    async with MeshClient(etcd=c.etcd_endpoint) as client:
+        now = {a.agent_id for a in (await client.agents()).agents}
+    assert len(now) == 2
+    assert not now & stopped
 
 
 @pytest.mark.timeout(90)
