@@ -51,6 +51,8 @@ CARRIED_RECORDS = 100
 CARRIED_BYTES = 768 * 1024
 """... and their bytes at most (etcd refuses requests over 1.5 MiB)."""
 TIMER_IDLE_S = 3600.0
+MAX_PROBES = 8
+"""Votes on unknown proposals a stream may have in flight (each is an etcd read)."""
 
 Send = Callable[[pb.ConsensusMessage | None], None]
 
@@ -91,6 +93,8 @@ class Voter:
     labels: dict[str, str]
     send: Send
     key: Ed25519PublicKey | None = None
+    probes: int = 0
+    """Its votes on unknown proposals whose etcd read is in flight (`MAX_PROBES`)."""
 
 
 @dataclass(eq=False)
@@ -541,6 +545,17 @@ class ConsensusCore:
         if p is None:
             if pid in self.recent:
                 return  # a late vote on a decided proposal: harmless
+            if voter.probes >= MAX_PROBES:
+                # each costs an etcd read: a stream that floods votes on proposals
+                # nobody made gets them turned away unread, not a read each
+                self._reject(
+                    voter,
+                    vote,
+                    f"{MAX_PROBES} of your votes on proposals this instance does not know "
+                    "are being checked; vote again once they are answered",
+                )
+                return
+            voter.probes += 1
             self._spawn(self._unknown_proposal(voter, vote))
             return
         agent = voter.agent_id
@@ -754,6 +769,12 @@ class ConsensusCore:
         )
 
     async def _unknown_proposal(self, voter: Voter, vote: pb.Vote) -> None:
+        try:
+            await self._check_unknown(voter, vote)
+        finally:
+            voter.probes -= 1
+
+    async def _check_unknown(self, voter: Voter, vote: pb.Vote) -> None:
         pid = vote.proposal_id
         known = False
         with contextlib.suppress(InvalidArgumentError):

@@ -22,7 +22,7 @@ from services._common.errors import (
 )
 from services.consensus import signing
 from services.consensus.config import ConsensusConfig
-from services.consensus.core import ConsensusCore, Voter
+from services.consensus.core import MAX_PROBES, ConsensusCore, Voter
 from tests.unit.consensus_fakes import MemoryConsensusStore
 
 CFG = ConsensusConfig(default_timeout_s=10.0)
@@ -740,3 +740,35 @@ async def test_an_equivocation_after_the_decision_is_still_recorded_and_reported
     assert (late.agent_id, pb.FAULT_EQUIVOCATION) in {
         (f.agent_id, f.fault) for f in world.core.faults
     }
+
+
+async def test_a_flood_of_votes_on_unknown_proposals_reads_etcd_a_few_at_a_time(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each vote on a proposal nobody made costs an etcd read: one stream's flood must
+    not become as many reads at once. The rest are turned away unread, not as faults,
+    and the stream may vote again once its reads are answered."""
+    (agent,) = await world.connect(1)
+    gate = asyncio.Event()
+    reads: list[str] = []
+    real = world.store.get_proposal
+
+    async def slow(pid: str) -> pb.Proposal | None:
+        reads.append(pid)
+        await gate.wait()
+        return await real(pid)
+
+    monkeypatch.setattr(world.store, "get_proposal", slow)
+    for i in range(50):
+        agent.vote(f"nobody-{i}")
+    await world.settle()
+    assert len(reads) == MAX_PROBES
+    turned_away = [r for r in agent.rejections() if "vote again" in r.reason]
+    assert len(turned_away) == 50 - MAX_PROBES
+    assert all(r.fault == pb.FAULT_UNSPECIFIED for r in turned_away)
+    gate.set()
+    await world.settle()
+    assert len(world.core.faults) == MAX_PROBES  # the ones read: no such proposal
+    agent.vote("nobody-again")  # the stream's reads are answered: it is read again
+    await world.settle()
+    assert reads[-1] == "nobody-again"
