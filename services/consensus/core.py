@@ -18,7 +18,7 @@ import itertools
 import logging
 import secrets
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,7 +52,8 @@ CARRIED_BYTES = 768 * 1024
 """... and their bytes at most (etcd refuses requests over 1.5 MiB)."""
 TIMER_IDLE_S = 3600.0
 MAX_PROBES = 8
-"""Votes on unknown proposals a stream may have in flight (each is an etcd read)."""
+"""Votes a stream may have waiting on an etcd read (on an unknown proposal, or a BFT
+vote whose key was missing at hello)."""
 
 Send = Callable[[pb.ConsensusMessage | None], None]
 
@@ -545,18 +546,7 @@ class ConsensusCore:
         if p is None:
             if pid in self.recent:
                 return  # a late vote on a decided proposal: harmless
-            if voter.probes >= MAX_PROBES:
-                # each costs an etcd read: a stream that floods votes on proposals
-                # nobody made gets them turned away unread, not a read each
-                self._reject(
-                    voter,
-                    vote,
-                    f"{MAX_PROBES} of your votes on proposals this instance does not know "
-                    "are being checked; vote again once they are answered",
-                )
-                return
-            voter.probes += 1
-            self._spawn(self._unknown_proposal(voter, vote))
+            self._probe(voter, vote, self._unknown_proposal)
             return
         agent = voter.agent_id
         if vote.agent_id != agent:
@@ -584,7 +574,7 @@ class ConsensusCore:
             if voter.key is None:
                 # read at hello, but a pool whose lease was lost registers its agents'
                 # keys again only after they may have reconnected: look again first
-                self._spawn(self._vote_with_key(voter, vote))
+                self._probe(voter, vote, self._vote_with_key)
                 return
             if not signing.verify(voter.key, vote):
                 self._fault(voter, vote, pb.FAULT_FORGED_SIGNATURE, "signature does not verify", p)
@@ -768,13 +758,31 @@ class ConsensusCore:
             )
         )
 
-    async def _unknown_proposal(self, voter: Voter, vote: pb.Vote) -> None:
-        try:
-            await self._check_unknown(voter, vote)
-        finally:
-            voter.probes -= 1
+    def _probe(
+        self, voter: Voter, vote: pb.Vote, read: Callable[[Voter, pb.Vote], Awaitable[None]]
+    ) -> None:
+        """Run `read` (a vote that needs an etcd read before it can be judged), at most
+        MAX_PROBES at a time per stream: a stream flooding such votes gets the rest turned
+        away unread, not a read each."""
+        if voter.probes >= MAX_PROBES:
+            self._reject(
+                voter,
+                vote,
+                f"{MAX_PROBES} of your votes are being checked against etcd; "
+                "vote again once they are answered",
+            )
+            return
+        voter.probes += 1
 
-    async def _check_unknown(self, voter: Voter, vote: pb.Vote) -> None:
+        async def probing() -> None:
+            try:
+                await read(voter, vote)
+            finally:
+                voter.probes -= 1
+
+        self._spawn(probing())
+
+    async def _unknown_proposal(self, voter: Voter, vote: pb.Vote) -> None:
         pid = vote.proposal_id
         known = False
         with contextlib.suppress(InvalidArgumentError):

@@ -772,3 +772,33 @@ async def test_a_flood_of_votes_on_unknown_proposals_reads_etcd_a_few_at_a_time(
     agent.vote("nobody-again")  # the stream's reads are answered: it is read again
     await world.settle()
     assert reads[-1] == "nobody-again"
+
+
+async def test_a_keyless_stream_flooding_bft_votes_reads_its_key_a_few_at_a_time(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BFT vote from a stream whose hello found no key reads the key again: a flood
+    of them is read MAX_PROBES at a time, the rest turned away unread."""
+    agents = await world.connect(4)
+    keyless = agents[0]
+    world.store.keys.pop(keyless.agent_id)
+    keyless.voter = await world.core.connect(pb.VoterHello(agent_id=keyless.agent_id), keyless.send)
+    await propose(world, protocol=pb.PROTOCOL_BFT, quorum=4)
+    gate = asyncio.Event()
+    reads: list[str] = []
+    real = world.store.public_key
+
+    async def slow(agent_id: str) -> bytes:
+        reads.append(agent_id)
+        await gate.wait()
+        return await real(agent_id)
+
+    monkeypatch.setattr(world.store, "public_key", slow)
+    for _ in range(30):
+        keyless.vote("p1")
+    await world.settle()
+    assert len(reads) == MAX_PROBES
+    assert len([r for r in keyless.rejections() if "vote again" in r.reason]) == 30 - MAX_PROBES
+    gate.set()
+    await world.settle()
+    assert [f.fault for f in world.core.faults] == [pb.FAULT_UNKNOWN_AGENT]
