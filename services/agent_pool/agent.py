@@ -308,6 +308,7 @@ class Agent:
                     output=outcome.output,
                     usage=outcome.usage,
                     received_at_us=received_at_us,
+                    ratelimit=outcome.ratelimit,
                 )
             )
             self.completed += 1
@@ -321,7 +322,14 @@ class Agent:
         except ExecutorError as err:
             self.failed += 1
             # a failed LLM attempt may still have been billed (a stream that broke mid-way)
-            report = _failure(task, str(err), err.retryable, getattr(err, "usage", None))
+            # and its rate-limit headers (a 429's retry-after) pause the leader's admissions
+            report = _failure(
+                task,
+                str(err),
+                err.retryable,
+                getattr(err, "usage", None),
+                getattr(err, "ratelimit_report", None),
+            )
         except Exception as err:  # noqa: BLE001 - an executor bug fails the attempt, not the agent
             self.failed += 1
             log.exception("executor crashed", extra={"agent": self.agent_id, "task": task.task_id})
@@ -367,7 +375,11 @@ class Agent:
 
 
 def _failure(
-    task: tpb.Task, error: str, retryable: bool, usage: tpb.TokenUsage | None = None
+    task: tpb.Task,
+    error: str,
+    retryable: bool,
+    usage: tpb.TokenUsage | None = None,
+    ratelimit: cpb.RateLimitReport | None = None,
 ) -> cpb.AgentMessage:
     return cpb.AgentMessage(
         failure=cpb.TaskFailure(
@@ -376,5 +388,6 @@ def _failure(
             error=error,
             retryable=retryable,
             usage=usage,
+            ratelimit=ratelimit,
         )
     )

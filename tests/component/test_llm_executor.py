@@ -14,10 +14,13 @@ from typing import Any
 import pytest
 
 from loadtest.fake_anthropic import FakeAnthropic, FakeConfig
+from protos.agentmesh.v1 import agent_pool_pb2 as ppb
 from protos.agentmesh.v1 import task_pb2 as tpb
 from services._common.clock import SystemClock
+from services._common.follow import Leader
 from services._common.llm_cost import DEFAULT_PRICES
 from services._common.ratelimit import ModelLimits
+from services.agent_pool.agent import Agent, PoolContext
 from services.agent_pool.llm import LlmError, LlmExecutor
 from services.agent_pool.llm_config import LlmConfig
 
@@ -346,3 +349,36 @@ async def test_each_model_call_is_a_child_span_with_tokens_and_cost(fake: FakeAn
     assert answered.attributes["gen_ai.usage.output_tokens"] == out.usage.output_tokens == 40
     assert answered.attributes["gen_ai.usage.input_tokens"] == out.usage.input_tokens
     assert answered.attributes["agentmesh.cost_usd"] == pytest.approx(out.usage.cost_usd)
+
+
+async def test_the_agent_sends_the_rate_limit_headers_to_the_leader() -> None:
+    # the leader's admission follows them (server-stated limits, a 429's retry-after);
+    # they were dropped between the executor and the agent's TaskResult/TaskFailure
+    server = FakeAnthropic(FakeConfig(latency_ms="fixed:1", limits={"*": ModelLimits(1, 0, 0)}))
+    await server.start()
+    clock = SystemClock()
+    ex = executor(server, max_attempts=1)
+    ctx = PoolContext(
+        pool_id="p",
+        lease_id=lambda: 1,
+        coordinator=Leader(None, "coordinator", clock),  # type: ignore[arg-type]  # no etcd
+        executors={"llm": ex},
+        task_timeout_s=HANG_S,
+        clock=clock,
+    )
+    agent = Agent("p-a0001", ctx, ppb.AgentTemplate(kinds=["llm"], capacity=1))
+    try:
+        ok = await agent._attempt(llm_task({"prompt": "x", "max_tokens": 10}), 0)
+        refused = await agent._attempt(llm_task({"prompt": "x", "max_tokens": 10}), 0)
+    finally:
+        await ex.close()
+        await server.stop()
+    assert ok.WhichOneof("body") == "result"
+    assert ok.result.ratelimit.model == "claude-sonnet-5-5"
+    assert ok.result.ratelimit.headers["anthropic-ratelimit-requests-limit"] == "1"
+    assert ok.result.ratelimit.seen_at_us > 0
+    assert refused.WhichOneof("body") == "failure"
+    assert refused.failure.retryable
+    assert refused.failure.ratelimit.model == "claude-sonnet-5-5"
+    assert int(refused.failure.ratelimit.headers["retry-after"]) >= 1
+    assert refused.failure.ratelimit.headers["anthropic-ratelimit-requests-remaining"] == "0"
