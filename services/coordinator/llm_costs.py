@@ -3,8 +3,9 @@
 Read when a term begins (`load_costs`), so budgets and totals survive a leader change;
 written by `flush_costs` about once a second while the term lasts, only the totals that
 changed, each write fenced by the term so a deposed leader cannot overwrite its
-successor's totals. A crash loses at most the spend of the last interval (the budget
-may then let a second's worth of tasks more through).
+successor's totals, and once more when the term ends (`flush_last`: a leader stopped
+with SIGTERM keeps its last second's spend). A crash loses at most the spend of the last
+interval (the budget may then let a second's worth of tasks more through).
 
 If a fenced write's reply is lost, the totals are marked dirty again and rewritten:
 every record is an absolute total, so writing it twice is harmless.
@@ -30,8 +31,9 @@ FLUSH_INTERVAL_S = 1.0
 MAX_OPS = 100
 """Records per transaction, under etcd's default 128 operations."""
 
-Fenced = Callable[[Any], Awaitable[Any]]
-"""Applies a TxnRequest only while the term holds (raises NotLeaderError after)."""
+Fenced = Callable[..., Awaitable[Any]]
+"""Applies a TxnRequest only while the term holds (raises NotLeaderError after); a
+second argument, when given, is the call's timeout in seconds."""
 
 
 async def load_costs(etcd: Etcd) -> list[cpb.CostTotal]:
@@ -53,6 +55,16 @@ async def flush_costs(
     while True:
         await gate.clock.sleep(interval_s)  # the leader's clock
         await flush_once(etcd, gate, fenced)
+
+
+async def flush_last(etcd: Etcd, gate: LlmGate, fenced: Fenced, timeout_s: float = 0.5) -> None:
+    """At the end of a term: write what changed since the last flush, if the term still
+    holds (best effort, briefly: a term that ended with etcd away must not hold up the
+    next campaign)."""
+    try:
+        await flush_once(etcd, gate, lambda request: fenced(request, timeout_s))
+    except NotLeaderError as err:
+        log.info("llm cost totals not saved at step-down", extra={"error": str(err)})
 
 
 async def flush_once(etcd: Etcd, gate: LlmGate, fenced: Fenced) -> int:

@@ -33,7 +33,7 @@ from services.coordinator.config import CoordinatorConfig
 from services.coordinator.core import CoordinatorCore
 from services.coordinator.limits import check_config
 from services.coordinator.llm_admission import LlmGate
-from services.coordinator.llm_costs import flush_costs, load_costs
+from services.coordinator.llm_costs import flush_costs, flush_last, load_costs
 from services.coordinator.servicer import CoordinatorServicer, split_services
 from services.coordinator.store import EtcdTaskStore
 from services.coordinator.tasks import QUEUED
@@ -195,6 +195,7 @@ class CoordinatorNode:
             await asyncio.gather(*jobs, return_exceptions=True)
             await core.close()
             await counts.save_last(self.etcd, term.election, core.finished)
+            await flush_last(self.etcd, core.llm, term.fenced)
             self.term = 0
 
     async def _drain(self) -> None:
@@ -210,6 +211,7 @@ class CoordinatorNode:
         if term is not None:
             if core is not None:  # before resigning: afterwards the fence refuses it
                 await counts.save_last(self.etcd, term.election, core.finished)
+                await flush_last(self.etcd, core.llm, term.fenced)
             with contextlib.suppress(RegistryError, TimeoutError):
                 await self.clock.wait_for(term.election.resign(), 1.0)
 

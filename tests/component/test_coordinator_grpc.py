@@ -22,8 +22,9 @@ from registry.election import candidates
 from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
 from services.client import MeshClient
-from services.coordinator import servicer
+from services.coordinator import server, servicer
 from services.coordinator.config import CoordinatorConfig
+from services.coordinator.llm_costs import flush_costs
 from services.coordinator.server import CoordinatorNode
 
 S = tpb.TaskState
@@ -897,3 +898,45 @@ async def test_max_batch_over_the_limit_is_invalid_argument(stub: cpb_grpc.Coord
     err = await error_of(stub.WatchEvents(cpb.WatchEventsRequest(max_batch=1001)).read())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_batch 1001 is too large: use 2-1000" in (err.details() or "")
+
+
+async def test_a_stopping_leader_writes_the_llm_spend_it_has_not_flushed_yet(
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The totals are flushed about once a second; a leader stopped with SIGTERM (a rolling
+    # restart) dropped what it had charged since the last flush, so the next term's
+    # budgets and totals forgot it. The periodic flush is held off here: only the
+    # step-down can write the spend.
+    def rarely(etcd: Any, gate: Any, fenced: Any) -> Any:
+        return flush_costs(etcd, gate, fenced, interval_s=3600.0)
+
+    monkeypatch.setattr(server, "flush_costs", rarely)
+    lease_id = 0
+    async with running_coordinator(etcd_server.endpoint) as node:
+        etcd = Etcd(etcd_server.endpoint, prefix=f"/agentmesh/{node.cfg.cluster}/")
+        lease_id = await etcd.grant(30)
+        async with (
+            grpc.aio.insecure_channel(node.endpoint) as channel,
+            raw_agent(cpb_grpc.CoordinatorStub(channel), "spender") as agent,
+        ):
+            await agent.hello(lease_id, kinds=("llm",))
+            stub = cpb_grpc.CoordinatorStub(channel)
+            spec = tpb.TaskSpec(
+                task_id="t", kind="llm", payload=b'{"prompt": "x"}', metadata={"project": "p"}
+            )
+            await within(stub.Submit(cpb.SubmitRequest(spec=spec)))
+            task = (await agent.expect("assign")).task
+            usage = tpb.TokenUsage(input_tokens=10, output_tokens=20, cost_usd=0.25)
+            res = cpb.TaskResult(
+                task_id="t", claim_token=task.claim_token, output=b"{}", usage=usage
+            )
+            await agent.send(cpb.AgentMessage(result=res))
+            assert (await agent.expect("ack")).accepted
+    # the context stopped the node as SIGTERM does, and waited for it
+    try:
+        stored = await etcd.get(etcd.key("costs", "project", "p"))
+    finally:
+        await etcd.revoke(lease_id)
+        await etcd.close()
+    assert stored is not None, "the spend since the last flush was lost at step-down"
+    assert cpb.CostTotal.FromString(stored.value).usage.cost_usd == 0.25
