@@ -313,11 +313,15 @@ class Agent:
             )
             self.completed += 1
         except asyncio.CancelledError:
+            _interrupted_usage(executor, task)  # cancelled: no report, nothing to keep
             raise
         except TimeoutError:
             self.failed += 1
             report = _failure(
-                task, f"timed out after {task.spec.timeout_s or self.ctx.task_timeout_s} s", True
+                task,
+                f"timed out after {task.spec.timeout_s or self.ctx.task_timeout_s} s",
+                True,
+                _interrupted_usage(executor, task),  # an llm call cut short is billed too
             )
         except ExecutorError as err:
             self.failed += 1
@@ -372,6 +376,13 @@ class Agent:
         deadline = clock.monotonic() + timeout_s
         while (self.running or self.unacked) and clock.monotonic() < deadline:
             await clock.sleep(DRAIN_POLL_S)
+
+
+def _interrupted_usage(executor: Executor | None, task: tpb.Task) -> tpb.TokenUsage | None:
+    """What the executor was billed for an attempt cut short (the `llm` executor's
+    `interrupted_usage`; None for the others)."""
+    get = getattr(executor, "interrupted_usage", None)
+    return get(task) if get is not None else None
 
 
 def _failure(

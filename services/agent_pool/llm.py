@@ -14,6 +14,7 @@ Seams for the leader (phase 2):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -115,6 +116,9 @@ class LlmExecutor:
         self._api_key = api_key
         self._base_url = base_url
         self._client = client
+        self.interrupted: dict[tuple[str, int], tpb.TokenUsage] = {}
+        """(task, claim token) → what a call cut short by its deadline was billed, until
+        the agent reports it (`interrupted_usage`)."""
 
     @property
     def client(self) -> anthropic.AsyncAnthropic:
@@ -167,9 +171,22 @@ class LlmExecutor:
                 with attempt:
                     call.attempts += 1
                     message = await self._call_traced(request, kwargs, call, progress)
+        except asyncio.CancelledError:
+            # a deadline (or a cancel) mid-call: the API bills what it read and wrote all
+            # the same; the agent's timeout failure carries it (interrupted_usage)
+            if call.failed_input_tokens or call.failed_output_tokens:
+                usage, _ = self._usage(
+                    call.model, call.failed_input_tokens, call.failed_output_tokens
+                )
+                self.interrupted[(task.task_id, task.claim_token)] = usage
+            raise
         except Exception as err:  # noqa: BLE001 - classified below; cancellation is not an Exception
             raise self._failure(err, call) from err
         return self._outcome(request, system, message, call)
+
+    def interrupted_usage(self, task: tpb.Task) -> tpb.TokenUsage | None:
+        """What `task`'s attempt was billed before its deadline cut it short (once)."""
+        return self.interrupted.pop((task.task_id, task.claim_token), None)
 
     async def _call_traced(
         self, request: LlmRequest, kwargs: dict[str, Any], call: _Call, progress: Progress | None
@@ -233,7 +250,7 @@ class LlmExecutor:
                 try:
                     await self._follow(stream, request, progress)
                     return await stream.get_final_message()
-                except Exception:
+                except BaseException:  # a cancel (the task's deadline) as well
                     # billed for what it read and wrote before the break, as far as we know
                     snapshot_of = getattr(stream, "_current_snapshot_or_none", None)
                     usage = getattr(snapshot_of() if snapshot_of else None, "usage", None)

@@ -382,3 +382,35 @@ async def test_the_agent_sends_the_rate_limit_headers_to_the_leader() -> None:
     assert refused.failure.ratelimit.model == "claude-sonnet-5-5"
     assert int(refused.failure.ratelimit.headers["retry-after"]) >= 1
     assert refused.failure.ratelimit.headers["anthropic-ratelimit-requests-remaining"] == "0"
+
+
+async def test_a_task_timed_out_mid_stream_reports_what_it_was_billed(
+    fake: FakeAnthropic,
+) -> None:
+    # message_start had stated the input tokens (billed) when the task's timeout cut the
+    # stream: the failure used to carry no usage, so the spend never reached the totals
+    # and the budgets, however often such tasks were retried
+    fake.cfg.tokens_per_s = 10  # 40 tokens: 4 s of streaming
+    clock = SystemClock()
+    ex = executor(fake)
+    ctx = PoolContext(
+        pool_id="p",
+        lease_id=lambda: 1,
+        coordinator=Leader(None, "coordinator", clock),  # type: ignore[arg-type]  # no etcd
+        executors={"llm": ex},
+        task_timeout_s=HANG_S,
+        clock=clock,
+    )
+    agent = Agent("p-a0001", ctx, ppb.AgentTemplate(kinds=["llm"], capacity=1))
+    task = llm_task({"prompt": "x" * 400})
+    task.spec.timeout_s = 1.0
+    try:
+        report = await agent._attempt(task, 0)
+    finally:
+        await ex.close()
+    assert report.WhichOneof("body") == "failure"
+    assert "timed out after 1.0 s" in report.failure.error
+    assert report.failure.retryable
+    assert report.failure.usage.input_tokens > 100
+    assert report.failure.usage.cost_usd > 0
+    assert ex.interrupted == {}  # nothing kept once it was reported
