@@ -296,22 +296,27 @@ class Agent:
             timeout = task.spec.timeout_s or self.ctx.task_timeout_s
             outcome = await clock.wait_for(executor.run(task, self._progress(task)), timeout)
             if len(outcome.output) > self.ctx.max_result_bytes:
-                raise ExecutorError(
+                self.failed += 1
+                report = _failure(
+                    task,
                     f"the output is {len(outcome.output)} bytes; the limit is "
                     f"{self.ctx.max_result_bytes} bytes (AGENTMESH_MAX_RESULT_BYTES)",
-                    retryable=False,  # the same input would give the same output
+                    False,  # the same input would give the same output
+                    outcome.usage,  # the work was done (an llm call billed in full)
+                    outcome.ratelimit,
                 )
-            report = cpb.AgentMessage(
-                result=cpb.TaskResult(
-                    task_id=task.task_id,
-                    claim_token=token,
-                    output=outcome.output,
-                    usage=outcome.usage,
-                    received_at_us=received_at_us,
-                    ratelimit=outcome.ratelimit,
+            else:
+                report = cpb.AgentMessage(
+                    result=cpb.TaskResult(
+                        task_id=task.task_id,
+                        claim_token=token,
+                        output=outcome.output,
+                        usage=outcome.usage,
+                        received_at_us=received_at_us,
+                        ratelimit=outcome.ratelimit,
+                    )
                 )
-            )
-            self.completed += 1
+                self.completed += 1
         except asyncio.CancelledError:
             _interrupted_usage(executor, task)  # cancelled: no report, nothing to keep
             raise

@@ -414,3 +414,32 @@ async def test_a_task_timed_out_mid_stream_reports_what_it_was_billed(
     assert report.failure.usage.input_tokens > 100
     assert report.failure.usage.cost_usd > 0
     assert ex.interrupted == {}  # nothing kept once it was reported
+
+
+async def test_an_answer_too_large_to_store_still_reports_what_it_was_billed(
+    fake: FakeAnthropic,
+) -> None:
+    # the call succeeded and was billed in full; the agent refused its output as too large
+    # for the task record and used to report the failure with no usage at all
+    clock = SystemClock()
+    ex = executor(fake)
+    ctx = PoolContext(
+        pool_id="p",
+        lease_id=lambda: 1,
+        coordinator=Leader(None, "coordinator", clock),  # type: ignore[arg-type]  # no etcd
+        executors={"llm": ex},
+        task_timeout_s=HANG_S,
+        clock=clock,
+        max_result_bytes=64,
+    )
+    agent = Agent("p-a0001", ctx, ppb.AgentTemplate(kinds=["llm"], capacity=1))
+    try:
+        report = await agent._attempt(llm_task({"prompt": "x" * 400}), 0)
+    finally:
+        await ex.close()
+    assert report.WhichOneof("body") == "failure"
+    assert "the limit is 64 bytes" in report.failure.error
+    assert not report.failure.retryable
+    assert report.failure.usage.input_tokens > 100
+    assert report.failure.usage.output_tokens == 40
+    assert report.failure.usage.cost_usd > 0
