@@ -163,14 +163,23 @@ class AgentPool:
         return agent
 
     async def _start(self, agents: list[Agent]) -> None:
-        """Connect `agents`, publish them, and open their vote streams."""
+        """Connect `agents`, publish them, and open their vote streams.
+
+        Once they run, they are published and vote even if the caller goes (a SpawnAgents
+        whose deadline passed mid-way): cut short, they took tasks unregistered (the health
+        monitor never replaced them when their pool died) and without a key or a vote stream.
+        """
         for agent in agents:
             self.agents[agent.agent_id] = agent
             self._runs[agent.agent_id] = asyncio.ensure_future(agent.run())
         self.count_changed.set()
+        await asyncio.shield(self._chore(self._publish(agents)))
+
+    async def _publish(self, agents: list[Agent]) -> None:
         await self.registry.register(agents)
         for agent in agents:
-            self.voters.start(agent)
+            if agent.agent_id in self.agents:  # not stopped meanwhile
+                self.voters.start(agent)
 
     async def spawn(
         self,
@@ -334,10 +343,11 @@ class AgentPool:
         elif body == "drain":
             self._chore(self.retire(agent_id, directive.drain.reason))
 
-    def _chore(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _chore(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
+        return task
 
     async def replace(self, agent_id: str, reason: str) -> None:
         """Stop the agent now (the coordinator requeues what it held when its stream

@@ -162,6 +162,38 @@ async def test_stop_agents_gracefully(mesh: Mesh) -> None:
     assert list(by_count.stopped) == [ids[3]]
 
 
+async def test_agents_of_a_spawn_whose_deadline_passed_mid_registration_are_published(
+    mesh: Mesh,
+) -> None:
+    node = mesh.pool_node
+    registry = node.core.registry
+    register = registry.register
+
+    async def slow_etcd(agents: Any) -> None:
+        await asyncio.sleep(0.5)  # the caller's deadline passes while this is under way
+        await register(agents)
+
+    registry.register = slow_etcd  # type: ignore[method-assign]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=3), timeout=0.2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    ids = sorted(node.core.agents)
+    assert len(ids) == 3  # they run (and take tasks) whatever the caller saw
+    etcd = node.runner.etcd
+
+    async def published() -> bool:
+        records = {r.agent_id for r in await discovery.resolve_agents(etcd)}
+        keys = [await etcd.get(etcd.key("keys", a)) for a in ids]
+        return (
+            records == set(ids)
+            and all(k is not None for k in keys)
+            and set(node.voters.tasks) == set(ids)
+        )
+
+    # cut short, they stayed out of agents/ and keys/ and never opened a vote stream
+    await until(published, 5.0)
+
+
 @pytest.mark.parametrize(
     "call",
     [

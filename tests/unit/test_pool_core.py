@@ -87,7 +87,7 @@ def welcome(agent: Agent) -> None:
 
 
 async def settle() -> None:
-    for _ in range(5):
+    for _ in range(10):
         await asyncio.sleep(0)
 
 
