@@ -169,8 +169,14 @@ class PoolClient:
         return [p async for p in self.stub.SpawnWaves(req, timeout=POOL_RPC_TIMEOUT_S)]
 
     async def stop_all(self) -> int:
-        listed = await self.stub.ListAgents(ppb.ListPoolAgentsRequest(), timeout=10.0)
-        ids = [a.agent_id for a in listed.agents]
+        ids: list[str] = []
+        page = ppb.ListPoolAgentsRequest()
+        while True:
+            listed = await self.stub.ListAgents(page, timeout=10.0)
+            ids.extend(a.agent_id for a in listed.agents)
+            if not listed.next_page_token:
+                break
+            page.page_token = listed.next_page_token
         if not ids:
             return 0
         resp = await self.stub.StopAgents(

@@ -73,6 +73,11 @@ def check_count(count: int) -> None:
         raise InvalidArgumentError(f"count {count} is out of range: use 1-{MAX_SPAWN}")
 
 
+REPLY_BYTES = limits.LIST_PAGE_BYTES
+"""A SpawnAgents reply lists every agent started: it must fit a default client's 4 MiB
+receive limit, like a page of ListAgents."""
+
+
 class AgentPool:
     """The agents of one pool.
 
@@ -152,6 +157,29 @@ class AgentPool:
                 raise InvalidArgumentError(f"template.capacity must be 1-{MAX_CAPACITY}")
             out.capacity = t.capacity
         return out
+
+    def check_reply(self, count: int, template: ppb.AgentTemplate | None) -> None:
+        """InvalidArgumentError unless a reply listing `count` agents made from `template`
+        fits REPLY_BYTES. Past it the caller got RESOURCE_EXHAUSTED from its own gRPC
+        while every agent ran, and a retry started them all again."""
+        check_count(count)
+        largest = ppb.PoolAgent(
+            agent_id=f"{self.pool_id}-a{10**9}",
+            pool_id=self.pool_id,
+            state=ppb.AGENT_STATE_RECONNECTING,
+            spawn_ms=1.0,
+            inflight=MAX_CAPACITY,
+            completed=2**63,
+            failed=2**63,
+            template=self.template(template),
+        )
+        fit = REPLY_BYTES // (largest.ByteSize() + 4)  # + the field's tag and length
+        if count > fit:
+            raise InvalidArgumentError(
+                f"count {count} is too large for this template: the reply lists each agent "
+                f"with its template and would not fit {REPLY_BYTES // limits.MiB} MiB; use "
+                f"count 1-{fit} (or SpawnWaves, whose progress carries counts only)"
+            )
 
     # ---- starting agents ----
 

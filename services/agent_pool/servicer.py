@@ -29,8 +29,10 @@ class PoolServicer(ppb_grpc.AgentPoolServicer):
     async def SpawnAgents(
         self, request: ppb.SpawnAgentsRequest, context: grpc.aio.ServicerContext
     ) -> ppb.SpawnAgentsResponse:
+        template = _template(request)
+        self.core.check_reply(request.count, template)
         spawned = await self.core.spawn(
-            request.count, request.batch_size, _template(request), replaces=request.replaces
+            request.count, request.batch_size, template, replaces=request.replaces
         )
         return ppb.SpawnAgentsResponse(
             agents=[a.info() for a in spawned.agents],
@@ -70,12 +72,27 @@ class PoolServicer(ppb_grpc.AgentPoolServicer):
     async def ListAgents(
         self, request: ppb.ListPoolAgentsRequest, context: grpc.aio.ServicerContext
     ) -> ppb.ListPoolAgentsResponse:
+        if request.page_size > MAX_SPAWN:
+            raise InvalidArgumentError(
+                f"page_size {request.page_size} is too large: use 1-{MAX_SPAWN} (0: as many as fit)"
+            )
+        limits.check_bytes("page_token", request.page_token, limits.ID_BYTES)
         core = self.core
-        return ppb.ListPoolAgentsResponse(
-            pool_id=core.pool_id,
-            agents=[a.info() for a in core.agents.values()],
-            warm=len(core.warm),
-        )
+        resp = ppb.ListPoolAgentsResponse(pool_id=core.pool_id, warm=len(core.warm))
+        size = request.page_size or len(core.agents)
+        used = 0
+        # by id, so a page token is a place in the list whatever starts or stops meanwhile
+        for agent_id in sorted(a for a in core.agents if a > request.page_token):
+            info = core.agents[agent_id].info()
+            info_bytes = info.ByteSize()
+            if resp.agents and (
+                len(resp.agents) >= size or used + info_bytes > limits.LIST_PAGE_BYTES
+            ):
+                resp.next_page_token = resp.agents[-1].agent_id
+                break
+            resp.agents.append(info)
+            used += info_bytes
+        return resp
 
     @rpc_errors
     async def Drain(

@@ -229,12 +229,19 @@ LIMITS: tuple[Limit, ...] = (
     ),
     Limit("SpawnAgents.count, SpawnWaves.count", "1-10,000", "INVALID_ARGUMENT"),
     Limit(
+        "SpawnAgents.count with its template",
+        "what one 3 MiB reply lists (212 agents of the largest template)",
+        "INVALID_ARGUMENT, naming the count that fits",
+    ),
+    Limit(
         "`agentmesh up` and `loadtest`: `--agents` per `--pools`",
         "10,000 a pool",
         "exit 2 before anything starts, naming the `--pools` that would fit",
     ),
     Limit("SpawnWaves.wave_interval_s", "finite, 0-3,600", "INVALID_ARGUMENT"),
     Limit("SpawnAgents.replaces", "an agent id (128 bytes), with count 1", "INVALID_ARGUMENT"),
+    Limit("AgentPool ListAgents page_size", "0-10,000 (0: as many as fit)", "INVALID_ARGUMENT"),
+    Limit("one AgentPool ListAgents page", "3 MiB", "a shorter page with a next_page_token"),
     Limit(
         "StopAgents.agent_ids, .count",
         "10,000 ids of 128 bytes (an id given twice counts once); count 0-10,000",

@@ -25,6 +25,7 @@ from services._common.errors import AlreadyExistsError
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.server import PoolNode
 from services.client import MeshClient
+from services.coordinator import limits
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.server import CoordinatorNode
 
@@ -206,6 +207,8 @@ async def test_agents_of_a_spawn_whose_deadline_passed_mid_registration_are_publ
         lambda pool: pool.SpawnAgents(ppb.SpawnAgentsRequest(count=1, replaces="a 1")),
         lambda pool: pool.StopAgents(ppb.StopAgentsRequest()),
         lambda pool: pool.StopAgents(ppb.StopAgentsRequest(agent_ids=["not-mine"])),
+        lambda pool: pool.ListAgents(ppb.ListPoolAgentsRequest(page_size=10_001)),
+        lambda pool: pool.ListAgents(ppb.ListPoolAgentsRequest(page_token="x" * 129)),
     ],
     ids=[
         "count-0",
@@ -215,6 +218,8 @@ async def test_agents_of_a_spawn_whose_deadline_passed_mid_registration_are_publ
         "replaces-not-an-id",
         "stop-nothing",
         "stop-unknown",
+        "list-page-size-too-big",
+        "list-page-token-too-long",
     ],
 )
 async def test_bad_pool_requests_are_invalid_argument(mesh: Mesh, call: Any) -> None:
@@ -222,6 +227,53 @@ async def test_bad_pool_requests_are_invalid_argument(mesh: Mesh, call: Any) -> 
         await within(call(mesh.pool))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Traceback" not in (err.value.details() or "")
+
+
+def largest_template() -> ppb.AgentTemplate:
+    return ppb.AgentTemplate(
+        roles=[f"r{i:03d}".ljust(limits.ROLE_BYTES, "x") for i in range(limits.ROLES_ITEMS)],
+        labels={
+            f"k{i:03d}".ljust(limits.LABEL_KEY_BYTES, "x"): "v" * limits.LABEL_VALUE_BYTES
+            for i in range(limits.LABELS_ENTRIES)
+        },
+    )
+
+
+async def test_agents_of_the_largest_template_are_spawned_and_listed_within_reply_limits(
+    mesh: Mesh,
+) -> None:
+    big = largest_template()
+    # 300 such agents make a 4.4 MB reply: the caller's gRPC refused it (RESOURCE_EXHAUSTED)
+    # after all 300 had started, so a retry started 300 more
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=300, template=big)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "count 1-212" in (err.value.details() or "")
+    assert not mesh.pool_node.core.agents
+    ids = []
+    for count in (212, 88):
+        resp = await within(
+            mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=count, template=big))
+        )
+        ids += [a.agent_id for a in resp.agents]
+    assert len(set(ids)) == 300
+    # ListAgents pages by size: one answer of them all was refused the same way
+    listed: list[str] = []
+    pages = 0
+    page = ppb.ListPoolAgentsRequest()
+    while True:
+        resp = await within(mesh.pool.ListAgents(page))
+        pages += 1
+        assert resp.ByteSize() <= limits.LIST_PAGE_BYTES + 1024
+        listed += [a.agent_id for a in resp.agents]
+        if not resp.next_page_token:
+            break
+        page.page_token = resp.next_page_token
+    assert pages == 2
+    assert sorted(listed) == sorted(ids)
+    counted = await within(mesh.pool.ListAgents(ppb.ListPoolAgentsRequest(page_size=7)))
+    assert [a.agent_id for a in counted.agents] == sorted(ids)[:7]
+    assert counted.next_page_token == sorted(ids)[6]
 
 
 async def test_spawn_waves_with_count_0_is_invalid_argument(mesh: Mesh) -> None:

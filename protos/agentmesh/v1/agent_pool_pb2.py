@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentmesh/v1/agent_pool.proto\x12\x0c\x61gentmesh.v1\"\xa7\x01\n\rAgentTemplate\x12\r\n\x05roles\x18\x01 \x03(\t\x12\x37\n\x06labels\x18\x02 \x03(\x0b\x32\'.agentmesh.v1.AgentTemplate.LabelsEntry\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"x\n\x12SpawnAgentsRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12-\n\x08template\x18\x03 \x01(\x0b\x32\x1b.agentmesh.v1.AgentTemplate\x12\x10\n\x08replaces\x18\x04 \x01(\t\"d\n\x13SpawnAgentsResponse\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.agentmesh.v1.PoolAgent\x12\x11\n\telapsed_s\x18\x02 \x01(\x01\x12\x11\n\tfrom_warm\x18\x03 \x01(\r\"}\n\x11SpawnWavesRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x11\n\twave_size\x18\x02 \x01(\r\x12\x17\n\x0fwave_interval_s\x18\x03 \x01(\x01\x12-\n\x08template\x18\x04 \x01(\x0b\x32\x1b.agentmesh.v1.AgentTemplate\"`\n\rSpawnProgress\x12\x0c\n\x04wave\x18\x01 \x01(\r\x12\x0f\n\x07started\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\r\x12\x11\n\telapsed_s\x18\x05 \x01(\x01\"G\n\x11StopAgentsRequest\x12\x11\n\tagent_ids\x18\x01 \x03(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x10\n\x08graceful\x18\x03 \x01(\x08\"%\n\x12StopAgentsResponse\x12\x0f\n\x07stopped\x18\x01 \x03(\t\"\x17\n\x15ListPoolAgentsRequest\"\xcd\x01\n\tPoolAgent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.agentmesh.v1.AgentState\x12\x10\n\x08spawn_ms\x18\x04 \x01(\x01\x12\x10\n\x08inflight\x18\x05 \x01(\r\x12\x11\n\tcompleted\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12-\n\x08template\x18\x08 \x01(\x0b\x32\x1b.agentmesh.v1.AgentTemplate\"`\n\x16ListPoolAgentsResponse\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\'\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x17.agentmesh.v1.PoolAgent\x12\x0c\n\x04warm\x18\x03 \x01(\r\"\"\n\x10\x44rainPoolRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"%\n\x11\x44rainPoolResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\r*\xc1\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_STATE_STARTING\x10\x01\x12\x15\n\x11\x41GENT_STATE_READY\x10\x02\x12\x14\n\x10\x41GENT_STATE_WARM\x10\x03\x12\x18\n\x14\x41GENT_STATE_DRAINING\x10\x04\x12\x17\n\x13\x41GENT_STATE_STOPPED\x10\x05\x12\x1c\n\x18\x41GENT_STATE_RECONNECTING\x10\x06\x32\xa1\x03\n\tAgentPool\x12R\n\x0bSpawnAgents\x12 .agentmesh.v1.SpawnAgentsRequest\x1a!.agentmesh.v1.SpawnAgentsResponse\x12L\n\nSpawnWaves\x12\x1f.agentmesh.v1.SpawnWavesRequest\x1a\x1b.agentmesh.v1.SpawnProgress0\x01\x12O\n\nStopAgents\x12\x1f.agentmesh.v1.StopAgentsRequest\x1a .agentmesh.v1.StopAgentsResponse\x12W\n\nListAgents\x12#.agentmesh.v1.ListPoolAgentsRequest\x1a$.agentmesh.v1.ListPoolAgentsResponse\x12H\n\x05\x44rain\x12\x1e.agentmesh.v1.DrainPoolRequest\x1a\x1f.agentmesh.v1.DrainPoolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61gentmesh/v1/agent_pool.proto\x12\x0c\x61gentmesh.v1\"\xa7\x01\n\rAgentTemplate\x12\r\n\x05roles\x18\x01 \x03(\t\x12\x37\n\x06labels\x18\x02 \x03(\x0b\x32\'.agentmesh.v1.AgentTemplate.LabelsEntry\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"x\n\x12SpawnAgentsRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12-\n\x08template\x18\x03 \x01(\x0b\x32\x1b.agentmesh.v1.AgentTemplate\x12\x10\n\x08replaces\x18\x04 \x01(\t\"d\n\x13SpawnAgentsResponse\x12\'\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.agentmesh.v1.PoolAgent\x12\x11\n\telapsed_s\x18\x02 \x01(\x01\x12\x11\n\tfrom_warm\x18\x03 \x01(\r\"}\n\x11SpawnWavesRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x11\n\twave_size\x18\x02 \x01(\r\x12\x17\n\x0fwave_interval_s\x18\x03 \x01(\x01\x12-\n\x08template\x18\x04 \x01(\x0b\x32\x1b.agentmesh.v1.AgentTemplate\"`\n\rSpawnProgress\x12\x0c\n\x04wave\x18\x01 \x01(\r\x12\x0f\n\x07started\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\r\x12\x11\n\telapsed_s\x18\x05 \x01(\x01\"G\n\x11StopAgentsRequest\x12\x11\n\tagent_ids\x18\x01 \x03(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x10\n\x08graceful\x18\x03 \x01(\x08\"%\n\x12StopAgentsResponse\x12\x0f\n\x07stopped\x18\x01 \x03(\t\">\n\x15ListPoolAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xcd\x01\n\tPoolAgent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.agentmesh.v1.AgentState\x12\x10\n\x08spawn_ms\x18\x04 \x01(\x01\x12\x10\n\x08inflight\x18\x05 \x01(\r\x12\x11\n\tcompleted\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12-\n\x08template\x18\x08 \x01(\x0b\x32\x1b.agentmesh.v1.AgentTemplate\"y\n\x16ListPoolAgentsResponse\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\'\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x17.agentmesh.v1.PoolAgent\x12\x0c\n\x04warm\x18\x03 \x01(\r\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"\"\n\x10\x44rainPoolRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"%\n\x11\x44rainPoolResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\r*\xc1\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_STATE_STARTING\x10\x01\x12\x15\n\x11\x41GENT_STATE_READY\x10\x02\x12\x14\n\x10\x41GENT_STATE_WARM\x10\x03\x12\x18\n\x14\x41GENT_STATE_DRAINING\x10\x04\x12\x17\n\x13\x41GENT_STATE_STOPPED\x10\x05\x12\x1c\n\x18\x41GENT_STATE_RECONNECTING\x10\x06\x32\xa1\x03\n\tAgentPool\x12R\n\x0bSpawnAgents\x12 .agentmesh.v1.SpawnAgentsRequest\x1a!.agentmesh.v1.SpawnAgentsResponse\x12L\n\nSpawnWaves\x12\x1f.agentmesh.v1.SpawnWavesRequest\x1a\x1b.agentmesh.v1.SpawnProgress0\x01\x12O\n\nStopAgents\x12\x1f.agentmesh.v1.StopAgentsRequest\x1a .agentmesh.v1.StopAgentsResponse\x12W\n\nListAgents\x12#.agentmesh.v1.ListPoolAgentsRequest\x1a$.agentmesh.v1.ListPoolAgentsResponse\x12H\n\x05\x44rain\x12\x1e.agentmesh.v1.DrainPoolRequest\x1a\x1f.agentmesh.v1.DrainPoolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AGENTTEMPLATE_LABELSENTRY']._loaded_options = None
   _globals['_AGENTTEMPLATE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_AGENTSTATE']._serialized_start=1185
-  _globals['_AGENTSTATE']._serialized_end=1378
+  _globals['_AGENTSTATE']._serialized_start=1249
+  _globals['_AGENTSTATE']._serialized_end=1442
   _globals['_AGENTTEMPLATE']._serialized_start=48
   _globals['_AGENTTEMPLATE']._serialized_end=215
   _globals['_AGENTTEMPLATE_LABELSENTRY']._serialized_start=170
@@ -52,15 +52,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPAGENTSRESPONSE']._serialized_start=739
   _globals['_STOPAGENTSRESPONSE']._serialized_end=776
   _globals['_LISTPOOLAGENTSREQUEST']._serialized_start=778
-  _globals['_LISTPOOLAGENTSREQUEST']._serialized_end=801
-  _globals['_POOLAGENT']._serialized_start=804
-  _globals['_POOLAGENT']._serialized_end=1009
-  _globals['_LISTPOOLAGENTSRESPONSE']._serialized_start=1011
-  _globals['_LISTPOOLAGENTSRESPONSE']._serialized_end=1107
-  _globals['_DRAINPOOLREQUEST']._serialized_start=1109
-  _globals['_DRAINPOOLREQUEST']._serialized_end=1143
-  _globals['_DRAINPOOLRESPONSE']._serialized_start=1145
-  _globals['_DRAINPOOLRESPONSE']._serialized_end=1182
-  _globals['_AGENTPOOL']._serialized_start=1381
-  _globals['_AGENTPOOL']._serialized_end=1798
+  _globals['_LISTPOOLAGENTSREQUEST']._serialized_end=840
+  _globals['_POOLAGENT']._serialized_start=843
+  _globals['_POOLAGENT']._serialized_end=1048
+  _globals['_LISTPOOLAGENTSRESPONSE']._serialized_start=1050
+  _globals['_LISTPOOLAGENTSRESPONSE']._serialized_end=1171
+  _globals['_DRAINPOOLREQUEST']._serialized_start=1173
+  _globals['_DRAINPOOLREQUEST']._serialized_end=1207
+  _globals['_DRAINPOOLRESPONSE']._serialized_start=1209
+  _globals['_DRAINPOOLRESPONSE']._serialized_end=1246
+  _globals['_AGENTPOOL']._serialized_start=1445
+  _globals['_AGENTPOOL']._serialized_end=1862
 # @@protoc_insertion_point(module_scope)

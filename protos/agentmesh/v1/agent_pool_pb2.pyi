@@ -108,8 +108,12 @@ class StopAgentsResponse(_message.Message):
     def __init__(self, stopped: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListPoolAgentsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class PoolAgent(_message.Message):
     __slots__ = ("agent_id", "pool_id", "state", "spawn_ms", "inflight", "completed", "failed", "template")
@@ -132,14 +136,16 @@ class PoolAgent(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., spawn_ms: _Optional[float] = ..., inflight: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., template: _Optional[_Union[AgentTemplate, _Mapping]] = ...) -> None: ...
 
 class ListPoolAgentsResponse(_message.Message):
-    __slots__ = ("pool_id", "agents", "warm")
+    __slots__ = ("pool_id", "agents", "warm", "next_page_token")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     WARM_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     agents: _containers.RepeatedCompositeFieldContainer[PoolAgent]
     warm: int
-    def __init__(self, pool_id: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[PoolAgent, _Mapping]]] = ..., warm: _Optional[int] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, pool_id: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[PoolAgent, _Mapping]]] = ..., warm: _Optional[int] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DrainPoolRequest(_message.Message):
     __slots__ = ("reason",)
