@@ -209,27 +209,43 @@ class PoolNode:
 
 class _EtcdRegistry:
     """Agents under agents/<id> and their public voting keys under keys/<id>, on the
-    pool's lease. A write that fails is not retried: the next lease publishes all."""
+    pool's lease. A registration etcd did not take is tried again while that lease lives (an
+    etcd restart keeps it): given up, the agents spawned during a blip stayed out of
+    agents/ (never replaced when their pool died) and keys/ (their BFT votes refused) for
+    as long as the lease lived. A new lease publishes every agent anyway (rejoin)."""
 
     def __init__(self, node: PoolNode) -> None:
         self.node = node
 
     async def register(self, agents: Sequence[Agent]) -> None:
         node = self.node
-        lease = node.runner.session.id
-        if not lease:
-            return  # no lease yet: the first one publishes every agent (_follow_session)
-        records = [
-            discovery.AgentRecord(
-                a.agent_id, node.pool_id, tuple(a.template.kinds), tuple(a.template.roles)
-            )
-            for a in agents
-        ]
-        with contextlib.suppress(StoreUnavailableError):
-            await discovery.register_agents(node.runner.etcd, lease, records)
-        await node.voters.register([_voter_info(a) for a in agents])
+        session, clock = node.runner.session, node.runner.clock
+        lease, failed = session.id, False
+        while lease:  # no lease yet: the first one publishes every agent (_follow_session)
+            live = [a for a in agents if a.agent_id in node.core.agents]  # not stopped since
+            records = [
+                discovery.AgentRecord(
+                    a.agent_id, node.pool_id, tuple(a.template.kinds), tuple(a.template.roles)
+                )
+                for a in live
+            ]
+            try:
+                await discovery.register_agents(node.runner.etcd, lease, records)
+                await node.voters.register([_voter_info(a) for a in live])
+                if failed:
+                    log.info("agent registration written after all")
+                return
+            except StoreUnavailableError as err:
+                if session.id != lease:
+                    return  # the new lease's rejoin publishes every agent there is
+                if not failed:
+                    log.warning("agent registration not written; again", extra={"error": str(err)})
+                failed = True
+                await clock.sleep(RETRY_S)
 
     async def deregister(self, agent_ids: Sequence[str]) -> None:
+        # tried once: a record left behind names an agent that said goodbye, and it goes
+        # with the lease; a shutdown (the lease revoked next) must not wait for etcd
         with contextlib.suppress(StoreUnavailableError):
             await discovery.deregister_agents(self.node.runner.etcd, agent_ids)
 

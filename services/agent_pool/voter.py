@@ -37,7 +37,6 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 from registry import discovery
 from registry.etcd import Etcd
 from services._common.clock import Clock
-from services._common.errors import StoreUnavailableError
 from services._common.follow import Leader, reconnecting
 from services.agent_pool.executors import ExecutorError, Outcome, Progress, SleepExecutor
 from services.consensus import signing
@@ -203,8 +202,7 @@ class VoterPool:
             (self.etcd.key("keys", a.agent_id), signing.public_bytes(self.keys[a.agent_id]))
             for a in agents
         ]
-        with contextlib.suppress(StoreUnavailableError):
-            await discovery.put_all(self.etcd, self.lease_id(), keys)
+        await discovery.put_all(self.etcd, self.lease_id(), keys)
 
     def start(self, agent: VoterInfo) -> None:
         if agent.agent_id not in self.tasks:

@@ -21,7 +21,7 @@ from protos.agentmesh.v1 import task_pb2 as tpb
 from registry import discovery
 from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
-from services._common.errors import AlreadyExistsError
+from services._common.errors import AlreadyExistsError, StoreUnavailableError
 from services.agent_pool.config import PoolConfig
 from services.agent_pool.server import PoolNode
 from services.client import MeshClient
@@ -227,6 +227,35 @@ async def test_bad_pool_requests_are_invalid_argument(mesh: Mesh, call: Any) -> 
         await within(call(mesh.pool))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Traceback" not in (err.value.details() or "")
+
+
+async def test_agents_spawned_during_an_etcd_blip_are_published_once_it_is_over(
+    mesh: Mesh,
+) -> None:
+    node = mesh.pool_node
+    etcd = node.runner.etcd
+    lease = node.runner.session.id
+    txn = etcd.txn
+    loop = asyncio.get_running_loop()
+    back_at = loop.time() + 1.0  # shorter than the lease's TTL: the pool keeps its lease
+
+    async def blip(*args: Any, **kwargs: Any) -> Any:
+        if loop.time() < back_at:
+            raise StoreUnavailableError("etcd is unreachable (injected blip)")
+        return await txn(*args, **kwargs)
+
+    etcd.txn = blip  # type: ignore[method-assign]
+    resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=2)))
+    ids = {a.agent_id for a in resp.agents}
+
+    async def published() -> bool:
+        records = {r.agent_id for r in await discovery.resolve_agents(etcd)}
+        keys = [await etcd.get(etcd.key("keys", a)) for a in ids]
+        return records == ids and all(k is not None for k in keys)
+
+    # given up after one try, they stayed out of agents/ and keys/ while the lease lived
+    await until(published, 5.0)
+    assert node.runner.session.id == lease
 
 
 def largest_template() -> ppb.AgentTemplate:
