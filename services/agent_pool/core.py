@@ -327,6 +327,13 @@ class AgentPool:
                 f"{len(unknown)} agent ids are not in this pool, e.g. "
                 + ", ".join(limits.quote(a) for a in unknown[:3])
             )
+        # a stop once begun is carried out as asked whatever happens to its caller: a
+        # graceful one cut short by the caller's deadline killed the held tasks (they ran
+        # again elsewhere) instead of letting them finish
+        await asyncio.shield(self._chore(self._stop(chosen, graceful)))
+        return chosen
+
+    async def _stop(self, chosen: list[str], graceful: bool) -> None:
         try:
             if graceful:
                 draining = [self.agents[a] for a in chosen if a in self.agents]
@@ -337,7 +344,6 @@ class AgentPool:
                 self._forget(agent_id)
             self.count_changed.set()
             await self.registry.deregister(chosen)
-        return chosen
 
     def _forget(self, agent_id: str) -> None:
         agent = self.agents.pop(agent_id, None)

@@ -163,6 +163,38 @@ async def test_stop_agents_gracefully(mesh: Mesh) -> None:
     assert list(by_count.stopped) == [ids[3]]
 
 
+async def test_a_graceful_stop_whose_caller_gave_up_still_lets_the_held_task_finish(
+    mesh: Mesh,
+) -> None:
+    await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=2)))
+    core = mesh.pool_node.core
+    async with MeshClient(coordinator=mesh.coordinator.endpoint) as client:
+        # 1.2 s of work: under the pool's 2 s grace, longer than the caller's deadline
+        sub = await within(client.submit(tpb.TaskSpec(kind="sleep", payload=b'{"ms": 1200}')))
+        task_id = sub.task.task_id
+
+        async def held() -> bool:
+            return any(task_id in a.running for a in core.agents.values())
+
+        await until(held)
+        (victim,) = [a.agent_id for a in core.agents.values() if task_id in a.running]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await mesh.pool.StopAgents(
+                ppb.StopAgentsRequest(agent_ids=[victim], graceful=True), timeout=0.3
+            )
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        events = [e async for e in client.watch_task(task_id)]
+    done = events[-1].task
+    assert done.state == tpb.TASK_STATE_SUCCEEDED
+    # cut short, the stop killed the task, which ran again on the other agent
+    assert (done.agent_id, done.attempts) == (victim, 1)
+
+    async def stopped() -> bool:
+        return victim not in core.agents
+
+    await until(stopped, 5.0)
+
+
 async def test_agents_of_a_spawn_whose_deadline_passed_mid_registration_are_published(
     mesh: Mesh,
 ) -> None:
