@@ -127,13 +127,18 @@ async def put_all(etcd: Etcd, lease_id: int, items: Sequence[tuple[bytes, bytes]
     await _in_batches(etcd, [op_put(k, v, lease_id) for k, v in items])
 
 
+async def delete_all(etcd: Etcd, keys: Iterable[bytes]) -> None:
+    """Delete every key, MAX_TXN_OPS to a transaction (see `put_all`)."""
+    await _in_batches(etcd, [op_delete(k) for k in keys])
+
+
 async def register_agents(etcd: Etcd, lease_id: int, records: Iterable[AgentRecord]) -> None:
     """Publish agents on their pool's lease (they disappear with it)."""
     await put_all(etcd, lease_id, [(agent_key(etcd, r.agent_id), r.encode()) for r in records])
 
 
 async def deregister_agents(etcd: Etcd, agent_ids: Iterable[str]) -> None:
-    await _in_batches(etcd, [op_delete(agent_key(etcd, a)) for a in agent_ids])
+    await delete_all(etcd, (agent_key(etcd, a) for a in agent_ids))
 
 
 async def resolve_agents(etcd: Etcd, page: int = 1000) -> list[AgentRecord]:

@@ -248,6 +248,8 @@ class _EtcdRegistry:
         # with the lease; a shutdown (the lease revoked next) must not wait for etcd
         with contextlib.suppress(StoreUnavailableError):
             await discovery.deregister_agents(self.node.runner.etcd, agent_ids)
+        with contextlib.suppress(StoreUnavailableError):
+            await self.node.voters.deregister(agent_ids)
 
 
 class _VoteStreams:

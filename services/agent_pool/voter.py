@@ -23,7 +23,7 @@ import logging
 import os
 import random
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,6 +204,15 @@ class VoterPool:
         ]
         await discovery.put_all(self.etcd, self.lease_id(), keys)
 
+    async def deregister(self, agent_ids: Sequence[str]) -> None:
+        """Forget stopped agents' keys, here and under keys/<agent id> (they stayed, in
+        memory and in etcd, for as long as the pool's lease lived: one more per agent
+        stopped or replaced)."""
+        for agent_id in agent_ids:
+            self.keys.pop(agent_id, None)
+            self.mode.pop(agent_id, None)
+        await discovery.delete_all(self.etcd, [self.etcd.key("keys", a) for a in agent_ids])
+
     def start(self, agent: VoterInfo) -> None:
         if agent.agent_id not in self.tasks:
             self.tasks[agent.agent_id] = asyncio.ensure_future(self._run(agent))
@@ -296,6 +305,8 @@ class VoterPool:
     ) -> None:
         assert self._think is not None
         await self.clock.sleep(self._think.draw_ms() / 1000)
+        if agent_id not in self.tasks:
+            return  # stopped meanwhile (its key may be gone)
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             for vote in self._answer(agent_id, req):
                 async with lock:

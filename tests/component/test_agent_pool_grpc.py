@@ -163,6 +163,20 @@ async def test_stop_agents_gracefully(mesh: Mesh) -> None:
     assert list(by_count.stopped) == [ids[3]]
 
 
+async def test_a_stopped_agent_leaves_no_voting_key_behind(mesh: Mesh) -> None:
+    resp = await within(mesh.pool.SpawnAgents(ppb.SpawnAgentsRequest(count=2)))
+    victim, other = (a.agent_id for a in resp.agents)
+    node = mesh.pool_node
+    etcd = node.runner.etcd
+    assert await etcd.get(etcd.key("keys", victim)) is not None
+    await within(mesh.pool.StopAgents(ppb.StopAgentsRequest(agent_ids=[victim])))
+    # it stayed in keys/ (and its private key in the pool's memory) while the lease lived:
+    # one more for every agent stopped or replaced
+    assert await etcd.get(etcd.key("keys", victim)) is None
+    assert victim not in node.voters.keys
+    assert await etcd.get(etcd.key("keys", other)) is not None
+
+
 async def test_a_graceful_stop_whose_caller_gave_up_still_lets_the_held_task_finish(
     mesh: Mesh,
 ) -> None:
