@@ -5,9 +5,26 @@ An executor's own settings are its section (executors.EXECUTORS), not fields her
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from services._common.config import ServiceConfig
+from services.coordinator import limits
+
+POOL_ID_BYTES = limits.ID_BYTES - 16
+"""Agents are <pool id>-a<n> and an agent id is at most ID_BYTES: room for n to grow."""
+_POOL_ID_RE = re.compile(rf"^[A-Za-z0-9._-]{{1,{POOL_ID_BYTES}}}$")
+
+
+def check_pool_id(pool_id: str) -> None:
+    """ValueError unless `pool_id` makes valid agent ids. Any other started, and the
+    coordinator refused every one of its agents' hellos, for ever, the pool running."""
+    if not _POOL_ID_RE.match(pool_id):
+        raise ValueError(
+            f"--pool-id {limits.quote(pool_id)} must be 1-{POOL_ID_BYTES} characters of "
+            "A-Z a-z 0-9 . _ - (its agents are <pool id>-a<n>, and an agent id is at most "
+            f"{limits.ID_BYTES}; without --pool-id, --node-id is the pool's id)"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

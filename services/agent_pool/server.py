@@ -18,7 +18,7 @@ from services._common.errors import AlreadyExistsError, StoreUnavailableError
 from services._common.follow import Leader
 from services._common.runner import Runner
 from services.agent_pool.agent import Agent, PoolContext
-from services.agent_pool.config import PoolConfig
+from services.agent_pool.config import PoolConfig, check_pool_id
 from services.agent_pool.core import AgentPool
 from services.agent_pool.executors import ExecutorContext, build_executors
 from services.agent_pool.heartbeat import Heartbeater, TaskTracker
@@ -38,6 +38,7 @@ class PoolNode:
     def __init__(self, cfg: PoolConfig, clock: Clock | None = None) -> None:
         self.cfg = cfg
         self.pool_id = cfg.pool_id or cfg.node_id or f"pool-{os.getpid()}-{secrets.token_hex(2)}"
+        check_pool_id(self.pool_id)
         runner = self.runner = Runner(KIND, cfg, [SERVICE], node_id=self.pool_id, clock=clock)
         clock, etcd, session = runner.clock, runner.etcd, runner.session
         self.coordinator = Leader(etcd, "coordinator", clock)

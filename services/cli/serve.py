@@ -49,9 +49,12 @@ def check_coordinator(cfg: CoordinatorConfig) -> None:
 
 
 def check_pool(cfg: PoolConfig) -> None:
+    from services.agent_pool.config import check_pool_id
     from services.agent_pool.executors import parse_latency
     from services.agent_pool.voter import Policy, parse_byzantine
 
+    if cfg.pool_id or cfg.node_id:
+        check_pool_id(cfg.pool_id or cfg.node_id)
     cfg.label_map()
     parse_latency(cfg.sleep_ms)
     Policy.parse(cfg.vote_policy)

@@ -238,6 +238,11 @@ LIMITS: tuple[Limit, ...] = (
         "10,000 a pool",
         "exit 2 before anything starts, naming the `--pools` that would fit",
     ),
+    Limit(
+        "`serve agent-pool --pool-id` (else `--node-id`)",
+        "112 characters of A-Z a-z 0-9 . _ -",
+        "exit 2 before anything starts",
+    ),
     Limit("SpawnWaves.wave_interval_s", "finite, 0-3,600", "INVALID_ARGUMENT"),
     Limit("SpawnAgents.replaces", "an agent id (128 bytes), with count 1", "INVALID_ARGUMENT"),
     Limit("AgentPool ListAgents page_size", "0-10,000 (0: as many as fit)", "INVALID_ARGUMENT"),

@@ -89,3 +89,27 @@ def test_up_refuses_a_bad_value_before_it_starts_anything(
     result = CliRunner().invoke(cli.app, [*base, *(x for kv in ports for x in kv), *args])
     assert result.exit_code == 2, (result.output, result.exception)
     assert said in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        ({"pool_id": "bad id"}, "--pool-id 'bad id' must be 1-112 characters of A-Z a-z 0-9 . _ -"),
+        ({"pool_id": "a/b"}, "--pool-id 'a/b' must be"),
+        ({"pool_id": "x" * 113}, "must be 1-112 characters"),
+        ({"node_id": "n 1"}, "without --pool-id, --node-id is the pool's id"),
+    ],
+)
+def test_an_agent_pool_refuses_an_id_that_makes_no_valid_agent_id(
+    flags: dict[str, str], said: str
+) -> None:
+    """Such a pool started, and the coordinator refused every hello of its agents
+    (INVALID_ARGUMENT agent_id) for ever: a pool running with no agent connected.
+    `serve agent-pool` checks the config this way (exit 2)."""
+    from services.agent_pool.config import PoolConfig
+    from services.cli.serve import check_pool
+
+    with pytest.raises(ValueError, match="must be 1-112 characters") as err:
+        check_pool(PoolConfig(**flags))
+    assert said in str(err.value)
+    check_pool(PoolConfig(pool_id="pool-1.b_c"))
