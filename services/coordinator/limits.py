@@ -254,7 +254,7 @@ LIMITS: tuple[Limit, ...] = (
     ),
 )
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 # ---- messages
@@ -311,7 +311,7 @@ def check_id(where: str, value: str, *, required: bool = True) -> None:
         if required:
             raise InvalidArgumentError(f"{where} is required")
         return
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise InvalidArgumentError(
             f"{where} {quote(value)} is invalid: use 1-{ID_BYTES} characters of A-Z a-z 0-9 . _ -"
         )
@@ -462,7 +462,7 @@ def validate_template_fields(
 
 
 def validate_hello(hello: cpb.AgentHello) -> None:
-    if not _ID_RE.match(hello.agent_id):
+    if not _ID_RE.fullmatch(hello.agent_id):
         raise InvalidArgumentError(
             f"hello.agent_id is required: 1-{ID_BYTES} characters of A-Z a-z 0-9 . _ -"
             + (f" (got {quote(hello.agent_id)})" if hello.agent_id else "")

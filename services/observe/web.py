@@ -42,9 +42,9 @@ from services.observe.model import STATE_NAMES, SwarmModel, state_name
 
 log = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 """Task and agent ids, as the coordinator accepts them."""
-KIND_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+KIND_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_FIELDS = 16
 CALL_TIMEOUT_S = 8.0
 """How long a request waits for the cluster (the reader's own deadlines are shorter)."""
@@ -74,19 +74,19 @@ class BadRequest(Exception):
 
 
 def _task_id(value: str) -> str:
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise BadRequest("must be 1-128 characters of A-Z a-z 0-9 . _ -")
     return value
 
 
 def _agent_id(value: str) -> str:
-    if value and not ID_RE.match(value):
+    if value and not ID_RE.fullmatch(value):
         raise BadRequest("must be 1-128 characters of A-Z a-z 0-9 . _ -")
     return value
 
 
 def _kind(value: str) -> str:
-    if value and not KIND_RE.match(value):
+    if value and not KIND_RE.fullmatch(value):
         raise BadRequest("must be 1-64 characters of A-Z a-z 0-9 . _ -")
     return value
 
@@ -111,7 +111,7 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 def _page_token(value: str) -> str:
     # a page token is the last task id of the previous page
-    if value and not ID_RE.match(value):
+    if value and not ID_RE.fullmatch(value):
         raise BadRequest("must be the next_page_token of a previous page")
     return value
 

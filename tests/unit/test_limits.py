@@ -108,6 +108,7 @@ def spec(**fields: Any) -> tpb.TaskSpec:
         (spec(kind="k" * HUGE), "spec.kind", "unknown"),
         (spec(idempotency_key="i" * HUGE), "spec.idempotency_key", "256 bytes"),
         (spec(task_id="t" * HUGE), "spec.task_id", "1-128"),
+        (spec(task_id="t-1\n"), "spec.task_id", "1-128"),  # `$` alone let a newline end it
         (spec(required_labels={"k": "v" * HUGE}), "spec.required_labels['k']", "256 bytes"),
         (spec(required_labels={"k" * HUGE: "v"}), "spec.required_labels key", "128 bytes"),
         (spec(metadata={"m": "v" * HUGE}), "spec.metadata['m']", "1024 bytes"),
@@ -137,6 +138,7 @@ def test_an_oversized_spec_field_is_named_with_its_limit_and_never_echoed(
         (dict(roles=["r" * HUGE]), "hello.roles[0]"),
         (dict(pool_id="p" * HUGE), "hello.pool_id"),
         (dict(agent_id="a" * HUGE), "hello.agent_id"),
+        (dict(agent_id="a-1\n"), "hello.agent_id"),
         (
             dict(held_claims=[cpb.ClaimRef(task_id="t")] * (L.HELD_CLAIMS_ITEMS + 1)),
             "hello.held_claims",
@@ -150,6 +152,15 @@ def test_an_oversized_hello_is_refused(hello: dict[str, Any], field: str) -> Non
         limits.validate_hello(cpb.AgentHello(**fields))
     assert field in str(err.value)
     assert len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("task_id", ["t-1\n", "\nt-1", "t-1\r", "t 1"])
+def test_a_task_id_with_a_line_break_is_refused_by_every_read(task_id: str) -> None:
+    # GetTask, WatchTask, CancelTask and ListTasks' page_token all check with check_id:
+    # "t-1\n" once passed, so a task listed as "t-1" could be another than `task get t-1`
+    with pytest.raises(InvalidArgumentError) as err:
+        limits.check_id("task_id", task_id)
+    assert "1-128 characters" in str(err.value)
 
 
 def test_quote_shows_a_short_prefix_only() -> None:
