@@ -231,6 +231,27 @@ class MeshClient(LeaderClient):
     async def list(self, **filters: Any) -> cpb.ListTasksResponse:
         return await self._call("ListTasks", cpb.ListTasksRequest(**filters))  # type: ignore[no-any-return]
 
+    async def list_filled(
+        self, page_size: int = 100, max_calls: int = 8, **filters: Any
+    ) -> cpb.ListTasksResponse:
+        """Up to `page_size` matching tasks, following next_page_token for at most
+        `max_calls` ListTasks calls. Each call reads a bounded number of records, so a
+        filter that matches few tasks (DEAD_LETTER behind a backlog) gets short or even
+        empty pages that still carry a token. next_page_token is where to go on ("" once
+        every task was looked at)."""
+        out = cpb.ListTasksResponse()
+        token = filters.pop("page_token", "")
+        for _ in range(max_calls):
+            page = await self.list(
+                page_size=page_size - len(out.tasks), page_token=token, **filters
+            )
+            out.tasks.extend(page.tasks)
+            token = page.next_page_token
+            if not token or len(out.tasks) >= page_size:
+                break
+        out.next_page_token = token
+        return out
+
     async def agents(self) -> cpb.ListAgentsResponse:
         """Every connected agent (ListAgents page by page)."""
         out = cpb.ListAgentsResponse()

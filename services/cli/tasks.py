@@ -31,6 +31,8 @@ task_app = typer.Typer(no_args_is_help=True, help="One task: get or cancel.")
 
 TERMINAL_NAMES = {"SUCCEEDED", "CANCELLED", "DEAD_LETTER"}
 MAX_COUNT = 100_000
+# ListTasks calls `agentmesh tasks` makes at most (each reads up to 1,280 records)
+LIST_CALLS = 100
 """`submit --count` at most: the CLI builds every copy in memory (about 1 KB each) and
 the leader holds every queued task; `agentmesh loadtest` is the tool for load."""
 
@@ -307,7 +309,11 @@ def tasks(
 
     async def go() -> Any:
         async with mesh_client(etcd, coordinator, cluster) as client:
-            return await client.list(states=states, kind=kind, agent_id=agent, page_size=limit)
+            # a sparse filter's pages can be empty with more to read: follow them (each
+            # call reads a bounded number of records on the leader)
+            return await client.list_filled(
+                states=states, kind=kind, agent_id=agent, page_size=limit, max_calls=LIST_CALLS
+            )
 
     resp = call(go())
     if as_json:
@@ -322,7 +328,10 @@ def tasks(
         table.add_row(*_task_row(t))
     console.print(table)
     if resp.next_page_token:
-        console.print(f"(more: showing the first {len(resp.tasks)})")
+        console.print(
+            f"(more: showing the first {len(resp.tasks)}; tasks after "
+            f"{resp.next_page_token!r} were not looked at)"
+        )
 
 
 @task_app.command("get")

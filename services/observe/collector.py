@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # What a reading may fail with when the cluster is in trouble (not a bug of ours).
 READ_ERRORS = (grpc.aio.AioRpcError, StoreUnavailableError, OSError, TimeoutError)
+# ListTasks calls one listing may take (each reads at most 1,280 records on the leader):
+# DEAD_LETTER or held tasks behind ~10,000 others still show, at a bounded cost a poll
+LIST_CALLS = 8
 
 
 def describe(err: BaseException) -> str:
@@ -114,8 +117,14 @@ class MeshReader:
         page_size: int = 100,
         page_token: str = "",
     ) -> cpb.ListTasksResponse:
-        return await self._client.list(
-            states=states, kind=kind, agent_id=agent_id, page_size=page_size, page_token=page_token
+        # a page of a sparse filter can be empty with more to read: follow it a few calls
+        return await self._client.list_filled(
+            states=states,
+            kind=kind,
+            agent_id=agent_id,
+            page_size=page_size,
+            page_token=page_token,
+            max_calls=LIST_CALLS,
         )
 
     async def get(self, task_id: str) -> tpb.Task:

@@ -378,7 +378,11 @@ def tasks_page(
     described = ", ".join(f"{k} {v}" for k, v in filters.items() if k != "page_token" and v)
     body = [f"<h1>tasks{esc(' · ' + described) if described else ''}</h1>"]
     if not rows:
-        body.append("<p class=muted id=tasks-empty>no task matches</p>")
+        body.append(
+            "<p class=muted id=tasks-empty>"
+            + ("no task matches among those looked at so far" if next_token else "no task matches")
+            + "</p>"
+        )
     else:
         body.append(_task_table(rows, "task-list"))
     if next_token:

@@ -22,10 +22,11 @@ from registry.election import candidates
 from registry.etcd import Etcd
 from registry.etcd_server import EtcdServer
 from services.client import MeshClient
-from services.coordinator import server, servicer
+from services.coordinator import limits, server, servicer
 from services.coordinator.config import CoordinatorConfig
 from services.coordinator.llm_costs import flush_costs
 from services.coordinator.server import CoordinatorNode
+from services.observe.collector import MeshReader
 
 S = tpb.TaskState
 SERVICE = "agentmesh.v1.Coordinator"
@@ -382,6 +383,34 @@ async def test_submit_stream_reads_no_further_while_the_limit_waits(
     got, err = await _answers(call)
     assert err is None
     assert [r.task.task_id for r in got] == big
+
+
+async def test_the_dashboard_and_cli_find_a_rare_state_behind_a_backlog(
+    node: CoordinatorNode, stub: cpb_grpc.CoordinatorStub
+) -> None:
+    # more queued tasks before it in key order than one ListTasks call reads: that call
+    # answers an empty page with a token, which the dead-letter panel showed as "empty"
+    first = servicer.LIST_MAX_READS * limits.LIST_READ_RECORDS + 20
+    backlog = [tpb.TaskSpec(kind="echo", task_id=f"a-{i:05d}") for i in range(first)]
+    for i in range(0, first, limits.BATCH_ITEMS):
+        batch = backlog[i : i + limits.BATCH_ITEMS]
+        await within(stub.SubmitBatch(cpb.SubmitBatchRequest(specs=batch)))
+    await within(stub.Submit(cpb.SubmitRequest(spec=tpb.TaskSpec(kind="echo", task_id="z-1"))))
+    await within(stub.CancelTask(cpb.CancelTaskRequest(task_id="z-1", reason="test")))
+    alone = await within(stub.ListTasks(cpb.ListTasksRequest(states=[S.TASK_STATE_CANCELLED])))
+    assert not alone.tasks  # the server's bounded page, as documented
+    assert alone.next_page_token
+
+    async with MeshReader(coordinator=node.endpoint) as reader:  # the dashboard's and the view's
+        resp = await within(reader.list_tasks(states=[S.TASK_STATE_CANCELLED], page_size=50))
+    assert [t.task_id for t in resp.tasks] == ["z-1"]
+    assert not resp.next_page_token
+    async with MeshClient(coordinator=node.endpoint) as client:  # `agentmesh tasks`
+        few = await within(
+            client.list_filled(states=[S.TASK_STATE_CANCELLED], page_size=50, max_calls=1)
+        )
+    assert not few.tasks  # stopped at max_calls, saying where to go on
+    assert few.next_page_token
 
 
 async def test_list_filters_and_pages(stub: cpb_grpc.CoordinatorStub) -> None:

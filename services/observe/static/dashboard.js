@@ -235,7 +235,10 @@ function renderDLQ(resp) {
   fillBody($('dlq'), resp.tasks.length ? resp.tasks.map((t) => el('tr', { 'data-task': t.task_id },
     el('td', {}, taskLink(t.task_id)), el('td', {}, t.kind), el('td', {}, t.attempts),
     el('td', {}, t.agent_id || DASH), el('td', {}, t.finished || DASH), el('td', { class: 'error' }, t.last_error)))
-    : [el('tr', {}, el('td', { colspan: '6', class: 'muted' }, 'empty'))]);
+    : [el('tr', {}, el('td', { colspan: '6', class: 'muted' }, resp.next_page_token
+      ? el('a', { href: '/tasks?state=DEAD_LETTER&page_token=' + encodeURIComponent(resp.next_page_token) },
+        'none among the tasks looked at so far; look further')
+      : 'empty'))]);
 }
 
 async function poll(url, every, draw, onError) {
