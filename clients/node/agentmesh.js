@@ -131,6 +131,11 @@ function client(opts, out) {
 }
 
 /** Run `fn` over items with at most `limit` in flight. */
+// WatchTask streams open at once for `submit --wait` and `watch`. A coordinator serves
+// 64 watchers in all (AGENTMESH_MAX_WATCHERS), shared with the dashboard, `agentmesh
+// status` and every other client: 64 here took them all, and the one more was refused.
+const WATCHES = 8;
+
 async function pool(items, limit, fn) {
   const results = new Array(items.length);
   let next = 0;
@@ -174,7 +179,7 @@ async function cmdSubmit(opts, out) {
     const states = {};
     if (opts.wait) {
       const timeoutMs = int(opts, 'timeout', 120, 1, 86400) * 1000;
-      await pool(results, 64, async (r) => {
+      await pool(results, WATCHES, async (r) => {
         const task = await mesh.waitTerminal(r.task.task_id, { timeoutMs });
         const v = taskView(task);
         states[v.state] = (states[v.state] || 0) + 1;
@@ -196,7 +201,7 @@ async function cmdWatch(opts, positional, out) {
   const timeoutMs = int(opts, 'timeout', 300, 1, 86400) * 1000;
   let allSucceeded = true;
   try {
-    await Promise.all(positional.map(async (id) => {
+    await pool(positional, WATCHES, async (id) => {
       let last = null;
       for await (const ev of mesh.watchTask(id, { timeoutMs })) {
         last = taskView(ev.task);
@@ -204,7 +209,7 @@ async function cmdWatch(opts, positional, out) {
       }
       if (!last || last.state !== 'SUCCEEDED') allSucceeded = false;
       if (last) out.emit('finished', { task: last }, humanTask(last));
-    }));
+    });
     out.emit('summary', { endpoint: mesh.endpoint, redirects: mesh.redirects });
     return allSucceeded ? 0 : 3;
   } finally {

@@ -535,3 +535,40 @@ async def test_node_agent_runs_tasks_reports_with_claims_and_is_fenced(
         await until(gone, "the Node agent to leave the leader")
         assert await etcd.ttl(lease) == -1
         assert await etcd.get(etcd.key("agents", agent_id)) is None
+
+
+@pytest.mark.timeout(120)
+async def test_node_submit_wait_leaves_watchers_for_the_dashboards(
+    cluster: Any, node_cli: NodeCli
+) -> None:
+    """`submit --wait` once opened 64 WatchTask streams, the coordinator's whole watcher
+    budget: with a dashboard or `agentmesh status` connected it died on RESOURCE_EXHAUSTED."""
+    c: LocalCluster = await cluster(agents=2, pools=1, coordinators=1)
+    async with contextlib.AsyncExitStack() as stack:
+        # eight live views of the cluster, each holding a WatchEvents stream as they do
+        viewers = [
+            await stack.enter_async_context(MeshClient(etcd=c.etcd_endpoint)) for _ in range(8)
+        ]
+        streams = [v.watch_events() for v in viewers]
+        reads = [asyncio.ensure_future(anext(s)) for s in streams]
+        stack.push_async_callback(_cancel_all, reads, streams)
+        code, events, err = await run_node(
+            node_cli,
+            "submit",
+            *("--etcd", c.etcd_endpoint, "--kind", "sleep", "--payload", '{"ms": 100}'),
+            *("--count", "70", "--wait"),
+            timeout_s=90,
+        )
+        assert code == 0, (err[-2000:], events[-3:])
+        (summary,) = [e for e in events if e["event"] == "summary"]
+        assert summary["states"] == {"SUCCEEDED": 70}, summary
+        # the viewers' streams kept going (each saw a task's event, none was refused)
+        assert all(r.done() and r.exception() is None for r in reads), reads
+
+
+async def _cancel_all(reads: list[asyncio.Future[Any]], streams: list[Any]) -> None:
+    for read in reads:
+        read.cancel()
+    await asyncio.gather(*reads, return_exceptions=True)
+    for stream in streams:
+        await stream.aclose()
