@@ -293,14 +293,27 @@ class MeshClient(LeaderClient):
             backoff = min(backoff * 2, 1.0)
 
     async def watch_task(self, task_id: str) -> AsyncIterator[tpb.TaskEvent]:
-        stub = await self._retry_stub()
-        call = stub.WatchTask(cpb.WatchTaskRequest(task_id=task_id))
-        try:
-            async for event in call:
-                _traced(event)
-                yield event
-        finally:
-            call.cancel()
+        """The task now, then each change until it is terminal. A standby's refusal or a
+        failover reopens the watch on the leader: it starts again with the current
+        state, so nothing is missed (that state may repeat the last one seen)."""
+        backoff = 0.05
+        while True:
+            stub = await self._retry_stub()
+            call = stub.WatchTask(cpb.WatchTaskRequest(task_id=task_id))
+            try:
+                async for event in call:
+                    backoff = 0.05
+                    _traced(event)
+                    yield event
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRY_CODES:
+                    raise
+                self._follow(err)
+            finally:
+                call.cancel()
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+            backoff = min(backoff * 2, 1.0)
 
     async def _retry_stub(self) -> cpb_grpc.CoordinatorStub:
         async for attempt in self._retrying():

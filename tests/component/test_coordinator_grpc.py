@@ -790,6 +790,50 @@ async def test_replicas_stop_without_a_lost_task_exception(
     assert "never retrieved" not in caplog.text
 
 
+async def test_the_python_clients_watch_task_follows_a_standby_and_a_failover(
+    etcd_server: EtcdServer,
+) -> None:
+    # MeshClient.watch_task raised UNAVAILABLE at a standby's refusal and at a failover,
+    # while the README promises that reopening WatchTask on the new leader misses nothing
+    cluster = f"test-{uuid.uuid4().hex}"
+    cfg = CoordinatorConfig(
+        etcd=etcd_server.endpoint, cluster=cluster, listen="127.0.0.1:0", grace_s=1.0
+    )
+    first, second = CoordinatorNode(cfg), CoordinatorNode(cfg)
+    runs = [asyncio.ensure_future(first.run())]
+    etcd = Etcd(etcd_server.endpoint, prefix=f"/agentmesh/{cluster}/")
+    try:
+        async with asyncio.timeout(HANG_S):
+            while first.servicer.core is None:
+                await asyncio.sleep(0.01)
+            runs.append(asyncio.ensure_future(second.run()))
+            while len(await candidates(etcd, "coordinator")) < 2:
+                await asyncio.sleep(0.01)
+        async with MeshClient(coordinator=second.endpoint, timeout_s=3.0) as at_standby:
+            await within(at_standby.submit(tpb.TaskSpec(task_id="w-1", kind="echo")))
+            redirected = at_standby.watch_task("w-1")  # asked of the standby first
+            assert (await within(anext(redirected))).task.state == S.TASK_STATE_QUEUED
+            await redirected.aclose()
+        async with MeshClient(etcd=etcd_server.endpoint, cluster=cluster, timeout_s=3.0) as client:
+            watch = client.watch_task("w-1")
+            now = await within(anext(watch))
+            assert now.task.state == S.TASK_STATE_QUEUED
+            first.runner.stop()  # the leader goes; the standby takes over
+            await within(runs[0], 30)
+            async with asyncio.timeout(HANG_S):
+                while second.servicer.core is None:
+                    await asyncio.sleep(0.01)
+            await within(client.cancel("w-1", "test"))
+            states = [e.task.state async for e in watch]
+        assert states[-1] == S.TASK_STATE_CANCELLED
+        assert set(states) <= {S.TASK_STATE_QUEUED, S.TASK_STATE_CANCELLED}
+    finally:
+        first.runner.stop()
+        second.runner.stop()
+        await within(asyncio.gather(*runs, return_exceptions=True), 30)
+        await etcd.close()
+
+
 async def test_an_agent_id_in_use_on_another_lease_is_already_exists(
     stub: cpb_grpc.CoordinatorStub, etcd: Etcd, lease: int
 ) -> None:
