@@ -19,7 +19,7 @@ _POOL_ID_RE = re.compile(rf"^[A-Za-z0-9._-]{{1,{POOL_ID_BYTES}}}$")
 def check_pool_id(pool_id: str) -> None:
     """ValueError unless `pool_id` makes valid agent ids. Any other started, and the
     coordinator refused every one of its agents' hellos, for ever, the pool running."""
-    if not _POOL_ID_RE.match(pool_id):
+    if not _POOL_ID_RE.fullmatch(pool_id):
         raise ValueError(
             f"--pool-id {limits.quote(pool_id)} must be 1-{POOL_ID_BYTES} characters of "
             "A-Z a-z 0-9 . _ - (its agents are <pool id>-a<n>, and an agent id is at most "

@@ -229,7 +229,7 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         if (
             not isinstance(tool, dict)
             or not isinstance(tool.get("name"), str)
-            or not TOOL_NAME.match(tool["name"])
+            or not TOOL_NAME.fullmatch(tool["name"])
             or not isinstance(tool.get("input_schema"), dict)
         ):
             raise PayloadError(
@@ -243,7 +243,7 @@ def _context_keys(keys: Any) -> list[str]:
     if (
         not isinstance(keys, list)
         or len(keys) > MAX_CONTEXT_KEYS
-        or not all(isinstance(k, str) and CONTEXT_KEY.match(k) for k in keys)
+        or not all(isinstance(k, str) and CONTEXT_KEY.fullmatch(k) for k in keys)
         or len(set(keys)) != len(keys)
     ):
         raise PayloadError(

@@ -39,7 +39,7 @@ def check_id(value: str, field: str, required: bool = True) -> None:
         if required:
             raise InvalidArgumentError(f"{field} is required")
         return
-    if len(value) > MAX_ID or not _ID.match(value):
+    if len(value) > MAX_ID or not _ID.fullmatch(value):
         raise InvalidArgumentError(
             f"{field} {value[:40]!r} must be 1-{MAX_ID} characters of [A-Za-z0-9._-]"
         )

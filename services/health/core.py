@@ -94,7 +94,7 @@ def validate_info(info: hpb.AgentInfo) -> None:
         _check_name(v, f"info.labels[{k!r}]", MAX_LABEL_VALUE)
     if not 1 <= info.capacity <= 1000:
         raise InvalidArgumentError(f"info.capacity {info.capacity} is out of range: use 1-1000")
-    if info.replaces and not _ID_RE.match(info.replaces):
+    if info.replaces and not _ID_RE.fullmatch(info.replaces):
         raise InvalidArgumentError("info.replaces must be an agent id (1-128 of A-Z a-z 0-9 . _ -)")
 
 
@@ -104,7 +104,7 @@ def validate_heartbeat(hb: hpb.Heartbeat, first: bool) -> None:
         raise InvalidArgumentError(
             f"heartbeat is {hb.ByteSize()} bytes; the limit is {MAX_HEARTBEAT_BYTES}"
         )
-    if not _ID_RE.match(hb.agent_id):
+    if not _ID_RE.fullmatch(hb.agent_id):
         raise InvalidArgumentError("agent_id is required: 1-128 characters of A-Z a-z 0-9 . _ -")
     if first and not hb.HasField("info"):
         raise InvalidArgumentError("the first heartbeat of a stream must carry info")
@@ -357,7 +357,7 @@ class HealthCore:
                     # the last monitor may have died before ordering it: order it again
                     view.retry_replace_at = now + self.cfg.takeover_grace_s
         for agent_id, pool_id in registered:
-            if agent_id not in self.agents and _ID_RE.match(agent_id):
+            if agent_id not in self.agents and _ID_RE.fullmatch(agent_id):
                 self._view(agent_id, hpb.AgentInfo(pool_id=pool_id, capacity=1), now)
             if agent_id in self.agents:
                 self.agents[agent_id].registered = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,37 @@ def test_a_valid_llm_payload_passes_and_other_kinds_are_not_parsed() -> None:
         L.validate_batch(
             [tpb.TaskSpec(kind="llm", payload=b'{"prompt": "a"}'), tpb.TaskSpec(kind="llm")], CFG
         )
+
+
+def test_the_other_services_refuse_an_id_ending_in_a_newline() -> None:
+    """`^...$` with re.match lets `$` match before a trailing newline: every service's
+    id check must refuse "x\\n" as the coordinator's does."""
+    from protos.agentmesh.v1 import health_pb2 as hpb
+    from services.agent_pool.config import check_pool_id
+    from services.agent_pool.llm_config import LlmConfig
+    from services.agent_pool.llm_payload import PayloadError, parse_payload
+    from services.consensus import limits as consensus_limits
+    from services.health.core import validate_heartbeat
+
+    with pytest.raises(InvalidArgumentError):
+        consensus_limits.check_id("p-1\n", "proposal_id")
+    consensus_limits.check_id("p-1", "proposal_id")
+    info = hpb.AgentInfo(pool_id="pool-1", capacity=1)
+    with pytest.raises(InvalidArgumentError, match="agent_id"):
+        validate_heartbeat(hpb.Heartbeat(agent_id="a-1\n", info=info, sent_at_us=1), first=True)
+    replacing = hpb.AgentInfo(pool_id="pool-1", capacity=1, replaces="a-0\n")
+    with pytest.raises(InvalidArgumentError, match="replaces"):
+        validate_heartbeat(hpb.Heartbeat(agent_id="a-1", info=replacing, sent_at_us=1), first=True)
+    validate_heartbeat(hpb.Heartbeat(agent_id="a-1", info=info, sent_at_us=1), first=True)
+    with pytest.raises(ValueError, match="pool-id"):
+        check_pool_id("pool-1\n")
+    check_pool_id("pool-1")
+    schema = {"type": "object"}
+    for bad in (
+        {"prompt": "hi", "tools": [{"name": "t\n", "input_schema": schema}]},
+        {"prompt": "hi", "context_keys": ["k\n"]},
+    ):
+        with pytest.raises(PayloadError):
+            parse_payload(json.dumps(bad).encode(), LlmConfig())
+    good = {"prompt": "hi", "tools": [{"name": "t", "input_schema": schema}]}
+    parse_payload(json.dumps({**good, "context_keys": ["k"]}).encode(), LlmConfig())
