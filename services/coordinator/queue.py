@@ -89,11 +89,16 @@ class ReadyQueue:
         if not free:
             return []
         picks: list[tuple[Entry, AgentSession]] = []
+        # What no free agent could run, by the task's requirements: `free` only shrinks
+        # during a plan, so later tasks that need the same are kept without asking again.
+        # Tens of thousands of tasks nobody can run (a label no agent has) in front
+        # otherwise used up every scan, and nothing behind them was ever dispatched.
+        unrunnable: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
         for priority in range(9, -1, -1):
             queue = self.ready[priority]
             kept: list[str] = []
-            scanned = 0
-            while queue and free and scanned < 10_000:
+            scanned = skipped = 0
+            while queue and free and scanned + skipped // SKIP_COST < SCAN_LIMIT:
                 task_id = queue.popleft()
                 entry = active.get(task_id)
                 if entry is None or entry.task.state != QUEUED:
@@ -104,7 +109,15 @@ class ReadyQueue:
                 if entry.busy or (gate is not None and gate.held(entry.task)):
                     kept.append(task_id)
                     continue
-                agent = pick(entry.task.spec, free)
+                spec = entry.task.spec
+                if unrunnable and _needs(spec) in unrunnable:
+                    kept.append(task_id)
+                    scanned -= 1
+                    skipped += 1
+                    continue
+                agent = pick(spec, free)
+                if agent is None:
+                    unrunnable.add(_needs(spec))
                 if agent is None or task_id in agent.inflight:
                     # nobody free can run it now (or the one picked still lists an older
                     # claim of it, being settled): keep its place
@@ -124,3 +137,15 @@ class ReadyQueue:
             if not free:
                 break
         return picks
+
+
+SCAN_LIMIT = 10_000
+"""Tasks one plan looks at per priority (its time, with the event loop held)."""
+SKIP_COST = 20
+"""A task kept because an earlier one with the same requirements found no agent costs
+this many times less than one offered to the agents (a set lookup)."""
+
+
+def _needs(spec: tpb.TaskSpec) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """What `pick` looks at: kind, role and required labels."""
+    return spec.kind, spec.role, tuple(sorted(spec.required_labels.items()))

@@ -402,6 +402,24 @@ async def test_round_robin_skips_agents_that_cannot_run_the_task(make_core: Make
     assert b.assigned_ids() == []
 
 
+async def test_a_task_behind_more_tasks_than_one_plan_scans_that_nobody_can_run_is_dispatched(
+    make_core: MakeCore,
+) -> None:
+    """Tasks that need a label no agent has wait in front: a plan looks at a bounded
+    number of tasks, and those used it all up, so nothing behind them was ever
+    dispatched (the agents sat idle)."""
+    h = await make_core()
+    blocked = [spec(task_id=f"gpu-{i}", required_labels={"gpu": "none"}) for i in range(12_000)]
+    for i in range(0, len(blocked), 1000):
+        await h.core.submit(blocked[i : i + 1000])
+    a = h.agent("a", capacity=1)
+    await h.submit(spec(task_id="probe-1"))
+    assert a.assigned_ids() == ["probe-1"]
+    b = h.agent("b", capacity=1, labels={"gpu": "none"})  # FIFO holds among the rest
+    await settle()
+    assert b.assigned_ids() == ["gpu-0"]
+
+
 async def test_weighted_prefers_label_affinity(make_core: MakeCore) -> None:
     h = await make_core(strategy="weighted")
     other = h.agent("other", capacity=10, labels={"project": "y"})
