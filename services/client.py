@@ -266,16 +266,28 @@ class MeshClient(LeaderClient):
     async def status(self) -> cpb.ClusterStatus:
         return await self._call("GetStatus", cpb.GetStatusRequest())  # type: ignore[no-any-return]
 
-    async def watch_events(self, states: Sequence[Any] = ()) -> AsyncIterator[tpb.TaskEvent]:
+    def watch_events(self, states: Sequence[Any] = ()) -> AsyncIterator[tpb.TaskEvent]:
         """Every task change from now on; reconnects to a new leader by itself.
 
         Events during a reconnect are missed: callers that must not miss a terminal
         state re-read the tasks they care about (GetTask) after a gap.
         """
+        return self._following(lambda stub: stub.WatchEvents(cpb.WatchEventsRequest(states=states)))
+
+    def watch_task(self, task_id: str) -> AsyncIterator[tpb.TaskEvent]:
+        """The task now, then each change until it is terminal. A standby's refusal or a
+        failover reopens the watch on the leader: it starts again with the current
+        state, so nothing is missed (that state may repeat the last one seen)."""
+        return self._following(lambda stub: stub.WatchTask(cpb.WatchTaskRequest(task_id=task_id)))
+
+    async def _following(
+        self, open_call: Callable[[cpb_grpc.CoordinatorStub], Any]
+    ) -> AsyncIterator[tpb.TaskEvent]:
+        """The events of the stream `open_call` opens, reopened on the leader after a
+        standby's refusal or a failover, until the server ends it."""
         backoff = 0.05
         while True:
-            stub = await self._retry_stub()
-            call = stub.WatchEvents(cpb.WatchEventsRequest(states=states))
+            call = open_call(await self._retry_stub())
             try:
                 async for event in call:
                     backoff = 0.05
@@ -289,29 +301,6 @@ class MeshClient(LeaderClient):
             finally:
                 call.cancel()
             # while etcd still names a dead leader, do not spin on it (jittered, ≤ 1 s)
-            await asyncio.sleep(random.uniform(backoff / 2, backoff))
-            backoff = min(backoff * 2, 1.0)
-
-    async def watch_task(self, task_id: str) -> AsyncIterator[tpb.TaskEvent]:
-        """The task now, then each change until it is terminal. A standby's refusal or a
-        failover reopens the watch on the leader: it starts again with the current
-        state, so nothing is missed (that state may repeat the last one seen)."""
-        backoff = 0.05
-        while True:
-            stub = await self._retry_stub()
-            call = stub.WatchTask(cpb.WatchTaskRequest(task_id=task_id))
-            try:
-                async for event in call:
-                    backoff = 0.05
-                    _traced(event)
-                    yield event
-                return
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRY_CODES:
-                    raise
-                self._follow(err)
-            finally:
-                call.cancel()
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, 1.0)
 
